@@ -1,0 +1,30 @@
+# Quick start: `make run` (set-up + the whole pipeline on the bundled corpus), `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+RUN_DIR ?= runs/local
+
+.PHONY: run test install compile bench clean lint
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt -e ".[all,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/mtnlg run --output $(RUN_DIR)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+compile: $(STAMP)
+	$(BIN)/mtnlg compile -o $(RUN_DIR)/pipeline.yaml
+
+bench: $(STAMP)
+	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf runs build dist *.egg-info

@@ -1,0 +1,79 @@
+"""The ``mtnlg`` command line: one subcommand per pipeline step, plus ``run`` and ``compile``.
+
+Each subcommand lives beside the code it drives, in a module exposing
+``add_arguments(parser)`` and ``main(args) -> int``; this file only dispatches. Those
+modules import heavy dependencies (torch, Beam, kfp) inside ``main`` so that
+``mtnlg --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from mtnlg import __version__
+from mtnlg.config import ConfigError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "extract": ("mtnlg.extract.cli", "clean, filter, deduplicate and split raw text (Apache Beam)"),
+    "tokenize": ("mtnlg.data.cli", "train a SentencePiece tokenizer and write Megatron .bin/.idx files"),
+    "train": ("mtnlg.train.cli", "train a GPT with tensor/sequence/data parallelism (torchrun / PyTorchJob)"),
+    "fuse": ("mtnlg.fuse.cli", "merge a sharded checkpoint into one model (safetensors, Hugging Face)"),
+    "reshard": ("mtnlg.fuse.reshard_cli", "rewrite a training checkpoint for another parallel layout"),
+    "evaluate": ("mtnlg.evaluate.cli", "perplexity, last-word accuracy and sample generations"),
+    "generate": ("mtnlg.generate.cli", "generate text from a fused model"),
+    "run": ("mtnlg.pipelines.local", "run the whole pipeline locally through kfp.local"),
+    "compile": ("mtnlg.pipelines.compile_cli", "compile the Kubeflow pipeline to IR YAML"),
+}
+
+
+def _available() -> dict[str, object]:
+    mods = {}
+    for name, (mod, _) in COMMANDS.items():
+        try:
+            mods[name] = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name and (e.name == mod or mod.startswith(e.name + ".")):
+                continue  # step not built into this install
+            raise
+    return mods
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtnlg", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"mtnlg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, mod in _available().items():
+        p = sub.add_parser(name, help=COMMANDS[name][1], description=COMMANDS[name][1])
+        mod.add_arguments(p)
+        p.set_defaults(_main=mod.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # Everything after a bare "--" is passed through untouched (e.g. Beam pipeline options).
+    passthrough: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, passthrough = argv[:i], argv[i + 1:]
+    args = parser.parse_args(argv)
+    if not getattr(args, "_main", None):
+        parser.print_help()
+        return 2
+    args.passthrough = passthrough
+    try:
+        return int(args._main(args) or 0)
+    except ConfigError as e:
+        print(f"mtnlg {args.command}: configuration error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"mtnlg {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
