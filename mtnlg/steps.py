@@ -1,0 +1,43 @@
+"""One function per pipeline step: what a kfp component calls, and nothing else.
+
+Each takes plain values (paths/URIs, ``key=value`` override lists) and returns a dict of
+results, so it can be run and tested without kfp. The components in
+``mtnlg.components`` are a few lines around these.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def extract_step(inputs: list[str], output: str, overrides: list[str] | None = None,
+                 workers: int = 2, beam_args: list[str] | None = None) -> dict[str, Any]:
+    """Clean, filter, deduplicate and split ``inputs`` into ``output`` (see docs/extract.md)."""
+    from mtnlg.config import load_config
+    from mtnlg.extract.config import ExtractConfig
+    from mtnlg.extract.pipeline import extract
+
+    cfg = load_config(ExtractConfig, None, list(overrides or []))
+    args = list(beam_args or [])
+    if workers > 1 and not any(a.startswith("--runner") for a in args):
+        args += [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
+    return extract(list(inputs), output, cfg, args)
+
+
+def tokenize_step(extracted: str, output: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train a tokenizer and write Megatron ``.bin/.idx`` files (see docs/tokenize.md)."""
+    from mtnlg.config import load_config
+    from mtnlg.data.config import TokenizeConfig
+    from mtnlg.data.tokenize import tokenize
+
+    cfg = load_config(TokenizeConfig, None, list(overrides or []))
+    return tokenize(extracted, output, cfg)
+
+
+def train_step(tokenized: str, output: str, recipe: str = "debug", overrides: list[str] | None = None,
+               nproc: int = 2) -> dict[str, Any]:
+    """Train a GPT on ``tokenized`` with ``nproc`` local processes (see docs/train.md)."""
+    from mtnlg.train.launch import run_local
+
+    args = [f"data.path={tokenized}", f"output={output}", *(overrides or [])]
+    return run_local(args, recipe=recipe, nproc=nproc)

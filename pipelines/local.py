@@ -1,0 +1,78 @@
+"""``mtnlg run``: the pipeline on this machine through ``kfp.local.SubprocessRunner``.
+
+Same DAG as on Kubeflow; each step runs as a subprocess of the current Python environment,
+artifacts land under ``OUTPUT/pipeline_root/<pipeline>-<timestamp>/<task>/<output>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+# The bundled corpus lives at the repository root, beside this package's source.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CORPUS = REPO_ROOT / "data" / "corpus" / "python-docs"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", default="runs/local", help="pipeline root directory (default runs/local)")
+    p.add_argument("--input", action="append", dest="inputs", metavar="PATH",
+                   help="raw text: file, directory, glob or gs:// URI (repeatable; default: bundled corpus)")
+    p.add_argument("--recipe", default="debug", help="training recipe (default debug)")
+    p.add_argument("--nproc", type=int, default=2, help="training processes (default 2)")
+    p.add_argument("--workers", type=int, default=2, help="Beam DirectRunner workers (default 2)")
+    p.add_argument("--extract", action="append", default=[], metavar="KEY=VALUE", help="extract config override")
+    p.add_argument("--tokenize", action="append", default=[], metavar="KEY=VALUE", help="tokenize config override")
+    p.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
+                   help="train config override (default parallel.tp=2)")
+
+
+def run_local(output: str, inputs: list[str] | None = None, recipe: str = "debug", nproc: int = 2,
+              workers: int = 2, extract_overrides: list[str] | None = None,
+              tokenize_overrides: list[str] | None = None, train_overrides: list[str] | None = None) -> dict:
+    """Run the whole pipeline locally; returns ``{task: {output: uri}}`` and writes it to OUTPUT/outputs.json."""
+    from kfp import local
+
+    from mtnlg.pipelines.gpt import gpt_pipeline
+
+    if inputs is None:
+        if not DEFAULT_CORPUS.is_dir():
+            raise FileNotFoundError(f"bundled corpus not found at {DEFAULT_CORPUS}; pass --input PATH")
+        inputs = [str(DEFAULT_CORPUS)]
+    inputs = [i if i.startswith("gs://") else os.path.abspath(i) for i in inputs]
+    root = os.path.abspath(output)
+    os.makedirs(root, exist_ok=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=os.path.join(root, "pipeline_root"),
+               raise_on_error=True)
+    task = gpt_pipeline(inputs=inputs, extract_overrides=list(extract_overrides or []), extract_workers=workers,
+                        beam_args=[], tokenize_overrides=list(tokenize_overrides or []), recipe=recipe,
+                        train_overrides=list(train_overrides or ["parallel.tp=2"]), nproc=nproc)
+    outputs = _collect_outputs(os.path.join(root, "pipeline_root"))
+    with open(os.path.join(root, "outputs.json"), "w") as f:
+        json.dump({"status": str(getattr(task, "state", "SUCCESS")), "outputs": outputs}, f, indent=2)
+    return outputs
+
+
+def _collect_outputs(pipeline_root: str) -> dict:
+    """The newest run's task output folders: ``{task: {output: path}}``."""
+    runs = sorted(p for p in Path(pipeline_root).iterdir() if p.is_dir())
+    if not runs:
+        return {}
+    newest = runs[-1]
+    out: dict = {}
+    for task_dir in sorted(p for p in newest.iterdir() if p.is_dir()):
+        out[task_dir.name] = {o.name: str(o) for o in sorted(task_dir.iterdir()) if o.name != "executor_output.json"}
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    outputs = run_local(args.output, args.inputs, args.recipe, args.nproc, args.workers,
+                        args.extract, args.tokenize, args.train or None)
+    print("\nmtnlg pipeline finished. Outputs:", file=sys.stderr)
+    for task, outs in outputs.items():
+        for name, path in outs.items():
+            print(f"  {task}.{name}: {path}")
+    return 0
