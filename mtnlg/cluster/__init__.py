@@ -1,0 +1,1 @@
+"""Running training on Kubernetes: Kubeflow Training Operator PyTorchJob manifests."""
