@@ -1,4 +1,4 @@
-"""The mtnlg pipeline: raw text -> extract -> tokenize -> train, one kfp v2 DAG.
+"""The mtnlg pipeline: raw text -> extract -> tokenize -> train -> fuse -> evaluate, one kfp v2 DAG.
 
 The same definition is compiled for Kubeflow (``mtnlg compile``) and run locally through
 ``kfp.local`` (``mtnlg run``).
@@ -6,7 +6,9 @@ The same definition is compiled for Kubeflow (``mtnlg compile``) and run locally
 
 from kfp import dsl
 
+from mtnlg.components.evaluate import evaluate
 from mtnlg.components.extract import extract
+from mtnlg.components.fuse import fuse
 from mtnlg.components.tokenize import tokenize
 from mtnlg.components.train import train
 
@@ -14,7 +16,7 @@ PIPELINE_NAME = "mtnlg-gpt"
 
 
 @dsl.pipeline(name=PIPELINE_NAME,
-              description="Train a Megatron-Turing-NLG-style GPT from raw text: extract, tokenize, train.")
+              description="Train a Megatron-Turing-NLG-style GPT from raw text: extract, tokenize, train, fuse, evaluate.")
 def gpt_pipeline(
     inputs: list = ["gs://YOUR-BUCKET/raw/"],
     extract_overrides: list = [],
@@ -31,3 +33,7 @@ def gpt_pipeline(
     tok.set_display_name("tokenize (SentencePiece)")
     trn = train(tokens=tok.outputs["tokens"], recipe=recipe, overrides=train_overrides, nproc=nproc)
     trn.set_display_name("train (GPT, TP/SP/DP)")
+    fus = fuse(checkpoint=trn.outputs["checkpoint"])
+    fus.set_display_name("fuse (safetensors, Hugging Face)")
+    ev = evaluate(model=fus.outputs["model"], tokens=tok.outputs["tokens"], checkpoint=trn.outputs["checkpoint"])
+    ev.set_display_name("evaluate (perplexity, last-word accuracy, samples)")

@@ -16,9 +16,11 @@ def test_compiled_dag(tmp_path):
     ir = _compile(tmp_path)
     assert ir["pipelineInfo"]["name"] == "mtnlg-gpt"
     tasks = ir["root"]["dag"]["tasks"]
-    assert {"extract", "tokenize", "train"} <= set(tasks)
+    assert set(tasks) == {"extract", "tokenize", "train", "fuse", "evaluate"}
     assert tasks["tokenize"]["dependentTasks"] == ["extract"]
     assert tasks["train"]["dependentTasks"] == ["tokenize"]
+    assert tasks["fuse"]["dependentTasks"] == ["train"]
+    assert sorted(tasks["evaluate"]["dependentTasks"]) == ["fuse", "tokenize", "train"]
     tok_in = tasks["tokenize"]["inputs"]["artifacts"]["extracted"]["taskOutputArtifact"]
     assert tok_in == {"outputArtifactKey": "dataset", "producerTask": "extract"}
     params = ir["root"]["inputDefinitions"]["parameters"]
@@ -31,7 +33,7 @@ def test_components_run_from_our_images_and_install_nothing(tmp_path):
     execs = ir["deploymentSpec"]["executors"]
     images = {name: e["container"]["image"] for name, e in execs.items()}
     assert images["exec-extract"] == DATA_IMAGE and images["exec-tokenize"] == DATA_IMAGE
-    assert images["exec-train"] == TRAIN_IMAGE
+    assert images["exec-train"] == images["exec-fuse"] == images["exec-evaluate"] == TRAIN_IMAGE
     for name, e in execs.items():
         script = " ".join(e["container"]["command"])
         assert "pip install" not in script, name
@@ -47,3 +49,6 @@ def test_component_outputs_are_typed_artifacts(tmp_path):
     assert outs("comp-tokenize") == {"tokens": "system.Dataset", "tokenizer": "system.Model",
                                      "metrics": "system.Metrics"}
     assert outs("comp-train") == {"checkpoint": "system.Model", "metrics": "system.Metrics"}
+    assert outs("comp-fuse") == {"model": "system.Model", "metrics": "system.Metrics"}
+    assert outs("comp-evaluate") == {"metrics": "system.Metrics", "report": "system.HTML",
+                                     "summary": "system.Markdown"}
