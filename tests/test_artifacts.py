@@ -1,0 +1,26 @@
+import math
+
+from mtnlg.artifacts import artifact_location, flatten, log_metrics
+
+
+class FakeArtifact:
+    def __init__(self, uri, path):
+        self.uri, self.path, self.logged = uri, path, {}
+
+    def log_metric(self, k, v):
+        self.logged[k] = v
+
+
+def test_location_prefers_gcs_uri():
+    assert artifact_location(FakeArtifact("gs://b/root/task/out", "/gcs/b/root/task/out")) == "gs://b/root/task/out"
+    assert artifact_location(FakeArtifact("/tmp/root/task/out", "/tmp/root/task/out")) == "/tmp/root/task/out"
+    assert artifact_location(FakeArtifact("minio://b/x", "/minio/b/x")) == "/minio/b/x"
+
+
+def test_metrics_are_flattened_numeric_leaves():
+    stats = {"read": 10, "dropped": {"too_short": 2, "symbols": 1}, "name": "x", "ok": True,
+             "ppl": math.inf, "rate": 1.5, "samples": ["a"]}
+    m = FakeArtifact("", "")
+    flat = log_metrics(m, stats)
+    assert flat == m.logged == {"read": 10, "dropped.too_short": 2, "dropped.symbols": 1, "ok": 1.0, "rate": 1.5}
+    assert flatten({"a": {"b": {"c": 1}}}, "x") == {"x.a.b.c": 1}
