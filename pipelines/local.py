@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extract", action="append", default=[], metavar="KEY=VALUE", help="extract config override")
     p.add_argument("--tokenize", action="append", default=[], metavar="KEY=VALUE", help="tokenize config override")
     p.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
-                   help="train config override (default parallel.tp=2)")
+                   help="train config override, applied after the default parallel.tp=2")
 
 
 def run_local(output: str, inputs: list[str] | None = None, recipe: str = "debug", nproc: int = 2,
@@ -49,7 +49,7 @@ def run_local(output: str, inputs: list[str] | None = None, recipe: str = "debug
                raise_on_error=True)
     task = gpt_pipeline(inputs=inputs, extract_overrides=list(extract_overrides or []), extract_workers=workers,
                         beam_args=[], tokenize_overrides=list(tokenize_overrides or []), recipe=recipe,
-                        train_overrides=list(train_overrides or ["parallel.tp=2"]), nproc=nproc)
+                        train_overrides=["parallel.tp=2", *(train_overrides or [])], nproc=nproc)
     outputs = _collect_outputs(os.path.join(root, "pipeline_root"))
     with open(os.path.join(root, "outputs.json"), "w") as f:
         json.dump({"status": str(getattr(task, "state", "SUCCESS")), "outputs": outputs}, f, indent=2)
@@ -70,7 +70,7 @@ def _collect_outputs(pipeline_root: str) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     outputs = run_local(args.output, args.inputs, args.recipe, args.nproc, args.workers,
-                        args.extract, args.tokenize, args.train or None)
+                        args.extract, args.tokenize, args.train)
     print("\nmtnlg pipeline finished. Outputs:", file=sys.stderr)
     for task, outs in outputs.items():
         for name, path in outs.items():
