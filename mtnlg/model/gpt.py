@@ -1,0 +1,344 @@
+"""A decoder-only GPT, written for one device.
+
+Read top to bottom: positions -> attention -> MLP -> block -> GPT. The file holds no
+collectives and no parallel code; ``mtnlg.parallel`` shards it from the outside by
+submodule name, so the names below are an interface (checkpoints, tensor-parallel plans,
+fuse/export all key on them)::
+
+    tok_embeddings.weight                     (V_padded, H)
+    pos_embeddings.weight                     (T, H)           position == "learned"
+    layers.{i}.attention_norm.weight / .bias  (H,)             bias only for LayerNorm
+    layers.{i}.attention.wq.weight / .bias    (nh * hd, H)
+    layers.{i}.attention.wk.weight / .bias    (nkv * hd, H)
+    layers.{i}.attention.wv.weight / .bias    (nkv * hd, H)
+    layers.{i}.attention.wo.weight / .bias    (H, nh * hd)
+    layers.{i}.mlp_norm.weight / .bias        (H,)
+    layers.{i}.mlp.w_up.weight / .bias        (F, H)
+    layers.{i}.mlp.w_gate.weight / .bias      (F, H)           activation == "swiglu"
+    layers.{i}.mlp.w_down.weight / .bias      (H, F)
+    norm.weight / .bias                       (H,)
+    output.weight                             (V_padded, H)    same tensor as
+                                                               tok_embeddings.weight if tied
+
+Linear biases exist only when ``cfg.bias``. For generation, ``KVCache`` keeps each
+layer's keys and values so that ``model(next_tokens, cache=cache)`` runs only new positions. Buffers (not saved in state dicts):
+``pos_table`` (T, H) for sinusoidal positions, ``rope`` (T, hd/2, 2) for rotary ones.
+
+Shapes: B batch, T sequence, H hidden, nh query heads, nkv key/value heads, hd head size,
+F feed-forward width, V_padded vocabulary padded for tensor parallelism.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtnlg.model.config import ModelConfig
+
+# ---------------------------------------------------------------------------------------
+# Positions
+# ---------------------------------------------------------------------------------------
+
+
+def sinusoidal_table(seq_length: int, hidden_size: int) -> torch.Tensor:
+    """Fixed positions of "Attention is all you need": PE[p, 2i] = sin(p / 10000^(2i/H)),
+    PE[p, 2i+1] = cos(p / 10000^(2i/H)).  Returns (T, H)."""
+    pos = torch.arange(seq_length, dtype=torch.float32)[:, None]                # (T, 1)
+    inv = torch.exp(torch.arange(0, hidden_size, 2, dtype=torch.float32)
+                    * (-math.log(10000.0) / hidden_size))                        # (H/2,)
+    table = torch.zeros(seq_length, hidden_size)
+    table[:, 0::2] = torch.sin(pos * inv)
+    table[:, 1::2] = torch.cos(pos * inv)
+    return table                                                                 # (T, H)
+
+
+def rope_table(seq_length: int, head_dim: int, theta: float) -> torch.Tensor:
+    """cos/sin of the rotary angles p * theta^(-2i/hd).  Returns (T, hd/2, 2)."""
+    inv = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
+    angles = torch.arange(seq_length, dtype=torch.float32)[:, None] * inv           # (T, hd/2)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)                        # (T, hd/2, 2)
+
+
+def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate each head's two halves (x1, x2) by the position's angle (the GPT-NeoX /
+    Hugging Face Llama layout, so exported weights need no permutation).
+    x: (B, T, n, hd), rope: (T, hd/2, 2) -> (B, T, n, hd)."""
+    half = x.shape[-1] // 2
+    cos = rope[None, :, None, :, 0].to(x.dtype)                                  # (1, T, 1, hd/2)
+    sin = rope[None, :, None, :, 1].to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]                                        # (B, T, n, hd/2)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+# ---------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------
+
+
+class CoreAttention(nn.Module):
+    """softmax(q k^T / sqrt(hd) + causal mask) v with dropout on the probabilities.
+
+    A module of its own (no parameters) so that parallel code can treat the part that
+    works on sharded heads separately: its dropout must differ across tensor-parallel
+    ranks, and "selective" activation checkpointing recomputes just this part.
+    """
+
+    def __init__(self, dropout: float):
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: (B, T, nh, hd); k, v: (B, S, nkv, hd) with S = T, or S > T when the keys
+        # include cached earlier positions (the T queries are then the last T positions)
+        B, T, nh, hd = q.shape
+        S = k.shape[1]
+        n_rep = nh // k.shape[2]
+        q = q.transpose(1, 2)                                                    # (B, nh, T, hd)
+        k = k.transpose(1, 2)                                                    # (B, nkv, S, hd)
+        v = v.transpose(1, 2)
+        if n_rep > 1:
+            # grouped-query attention: query head j reads key/value head j // n_rep
+            k = k.repeat_interleave(n_rep, dim=1)                                # (B, nh, S, hd)
+            v = v.repeat_interleave(n_rep, dim=1)
+        p = self.dropout if self.training else 0.0
+        if S == T:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        else:  # query i sits at position S - T + i and sees keys 0 .. S - T + i
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return y.transpose(1, 2).reshape(B, T, nh * hd)                          # (B, T, nh*hd)
+
+    def extra_repr(self) -> str:
+        return f"dropout={self.dropout}"
+
+
+class Attention(nn.Module):
+    """Causal self-attention with separate q/k/v projections.
+
+    Head counts are read from the projections' outputs at run time (``view(B, T, -1, hd)``),
+    so the same code runs unchanged when tensor parallelism leaves each rank with
+    nh / tp query heads and nkv / tp key/value heads.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, hd = cfg.hidden_size, cfg.head_dim
+        self.head_dim = hd
+        self.wq = nn.Linear(H, cfg.num_heads * hd, bias=cfg.bias)
+        self.wk = nn.Linear(H, cfg.kv_heads * hd, bias=cfg.bias)
+        self.wv = nn.Linear(H, cfg.kv_heads * hd, bias=cfg.bias)
+        self.core_attention = CoreAttention(cfg.attention_dropout)
+        self.wo = nn.Linear(cfg.num_heads * hd, H, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, -1, self.head_dim)                             # (B, T, nh, hd)
+        k = self.wk(x).view(B, T, -1, self.head_dim)                             # (B, T, nkv, hd)
+        v = self.wv(x).view(B, T, -1, self.head_dim)                             # (B, T, nkv, hd)
+        if rope is not None:
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        if cache is not None:
+            k, v = cache.append(k, v)                                            # (B, S, nkv, hd)
+        y = self.core_attention(q, k, v)                                         # (B, T, nh*hd)
+        return self.dropout(self.wo(y))                                          # (B, T, H)
+
+
+# ---------------------------------------------------------------------------------------
+# MLP and block
+# ---------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """GeLU: w_down(gelu(w_up x)).  SwiGLU: w_down(silu(w_gate x) * w_up x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, Fs = cfg.hidden_size, cfg.ffn_size
+        self.swiglu = cfg.activation == "swiglu"
+        self.w_up = nn.Linear(H, Fs, bias=cfg.bias)
+        if self.swiglu:
+            self.w_gate = nn.Linear(H, Fs, bias=cfg.bias)
+        self.w_down = nn.Linear(Fs, H, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            h = F.silu(self.w_gate(x)) * self.w_up(x)                            # (B, T, F)
+        else:
+            h = F.gelu(self.w_up(x))                                             # (B, T, F)
+        return self.dropout(self.w_down(h))                                      # (B, T, H)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = make_norm(cfg)
+        self.attention = Attention(cfg)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, cache=cache)        # (B, T, H)
+        return x + self.mlp(self.mlp_norm(x))                                    # (B, T, H)
+
+
+# ---------------------------------------------------------------------------------------
+# GPT
+# ---------------------------------------------------------------------------------------
+
+
+class GPT(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, V_padded).
+
+    ``tp`` only sets the vocabulary padding (``cfg.padded_vocab_size(tp)``); the module is
+    always built whole, on one device, and sharded afterwards. Logits of the padding ids
+    (>= ``cfg.vocab_size``) are part of the softmax, as in Megatron; they are never
+    targets, so training pushes them down. Under tensor parallelism ``forward`` returns a
+    DTensor sharded over the vocabulary (``.full_tensor()`` gathers it).
+    """
+
+    def __init__(self, cfg: ModelConfig, tp: int = 1):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size_padded = cfg.padded_vocab_size(tp)
+        H, T = cfg.hidden_size, cfg.seq_length
+        self.tok_embeddings = nn.Embedding(self.vocab_size_padded, H)
+        if cfg.position == "learned":
+            self.pos_embeddings = nn.Embedding(T, H)
+        self.register_buffer("pos_table", sinusoidal_table(T, H) if cfg.position == "sinusoidal"
+                             else None, persistent=False)
+        self.register_buffer("rope", rope_table(T, cfg.head_dim, cfg.rope_theta)
+                             if cfg.position == "rotary" else None, persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = make_norm(cfg)
+        self.output = nn.Linear(H, self.vocab_size_padded, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Megatron's initialisation: every weight ~ N(0, init_std), except the two
+        projections that write into the residual stream (attention ``wo``, MLP ``w_down``),
+        ~ N(0, init_std / sqrt(2 * num_layers)) so the residual's variance does not grow
+        with depth; biases 0, norm gains 1. Also recomputes the position buffers, so that
+        a model built on the meta device can be materialised with ``to_empty`` + this."""
+        if self.cfg.tie_embeddings:
+            # to_empty() from the meta device can leave two separate tensors; tie again
+            self.output.weight = self.tok_embeddings.weight
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2.0 * self.cfg.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                last = name.rsplit(".", 1)[-1]
+                nn.init.normal_(module.weight, 0.0, out_std if last in ("wo", "w_down") else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()
+        T, H = self.cfg.seq_length, self.cfg.hidden_size
+        if self.pos_table is not None:
+            self.pos_table.copy_(sinusoidal_table(T, H))
+        if self.rope is not None:
+            self.rope.copy_(rope_table(T, self.cfg.head_dim, self.cfg.rope_theta))
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V_padded). With a ``KVCache`` (generation), the
+        tokens continue the ``cache.length`` positions already run, whose keys and values
+        the cache holds; the cache is extended by T."""
+        B, T = tokens.shape
+        start = 0 if cache is None else cache.length
+        if start + T > self.cfg.seq_length:
+            raise ValueError(f"sequence of {start + T} tokens is longer than model.seq_length="
+                             f"{self.cfg.seq_length}")
+        x = self.tok_embeddings(tokens)                                          # (B, T, H)
+        if self.cfg.position == "learned":
+            pos = torch.arange(start, start + T, device=tokens.device)          # (T,)
+            x = x + self.pos_embeddings(pos)                                     # (B, T, H)
+        elif self.cfg.position == "sinusoidal":
+            x = x + self.pos_table[start:start + T].to(x.dtype)                  # (B, T, H)
+        x = self.drop(x)
+        rope = self.rope[start:start + T] if self.rope is not None else None     # (T, hd/2, 2)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, cache=None if cache is None else cache.layer(i))  # (B, T, H)
+        if cache is not None:
+            cache.length = start + T
+        x = self.norm(x)
+        return self.output(x)                                                    # (B, T, V_padded)
+
+
+# ---------------------------------------------------------------------------------------
+# Key/value cache for generation
+# ---------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Keys and values of the positions already run, per layer, so that generating each
+    new token costs one single-position forward pass instead of a whole window.
+
+        cache = KVCache.for_model(model, batch_size=1)
+        logits = model(prompt, cache=cache)        # prefill: cache.length = len(prompt)
+        logits = model(next_token, cache=cache)    # (B, 1): attends to all cached positions
+
+    Storage (B, seq_length, nkv, hd) per layer is allocated on first use, in the dtype and
+    device of the keys (so autocast works). ``reset()`` starts a new sequence.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, max_length: int):
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.length = 0
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    @classmethod
+    def for_model(cls, model: GPT, batch_size: int) -> KVCache:
+        return cls(model.cfg.num_layers, batch_size, model.cfg.seq_length)
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def layer(self, i: int) -> LayerCache:
+        return LayerCache(self, i)
+
+
+class LayerCache:
+    """One layer's view of a ``KVCache``: appends the new positions' keys and values and
+    returns those of every position so far."""
+
+    def __init__(self, cache: KVCache, index: int):
+        self.cache, self.index = cache, index
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c, i = self.cache, self.index
+        B, T = k.shape[:2]
+        if B != c.batch_size:
+            raise ValueError(f"batch of {B} sequences, but the cache was made for {c.batch_size}")
+        if c.keys[i] is None:
+            shape = (B, c.max_length, *k.shape[2:])                              # (B, T_max, nkv, hd)
+            c.keys[i] = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            c.values[i] = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        elif c.keys[i].dtype != k.dtype or c.keys[i].device != k.device:
+            raise ValueError(f"keys of {k.dtype} on {k.device}, but the cache holds "
+                             f"{c.keys[i].dtype} on {c.keys[i].device}; make a new KVCache")
+        end = c.length + T
+        c.keys[i][:, c.length:end] = k
+        c.values[i][:, c.length:end] = v
+        return c.keys[i][:, :end], c.values[i][:, :end]                          # (B, S, nkv, hd)

@@ -1,0 +1,37 @@
+"""``ParallelConfig``: how a training run is split over processes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mtnlg.config import ConfigError
+
+
+@dataclass
+class ParallelConfig:
+    # tensor-parallel degree: each layer's matmuls are split over this many ranks
+    tp: int = field(default=1, metadata={"min": 1})
+    # pipeline-parallel degree (must be 1 for now)
+    pp: int = field(default=1, metadata={"min": 1})
+    # data-parallel degree; -1 = whatever is left: world_size // (tp * pp)
+    dp: int = -1
+    # shard norms, dropout and residuals over the sequence inside tensor-parallel groups
+    sequence_parallel: bool = False
+    # data parallel by FSDP2 (parameters, grads and optimizer state sharded) instead of DDP
+    fsdp: bool = False
+    # "selective": recompute only the attention core (softmax, dropout, weighted sum),
+    # "full": recompute every transformer block in the backward pass
+    activation_checkpoint: str = field(default="none",
+                                       metadata={"choices": ("none", "selective", "full")})
+    # torch.compile each transformer block
+    compile: bool = False
+
+    def validate(self) -> None:
+        if self.dp != -1 and self.dp < 1:
+            raise ConfigError(f"parallel.dp must be -1 (infer) or >= 1, got {self.dp}")
+        if self.tp < 1 or self.pp < 1:
+            raise ConfigError(f"parallel.tp and parallel.pp must be >= 1, got tp={self.tp}, "
+                              f"pp={self.pp}")
+        if self.activation_checkpoint not in ("none", "selective", "full"):
+            raise ConfigError("parallel.activation_checkpoint: expected one of "
+                              f"['none', 'selective', 'full'], got {self.activation_checkpoint!r}")

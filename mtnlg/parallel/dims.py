@@ -1,0 +1,130 @@
+'''``ParallelDims``: the parallel degrees of a run, checked once, before any process group.
+
+Ranks are laid out on a 2-D mesh ``(dp, tp)`` with the tensor-parallel dimension innermost,
+as in Megatron: the ranks of one tensor-parallel group are consecutive, so on a GPU cluster
+they share a node (and NVLink) while data-parallel traffic crosses nodes.
+
+Worked example: 16 ranks (2 nodes x 8 GPUs), ``tp=4``, so ``dp=4``::
+
+    mesh (dp x tp):            node 0                        node 1
+                   tp=0 tp=1 tp=2 tp=3
+        dp=0     [   0,   1,   2,   3 ]  <- tensor-parallel group 0
+        dp=1     [   4,   5,   6,   7 ]
+        dp=2     [   8,   9,  10,  11 ]
+        dp=3     [  12,  13,  14,  15 ]
+                    ^ data-parallel group 0: ranks 0, 4, 8, 12
+
+    4 tensor-parallel groups: [0,1,2,3] [4,5,6,7] [8,9,10,11] [12,13,14,15]
+    4 data-parallel groups:   [0,4,8,12] [1,5,9,13] [2,6,10,14] [3,7,11,15]
+    rank r: tp_rank = r % tp, dp_rank = r // tp
+
+Rank 6 holds the third quarter (tp_rank 2) of every sharded weight and reads data-parallel
+slice 1 of each global batch; its gradients are averaged with ranks 2, 10 and 14, which
+hold the same quarter. ``tp_groups()`` / ``dp_groups()`` return these lists without
+starting any process.
+'''
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mtnlg.config import ConfigError
+from mtnlg.model.config import ModelConfig
+from mtnlg.parallel.config import ParallelConfig
+from mtnlg.progress import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp: int
+    tp: int
+    pp: int
+    world_size: int
+    sequence_parallel: bool
+    fsdp: bool
+
+    @classmethod
+    def build(cls, cfg: ParallelConfig, world_size: int, model_cfg: ModelConfig) -> "ParallelDims":
+        """Check ``cfg`` against the world size and the model; every message names numbers."""
+        cfg.validate()
+        if world_size < 1:
+            raise ConfigError(f"world size must be >= 1, got {world_size}")
+        tp, pp = cfg.tp, cfg.pp
+        if pp != 1:
+            raise ConfigError(f"parallel.pp={pp}: pipeline parallelism is not supported yet; "
+                              f"set parallel.pp=1 (use parallel.tp and data parallelism)")
+        if world_size % (tp * pp):
+            raise ConfigError(f"world size {world_size} is not divisible by parallel.tp * "
+                              f"parallel.pp = {tp} * {pp} = {tp * pp}")
+        dp = world_size // (tp * pp) if cfg.dp == -1 else cfg.dp
+        if dp * tp * pp != world_size:
+            raise ConfigError(f"parallel.dp * parallel.tp * parallel.pp = {dp} * {tp} * {pp} = "
+                              f"{dp * tp * pp}, but the world size is {world_size}")
+        m = model_cfg
+        if m.num_heads % tp:
+            raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by parallel.tp={tp}")
+        if m.kv_heads % tp:
+            raise ConfigError(f"model.num_kv_heads={m.kv_heads} is not divisible by "
+                              f"parallel.tp={tp} (each rank needs whole key/value heads)")
+        if m.ffn_size % tp:
+            raise ConfigError(f"model ffn size {m.ffn_size} is not divisible by parallel.tp={tp}")
+        vocab = m.padded_vocab_size(tp)
+        if vocab % tp:  # cannot happen with padded_vocab_size, kept as the stated invariant
+            raise ConfigError(f"padded vocabulary {vocab} is not divisible by parallel.tp={tp}")
+        sp = cfg.sequence_parallel
+        if sp and tp == 1:
+            log.warning("parallel.sequence_parallel=true has no effect with parallel.tp=1; "
+                        "running without it")
+            sp = False
+        if sp and m.seq_length % tp:
+            raise ConfigError(f"model.seq_length={m.seq_length} is not divisible by "
+                              f"parallel.tp={tp}, which sequence parallelism needs")
+        if cfg.fsdp and dp == 1:
+            log.warning("parallel.fsdp=true with a data-parallel degree of 1 shards nothing; "
+                        "running without data parallelism")
+        return cls(dp=dp, tp=tp, pp=pp, world_size=world_size, sequence_parallel=sp,
+                   fsdp=cfg.fsdp and dp > 1)
+
+    # ---- rank layout (pure arithmetic, no processes) ------------------------------------
+    def tp_groups(self) -> list[list[int]]:
+        """Ranks of each tensor-parallel group (consecutive ranks)."""
+        return [[d * self.tp + t for t in range(self.tp)] for d in range(self.dp)]
+
+    def dp_groups(self) -> list[list[int]]:
+        """Ranks of each data-parallel group (stride ``tp``)."""
+        return [[d * self.tp + t for d in range(self.dp)] for t in range(self.tp)]
+
+    def coordinates(self, rank: int) -> tuple[int, int]:
+        """``(dp_rank, tp_rank)`` of a global rank."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside the world of {self.world_size}")
+        return divmod(rank, self.tp)
+
+    # ---- device mesh --------------------------------------------------------------------
+    def build_mesh(self, device_type: str):
+        """The ``(dp, tp)`` DeviceMesh; the default process group must be initialised."""
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialised; call "
+                               "dist.init_process_group first (torchrun sets the environment)")
+        if dist.get_world_size() != self.world_size:
+            raise ConfigError(f"the process group has {dist.get_world_size()} ranks, but the "
+                              f"parallel layout was built for {self.world_size}")
+        return init_device_mesh(device_type, (self.dp, self.tp), mesh_dim_names=("dp", "tp"))
+
+    @staticmethod
+    def dp_rank(mesh) -> int:
+        return mesh.get_local_rank("dp")
+
+    @staticmethod
+    def tp_rank(mesh) -> int:
+        return mesh.get_local_rank("tp")
+
+    def describe(self) -> str:
+        return (f"world {self.world_size} = dp {self.dp} x tp {self.tp} x pp {self.pp}"
+                f"{', sequence parallel' if self.sequence_parallel else ''}"
+                f"{', FSDP' if self.fsdp else (', DDP' if self.dp > 1 else '')}")

@@ -1,0 +1,158 @@
+"""Gradient clipping over sharded parameters, and random numbers for dropout.
+
+Dropout and tensor parallelism (Megatron's rule)
+------------------------------------------------
+Where an activation is *replicated* across a tensor-parallel group (the hidden states
+between layers without sequence parallelism), every rank must drop the same elements, or
+the replicas drift apart. Where each rank holds a *different slice* (its own attention
+heads; its own chunk of the sequence under sequence parallelism), the ranks must draw
+*different* masks, or the heads/chunks of one sample would be dropped in lockstep.
+
+mtnlg gets both from one default generator that is seeded identically on every rank
+(``set_seed_for_rank``; Megatron likewise seeds data-parallel ranks alike). Dropout in
+replicated regions just uses it. Modules that work on a rank's own slice are run inside
+``fork_rng_per_tp_rank`` hooks (installed by ``mtnlg.parallel.tensor_parallel``): on
+entry the hook draws one number from the default CPU generator (so every rank advances
+it identically and stays in step), seeds the CPU and accelerator generators with that
+number mixed with the tensor-parallel rank, and on exit restores them. This plays the
+part of Megatron's model-parallel RNG tracker, but the forked seed is a function of the
+default generator's state, so activation checkpointing, which restores that state before
+recomputing, replays the same masks with no tracker state of its own to save.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+_GOLDEN = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads rank offsets over the seed space
+
+
+def set_seed_for_rank(seed: int, pp_rank: int = 0) -> int:
+    """Seed Python, NumPy and torch (CPU and accelerators) for this rank; returns the seed.
+
+    The same on every tensor- and data-parallel rank (offset only by pipeline stage, as
+    Megatron does), which also makes model initialisation identical everywhere. Ranks
+    that must differ get their own stream from ``fork_rng_per_tp_rank``."""
+    s = seed + 100 * pp_rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+    return s
+
+
+def _dropout_active(module: nn.Module) -> bool:
+    p = getattr(module, "p", getattr(module, "dropout", 0.0))
+    return module.training and isinstance(p, float) and p > 0.0
+
+
+class _PerRankRNG:
+    """Forward pre/post hooks that run a module under a per-rank generator state."""
+
+    def __init__(self, tp_rank: int):
+        self.tp_rank = tp_rank
+        self._stack: list = []
+
+    def pre(self, module: nn.Module, args) -> None:
+        if not _dropout_active(module):
+            self._stack.append(None)
+            return
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+        base = int(torch.randint(0, 2**62, (1,)).item())  # same draw on every rank
+        accel = device.type != "cpu"
+        index = device.index
+        if accel and index is None:
+            index = torch.get_device_module(device.type).current_device()
+        ctx = torch.random.fork_rng(devices=[index] if accel else [],
+                                    device_type=device.type if accel else "cuda")
+        ctx.__enter__()
+        seed = (base + (self.tp_rank + 1) * _GOLDEN) % 2**63
+        torch.random.default_generator.manual_seed(seed)
+        if accel:
+            torch.get_device_module(device.type).manual_seed(seed)
+        self._stack.append(ctx)
+
+    def post(self, module: nn.Module, args, output) -> None:
+        ctx = self._stack.pop()
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+
+
+def fork_rng_per_tp_rank(module: nn.Module, tp_rank: int) -> None:
+    """Make ``module``'s random draws (dropout) differ across tensor-parallel ranks."""
+    hooks = _PerRankRNG(tp_rank)
+    module.register_forward_pre_hook(hooks.pre)
+    module.register_forward_hook(hooks.post, always_call=True)
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float,
+                    norm_type: float = 2.0) -> float:
+    """Scale gradients so their global norm is at most ``max_norm``; returns the norm
+    before clipping as a float (``inf``/``nan`` if a gradient is not finite, in which case
+    nothing is scaled).
+
+    Works for plain tensors and DTensors (tensor parallel, FSDP2, both on a 2-D mesh):
+    each rank sums the squares of its local shard, then the partial sums are all-reduced
+    only over the mesh dimensions along which that parameter is sharded, so replicated
+    copies are counted once. ``max_norm <= 0`` only measures."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if norm_type != 2.0:
+        raise ValueError(f"only the 2-norm is supported, got norm_type={norm_type}")
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    # (mesh, sharded mesh dims) -> local tensors; key None = plain tensors
+    buckets: dict = defaultdict(list)
+    locals_: list[torch.Tensor] = []
+    partial_grads: list[torch.Tensor] = []  # pending reductions: scaled as DTensors
+    for g in grads:
+        if isinstance(g, DTensor):
+            if any(p.is_partial() for p in g.placements):
+                partial_grads.append(g)
+                g = g.redistribute(g.device_mesh,
+                                   [Replicate() if p.is_partial() else p for p in g.placements])
+            else:
+                locals_.append(g.to_local())  # a view: scaling it scales the gradient
+            # Shard or _StridedShard (FSDP2 on top of TP): anything not replicated by now
+            sharded = tuple(i for i, p in enumerate(g.placements) if not p.is_replicate())
+            buckets[(g.device_mesh, sharded) if sharded else None].append(g.to_local())
+        else:
+            locals_.append(g)
+            buckets[None].append(g)
+    total_sq = None
+    for key, tensors in buckets.items():
+        norms = torch._foreach_norm(tensors, 2.0)
+        sq = torch.stack([n.float() for n in norms]).pow(2).sum()
+        if key is not None:
+            mesh, dims = key
+            for d in dims:
+                torch.distributed.all_reduce(sq, group=mesh.get_group(d))
+        total_sq = sq if total_sq is None else total_sq + sq.to(total_sq.device)
+    total = math.sqrt(total_sq.item())
+    if max_norm > 0 and math.isfinite(total):
+        coef = max_norm / (total + 1e-6)
+        if coef < 1.0:
+            by_device: dict = defaultdict(list)
+            for t in locals_:
+                by_device[(t.device, t.dtype)].append(t)
+            for ts in by_device.values():
+                torch._foreach_mul_(ts, coef)
+            for g in partial_grads:
+                g.mul_(coef)
+    return total
+
+
+def set_requires_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Turn the data-parallel gradient all-reduce / reduce-scatter off for the micro-batches
+    of a gradient-accumulation step and back on for the last one (no-op without DP)."""
+    fn = getattr(model, "set_requires_gradient_sync", None)
+    if callable(fn):
+        fn(enabled)
