@@ -18,10 +18,7 @@ def extract_step(inputs: list[str], output: str, overrides: list[str] | None = N
     from mtnlg.extract.pipeline import extract
 
     cfg = load_config(ExtractConfig, None, list(overrides or []))
-    args = list(beam_args or [])
-    if workers > 1 and not any(a.startswith("--runner") for a in args):
-        args += [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
-    return extract(list(inputs), output, cfg, args)
+    return extract(list(inputs), output, cfg, list(beam_args or []), workers=workers)
 
 
 def tokenize_step(extracted: str, output: str, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -41,3 +38,17 @@ def train_step(tokenized: str, output: str, recipe: str = "debug", overrides: li
 
     args = [f"data.path={tokenized}", f"output={output}", *(overrides or [])]
     return run_local(args, recipe=recipe, nproc=nproc)
+
+
+def fuse_step(checkpoint_run_dir: str, output: str, hf: bool = True, dtype: str = "fp32") -> dict[str, Any]:
+    """Merge the run's latest checkpoint into one model directory (see docs/fuse.md)."""
+    from mtnlg.fuse.fuse import fuse_checkpoint
+
+    return fuse_checkpoint(checkpoint_run_dir, output, dtype=dtype, hf=hf)
+
+
+def evaluate_step(model_dir: str, tokenized: str, output: str, train_log: str | None) -> dict[str, Any]:
+    """Perplexity, last-word accuracy, samples and the report (see docs/evaluate.md)."""
+    from mtnlg.evaluate.evaluate import evaluate_model
+
+    return evaluate_model(model_dir, tokenized, output, train_log=train_log)

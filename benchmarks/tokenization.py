@@ -1,6 +1,6 @@
 """Throughput of the tokenize step against a bare SentencePiece encode loop (its limit).
 
-    .venv/bin/python benchmarks/tokenize.py [--mb 50] [--workers 2] [--vocab-size 8000]
+    .venv/bin/python benchmarks/tokenization.py [--mb 50] [--workers 2] [--vocab-size 8000]
 
 1. Builds about ``--mb`` MB of JSONL from the bundled Python-docs corpus (HTML pages with the
    tags stripped, plus the reStructuredText "What's New" pages; split into documents of a few

@@ -1,0 +1,103 @@
+"""Configuration of the extract step: reading limits, quality rules, deduplication, split.
+
+Every threshold has a name, so ``filters.min_words=20`` or ``dedup.threshold=0.7`` on the
+command line (or the same keys in a YAML file) changes exactly one rule. The defaults follow
+the Gopher quality rules (Rae et al. 2021) and MT-NLG's fuzzy deduplication (MinHash LSH,
+Jaccard >= 0.8), with two loosenings noted below for text that holds code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mtnlg.config import ConfigError
+
+# The quality rules, in the order they are checked; a document dropped by several rules is
+# counted under the first one. ``filters.disabled`` takes names from this list.
+RULES = (
+    "min_words",
+    "max_words",
+    "mean_word_length",
+    "alpha_words",
+    "symbol_ratio",
+    "bullet_lines",
+    "ellipsis_lines",
+    "duplicate_lines",
+    "duplicate_line_chars",
+    "stop_words",
+)
+
+
+@dataclass
+class FilterConfig:
+    """Document-level quality rules; a document failing one is dropped under its name."""
+
+    min_words: int = field(default=50, metadata={"min": 0})
+    max_words: int = field(default=100_000, metadata={"min": 1})
+    min_mean_word_length: float = field(default=3.0, metadata={"min": 0.0})
+    max_mean_word_length: float = field(default=10.0, metadata={"gt": 0.0})
+    # Gopher asks 80% of words to contain a letter; documentation with code samples sits
+    # lower (``=``, ``()``, ``>>>``), so the default is 0.7.
+    min_alpha_word_fraction: float = field(default=0.7, metadata={"min": 0.0, "max": 1.0})
+    # ('#' + ellipsis) per word.
+    max_symbol_ratio: float = field(default=0.1, metadata={"min": 0.0})
+    max_bullet_line_fraction: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})
+    max_ellipsis_line_fraction: float = field(default=0.3, metadata={"min": 0.0, "max": 1.0})
+    # Fraction of non-empty lines that repeat an earlier line, and the characters they hold.
+    max_duplicate_line_fraction: float = field(default=0.3, metadata={"min": 0.0, "max": 1.0})
+    max_duplicate_line_char_fraction: float = field(default=0.2, metadata={"min": 0.0, "max": 1.0})
+    # At least this many distinct English stop words (the, be, to, of, and, that, have, with).
+    min_stop_words: int = field(default=2, metadata={"min": 0})
+    disabled: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        unknown = [r for r in self.disabled if r not in RULES]
+        if unknown:
+            raise ConfigError(f"filters.disabled: unknown rule(s) {unknown}; known rules: {', '.join(RULES)}")
+        if self.max_words < self.min_words:
+            raise ConfigError(f"filters.max_words ({self.max_words}) < filters.min_words ({self.min_words})")
+        if self.max_mean_word_length < self.min_mean_word_length:
+            raise ConfigError(f"filters.max_mean_word_length ({self.max_mean_word_length}) < "
+                              f"filters.min_mean_word_length ({self.min_mean_word_length})")
+
+
+@dataclass
+class DedupConfig:
+    """Exact (normalised-text hash) then fuzzy (MinHash + LSH on word n-grams) deduplication."""
+
+    exact: bool = True
+    fuzzy: bool = True
+    threshold: float = field(default=0.8, metadata={"gt": 0.0, "max": 1.0})  # Jaccard
+    num_perm: int = field(default=128, metadata={"min": 1})
+    bands: int = field(default=16, metadata={"min": 1})  # rows per band = num_perm / bands
+    ngram: int = field(default=5, metadata={"min": 1})  # words per shingle
+    seed: int = 1
+    # Candidate buckets up to this size are verified pair by pair; larger ones (boilerplate
+    # shared by many documents) only against their smallest id, to stay linear.
+    max_bucket_all_pairs: int = field(default=32, metadata={"min": 2})
+
+    @property
+    def rows(self) -> int:
+        return self.num_perm // self.bands
+
+    def validate(self) -> None:
+        if self.num_perm % self.bands:
+            raise ConfigError(f"dedup.num_perm ({self.num_perm}) must be a multiple of dedup.bands ({self.bands})")
+
+
+@dataclass
+class ExtractConfig:
+    """The whole extract step. ``validation_fraction`` of documents (by id hash) go to validation."""
+
+    text_field: str = "text"  # JSONL key holding the document text
+    # A document (text file, JSONL line, HTML page) larger than this fails as "too_large".
+    max_doc_bytes: int = field(default=8 << 20, metadata={"min": 1})
+    # A file whose first 64 KiB hold more than this fraction of control bytes and invalid
+    # UTF-8 fails as "binary".
+    max_binary_fraction: float = field(default=0.1, metadata={"gt": 0.0, "max": 1.0})
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    validation_fraction: float = field(default=0.01, metadata={"min": 0.0, "max": 1.0})
+    seed: int = 1234  # split hash salt
+    num_shards: int = field(default=2, metadata={"min": 0})  # train shards; 0 = runner decides
+    validation_shards: int = field(default=1, metadata={"min": 0})

@@ -1,0 +1,572 @@
+"""The extract step as an Apache Beam pipeline: read -> clean -> filter -> dedup -> split -> write.
+
+    files --Read--> documents --CleanAndFilter--> clean documents --Deduplicate--> unique
+          \\-> failed            \\-> dropped                       \\-> duplicates
+    unique --Split--> train / validation --WriteToText--> DIR/{train,validation}/part-*.jsonl
+    every outcome --Stats--> DIR/stats.json
+
+Elements are whole documents (one text file, JSONL line or HTML page), never lines: Beam's
+per-element cost would dominate otherwise. Each step counts what it does with
+``Metrics.counter``; the exact numbers in ``stats.json`` come from the data itself (every
+document ends in exactly one outcome, summed by a combiner), so they do not depend on a
+runner reporting metrics.
+
+Deduplication moves only ids, hashes and signatures between workers; the texts are joined
+back by id once, at the end:
+
+1. exact: group by the hash of the normalised text; in each group the smallest id is kept;
+2. fuzzy: the MinHash signature of each exact survivor is cut into LSH bands; documents
+   sharing a band become candidate pairs; a pair is an edge when its estimated Jaccard
+   similarity reaches the threshold; in each connected component of the edge graph the
+   smallest id is kept. The components are computed in one place from the (few) edges.
+
+Run it with ``mtnlg extract`` or ``run(argv)``; the library entry is :func:`extract`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from typing import Any, Iterable
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.pvalue import AsList, TaggedOutput
+
+from mtnlg import io
+from mtnlg.config import ConfigError, load_config, validate
+from mtnlg.extract import stats as st
+from mtnlg.extract.clean import clean_text
+from mtnlg.extract.config import DedupConfig, ExtractConfig, FilterConfig
+from mtnlg.extract.dedup import MinHasher, band_keys, candidate_pairs, components, jaccard_estimate, text_hash
+from mtnlg.extract.filters import first_failing_rule
+from mtnlg.extract.readers import Failure, expand_inputs, read_file
+from mtnlg.extract.split import SPLITS, TRAIN, VALIDATION, split_of
+from mtnlg.progress import Progress, get_logger
+
+NAMESPACE = "mtnlg.extract"
+FAILED, DROPPED, DUPLICATES, FILES = "failed", "dropped", "duplicates", "files"
+SHARD_TEMPLATE = "-SSSSS-of-NNNNN"  # -> part-00000-of-00004.jsonl
+
+log = get_logger("mtnlg.extract")
+
+# A document between steps: (id, source, text). Plain tuples of str travel through Beam's
+# fast coder without pickling.
+Doc = tuple[str, str, str]
+
+
+# --- DoFns: one element in, outcomes out --------------------------------------------------
+
+class ReadDocumentsFn(beam.DoFn):
+    """A file path -> its documents; failures go to the ``failed`` output with their reason.
+
+    Also emits one counter dict per file on the ``files`` output (records read, bytes,
+    invalid UTF-8 replacements), from which ``stats.json`` takes ``read`` and ``bytes_in``.
+    """
+
+    def __init__(self, text_field: str, max_doc_bytes: int, max_binary_fraction: float):
+        self.text_field, self.max_doc_bytes, self.max_binary_fraction = text_field, max_doc_bytes, max_binary_fraction
+        self.files = Metrics.counter(NAMESPACE, "files_read")
+        self.docs = Metrics.counter(NAMESPACE, "docs_read")
+        self.bytes = Metrics.counter(NAMESPACE, "bytes_in")
+        self.progress: Progress | None = None
+
+    def setup(self):
+        self.progress = Progress("extract: read (this worker)", unit="files", every_s=15.0,
+                                 logger=get_logger("mtnlg.extract"))
+
+    def process(self, path: str):
+        records = nbytes = replaced = 0
+        for rec in read_file(path, self.text_field, self.max_doc_bytes, self.max_binary_fraction):
+            records += 1
+            nbytes += rec.nbytes
+            if isinstance(rec, Failure):
+                Metrics.counter(NAMESPACE, f"failed_{rec.reason}").inc()
+                log.debug("failed (%s): %s %s", rec.reason, rec.source, rec.detail)
+                yield TaggedOutput(FAILED, (rec.reason, rec.source, rec.detail))
+            else:
+                replaced += rec.replaced
+                self.docs.inc()
+                yield rec.id, rec.source, rec.text
+        self.files.inc()
+        self.bytes.inc(nbytes)
+        if self.progress:
+            self.progress.update(1)
+        yield TaggedOutput(FILES, st.file_read(records, nbytes, replaced))
+
+
+class CleanAndFilterFn(beam.DoFn):
+    """Cleans a document's text, then drops it (``dropped`` output, rule name) or passes it on."""
+
+    def __init__(self, filters: FilterConfig):
+        self.filters = filters
+        self.kept = Metrics.counter(NAMESPACE, "docs_passed_filters")
+
+    def process(self, doc: Doc):
+        doc_id, source, text = doc
+        text = clean_text(text)
+        rule = first_failing_rule(text, self.filters)
+        if rule:
+            Metrics.counter(NAMESPACE, f"dropped_{rule}").inc()
+            yield TaggedOutput(DROPPED, rule)
+        else:
+            self.kept.inc()
+            yield doc_id, source, text
+
+
+class DedupKeyFn(beam.DoFn):
+    """A document -> ``(exact hash, (id, MinHash signature bytes))``; the text stays behind."""
+
+    def __init__(self, dedup: DedupConfig):
+        self.dedup = dedup
+        self.hasher: MinHasher | None = None
+
+    def setup(self):
+        d = self.dedup
+        self.hasher = MinHasher(d.num_perm, d.ngram, d.seed) if d.fuzzy else None
+
+    def process(self, doc: Doc):
+        doc_id, _, text = doc
+        sig = self.hasher.signature(text).astype("<u4").tobytes() if self.hasher else b""
+        key = text_hash(text) if self.dedup.exact else doc_id.encode("utf-8")
+        yield key, (doc_id, sig)
+
+
+class KeepSmallestIdFn(beam.DoFn):
+    """One exact-duplicate group -> its smallest id (main) and the others (``duplicates``)."""
+
+    def __init__(self):
+        self.dups = Metrics.counter(NAMESPACE, "duplicates_exact")
+
+    def process(self, group):
+        _, members = group
+        members = sorted(members)
+        yield members[0]
+        for doc_id, _ in members[1:]:
+            self.dups.inc()
+            yield TaggedOutput(DUPLICATES, (doc_id, "exact"))
+
+
+class BandKeysFn(beam.DoFn):
+    """``(id, signature)`` -> ``(band key, id)`` for each LSH band."""
+
+    def __init__(self, bands: int):
+        self.bands = bands
+
+    def process(self, item):
+        doc_id, sig = item
+        for key in band_keys(np.frombuffer(sig, dtype="<u4"), self.bands):
+            yield key, doc_id
+
+
+class CandidatePairsFn(beam.DoFn):
+    """An LSH bucket -> pairs of ids to verify (all pairs, or a star for a huge bucket)."""
+
+    def __init__(self, max_all_pairs: int):
+        self.max_all_pairs = max_all_pairs
+
+    def process(self, bucket):
+        _, ids = bucket
+        ids = list(ids)
+        if len(ids) > 1:
+            yield from candidate_pairs(ids, self.max_all_pairs)
+
+
+class AttachLeftSignatureFn(beam.DoFn):
+    """Join step 1: ``a -> ({b...}, sig_a)`` becomes ``(b, (a, sig_a))`` for each pair."""
+
+    def process(self, joined):
+        a, groups = joined
+        sigs, partners = list(groups["sig"]), list(groups["pair"])
+        if sigs and partners:
+            for b in partners:
+                yield b, (a, sigs[0])
+
+
+class VerifyPairFn(beam.DoFn):
+    """Join step 2: keeps pairs whose estimated Jaccard similarity reaches the threshold."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self.checked = Metrics.counter(NAMESPACE, "fuzzy_pairs_checked")
+        self.similar = Metrics.counter(NAMESPACE, "fuzzy_pairs_similar")
+
+    def process(self, joined):
+        b, groups = joined
+        sigs = list(groups["sig"])
+        if not sigs:
+            return
+        sig_b = np.frombuffer(sigs[0], dtype="<u4")
+        for a, sig_a in groups["left"]:
+            self.checked.inc()
+            if jaccard_estimate(np.frombuffer(sig_a, dtype="<u4"), sig_b) >= self.threshold:
+                self.similar.inc()
+                yield a, b
+
+
+def fuzzy_duplicates(edges: list[tuple[str, str]]) -> Iterable[tuple[str, str]]:
+    """All edges -> ``(id, "fuzzy")`` for every node that is not its component's smallest id."""
+    for node, root in sorted(components(edges).items()):
+        if node != root:
+            yield node, "fuzzy"
+
+
+class DropDuplicatesFn(beam.DoFn):
+    """``id -> (documents, duplicate marks)`` -> the document, or its duplicate outcome."""
+
+    def __init__(self):
+        self.fuzzy = Metrics.counter(NAMESPACE, "duplicates_fuzzy")
+
+    def process(self, joined):
+        doc_id, groups = joined
+        marks = list(groups["dup"])
+        for source, text in groups["doc"]:
+            if marks:
+                if marks[0] == "fuzzy":
+                    self.fuzzy.inc()
+                yield TaggedOutput(DUPLICATES, marks[0])
+            else:
+                yield doc_id, source, text
+
+
+class SplitFn(beam.DoFn):
+    """Routes a document to ``train`` (main) or ``validation`` by its id hash."""
+
+    def __init__(self, validation_fraction: float, seed: int):
+        self.fraction, self.seed = validation_fraction, seed
+
+    def process(self, doc: Doc):
+        split = split_of(doc[0], self.fraction, self.seed)
+        Metrics.counter(NAMESPACE, f"kept_{split}").inc()
+        yield doc if split == TRAIN else TaggedOutput(VALIDATION, doc)
+
+
+class SumCountersFn(beam.CombineFn):
+    """Sums flat counter dicts (``{"failed/binary": 1}``); the empty sum is ``{}``."""
+
+    def create_accumulator(self):
+        return {}
+
+    def add_input(self, acc, item):
+        return st.add(acc, item)
+
+    def merge_accumulators(self, accs):
+        return st.sum_counters(accs)
+
+    def extract_output(self, acc):
+        return acc
+
+
+class WriteStatsFn(beam.DoFn):
+    """Summed counters -> ``stats.json`` (atomically), once the shards are written."""
+
+    def __init__(self, path: str, inputs: list[str], files: int, skipped: list[str]):
+        self.path, self.inputs, self.files, self.skipped = path, inputs, files, skipped
+
+    def process(self, counters, examples, train_files, validation_files):
+        stats = st.build_stats(counters, inputs=self.inputs, files=self.files, skipped=self.skipped,
+                               examples=dict(examples),
+                               written={TRAIN: train_files, VALIDATION: validation_files})
+        with io.atomic_write(self.path, "w") as f:
+            f.write(json.dumps(stats, indent=2) + "\n")
+        yield stats
+
+
+def to_json_line(doc: Doc) -> str:
+    doc_id, source, text = doc
+    return json.dumps({"id": doc_id, "text": text, "source": source}, ensure_ascii=False)
+
+
+# --- PTransforms: labelled steps composed ----------------------------------------------------
+
+class ReadDocuments(beam.PTransform):
+    """File paths -> documents, with ``failed`` and per-file ``files`` counters on the side."""
+
+    def __init__(self, cfg: ExtractConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def expand(self, paths):
+        return paths | "ReadFile" >> beam.ParDo(
+            ReadDocumentsFn(self.cfg.text_field, self.cfg.max_doc_bytes, self.cfg.max_binary_fraction)
+        ).with_outputs(FAILED, FILES, main="docs")
+
+
+class ExactDedup(beam.PTransform):
+    """``(hash, (id, sig))`` -> survivors ``(id, sig)`` and ``duplicates`` ``(id, "exact")``."""
+
+    def expand(self, keyed):
+        return (keyed
+                | "GroupByTextHash" >> beam.GroupByKey()
+                | "KeepSmallestId" >> beam.ParDo(KeepSmallestIdFn()).with_outputs(DUPLICATES, main="kept"))
+
+
+class FuzzyDedup(beam.PTransform):
+    """``(id, sig)`` of distinct texts -> ``(id, "fuzzy")`` for each near-duplicate to drop."""
+
+    def __init__(self, dedup: DedupConfig):
+        super().__init__()
+        self.dedup = dedup
+
+    def expand(self, sigs):
+        d = self.dedup
+        pairs = (sigs
+                 | "BandKeys" >> beam.ParDo(BandKeysFn(d.bands))
+                 | "GroupByBand" >> beam.GroupByKey()
+                 | "CandidatePairs" >> beam.ParDo(CandidatePairsFn(d.max_bucket_all_pairs))
+                 | "DistinctPairs" >> beam.Distinct())
+        left = ({"pair": pairs, "sig": sigs}
+                | "JoinLeftSignature" >> beam.CoGroupByKey()
+                | "AttachLeftSignature" >> beam.ParDo(AttachLeftSignatureFn()))
+        edges = ({"left": left, "sig": sigs}
+                 | "JoinRightSignature" >> beam.CoGroupByKey()
+                 | "VerifyJaccard" >> beam.ParDo(VerifyPairFn(d.threshold)))
+        return (edges
+                | "CollectEdges" >> beam.combiners.ToList()
+                | "ConnectedComponents" >> beam.FlatMap(fuzzy_duplicates))
+
+
+class Deduplicate(beam.PTransform):
+    """Documents -> unique documents (main) and a ``duplicates`` output of kinds."""
+
+    def __init__(self, dedup: DedupConfig):
+        super().__init__()
+        self.dedup = dedup
+
+    def expand(self, docs):
+        d = self.dedup
+        if not (d.exact or d.fuzzy):
+            return {"unique": docs, DUPLICATES: docs.pipeline | "NoDuplicates" >> beam.Create([])}
+        keys = docs | "DedupKeys" >> beam.ParDo(DedupKeyFn(d))
+        marks = []
+        if d.exact:
+            exact = keys | "Exact" >> ExactDedup()
+            survivors = exact.kept
+            marks.append(exact[DUPLICATES])
+        else:
+            survivors = keys | "Values" >> beam.Values()
+        if d.fuzzy:
+            marks.append(survivors | "Fuzzy" >> FuzzyDedup(d))
+        dup_marks = tuple(marks) | "AllDuplicateMarks" >> beam.Flatten()
+        by_id = docs | "KeyById" >> beam.Map(lambda doc: (doc[0], (doc[1], doc[2])))
+        result = ({"doc": by_id, "dup": dup_marks}
+                  | "JoinMarks" >> beam.CoGroupByKey()
+                  | "DropDuplicates" >> beam.ParDo(DropDuplicatesFn()).with_outputs(DUPLICATES, main="unique"))
+        return {"unique": result.unique, DUPLICATES: result[DUPLICATES]}
+
+
+class WriteJsonl(beam.PTransform):
+    """Documents -> ``DIR/part-NNNNN-of-MMMMM.jsonl``; outputs the file names written."""
+
+    def __init__(self, directory: str, num_shards: int):
+        super().__init__()
+        self.directory, self.num_shards = directory, num_shards
+
+    def expand(self, docs):
+        return (docs
+                | "ToJson" >> beam.Map(to_json_line)
+                | "WriteToText" >> beam.io.WriteToText(io.join(self.directory, "part"), file_name_suffix=".jsonl",
+                                                       num_shards=self.num_shards,
+                                                       shard_name_template=SHARD_TEMPLATE))
+
+
+class ExtractDocuments(beam.PTransform):
+    """The whole step on a PCollection of file paths; outputs the stats dict (one element)."""
+
+    def __init__(self, cfg: ExtractConfig, output: str, inputs: list[str], files: int, skipped: list[str]):
+        super().__init__()
+        self.cfg, self.output, self.inputs, self.files, self.skipped = cfg, output, inputs, files, skipped
+
+    def expand(self, paths):
+        cfg = self.cfg
+        read = paths | "Read" >> ReadDocuments(cfg)
+        cleaned = read.docs | "CleanAndFilter" >> beam.ParDo(CleanAndFilterFn(cfg.filters)).with_outputs(
+            DROPPED, main="docs")
+        dedup = cleaned.docs | "Deduplicate" >> Deduplicate(cfg.dedup)
+        split = dedup["unique"] | "Split" >> beam.ParDo(SplitFn(cfg.validation_fraction, cfg.seed)).with_outputs(
+            VALIDATION, main=TRAIN)
+        written = {
+            TRAIN: split[TRAIN] | "WriteTrain" >> WriteJsonl(io.join(self.output, TRAIN), cfg.num_shards),
+            VALIDATION: split[VALIDATION] | "WriteValidation" >> WriteJsonl(io.join(self.output, VALIDATION),
+                                                                            cfg.validation_shards),
+        }
+
+        outcomes = (
+            read[FILES],
+            read[FAILED] | "CountFailed" >> beam.Map(lambda f: st.failed(f[0])),
+            cleaned[DROPPED] | "CountDropped" >> beam.Map(st.dropped),
+            dedup[DUPLICATES] | "CountDuplicates" >> beam.Map(st.duplicate),
+            split[TRAIN] | "CountTrain" >> beam.Map(lambda d: st.kept(TRAIN, len(d[2].encode("utf-8")))),
+            split[VALIDATION] | "CountValidation" >> beam.Map(
+                lambda d: st.kept(VALIDATION, len(d[2].encode("utf-8")))),
+        )
+        examples = (read[FAILED]
+                    | "ExampleLines" >> beam.Map(lambda f: (f[0], f"{f[1]}: {f[2]}"))
+                    | "FirstExamples" >> beam.combiners.Top.SmallestPerKey(st.EXAMPLES_PER_REASON))
+        return (outcomes
+                | "AllOutcomes" >> beam.Flatten()
+                | "SumCounters" >> beam.CombineGlobally(SumCountersFn())
+                | "WriteStats" >> beam.ParDo(
+                    WriteStatsFn(io.join(self.output, "stats.json"), self.inputs, self.files, self.skipped),
+                    AsList(examples), AsList(written[TRAIN]), AsList(written[VALIDATION])))
+
+
+# --- Driver --------------------------------------------------------------------------------
+
+def _flag_value(args: list[str], name: str) -> str | None:
+    """The value of ``--name=V`` or ``--name V`` in ``args`` (the last one), else None."""
+    value = None
+    for i, a in enumerate(args):
+        if a.startswith(f"--{name}="):
+            value = a.split("=", 1)[1]
+        elif a == f"--{name}" and i + 1 < len(args):
+            value = args[i + 1]
+    return value
+
+
+DIRECT_RUNNERS = ("directrunner", "direct", "switchingdirectrunner")
+
+
+def beam_options(beam_args: list[str] | None = None, workers: int | None = None) -> list[str]:
+    """Pipeline arguments: DirectRunner unless a runner is given; ``workers`` -> its options.
+
+    ``workers`` only applies to the DirectRunner: 1 runs in-process, N > 1 in N worker
+    processes (``--direct_num_workers=N --direct_running_mode=multi_processing``). Everything
+    else passes through unchanged (Dataflow, Flink, Spark options...).
+    """
+    args = list(beam_args or [])
+    runner = _flag_value(args, "runner")
+    if runner is None:
+        args.append("--runner=DirectRunner")
+        runner = "DirectRunner"
+    direct = runner.lower() in DIRECT_RUNNERS
+    if direct and _flag_value(args, "default_sdk_harness_log_level") is None:
+        # Local worker processes otherwise log every channel they open at INFO.
+        args.append("--default_sdk_harness_log_level=WARNING")
+    if direct and workers is not None and _flag_value(args, "direct_num_workers") is None:
+        if workers > 1:
+            args += [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
+        else:
+            args += ["--direct_num_workers=1", "--direct_running_mode=in_memory"]
+    return args
+
+
+def local_runner(options: PipelineOptions):
+    """The engine the DirectRunner runs batch pipelines on (Beam's FnApiRunner), built directly.
+
+    Beam's ``DirectRunner`` first tries to download and start the Prism runner, which fails
+    or stalls offline before it falls back to this engine; building it here skips that
+    attempt. The pipeline options are handed to the worker processes as DirectRunner does.
+    """
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(
+        beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
+
+
+def make_pipeline(args: list[str]) -> beam.Pipeline:
+    """A ``beam.Pipeline`` for ``args``; DirectRunner pipelines run on :func:`local_runner`."""
+    options = PipelineOptions(args)
+    runner = _flag_value(args, "runner") or "DirectRunner"
+    if runner.lower() in DIRECT_RUNNERS:
+        return beam.Pipeline(runner=local_runner(options), options=options)
+    return beam.Pipeline(options=options)
+
+
+def _clear_previous(output: str) -> None:
+    """Remove shards and stats of an earlier run into ``output`` (only those files)."""
+    for split in SPLITS:
+        d = io.join(output, split)
+        if io.exists(d):
+            for f in io.list_files(d):
+                name = f.rsplit("/", 1)[-1]
+                if name.startswith("part-") and name.endswith(".jsonl"):
+                    io.remove(f)
+    stats = io.join(output, "stats.json")
+    if io.exists(stats):
+        io.remove(stats)
+
+
+def build_pipeline(p: beam.Pipeline, files: list[str], skipped: list[str], inputs: list[str], output: str,
+                   cfg: ExtractConfig):
+    """Adds the extract step for ``files`` to pipeline ``p``; returns the stats PCollection."""
+    # Create reshuffles its elements, so the files spread over the workers.
+    return (p
+            | "ListFiles" >> beam.Create(files)
+            | "Extract" >> ExtractDocuments(cfg, output, inputs, len(files), skipped))
+
+
+def extract(inputs: list[str], output: str, config: ExtractConfig | None = None,
+            beam_args: list[str] | None = None, workers: int | None = None) -> dict[str, Any]:
+    """Runs the extract step; returns the stats (also written to ``output/stats.json``).
+
+    Raises ``FileNotFoundError`` when an input matches nothing, ``ValueError`` when no input
+    file has a known format or when not a single document could be read (every input
+    failed; the stats file is still written and the error lists the reasons).
+    """
+    cfg = config or ExtractConfig()
+    validate(cfg)
+    inputs = [str(i) for i in inputs]
+    if not inputs:
+        raise ValueError("extract: no inputs given")
+    files, skipped = expand_inputs(inputs)
+    if skipped:
+        log.warning("skipping %d file(s) of unknown format (not .txt/.jsonl/.json/.html, optionally .gz), "
+                    "e.g. %s", len(skipped), ", ".join(skipped[:3]))
+    if not files:
+        raise ValueError(f"extract: no file of a known format (.txt, .jsonl, .json, .html, each optionally .gz) "
+                         f"in {inputs}; skipped: {skipped[:5]}")
+    args = beam_options(beam_args, workers)
+    log.info("extract: %d files -> %s (%s)", len(files), output, " ".join(args))
+    _clear_previous(output)
+    start = time.perf_counter()
+    with make_pipeline(args) as p:
+        build_pipeline(p, files, skipped, inputs, output, cfg)
+    elapsed = time.perf_counter() - start
+    stats_path = io.join(output, "stats.json")
+    if not io.exists(stats_path):
+        raise RuntimeError(f"extract: the pipeline finished without writing {stats_path}")
+    stats = json.loads(io.read_text(stats_path))
+    log.info("extract: %s in %.1f s (%.2f MB/s in)", st.summary(stats), elapsed,
+             stats["bytes_in"] / 1e6 / max(elapsed, 1e-9))
+    n_failed = sum(stats["failed"].values())
+    if n_failed and st.documents_read(stats):
+        log.warning("extract: %d input(s) failed (%s); examples in %s under failed_examples", n_failed,
+                    ", ".join(f"{k}={v}" for k, v in stats["failed"].items() if v), stats_path)
+    if not stats["balanced"]:
+        raise RuntimeError(f"extract: counts do not add up in {stats_path}: {st.summary(stats)}")
+    if st.documents_read(stats) == 0:
+        reasons = ", ".join(f"{k}={v}" for k, v in stats["failed"].items() if v) or "no records"
+        examples = "; ".join(e for v in stats["failed_examples"].values() for e in v[:1])
+        raise ValueError(f"extract: nothing could be read from {inputs}: {reasons}"
+                         + (f" (e.g. {examples})" if examples else ""))
+    return stats
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Command-line entry in the style of Beam's examples: our flags, then any Beam options."""
+    parser = argparse.ArgumentParser(description="Clean, filter, deduplicate and split raw text.")
+    parser.add_argument("--input", action="append", required=True,
+                        help="file, directory or glob, local or gs:// (repeatable)")
+    parser.add_argument("--output", required=True, help="output directory, local or gs://")
+    parser.add_argument("--config", help="YAML file with ExtractConfig fields")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--workers", type=int, default=None, help="DirectRunner worker processes")
+    known, beam_args = parser.parse_known_args(argv)
+    cfg = load_config(ExtractConfig, known.config, known.set)
+    return extract(known.input, known.output, cfg, beam_args, workers=known.workers)
+
+
+if __name__ == "__main__":
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        run()
+    except ConfigError as e:
+        raise SystemExit(f"configuration error: {e}") from None

@@ -1,0 +1,101 @@
+"""The extract step as one plain Python loop: the reference the Beam pipeline is checked against.
+
+Same readers, cleaning, rules, hashes, MinHash, clustering and split as the pipeline, in one
+process and in file order. Tests compare the pipeline's output and stats with this; the
+benchmark times it next to the pipeline. It holds every document in memory, so it is meant
+for test- and benchmark-sized inputs, not for production runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Any
+
+from mtnlg import io
+from mtnlg.extract import stats as st
+from mtnlg.extract.clean import clean_text
+from mtnlg.extract.config import ExtractConfig
+from mtnlg.extract.dedup import MinHasher, band_keys, candidate_pairs, components, jaccard_estimate, text_hash
+from mtnlg.extract.filters import first_failing_rule
+from mtnlg.extract.readers import Failure, expand_inputs, read_file
+from mtnlg.extract.split import SPLITS, split_of
+
+
+def extract_reference(inputs: list[str], output: str | None = None,
+                      config: ExtractConfig | None = None) -> tuple[dict[str, list[dict]], dict[str, Any]]:
+    """``({split: [{"id", "text", "source"}, ...] sorted by id}, stats)``; writes them if ``output``."""
+    cfg = config or ExtractConfig()
+    files, skipped = expand_inputs(inputs)
+    counters: dict[str, int] = {}
+    examples: dict[str, list[str]] = defaultdict(list)
+    docs: dict[str, tuple[str, str]] = {}  # id -> (source, cleaned text)
+    best_by_hash: dict[bytes, str] = {}
+    duplicates: dict[str, str] = {}  # id -> "exact" | "fuzzy"
+
+    for path in files:
+        records = nbytes = replaced = 0
+        for rec in read_file(path, cfg.text_field, cfg.max_doc_bytes, cfg.max_binary_fraction):
+            records += 1
+            nbytes += rec.nbytes
+            if isinstance(rec, Failure):
+                st.add(counters, st.failed(rec.reason))
+                examples[rec.reason].append(f"{rec.source}: {rec.detail}")
+                continue
+            replaced += rec.replaced
+            text = clean_text(rec.text)
+            rule = first_failing_rule(text, cfg.filters)
+            if rule:
+                st.add(counters, st.dropped(rule))
+                continue
+            docs[rec.id] = (rec.source, text)
+            if cfg.dedup.exact:
+                # Of equal texts the smallest id is kept, as in the pipeline.
+                h = text_hash(text)
+                other = best_by_hash.get(h)
+                if other is None:
+                    best_by_hash[h] = rec.id
+                else:
+                    loser = max(other, rec.id)
+                    best_by_hash[h] = min(other, rec.id)
+                    duplicates[loser] = "exact"
+        st.add(counters, st.file_read(records, nbytes, replaced))
+
+    if cfg.dedup.fuzzy:
+        d = cfg.dedup
+        hasher = MinHasher(d.num_perm, d.ngram, d.seed)
+        sigs = {i: hasher.signature(docs[i][1]) for i in sorted(docs) if i not in duplicates}
+        buckets: dict[bytes, list[str]] = defaultdict(list)
+        for i, sig in sigs.items():
+            for key in band_keys(sig, d.bands):
+                buckets[key].append(i)
+        pairs = {p for ids in buckets.values() if len(ids) > 1
+                 for p in candidate_pairs(ids, d.max_bucket_all_pairs)}
+        edges = [(a, b) for a, b in sorted(pairs) if jaccard_estimate(sigs[a], sigs[b]) >= d.threshold]
+        for node, root in components(edges).items():
+            if node != root:
+                duplicates[node] = "fuzzy"
+
+    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for i in sorted(docs):
+        if i in duplicates:
+            st.add(counters, st.duplicate(duplicates[i]))
+            continue
+        source, text = docs[i]
+        split = split_of(i, cfg.validation_fraction, cfg.seed)
+        out[split].append({"id": i, "text": text, "source": source})
+        st.add(counters, st.kept(split, len(text.encode("utf-8"))))
+
+    written = {}
+    if output:
+        for s in SPLITS:
+            path = io.join(output, s, "part-00000-of-00001.jsonl")
+            with io.atomic_write(path, "w") as f:
+                for rec in out[s]:
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            written[s] = [path]
+    stats = st.build_stats(counters, inputs=list(inputs), files=len(files), skipped=skipped,
+                           examples=examples, written=written)
+    if output:
+        io.write_text(io.join(output, "stats.json"), json.dumps(stats, indent=2) + "\n")
+    return out, stats

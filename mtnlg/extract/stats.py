@@ -1,0 +1,109 @@
+"""The numbers of an extract run, and the ``stats.json`` built from them.
+
+Counts are computed from the data, not from runner metrics (which some runners do not
+report): every document that was read ends in exactly one outcome, each outcome becomes a
+small counter dict, and the dicts are summed. Flat keys (``failed/binary``) keep that sum
+trivial; ``build_stats`` nests them for the file:
+
+``read``                       documents (and unreadable units) read = the sum of the four below
+``kept``                       documents written (``splits.train.docs + splits.validation.docs``)
+``dropped.<rule>``             documents dropped by each quality rule (all rules listed)
+``duplicates.exact|fuzzy``     documents dropped as duplicates of a kept one
+``failed.<reason>``            inputs that could not become a document (all reasons listed)
+``balanced``                   ``read == kept + dropped + duplicates + failed``
+``bytes_in`` / ``bytes_out``   bytes read (decompressed, before cleaning) / UTF-8 text written
+``invalid_utf8_replacements``  invalid UTF-8 sequences replaced by U+FFFD
+``splits.<split>``             ``docs``, ``bytes`` and the ``files`` written for each split
+``files``                      input files read; ``skipped_files``: directory entries that are
+                               not a known format (count and the first names)
+``failed_examples.<reason>``   up to five ``source: detail`` lines per reason
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from mtnlg.extract.config import RULES
+from mtnlg.extract.readers import FAILURE_REASONS
+from mtnlg.extract.split import SPLITS
+
+DUPLICATE_KINDS = ("exact", "fuzzy")
+EXAMPLES_PER_REASON = 5
+
+
+def failed(reason: str) -> dict[str, int]:
+    return {f"failed/{reason}": 1}
+
+
+def dropped(rule: str) -> dict[str, int]:
+    return {f"dropped/{rule}": 1}
+
+
+def duplicate(kind: str) -> dict[str, int]:
+    return {f"duplicates/{kind}": 1}
+
+
+def kept(split: str, nbytes: int) -> dict[str, int]:
+    return {"kept": 1, "bytes_out": nbytes, f"splits/{split}/docs": 1, f"splits/{split}/bytes": nbytes}
+
+
+def file_read(records: int, nbytes: int, replaced: int) -> dict[str, int]:
+    return {"files_read": 1, "read": records, "bytes_in": nbytes, "invalid_utf8_replacements": replaced}
+
+
+def add(total: dict[str, int], part: dict[str, int]) -> dict[str, int]:
+    """Add ``part`` into ``total`` (in place) and return ``total``."""
+    for k, v in part.items():
+        total[k] = total.get(k, 0) + v
+    return total
+
+
+def build_stats(counters: dict[str, int], *, inputs: list[str], files: int, skipped: list[str],
+                examples: dict[str, list[str]] | None = None,
+                written: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """The ``stats.json`` document from summed counters."""
+    c = dict(counters)
+    get = lambda k: int(c.get(k, 0))  # noqa: E731
+    stats: dict[str, Any] = {
+        "inputs": list(inputs),
+        "files": files,
+        "files_read": get("files_read"),
+        "skipped_files": {"count": len(skipped), "examples": sorted(skipped)[:20]},
+        "read": get("read"),
+        "kept": get("kept"),
+        "dropped": {r: get(f"dropped/{r}") for r in RULES},
+        "duplicates": {k: get(f"duplicates/{k}") for k in DUPLICATE_KINDS},
+        "failed": {r: get(f"failed/{r}") for r in FAILURE_REASONS},
+        "bytes_in": get("bytes_in"),
+        "bytes_out": get("bytes_out"),
+        "invalid_utf8_replacements": get("invalid_utf8_replacements"),
+        "splits": {s: {"docs": get(f"splits/{s}/docs"), "bytes": get(f"splits/{s}/bytes"),
+                       "files": sorted((written or {}).get(s, []))} for s in SPLITS},
+        "failed_examples": {k: sorted(v)[:EXAMPLES_PER_REASON] for k, v in sorted((examples or {}).items())},
+    }
+    accounted = (stats["kept"] + sum(stats["dropped"].values()) + sum(stats["duplicates"].values())
+                 + sum(stats["failed"].values()))
+    stats["balanced"] = accounted == stats["read"]
+    return stats
+
+
+def documents_read(stats: dict[str, Any]) -> int:
+    """Documents that were read successfully (whatever happened to them afterwards)."""
+    return stats["read"] - sum(stats["failed"].values())
+
+
+def summary(stats: dict[str, Any]) -> str:
+    """One line for logs: read, kept, dropped, duplicates, failed."""
+    def nonzero(d: dict[str, int]) -> str:
+        parts = [f"{k}={v}" for k, v in d.items() if v]
+        return ", ".join(parts) or "none"
+    return (f"read {stats['read']}, kept {stats['kept']} (train {stats['splits']['train']['docs']}, "
+            f"validation {stats['splits']['validation']['docs']}), dropped [{nonzero(stats['dropped'])}], "
+            f"duplicates [{nonzero(stats['duplicates'])}], failed [{nonzero(stats['failed'])}]")
+
+
+def sum_counters(parts: Iterable[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for p in parts:
+        add(total, p)
+    return total

@@ -1,0 +1,184 @@
+"""End-to-end runs of the extract step: every kind of bad input, gs://, the CLI, worker counts.
+
+Inputs are small real documents from the bundled corpus plus crafted bad files, so each
+run takes a second or two; one run uses 2 worker processes and is compared with the
+single-process reference loop.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mtnlg import io
+from mtnlg.cli import main as cli_main
+from mtnlg.config import replace
+from mtnlg.extract.config import ExtractConfig
+from mtnlg.extract.pipeline import extract, run
+from mtnlg.extract.reference import extract_reference
+
+CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus" / "python-docs"
+GOOD = ["tutorial/classes.html.gz", "tutorial/errors.html.gz", "tutorial/controlflow.html.gz",
+        "howto/sorting.html.gz", "faq/general.html.gz"]
+SHARD = re.compile(r"part-\d{5}-of-\d{5}\.jsonl$")
+
+
+def corpus_text(name: str) -> str:
+    return gzip.decompress((CORPUS / name).read_bytes()).decode("utf-8")
+
+
+def read_outputs(output: str) -> dict[str, list[dict]]:
+    out = {}
+    for split in ("train", "validation"):
+        files = io.list_files(io.join(output, split))
+        assert files and all(SHARD.search(f) for f in files), files
+        out[split] = sorted((json.loads(line) for f in files for line in io.read_text(f).splitlines()),
+                            key=lambda r: r["id"])
+    return out
+
+
+def comparable(stats: dict) -> dict:
+    """Stats without the fields that name output files."""
+    s = json.loads(json.dumps(stats))
+    for split in s["splits"].values():
+        split.pop("files")
+    return s
+
+
+@pytest.fixture(scope="module")
+def bad_corpus(tmp_path_factory) -> Path:
+    """Good documents, an exact and a fuzzy duplicate, and every kind of bad input."""
+    d = tmp_path_factory.mktemp("extract-in")
+    (d / "html").mkdir()
+    for name in GOOD:
+        shutil.copyfile(CORPUS / name, d / "html" / name.replace("/", "-"))
+    whatsnew = corpus_text("whatsnew/3.2.txt.gz")
+    (d / "text").mkdir()
+    (d / "text" / "whatsnew.txt").write_text(whatsnew)
+    # Exact duplicate: same text, other case and spacing; near duplicate: a few words changed.
+    (d / "text" / "whatsnew-shouting.txt.gz").write_bytes(gzip.compress(whatsnew.upper().replace(" ", "  ").encode()))
+    words = whatsnew.split(" ")
+    rng = random.Random(0)
+    for i in rng.sample(range(len(words)), 15):
+        words[i] = "edited"
+    (d / "text" / "whatsnew-edited.txt").write_text(" ".join(words))
+    # Invalid UTF-8 inside an otherwise good document: replaced and counted.
+    (d / "text" / "latin1.txt").write_bytes(corpus_text("whatsnew/3.3.txt.gz")[:20000].encode() + b"caf\xe9 \xff")
+    # JSONL: good records, a line that is not JSON, a record without the text field.
+    paragraphs = [p for p in corpus_text("whatsnew/3.4.txt.gz").split("\n\n") if len(p.split()) > 60][:6]
+    lines = [json.dumps({"text": p, "n": i}) for i, p in enumerate(paragraphs)]
+    lines[2:2] = ["{this is not json", json.dumps({"body": "no text field"}), ""]
+    (d / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    # The bad files.
+    bad = d / "bad"
+    bad.mkdir()
+    (bad / "empty.txt").write_bytes(b"")
+    (bad / "blank.jsonl").write_bytes(b"\n \n")
+    (bad / "binary.txt").write_bytes(random.Random(1).randbytes(20000))
+    (bad / "nul.txt").write_bytes(whatsnew[:5000].encode() + b"\x00" + whatsnew[5000:10000].encode())
+    (bad / "truncated.txt.gz").write_bytes(gzip.compress(whatsnew.encode())[:500])
+    (bad / "not-gzip.jsonl.gz").write_bytes(b'{"text": "plain text, named .gz"}\n')
+    (bad / "one-line-50mb.txt").write_bytes(b"word " * (10 << 20))  # 50 MiB, no newline
+    os.symlink(str(bad / "deleted.txt"), str(bad / "dangling.txt"))  # listed, cannot be opened
+    (bad / "README.md").write_text("not an input format: skipped and listed")
+    return d
+
+
+EXPECTED_FAILED = {"unreadable": 1, "corrupt_gzip": 2, "binary": 1, "nul_byte": 1, "too_large": 1, "empty": 2,
+                   "invalid_json": 1, "missing_text_field": 1, "invalid_html": 0}
+
+
+def test_end_to_end_every_bad_input_two_workers(bad_corpus, tmp_path):
+    out = str(tmp_path / "out")
+    stats = run(["--input", str(bad_corpus), "--output", out, "--set", "validation_fraction=0.3",
+                 "--workers", "2"])
+    assert stats["failed"] == EXPECTED_FAILED
+    assert stats["failed_examples"]["too_large"][0].endswith("one-line-50mb.txt: over max_doc_bytes=8388608")
+    assert stats["duplicates"] == {"exact": 1, "fuzzy": 1}
+    assert stats["skipped_files"] == {"count": 1, "examples": [str(bad_corpus / "bad" / "README.md")]}
+    assert stats["invalid_utf8_replacements"] == 2
+    good_docs = len(GOOD) + 4 + 6  # html pages, 4 text files, 6 JSONL records
+    assert stats["read"] == good_docs + sum(EXPECTED_FAILED.values())
+    assert stats["read"] == (stats["kept"] + sum(stats["dropped"].values()) + sum(stats["duplicates"].values())
+                             + sum(stats["failed"].values()))
+    assert stats["balanced"] and stats["kept"] >= good_docs - 2 - 2  # minus duplicates, at most 2 rule drops
+
+    outputs = read_outputs(out)
+    assert {s: len(v) for s, v in outputs.items()} == {s: stats["splits"][s]["docs"] for s in outputs}
+    assert all(outputs.values())  # both splits hold documents
+    for split, recs in outputs.items():
+        assert sum(len(r["text"].encode()) for r in recs) == stats["splits"][split]["bytes"]
+        assert all(set(r) == {"id", "text", "source"} for r in recs)
+    sources = {r["source"].rsplit("/", 1)[-1] for recs in outputs.values() for r in recs}
+    # The original, its exact and its near duplicate: one group, one document kept.
+    assert len(sources & {"whatsnew.txt", "whatsnew-shouting.txt.gz", "whatsnew-edited.txt"}) == 1
+    assert json.loads(io.read_text(os.path.join(out, "stats.json"))) == stats
+
+    # Two worker processes give exactly what the single-process reference loop gives.
+    cfg = replace(ExtractConfig(), ["validation_fraction=0.3"])
+    ref_out, ref_stats = extract_reference([str(bad_corpus)], None, cfg)
+    assert outputs == ref_out
+    assert comparable(stats) == comparable(ref_stats)
+
+
+def test_nothing_readable_is_a_clear_error(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_bytes(b"")
+    (tmp_path / "in" / "b.txt.gz").write_bytes(b"garbage")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"nothing could be read.*corrupt_gzip=1, empty=1"):
+        extract([str(tmp_path / "in")], str(out), beam_args=["--direct_num_workers=1"])
+    assert json.loads((out / "stats.json").read_text())["read"] == 2  # still written, for inspection
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.md").write_text("x")
+    with pytest.raises(ValueError, match="no file of a known format"):
+        extract([str(tmp_path / "other")], str(out))
+    with pytest.raises(FileNotFoundError, match="no-such-dir"):
+        extract([str(tmp_path / "no-such-dir")], str(out))
+
+
+def test_gcs_input_and_output(gcs, tmp_path):
+    for name in GOOD[:3]:
+        io.copy(str(CORPUS / name), f"{gcs}/in/{name}")
+    io.write_bytes(f"{gcs}/in/broken.txt.gz", b"not gzip")
+    io.write_text(f"{gcs}/in/docs.jsonl", json.dumps({"text": corpus_text("whatsnew/3.5.txt.gz")[:30000]}) + "\nbad\n")
+    stats = extract([f"{gcs}/in"], f"{gcs}/out", replace(ExtractConfig(), ["validation_fraction=0.5", "num_shards=1"]),
+                    workers=1)
+    assert stats["read"] == 6 and stats["failed"]["corrupt_gzip"] == 1 and stats["failed"]["invalid_json"] == 1
+    assert stats["kept"] == 4 and stats["balanced"]
+    assert stats["splits"]["train"]["files"] == [f"{gcs}/out/train/part-00000-of-00001.jsonl"]
+    assert json.loads(io.read_text(f"{gcs}/out/stats.json")) == stats
+    outputs = read_outputs(f"{gcs}/out")
+    assert sorted(r["source"].split("/in/", 1)[1] for v in outputs.values() for r in v) == sorted(
+        GOOD[:3] + ["docs.jsonl:1"])
+
+
+def test_cli(tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in GOOD[:2]:
+        shutil.copyfile(CORPUS / name, src / name.replace("/", "-"))
+    out = tmp_path / "out"
+    rc = cli_main(["extract", str(src / "*.html.gz"), "--output", str(out), "num_shards=3", "filters.min_words=10",
+                   "--workers", "1", "--", "--direct_num_workers=1"])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    assert "read 2, kept 2" in stdout
+    assert sorted(os.listdir(out / "train")) == [f"part-0000{i}-of-00003.jsonl" for i in range(3)]
+    # A second run into the same directory replaces the earlier shards, not adds to them.
+    assert cli_main(["extract", str(src), "-o", str(out), "num_shards=1", "--workers", "1"]) == 0
+    assert sorted(os.listdir(out / "train")) == ["part-00000-of-00001.jsonl"]
+    capsys.readouterr()
+    assert cli_main(["extract", str(src), "-o", str(out), "dedup.threshold=2"]) == 2
+    assert "dedup.threshold: must be <= 1" in capsys.readouterr().err
+    assert cli_main(["extract", str(tmp_path / "missing"), "-o", str(out)]) == 1
+    assert "matches no file" in capsys.readouterr().err
+    assert cli_main(["extract", str(src), "-o", str(out), "--print-config", "seed=5"]) == 0
+    assert "seed: 5" in capsys.readouterr().out

@@ -1,0 +1,142 @@
+"""The extract step's DoFns and PTransforms on Beam's TestPipeline, checked with assert_that."""
+
+from __future__ import annotations
+
+import random
+
+import apache_beam as beam
+from apache_beam.testing import test_pipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from mtnlg.extract.clean import clean_text
+from mtnlg.extract.config import DedupConfig, ExtractConfig, FilterConfig
+from mtnlg.extract.dedup import MinHasher, band_keys, candidate_pairs, components, jaccard_estimate
+from mtnlg.extract.pipeline import (DROPPED, DUPLICATES, FAILED, FILES, CleanAndFilterFn, Deduplicate, FuzzyDedup,
+                                    ReadDocuments, beam_options)
+
+VOCAB = ("the of and to in that is was he for it with as his on be at by had are but from or have an they which "
+         "one you were her all she there would their we him been has when who will more no if out so said what up "
+         "its about into than them can only other new some could time these two may then do first any my now such "
+         "like our over man me even most made after also did many before must through back years where much your "
+         "way well down should because each just those people how too little state good very make world still "
+         "own see men work long get here between both life being under never day same another know while last "
+         "might us great old year off come since against go came right used take three").split()
+
+
+def prose(n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(VOCAB) for _ in range(n))
+
+
+def mutate(text: str, changes: int, seed: int) -> str:
+    """``text`` with ``changes`` words replaced: a near-duplicate."""
+    rng = random.Random(seed)
+    words = text.split()
+    for i in rng.sample(range(len(words)), changes):
+        words[i] = f"changed{rng.randrange(10**6)}"
+    return " ".join(words)
+
+
+def runner():
+    # Beam's local engine without the DirectRunner's attempt to download Prism.
+    return test_pipeline.TestPipeline(runner="FnApiRunner")
+
+
+def test_read_documents_outputs(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("hello world, a plain document")
+    (tmp_path / "bad.txt.gz").write_bytes(b"not gzip at all")
+    lines = tmp_path / "docs.jsonl"
+    lines.write_text('{"text": "one"}\nnot json\n{"text": "two"}\n')
+    with runner() as p:
+        out = (p | beam.Create([str(good), str(tmp_path / "bad.txt.gz"), str(lines)])
+               | ReadDocuments(ExtractConfig()))
+        assert_that(out.docs | "Texts" >> beam.Map(lambda d: d[2]),
+                    equal_to(["hello world, a plain document", "one", "two"]), label="docs")
+        assert_that(out[FAILED] | "Reasons" >> beam.Map(lambda f: (f[0], f[1].rsplit("/", 1)[1])),
+                    equal_to([("corrupt_gzip", "bad.txt.gz"), ("invalid_json", "docs.jsonl:2")]), label="failed")
+        assert_that(out[FILES] | "Read" >> beam.Map(lambda c: c["read"]), equal_to([1, 1, 3]), label="files")
+
+
+def test_clean_and_filter_fn():
+    long_doc = prose(80, seed=1)
+    docs = [("a", "s", "  Caf\u0065\u0301 \x07" + long_doc), ("b", "s", "too short"),
+            ("c", "s", "apple banana " * 40)]
+    with runner() as p:
+        out = p | beam.Create(docs) | beam.ParDo(CleanAndFilterFn(FilterConfig())).with_outputs(DROPPED, main="docs")
+        assert_that(out.docs, equal_to([("a", "s", clean_text("Caf\u00e9 " + long_doc))]), label="kept")
+        assert_that(out[DROPPED], equal_to(["min_words", "stop_words"]), label="dropped")
+
+
+def test_deduplicate_keeps_smallest_id():
+    base, other = prose(300, seed=2), prose(300, seed=3)
+    docs = [
+        ("k1", "s", base),
+        ("k0", "s", base.upper()),            # exact duplicate (case-folded), smaller id: kept
+        ("k2", "s", mutate(base, 3, seed=4)),  # near-duplicate of k0/k1: fuzzy
+        ("k3", "s", other),
+    ]
+    with runner() as p:
+        out = p | beam.Create(docs) | Deduplicate(DedupConfig())
+        assert_that(out["unique"] | beam.Map(lambda d: d[0]), equal_to(["k0", "k3"]), label="unique")
+        assert_that(out[DUPLICATES], equal_to(["exact", "fuzzy"]), label="duplicates")
+
+
+def test_deduplicate_exact_only_and_off():
+    base = prose(100, seed=5)
+    docs = [("b", "s", base), ("a", "s", base + "  "), ("c", "s", mutate(base, 2, seed=6))]
+    with runner() as p:
+        exact = p | "Exact" >> beam.Create(docs) | "DedupExact" >> Deduplicate(DedupConfig(fuzzy=False))
+        assert_that(exact["unique"] | "ExactIds" >> beam.Map(lambda d: d[0]), equal_to(["a", "c"]), label="exact")
+        off = p | "Off" >> beam.Create(docs) | "DedupOff" >> Deduplicate(DedupConfig(exact=False, fuzzy=False))
+        assert_that(off["unique"] | "OffIds" >> beam.Map(lambda d: d[0]), equal_to(["a", "b", "c"]), label="off")
+        assert_that(off[DUPLICATES], equal_to([]), label="no-dups")
+
+
+def test_fuzzy_dedup_matches_single_process_reference():
+    """Clusters, a chain (a~b, b~c, a!~c) and unrelated texts: same drops as a plain loop."""
+    cfg = DedupConfig(threshold=0.8, max_bucket_all_pairs=4)
+    texts = {}
+    for c in range(6):
+        base = prose(200, seed=100 + c)
+        texts[f"c{c}-0"] = base
+        for j in range(1, 1 + c % 4):
+            texts[f"c{c}-{j}"] = mutate(base, 2 + j, seed=10 * c + j)
+    chain_a = prose(400, seed=7)
+    chain_b = mutate(chain_a, 8, seed=8)
+    chain_c = mutate(chain_b, 8, seed=9)
+    texts.update({"z-a": chain_a, "z-b": chain_b, "z-c": chain_c})
+    for i in range(10):
+        texts[f"u{i}"] = prose(150, seed=200 + i)
+
+    hasher = MinHasher(cfg.num_perm, cfg.ngram, cfg.seed)
+    sigs = {i: hasher.signature(t) for i, t in texts.items()}
+    buckets = {}
+    for i, s in sigs.items():
+        for k in band_keys(s, cfg.bands):
+            buckets.setdefault(k, []).append(i)
+    pairs = {p for ids in buckets.values() if len(ids) > 1 for p in candidate_pairs(ids, cfg.max_bucket_all_pairs)}
+    edges = [p for p in pairs if jaccard_estimate(sigs[p[0]], sigs[p[1]]) >= cfg.threshold]
+    expected = sorted(n for n, root in components(edges).items() if n != root)
+    j = lambda a, b: jaccard_estimate(sigs[a], sigs[b])  # noqa: E731
+    assert j("z-a", "z-b") >= 0.8 and j("z-b", "z-c") >= 0.8 and j("z-a", "z-c") < 0.8  # a real chain
+    assert expected == ["c1-1", "c2-1", "c2-2", "c3-1", "c3-2", "c3-3", "c5-1", "z-b", "z-c"]
+
+    with runner() as p:
+        sig_pc = p | beam.Create(sorted((i, s.astype("<u4").tobytes()) for i, s in sigs.items()))
+        drops = sig_pc | FuzzyDedup(cfg)
+        assert_that(drops, equal_to([(n, "fuzzy") for n in expected]))
+
+
+def test_beam_options_runner_and_workers():
+    quiet = "--default_sdk_harness_log_level=WARNING"
+    assert beam_options([], 1) == ["--runner=DirectRunner", quiet, "--direct_num_workers=1",
+                                   "--direct_running_mode=in_memory"]
+    assert beam_options([]) == ["--runner=DirectRunner", quiet]
+    assert beam_options(["--temp_location=/t"], 4) == [
+        "--temp_location=/t", "--runner=DirectRunner", "--default_sdk_harness_log_level=WARNING",
+        "--direct_num_workers=4", "--direct_running_mode=multi_processing"]
+    dataflow = ["--runner", "DataflowRunner", "--project=p", "--region=r"]
+    assert beam_options(dataflow, 4) == dataflow  # other runners' options pass through unchanged
+    assert beam_options(["--direct_num_workers=3", "--default_sdk_harness_log_level=INFO"], 2) == [
+        "--direct_num_workers=3", "--default_sdk_harness_log_level=INFO", "--runner=DirectRunner"]

@@ -1,0 +1,260 @@
+"""Unit tests of the extract step's pieces: cleaning, readers, rules, MinHash/LSH, split, config."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import random
+
+import numpy as np
+import pytest
+
+from mtnlg.config import ConfigError, load_config
+from mtnlg.extract import stats as st
+from mtnlg.extract.clean import clean_text, decode_utf8, normalize_for_hash
+from mtnlg.extract.config import RULES, ExtractConfig, FilterConfig
+from mtnlg.extract.dedup import (MinHasher, band_keys, candidate_pairs, components, jaccard_estimate,
+                                 text_hash)
+from mtnlg.extract.filters import first_failing_rule
+from mtnlg.extract.readers import Document, Failure, detect_format, expand_inputs, html_to_text, read_file
+from mtnlg.extract.split import split_of
+
+PROSE = ("The quick brown fox jumps over the lazy dog while the farmer watches from the porch. "
+         "It is a story that children have heard with delight, and one that their parents tell to them "
+         "again and again at the end of a long day of work in the fields and barns of the valley. ")
+
+
+def words(n: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    vocab = PROSE.split()
+    return " ".join(rng.choice(vocab) for _ in range(n))
+
+
+# --- cleaning ----------------------------------------------------------------------------
+
+def test_decode_counts_only_invalid_sequences():
+    assert decode_utf8("naïve \ufffd".encode()) == ("naïve \ufffd", 0)  # a real U+FFFD is text
+    text, replaced = decode_utf8(b"ok \xff\xfe and \xc3 end")
+    assert replaced == 3 and text.count("\ufffd") == 3 and text.startswith("ok ")
+
+
+def test_clean_text_nfc_controls_whitespace():
+    decomposed = "Cafe\u0301"  # e + combining acute
+    out = clean_text(f"  {decomposed}\u00a0\t au\x07 lait\u200b \r\n\r\n\r\n\nnext\u2028line \x00 ")
+    assert out == "Café au lait\n\nnext\nline"
+    # A combining mark separated from its base by a removed control still composes.
+    assert clean_text("e\x01\u0301") == "é"
+    assert clean_text("a\x85b\ufeffc") == "abc"
+
+
+def test_normalize_for_hash_ignores_case_and_spacing():
+    assert normalize_for_hash("Hello   World\n\nAgain") == normalize_for_hash("hello world again")
+    assert text_hash("Hello  World") == text_hash("hello world")
+    assert text_hash("hello world") != text_hash("hello world!")
+
+
+# --- readers ------------------------------------------------------------------------------
+
+def test_detect_format():
+    assert detect_format("a/b.txt") == "text"
+    assert detect_format("gs://b/x.JSONL.gz") == "jsonl"
+    assert detect_format("page.htm") == "html"
+    assert detect_format("d.json") == "jsonl"
+    assert detect_format("README.md") is None
+    assert detect_format("archive.gz") is None
+    assert detect_format(".txt") is None
+
+
+def test_html_to_text_drops_navigation_scripts_styles():
+    html = """<html><head><title>T</title><style>p{}</style><script>var x = 1;</script></head><body>
+      <nav><a href="/">Home</a></nav><header>Site header</header>
+      <div class="sphinxsidebar" role="navigation"><ul><li>Sidebar link</li></ul></div>
+      <div role="main"><h1>Title<a class="headerlink" href="#t">\u00b6</a></h1>
+      <p>First &amp; <b>bold</b> para<br>graph.</p><img src="x.png"><ul><li>one</li><li>two</li></ul>
+      <pre>code  line</pre></div><footer>Copyright</footer><script>tracker()</script></body></html>"""
+    text = clean_text(html_to_text(html))
+    assert text == "Title\n\nFirst & bold para\ngraph.\n\none\n\ntwo\n\ncode line"
+    for hidden in ("Home", "Site header", "Sidebar", "Copyright", "var x", "tracker", "p{}", "\u00b6", "T\n"):
+        assert hidden not in text
+
+
+def test_html_unclosed_and_stray_tags():
+    text = clean_text(html_to_text("<div><p>one<p>two</div></span><script>x</div>gone"))
+    assert text == "one\ntwo"  # an unclosed <script> hides the rest, stray end tags close nothing
+
+
+def _write(path, data: bytes):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    return str(path)
+
+
+def test_read_file_each_failure_reason(tmp_path):
+    d = str(tmp_path)
+    good = (PROSE * 2).encode()
+    cases = {
+        "empty": _write(f"{d}/empty.txt", b""),
+        "binary": _write(f"{d}/image.txt", random.Random(0).randbytes(4000)),
+        "nul_byte": _write(f"{d}/nul.txt", good + b"\x00" + good),
+        "too_large": _write(f"{d}/big.txt", b"x" * 2000),
+        "corrupt_gzip": _write(f"{d}/trunc.txt.gz", gzip.compress(good * 50)[:60]),
+    }
+    _write(f"{d}/notgz.html.gz", b"<html>plain, not gzip</html>")
+    cases_gz = "corrupt_gzip"
+    os.symlink(f"{d}/nowhere.txt", f"{d}/dangling.txt")
+    for reason, path in cases.items():
+        (rec,) = list(read_file(path, max_doc_bytes=1000 if reason == "too_large" else 1 << 20))
+        assert isinstance(rec, Failure) and rec.reason == reason, (reason, rec)
+    (rec,) = list(read_file(f"{d}/notgz.html.gz"))
+    assert rec.reason == cases_gz
+    (rec,) = list(read_file(f"{d}/dangling.txt"))
+    assert rec.reason == "unreadable" and "No such file" in rec.detail
+
+
+def test_read_jsonl_lines(tmp_path):
+    lines = [b'{"text": "first doc", "x": 1}', b"", b"not json {", b'{"body": "no text field"}',
+             b'{"text": 42}', b'["a list"]', b'{"text": "' + b"y" * 500 + b'"}', b'{"text": "bad \xff utf8"}',
+             b'{"text": "nul\x00"}', b'{"text": "last, no newline"}']
+    path = _write(f"{tmp_path}/d.jsonl.gz", gzip.compress(b"\n".join(lines)))
+    recs = list(read_file(path, max_doc_bytes=200))
+    got = [(r.reason if isinstance(r, Failure) else r.text) for r in recs]
+    assert got == ["first doc", "invalid_json", "missing_text_field", "missing_text_field", "missing_text_field",
+                   "too_large", "bad \ufffd utf8", "nul_byte", "last, no newline"]
+    assert [r.source.rsplit(":", 1)[1] for r in recs] == ["1", "3", "4", "5", "6", "7", "8", "9", "10"]
+    assert recs[6].replaced == 1 and isinstance(recs[0], Document)
+    assert len({r.id for r in recs if isinstance(r, Document)}) == 3
+    # A gzip damaged part-way keeps the records before the damage and counts the rest once.
+    whole = gzip.compress(b"\n".join(b'{"text": "doc %d %s"}' % (i, os.urandom(8).hex().encode())
+                                     for i in range(30000)))
+    path = _write(f"{tmp_path}/cut.jsonl.gz", whole[: len(whole) // 2])
+    recs = list(read_file(path))
+    assert recs[-1].reason == "corrupt_gzip" and all(isinstance(r, Document) for r in recs[:-1])
+    assert 1000 < len(recs) < 30000
+    assert list(read_file(_write(f"{tmp_path}/blank.jsonl", b"\n\n  \n")))[0].reason == "empty"
+
+
+def test_expand_inputs_skips_unknown_formats_in_directories(tmp_path):
+    _write(f"{tmp_path}/a/x.txt", b"x")
+    _write(f"{tmp_path}/a/sub/y.jsonl.gz", b"x")
+    _write(f"{tmp_path}/a/README.md", b"x")
+    files, skipped = expand_inputs([f"{tmp_path}/a", f"{tmp_path}/a/*.txt"])
+    assert [os.path.relpath(f, tmp_path) for f in files] == ["a/sub/y.jsonl.gz", "a/x.txt"]
+    assert [os.path.relpath(f, tmp_path) for f in skipped] == ["a/README.md"]
+    # Named directly, a file is read whatever its extension (as plain text).
+    files, skipped = expand_inputs([f"{tmp_path}/a", f"{tmp_path}/a/README.md"])
+    assert len(files) == 3 and skipped == []
+    with pytest.raises(FileNotFoundError, match="missing"):
+        expand_inputs([f"{tmp_path}/missing"])
+
+
+# --- quality rules ------------------------------------------------------------------------
+
+def test_each_rule_fires_on_its_own_defect():
+    cfg = FilterConfig()
+    good = PROSE * 3
+    assert first_failing_rule(good, cfg) is None
+    line = "Several of the students have finished reading that wonderful novel with us.\n"
+    cases = {
+        "min_words": "the cat and the dog",
+        "max_words": good * 2000,
+        "mean_word_length": "the " + "a b c d e f g h i j " * 20,
+        "alpha_words": good + " 1234 5678 ==== 9012 ++++ 3456 7890 ----" * 30,
+        "symbol_ratio": good + " #tag" * 20,
+        "bullet_lines": "\n".join(f"- {line.strip()} {i}" for i in range(20)),
+        "ellipsis_lines": "\n".join(f"{line.strip()} {i} ..." for i in range(20)),
+        "duplicate_lines": "\n".join([line.strip()] * 10 + [PROSE]),
+        "duplicate_line_chars": "\n".join([PROSE, PROSE, PROSE] + [f"{line.strip()} {i}" for i in range(10)]),
+        "stop_words": " ".join(["apple banana cherry melon grape lemon"] * 20),
+    }
+    assert set(cases) == set(RULES)
+    for rule, text in cases.items():
+        assert first_failing_rule(text, cfg) == rule, rule
+        off = FilterConfig(disabled=[rule])
+        assert first_failing_rule(text, off) != rule
+
+
+def test_rule_thresholds_are_configurable():
+    text = words(30)
+    assert first_failing_rule(text, FilterConfig()) == "min_words"
+    assert first_failing_rule(text, FilterConfig(min_words=20)) is None
+    assert first_failing_rule(text, FilterConfig(min_words=20, max_words=25)) == "max_words"
+
+
+def test_config_validation_names_key_and_value():
+    cfg = load_config(ExtractConfig, None,
+                      ["filters.min_words=20", "dedup.threshold=0.7", "filters.disabled=stop_words"])
+    assert cfg.filters.min_words == 20 and cfg.dedup.threshold == 0.7 and cfg.filters.disabled == ["stop_words"]
+    with pytest.raises(ConfigError, match="filters.disabled.*nonsense"):
+        load_config(ExtractConfig, None, ["filters.disabled=nonsense"])
+    with pytest.raises(ConfigError, match="dedup.num_perm \\(100\\).*dedup.bands \\(16\\)"):
+        load_config(ExtractConfig, None, ["dedup.num_perm=100"])
+    with pytest.raises(ConfigError, match="validation_fraction.*1.5"):
+        load_config(ExtractConfig, None, ["validation_fraction=1.5"])
+    with pytest.raises(ConfigError, match="unknown key 'dedup.treshold'"):
+        load_config(ExtractConfig, None, ["dedup.treshold=0.5"])
+
+
+# --- MinHash / LSH / clustering -------------------------------------------------------------
+
+def _set_text(ids) -> str:
+    # Distinct single-word tokens with ngram=1 make the shingle set exactly ``ids``.
+    return " ".join(f"w{i}" for i in ids)
+
+
+def test_minhash_estimates_jaccard():
+    h = MinHasher(num_perm=256, ngram=1, seed=3)
+    for overlap, total in ((900, 1000), (500, 1000), (100, 1000)):
+        a = _set_text(range(total))
+        b = _set_text(range(total - overlap, 2 * total - overlap))
+        true_j = overlap / (2 * total - overlap)
+        # Binomial standard error with 256 permutations is <= 0.032; allow 4 sigma.
+        assert abs(jaccard_estimate(h.signature(a), h.signature(b)) - true_j) < 0.13
+
+
+def test_minhash_is_deterministic_and_seeded():
+    text = words(300, seed=1)
+    s1 = MinHasher(seed=1).signature(text)
+    assert s1.dtype == np.uint32 and s1.shape == (128,)
+    assert np.array_equal(s1, MinHasher(seed=1).signature(text))
+    assert not np.array_equal(s1, MinHasher(seed=2).signature(text))
+    assert np.array_equal(s1, MinHasher(seed=1).signature(text.upper().replace(" ", "  ")))
+    # Fewer words than the n-gram size: the whole text is one shingle.
+    assert jaccard_estimate(MinHasher().signature("a b"), MinHasher().signature("a b")) == 1.0
+    assert (MinHasher().signature("") == np.iinfo(np.uint32).max).all()
+
+
+def test_bands_candidates_and_components():
+    sig = np.arange(128, dtype=np.uint32)
+    keys = band_keys(sig, 16)
+    assert len(keys) == 16 and len(set(keys)) == 16
+    other = sig.copy()
+    other[:8] += 1  # differs in band 0 only
+    assert len(set(keys) & set(band_keys(other, 16))) == 15
+    assert list(candidate_pairs(["c", "a", "b", "a"])) == [("a", "b"), ("a", "c"), ("b", "c")]
+    assert list(candidate_pairs(["d", "c", "b", "a"], max_all_pairs=3)) == [("a", "b"), ("a", "c"), ("a", "d")]
+    comp = components([("b", "c"), ("d", "e"), ("c", "a"), ("x", "y")])
+    assert comp == {"a": "a", "b": "a", "c": "a", "d": "d", "e": "d", "x": "x", "y": "x"}
+    # Same components whatever the edge order.
+    assert components(reversed([("b", "c"), ("d", "e"), ("c", "a"), ("x", "y")])) == comp
+
+
+# --- split and stats ----------------------------------------------------------------------------
+
+def test_split_is_deterministic_and_near_the_fraction():
+    ids = [f"doc{i}" for i in range(20000)]
+    val = [i for i in ids if split_of(i, 0.1, seed=7) == "validation"]
+    assert abs(len(val) / len(ids) - 0.1) < 0.01
+    assert val == [i for i in ids if split_of(i, 0.1, seed=7) == "validation"]
+    assert val != [i for i in ids if split_of(i, 0.1, seed=8) == "validation"]
+    assert all(split_of(i, 0.0, 1) == "train" for i in ids[:100])
+    assert all(split_of(i, 1.0, 1) == "validation" for i in ids[:100])
+
+
+def test_build_stats_balances():
+    counters = st.sum_counters([st.file_read(4, 100, 2), st.failed("binary"), st.dropped("min_words"),
+                                st.duplicate("fuzzy"), st.kept("train", 10)])
+    stats = st.build_stats(counters, inputs=["x"], files=1, skipped=[])
+    assert stats["balanced"] and stats["read"] == 4 and stats["failed"]["binary"] == 1
+    assert set(stats["dropped"]) == set(RULES) and stats["splits"]["train"] == {"docs": 1, "bytes": 10, "files": []}
+    assert not st.build_stats(st.add(counters, st.kept("train", 1)), inputs=[], files=1, skipped=[])["balanced"]
