@@ -47,7 +47,10 @@ def run_local(output: str, inputs: list[str] | None = None, recipe: str = "debug
     os.makedirs(root, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=os.path.join(root, "pipeline_root"),
                raise_on_error=True)
-    task = gpt_pipeline(inputs=inputs, extract_overrides=list(extract_overrides or []), extract_workers=workers,
+    # A small corpus needs a larger validation share than the 1% default to give evaluate
+    # enough held-out documents; user overrides come after and win.
+    task = gpt_pipeline(inputs=inputs, extract_overrides=["validation_fraction=0.05", *(extract_overrides or [])],
+                        extract_workers=workers,
                         beam_args=[], tokenize_overrides=list(tokenize_overrides or []), recipe=recipe,
                         train_overrides=["parallel.tp=2", *(train_overrides or [])], nproc=nproc)
     outputs = _collect_outputs(os.path.join(root, "pipeline_root"))
