@@ -1,0 +1,263 @@
+"""Training throughput of the mtnlg trainer: tokens/s, achieved FLOP/s and MFU.
+
+CPU (default): the ``small-20m`` GPT (5 layers, hidden 512, 8 heads, vocab 8192, ~20M
+parameters), sequence 256, batch 8, AdamW, fp32, 2 threads, trained by the real
+``Trainer.train_step`` (data read from a token file, loss, clipping, scheduled AdamW) next
+to, in the same process and interleaved step by step (so that load from other processes
+hits all three alike):
+
+* a 2048 x 2048 fp32 matmul, the practical FLOP/s limit of the machine: the trainer's
+  achieved FLOP/s over it is reported as CPU MFU;
+* Hugging Face ``transformers`` ``GPT2LMHeadModel`` of the same shape, batch, optimizer and
+  clipping (dropout 0 in both, SDPA attention in both).
+
+FLOPs per token are ``6 N + 12 L H T`` (``mtnlg.model.flops``) for both models.
+
+    python benchmarks/train.py                  # CPU, prints the table and the ratios
+    python benchmarks/train.py --device cuda    # one GPU: bf16 ~1.3B model, seq 2048, MFU vs peak
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+# Run as a script, this folder comes first on sys.path, where benchmark scripts named like
+# standard modules (tokenize.py) would shadow them.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+AIM_HF_RATIO = 1.15
+AIM_CPU_MFU = 0.80
+AIM_GPU_MFU = 0.50
+
+
+def _token_dir(root: str, vocab: int, n_tokens: int) -> str:
+    """A tokenized directory of uniformly random tokens (throughput does not depend on them)."""
+    from mtnlg.data.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(0)
+    dtype = np.uint16 if vocab <= 1 << 16 else np.int32
+    for split, n in (("train", n_tokens), ("validation", n_tokens // 10)):
+        with IndexedDatasetBuilder(os.path.join(root, split), dtype) as b:
+            tokens = rng.integers(0, vocab, n, dtype=np.int64)
+            lengths = np.full(n // 1000, 1000, dtype=np.int64)
+            b.add_documents(tokens[: lengths.sum()], lengths)
+    with open(os.path.join(root, "tokenizer.json"), "w") as f:
+        json.dump({"vocab_size": vocab, "eod_id": 2}, f)
+    return root
+
+
+def _trainer(recipe: str, overrides: list[str], device: str):
+    from mtnlg.train.config import load_run_config
+    from mtnlg.train.dist import init_process_group
+    from mtnlg.train.trainer import Trainer
+
+    cfg = load_run_config(recipe, None, overrides)
+    env = init_process_group(device)
+    trainer = Trainer(cfg, env, device)
+    trainer._open_datasets()
+    return trainer
+
+
+def _hf_step(cfg, batch: int, lr: float, betas, wd: float, clip: float):
+    import logging
+
+    import transformers
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    hc = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.seq_length, n_embd=cfg.hidden_size,
+                    n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.ffn_size,
+                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
+    hc._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(hc)
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=wd, fused=True)
+    gen = torch.Generator().manual_seed(0)
+    T = cfg.seq_length
+
+    def step() -> float:
+        tokens = torch.randint(0, cfg.vocab_size, (batch, T), generator=gen)
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step, n_params
+
+
+def _matmul_step(n: int = 2048, reps: int = 8):
+    a, b = torch.randn(n, n), torch.randn(n, n)
+
+    def step() -> float:
+        for _ in range(reps):
+            torch.mm(a, b)
+        return 0.0
+
+    return step, reps * 2 * n ** 3
+
+
+def _time(fn, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def run_cpu(args) -> dict:
+    from mtnlg.model.flops import flops_per_token
+
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="mtnlg-bench-") as d:
+        data = _token_dir(os.path.join(d, "tok"), 8192, 400_000)
+        trainer = _trainer("small-20m", [
+            f"data.path={data}", f"output={d}/run", "parallel.tp=1", f"parallel.compile={args.compile}",
+            f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.batch}",
+            "train.dtype=fp32", "train.device=cpu", "train.eval_iters=0", "train.steps=100000",
+            "model.dropout=0", "model.attention_dropout=0"], "cpu")
+        cfg = trainer.cfg
+        o = cfg.optim
+        fpt = flops_per_token(cfg.model)
+        tokens_per_step = args.batch * cfg.model.seq_length
+        ours = lambda: trainer.train_step(False)  # noqa: E731
+        steps = {"mtnlg": ours}
+        if not args.no_hf:
+            hf, hf_params = _hf_step(cfg.model, args.batch, o.lr, tuple(o.betas), o.weight_decay, o.grad_clip)
+            steps["hf"] = hf
+        mm, mm_flops = _matmul_step()
+        steps["matmul"] = mm
+        print(f"mtnlg small-20m: {trainer.n_params:,} parameters"
+              + (f"; HF GPT2LMHeadModel: {hf_params:,}" if not args.no_hf else "")
+              + f"; seq {cfg.model.seq_length}, batch {args.batch}, {args.threads} threads, fp32, AdamW"
+              + (", compiled blocks" if args.compile else ""), flush=True)
+        for name, fn in steps.items():  # warm-up (allocator, kernels, compilation)
+            _time(fn, args.warmup)
+        # Interleaved step by step, so that load from other processes hits all three alike.
+        times: dict[str, list[float]] = {k: [] for k in steps}
+        for r in range(args.rounds):
+            for _ in range(args.steps):
+                for name, fn in steps.items():
+                    times[name] += _time(fn, 1)
+            print(f"round {r + 1}/{args.rounds}: " + ", ".join(
+                f"{k} {statistics.median(v):.3f}s/step" for k, v in times.items()), flush=True)
+        load_after = os.getloadavg()
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+    def rate(name: str, stat) -> float:
+        return tokens_per_step / stat(times[name])
+
+    out = {"load_avg_before": load_before, "load_avg_after": load_after, "flops_per_token": fpt}
+    for label, stat in (("median", statistics.median), ("best", min)):
+        mm_rate = mm_flops / stat(times["matmul"])
+        row = {"matmul_gflops": mm_rate / 1e9, "mtnlg_tokens_per_s": rate("mtnlg", stat)}
+        row["mtnlg_gflops"] = row["mtnlg_tokens_per_s"] * fpt / 1e9
+        row["mtnlg_cpu_mfu"] = row["mtnlg_gflops"] * 1e9 / mm_rate
+        if "hf" in times:
+            row["hf_tokens_per_s"] = rate("hf", stat)
+            row["hf_gflops"] = row["hf_tokens_per_s"] * fpt / 1e9
+            row["hf_cpu_mfu"] = row["hf_gflops"] * 1e9 / mm_rate
+            row["mtnlg_over_hf"] = row["mtnlg_tokens_per_s"] / row["hf_tokens_per_s"]
+        out[label] = row
+    print()
+    print(f"{'':24s} {'median step':>14s} {'fastest step':>14s}")
+    for k in ("matmul_gflops", "mtnlg_tokens_per_s", "mtnlg_gflops", "mtnlg_cpu_mfu",
+              "hf_tokens_per_s", "hf_gflops", "hf_cpu_mfu", "mtnlg_over_hf"):
+        if k in out["median"]:
+            fmt = (lambda v: f"{100 * v:13.1f}%") if "mfu" in k else (lambda v: f"{v:14,.2f}")
+            print(f"{k:24s} {fmt(out['median'][k])} {fmt(out['best'][k])}")
+    b, m = out["best"], out["median"]
+    print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f} "
+          f"({os.cpu_count()} CPUs). Headline figures use each kind's fastest step (as timeit does):")
+    print("the least disturbed by other processes; medians are shown for the record.")
+    print(f"CPU MFU: {100 * b['mtnlg_cpu_mfu']:.1f}% (median {100 * m['mtnlg_cpu_mfu']:.1f}%; "
+          f"aim >= {100 * AIM_CPU_MFU:.0f}%)")
+    if "mtnlg_over_hf" in b:
+        print(f"tokens/s vs Hugging Face: {b['mtnlg_over_hf']:.2f}x (median {m['mtnlg_over_hf']:.2f}x; "
+              f"aim >= {AIM_HF_RATIO}x)")
+    return out
+
+
+def run_cuda(args) -> dict:
+    """bf16 ~1.3B GPT, seq 2048, on one GPU; MFU against the device's dense bf16 peak."""
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    from mtnlg.model.flops import flops_per_token
+
+    with tempfile.TemporaryDirectory(prefix="mtnlg-bench-") as d:
+        data = _token_dir(os.path.join(d, "tok"), 50257, 4_000_000)
+        trainer = _trainer("mtnlg-1.3b", [
+            f"data.path={data}", f"output={d}/run", "parallel.tp=1", f"parallel.compile={args.compile}",
+            "parallel.activation_checkpoint=none",
+            f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.micro_batch}",
+            "train.dtype=bf16", "train.device=cuda", "train.eval_iters=0", "train.steps=100000",
+            "model.dropout=0", "model.attention_dropout=0"], "cuda")
+        cfg = trainer.cfg
+        fpt = flops_per_token(cfg.model)
+        tokens_per_step = args.batch * cfg.model.seq_length
+
+        def step():
+            trainer.train_step(False)
+            torch.cuda.synchronize()
+
+        print(f"mtnlg-1.3b: {trainer.n_params:,} parameters, seq {cfg.model.seq_length}, batch {args.batch} "
+              f"(micro {args.micro_batch}), bf16 on {torch.cuda.get_device_name()}"
+              + (", compiled blocks" if args.compile else ""), flush=True)
+        _time(step, args.warmup)
+        times = _time(step, args.steps * args.rounds)
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    tps = tokens_per_step / statistics.median(times)
+    tflops = tps * fpt / 1e12
+    out = {"tokens_per_s": tps, "tflops": tflops, "peak_tflops": trainer.peak,
+           "mfu": tflops / trainer.peak if trainer.peak else None,
+           "max_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30}
+    print(f"{tps:,.0f} tokens/s, {tflops:.1f} TFLOP/s"
+          + (f", MFU {100 * out['mfu']:.1f}% of {trainer.peak:.0f} TFLOP/s (aim >= {100 * AIM_GPU_MFU:.0f}%)"
+             if out["mfu"] is not None else " (unknown device peak)")
+          + f", peak memory {out['max_memory_gib']:.1f} GiB")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--batch", type=int, default=None, help="global batch (default 8)")
+    p.add_argument("--micro-batch", type=int, default=4, help="micro batch (cuda mode)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps of each kind per round")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face comparison")
+    p.add_argument("--json", default=None, help="also write the figures to this file")
+    args = p.parse_args(argv)
+    args.batch = args.batch or 8
+    os.environ.setdefault("MTNLG_LOG_LEVEL", "WARNING")
+    out = run_cuda(args) if args.device == "cuda" else run_cpu(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""Sharded training checkpoints with ``torch.distributed.checkpoint`` (DCP), local or gs://.
+
+A checkpoint directory ``<dir>/step_00000020/`` holds
+
+* ``.metadata`` + ``__<rank>_0.distcp``: model and optimizer state from
+  ``get_state_dict(model, optimizer)``; each rank writes its own shards (DTensor shards
+  under tensor parallelism, one copy of replicated tensors), so a checkpoint is written in
+  parallel and never gathered on one process;
+* ``rng/rank_00003.pt``: every rank's RNG states (dropout differs across ranks);
+* ``trainer_state.json``: step, consumed samples, scheduler position, layout, tokenizer
+  reference; written last, it marks the checkpoint complete;
+* ``config.yaml`` and the tokenizer files, so a checkpoint is usable on its own.
+
+``<dir>/latest`` names the newest complete checkpoint and is written after it. Locally a
+checkpoint is written into ``step_XXXXXXXX.tmp`` and renamed; on gs:// (no rename) each
+rank writes into a local staging directory and uploads, and ``trainer_state.json`` and
+then ``latest`` are uploaded only after every rank finished. Either way a reader following
+``latest`` never sees a partial checkpoint.
+
+Loading never unpickles arbitrary objects: tensors go through ``torch.load(weights_only=
+True)``, DCP's metadata pickle is read with an allow-list of checkpoint classes, and the
+small non-tensor entries (optimizer hyper-parameters) are checked with ``weights_only``.
+
+All functions here that take a model are collective: every rank calls them.
+"""
+
+from __future__ import annotations
+
+import io as _pyio
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
+
+from mtnlg import io
+from mtnlg.progress import get_logger
+from mtnlg.train.dist import barrier, node_local_copy
+
+log = get_logger("mtnlg.train.checkpoint")
+
+LATEST = "latest"
+STATE_FILE = "trainer_state.json"
+FORMAT = "mtnlg-dcp-1"
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+def step_dirname(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+# --------------------------------------------------------------------------- RNG states
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain data (``weights_only``-loadable)."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    out: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "python": {"version": py_version, "state": list(py_state), "gauss_next": py_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# --------------------------------------------------------------------------- safe loading
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata`` allowing only checkpoint-description classes."""
+
+    _TORCH_NAMES = {"Size", "device"}
+
+    def find_class(self, module: str, name: str):
+        if module.startswith("torch.distributed.checkpoint."):
+            return super().find_class(module, name)
+        if module == "torch":
+            obj = getattr(torch, name, None)
+            if name in self._TORCH_NAMES or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+                return obj
+        if (module, name) in (("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                              ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")):
+            return super().find_class(module, name)
+        if module == "builtins" and name in ("set", "frozenset", "slice", "tuple", "list", "dict"):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
+
+
+def check_metadata(path: str) -> None:
+    """Raise ValueError unless DCP metadata file ``path`` holds only checkpoint classes."""
+    with open(path, "rb") as f:
+        try:
+            _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise ValueError(f"{path}: refusing to load: {e}") from None
+
+
+class _SafeReader(FileSystemReader):
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        check_metadata(str(self._get_metadata_path(kwargs.get("rank"))))
+        return super().read_metadata(*args, **kwargs)
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    def load_bytes(self, read_item, value: _pyio.BytesIO) -> None:
+        try:
+            torch.load(value, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure means "not plain data"
+            raise ValueError(f"checkpoint entry {read_item.dest_index.fqn!r} is not plain data: {e}") from None
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def read_latest(directory: str) -> str | None:
+    """The checkpoint named by ``directory/latest``, or None if there is none."""
+    pointer = io.join(directory, LATEST)
+    if not io.exists(pointer):
+        return None
+    name = io.read_text(pointer).strip()
+    if not _STEP_RE.match(name):
+        raise ValueError(f"{pointer}: expected a name like step_00000020, got {name!r}")
+    return io.join(directory, name)
+
+
+def list_checkpoints(directory: str) -> list[tuple[int, str, bool]]:
+    """``(step, path, complete)`` for every ``step_*`` entry (and ``.tmp`` leftovers), by step."""
+    names: dict[str, bool] = {}
+    if io.is_gcs(directory):
+        base = directory.rstrip("/") + "/"
+        for f in io.list_files(directory):
+            rel = f[len(base):]
+            if "/" not in rel:
+                continue
+            top, rest = rel.split("/", 1)
+            names[top] = names.get(top, False) or rest == STATE_FILE
+    elif os.path.isdir(directory):
+        for top in os.listdir(directory):
+            full = os.path.join(directory, top)
+            if os.path.isdir(full):
+                names[top] = os.path.exists(os.path.join(full, STATE_FILE)) and not top.endswith(".tmp")
+    out = []
+    for top, complete in names.items():
+        m = re.match(r"^step_(\d{8})(\.tmp)?$", top)
+        if m:
+            out.append((int(m.group(1)), io.join(directory, top), complete and not m.group(2)))
+    return sorted(out, key=lambda t: (t[0], t[1]))
+
+
+def prune_checkpoints(directory: str, keep_last: int) -> list[str]:
+    """Delete all but the newest ``keep_last`` complete checkpoints (0 keeps all) and any
+    incomplete leftovers; the one ``latest`` names is always kept. Returns what was removed."""
+    entries = list_checkpoints(directory)
+    latest = read_latest(directory)
+    complete = [p for _, p, ok in entries if ok]
+    keep = set(complete if keep_last == 0 else complete[-keep_last:])
+    if latest:
+        keep.add(latest)
+    removed = []
+    for _, path, _ok in entries:
+        if path not in keep:
+            io.remove(path)
+            removed.append(path)
+    return removed
+
+
+def resolve_checkpoint(spec: str) -> str:
+    """A checkpoint directory from ``spec``: the checkpoint itself, a directory with a
+    ``latest`` pointer, or a run directory holding ``checkpoints/latest``."""
+    if io.exists(io.join(spec, STATE_FILE)):
+        return spec.rstrip("/")
+    for d in (spec, io.join(spec, "checkpoints")):
+        found = read_latest(d)
+        if found:
+            if not io.exists(io.join(found, STATE_FILE)):
+                raise FileNotFoundError(f"{d}/latest names {found}, which has no {STATE_FILE}")
+            return found
+    raise FileNotFoundError(f"no checkpoint at {spec!r} (expected {STATE_FILE}, latest, or checkpoints/latest)")
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def _write_side_files(target: str, trainer_state: dict, config_text: str | None,
+                      extra_files: dict[str, str] | None) -> None:
+    if config_text is not None:
+        io.write_text(io.join(target, "config.yaml"), config_text)
+    for name, src in (extra_files or {}).items():
+        io.copy(src, io.join(target, name))
+    # Last: its presence marks the checkpoint complete.
+    io.write_text(io.join(target, STATE_FILE), json.dumps(trainer_state, indent=2, sort_keys=True))
+
+
+def save_checkpoint(directory: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict[str, Any], config_text: str | None = None,
+                    extra_files: dict[str, str] | None = None, keep_last: int = 0) -> str:
+    """Write ``directory/step_XXXXXXXX`` atomically, point ``latest`` at it, prune; collective.
+
+    ``trainer_state`` is JSON data (step, consumed samples, ...); ``extra_files`` maps a
+    file name inside the checkpoint to a source path (the tokenizer files). Returns the
+    checkpoint's path.
+    """
+    rank, world = _rank(), _world()
+    name = step_dirname(step)
+    final = io.join(directory, name)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    meta = dict(trainer_state, step=step, world_size=world, format=FORMAT)
+    rng_name = f"rank_{rank:05d}.pt"
+
+    if not io.is_gcs(directory):
+        tmp = final + ".tmp"
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(os.path.join(tmp, "rng"))
+        barrier()
+        dcp.save(state, storage_writer=FileSystemWriter(tmp))
+        torch.save(rng_state(), os.path.join(tmp, "rng", rng_name))
+        barrier()
+        if rank == 0:
+            _write_side_files(tmp, meta, config_text, extra_files)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    else:
+        if rank == 0 and io.isdir(final):
+            io.remove(final)  # a partial upload from an earlier, interrupted attempt
+        barrier()
+        staging = tempfile.mkdtemp(prefix=f"mtnlg-ckpt-r{rank}-")
+        try:
+            os.makedirs(os.path.join(staging, "rng"))
+            dcp.save(state, storage_writer=FileSystemWriter(staging))
+            torch.save(rng_state(), os.path.join(staging, "rng", rng_name))
+            io.copy_tree(staging, final)  # this rank's shards (rank 0 also .metadata)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        barrier()
+        if rank == 0:
+            _write_side_files(final, meta, config_text, extra_files)
+    if rank == 0:
+        io.write_text(io.join(directory, LATEST), name + "\n")
+        removed = prune_checkpoints(directory, keep_last)
+        log.info("saved checkpoint %s%s", final, f" (pruned {len(removed)})" if removed else "")
+    barrier()
+    return final
+
+
+def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Load model (and optimizer) state and this rank's RNG states from checkpoint ``path``
+    in place; returns the trainer state saved with it. Collective."""
+    rank, world = _rank(), _world()
+    with node_local_copy([path]) as (local,):
+        state_path = os.path.join(local, STATE_FILE)
+        if not os.path.exists(state_path):
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
+        with open(state_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+        check_metadata(os.path.join(local, ".metadata"))  # a clear error before DCP wraps it
+        if optimizer is not None:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+        else:
+            state = {"model": get_model_state_dict(model)}
+        dcp.load(state, storage_reader=_SafeReader(local), planner=_SafeLoadPlanner())
+        if optimizer is not None:
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        else:
+            set_model_state_dict(model, state["model"])
+        rng_path = os.path.join(local, "rng", f"rank_{rank:05d}.pt")
+        if meta.get("world_size") == world and os.path.exists(rng_path):
+            set_rng_state(torch.load(rng_path, weights_only=True))
+        else:
+            log.warning("%s: saved with %s processes, now %d: RNG states not restored",
+                        path, meta.get("world_size"), world)
+    return meta

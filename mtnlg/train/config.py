@@ -1,0 +1,233 @@
+"""``TrainRunConfig``: one typed description of a training run, built from a named recipe.
+
+A run is ``recipe YAML (mtnlg/recipes/NAME.yaml) <- --config FILE <- key=value overrides``;
+the model section starts from ``model_preset`` (a name in ``mtnlg.model.presets``) when
+one is given. Everything is type- and range-checked when loaded, and the layout rules
+that need the world size (global batch divisible by micro batch x data-parallel degree,
+heads divisible by the tensor-parallel degree, ...) are checked by :meth:`check_layout`
+before any process starts::
+
+    cfg = load_run_config("debug", None, ["data.path=runs/tok", "output=runs/train", "parallel.tp=2"])
+    dims = cfg.check_layout(world_size=2)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mtnlg.config import ConfigError, from_dict, merge, parse_overrides, read_yaml, to_dict, validate
+from mtnlg.model.config import ModelConfig
+from mtnlg.parallel.config import ParallelConfig
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass
+class BlendSource:
+    """One weighted training stream (Megatron's ``--data-path W1 PREFIX1 W2 PREFIX2``)."""
+
+    # Dataset prefix (path without .bin/.idx): gs:// or absolute, or relative to data.path
+    # (e.g. "train", "web/train").
+    prefix: str = ""
+    weight: float = field(default=1.0, metadata={"gt": 0.0})
+
+
+@dataclass
+class DataConfig:
+    # Tokenized directory from `mtnlg tokenize` (tokenizer.json, train.bin/.idx, ...),
+    # local or gs://.
+    path: str = ""
+    train_prefix: str = "train"
+    valid_prefix: str = "validation"
+    # Seed of the document shuffle in GPTDataset (fixed for a run: part of its identity).
+    seed: int = 1234
+    # Optional weighted mix of training prefixes; empty = data.path/train_prefix alone.
+    blend: list[BlendSource] = field(default_factory=list)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(default=3e-4, metadata={"gt": 0.0})
+    min_lr: float = field(default=3e-5, metadata={"min": 0.0})
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = field(default=1e-8, metadata={"gt": 0.0})
+    weight_decay: float = field(default=0.1, metadata={"min": 0.0})
+    # Max global gradient norm; 0 disables clipping (the norm is still logged).
+    grad_clip: float = field(default=1.0, metadata={"min": 0.0})
+
+    def validate(self) -> None:
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {list(self.betas)}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"optim.min_lr={self.min_lr} is larger than optim.lr={self.lr}")
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = field(default=0, metadata={"min": 0})
+    decay: str = field(default="cosine", metadata={"choices": ("cosine", "linear", "constant")})
+    # Step at which the LR reaches optim.min_lr; None = train.steps.
+    decay_steps: int | None = field(default=None, metadata={"min": 1})
+
+
+@dataclass
+class RampupConfig:
+    """MT-NLG's batch-size ramp-up: START, then +INCREMENT, reaching the full global batch
+    after SAMPLES consumed samples. ``start=0`` disables it."""
+
+    start: int = field(default=0, metadata={"min": 0})
+    increment: int = field(default=0, metadata={"min": 0})
+    samples: int = field(default=0, metadata={"min": 0})
+
+
+@dataclass
+class TrainConfig:
+    steps: int = field(default=100, metadata={"min": 1})
+    global_batch_size: int = field(default=8, metadata={"min": 1})
+    micro_batch_size: int = field(default=1, metadata={"min": 1})
+    rampup: RampupConfig = field(default_factory=RampupConfig)
+    # auto = bf16 on GPUs that support it (else fp16), fp32 on CPU.
+    dtype: str = field(default="auto", metadata={"choices": ("auto", "fp32", "bf16", "fp16")})
+    device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda")})
+    log_every: int = field(default=10, metadata={"min": 1})
+    # Validation every N steps (0 = only at the end) over eval_iters global batches (0 = never).
+    eval_every: int = field(default=0, metadata={"min": 0})
+    eval_iters: int = field(default=4, metadata={"min": 0})
+    # Abort after this many non-finite losses in a row (such steps are skipped).
+    max_nan_steps: int = field(default=5, metadata={"min": 1})
+    seed: int = 1234
+
+
+@dataclass
+class CheckpointConfig:
+    # Save every N steps (0 = only at the end of the run; one is always saved at the end).
+    every: int = field(default=0, metadata={"min": 0})
+    # Keep only the newest K checkpoints (0 = keep all).
+    keep_last: int = field(default=2, metadata={"min": 0})
+    # "auto" = resume from output/checkpoints/latest if there is one; "none" = start fresh;
+    # else a checkpoint path, a checkpoints dir with `latest`, or a run dir.
+    load: str = "auto"
+
+
+@dataclass
+class TrainRunConfig:
+    # Name in mtnlg.model.presets that the model section starts from ("" = fields alone).
+    model_preset: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Run directory (local or gs://): config.yaml, log.jsonl, tensorboard/, checkpoints/.
+    output: str = ""
+
+    @property
+    def decay_steps(self) -> int:
+        """schedule.decay_steps, or the run's length (a run shorter than the warm-up only warms up)."""
+        if self.schedule.decay_steps is not None:
+            return self.schedule.decay_steps
+        return max(self.train.steps, self.schedule.warmup_steps + 1)
+
+    def validate(self) -> None:
+        """Rules that do not depend on the world size."""
+        t, s = self.train, self.schedule
+        if t.global_batch_size % t.micro_batch_size:
+            raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                              f"train.micro_batch_size={t.micro_batch_size}")
+        if s.decay != "constant" and self.decay_steps <= s.warmup_steps:
+            raise ConfigError(f"schedule.decay_steps={self.decay_steps} must exceed "
+                              f"schedule.warmup_steps={s.warmup_steps} for {s.decay} decay")
+        r = t.rampup
+        if r.start:
+            if r.start > t.global_batch_size:
+                raise ConfigError(f"train.rampup.start={r.start} exceeds train.global_batch_size="
+                                  f"{t.global_batch_size}")
+            if r.increment < 1 or (t.global_batch_size - r.start) % r.increment:
+                raise ConfigError(f"train.global_batch_size={t.global_batch_size} - train.rampup.start={r.start} "
+                                  f"must be a multiple of train.rampup.increment={r.increment} (>= 1)")
+            if r.samples < 1:
+                raise ConfigError(f"train.rampup.samples must be >= 1 when train.rampup.start is set, got {r.samples}")
+        for b in self.data.blend:
+            if not b.prefix:
+                raise ConfigError("data.blend: every entry needs a prefix")
+        if self.parallel.dp is not None and self.parallel.dp > 0:
+            self._check_batch_divisibility(self.parallel.dp)
+
+    def _check_batch_divisibility(self, dp: int) -> None:
+        t = self.train
+        unit = t.micro_batch_size * dp
+        sizes = [("train.global_batch_size", t.global_batch_size)]
+        if t.rampup.start:
+            sizes += [("train.rampup.start", t.rampup.start), ("train.rampup.increment", t.rampup.increment)]
+        for name, value in sizes:
+            if value % unit:
+                raise ConfigError(f"{name}={value} is not divisible by train.micro_batch_size="
+                                  f"{t.micro_batch_size} x data-parallel degree {dp} = {unit}")
+
+    def check_layout(self, world_size: int):
+        """Everything that needs the world size; returns the ``ParallelDims``. Raises
+        ``ConfigError`` naming the numbers, before any process group exists."""
+        from mtnlg.parallel.dims import ParallelDims
+
+        if not self.output:
+            raise ConfigError("output: the run directory is required (output=DIR or gs://...)")
+        if not self.data.path:
+            raise ConfigError("data.path: the tokenized data directory is required (data.path=DIR)")
+        dims = ParallelDims.build(self.parallel, world_size, self.model)
+        self._check_batch_divisibility(dims.dp)
+        return dims
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_path(name: str) -> Path:
+    path = RECIPES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(recipe_names())}")
+    return path
+
+
+def _resolve_preset(data: dict) -> dict:
+    """Start the ``model`` section from ``model_preset`` when one is named."""
+    name = data.get("model_preset")
+    if not name:
+        return data
+    from mtnlg.model.presets import PRESETS, get_preset
+
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(f"model_preset: unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    model = data.get("model") or {}
+    if not isinstance(model, dict):
+        raise ConfigError(f"model: expected a mapping, got {model!r}")
+    return dict(data, model=merge(to_dict(get_preset(name)), model))
+
+
+def load_run_config(recipe: str | None = None, config_path: str | None = None,
+                    overrides: list[str] | None = None) -> TrainRunConfig:
+    """Recipe, then a YAML file, then ``key=value`` overrides; typed and validated."""
+    data: dict = {}
+    if recipe:
+        data = merge(data, read_yaml(recipe_path(recipe)))
+    if config_path:
+        data = merge(data, read_yaml(config_path))
+    if overrides:
+        data = merge(data, parse_overrides(list(overrides)))
+    data = _resolve_preset(data)
+    cfg = from_dict(TrainRunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def with_overrides(cfg: TrainRunConfig, overrides: list[str]) -> TrainRunConfig:
+    """A validated copy of ``cfg`` with ``key=value`` overrides applied (presets not re-applied)."""
+    data = merge(to_dict(cfg), parse_overrides(overrides))
+    out = from_dict(TrainRunConfig, data)
+    validate(out)
+    return out
+
+

@@ -1,0 +1,148 @@
+"""Process-group set-up from the launcher's environment, and small collective helpers.
+
+Every training process reads its place in the job from the variables that ``torchrun``
+and the Kubeflow Training Operator (PyTorchJob) both set: ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``. A process started without them (a test
+or a notebook calling :func:`mtnlg.train.trainer.train` directly) is a world of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from mtnlg import io
+
+
+@dataclass(frozen=True)
+class ProcessEnv:
+    """Where this process sits in the job, as the launcher described it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def process_env() -> ProcessEnv:
+    """Read RANK/WORLD_SIZE/LOCAL_RANK (defaults: a single process) and check them."""
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    # A process without LOCAL_RANK (one process per PyTorchJob pod) is alone on its node.
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_world = _env_int("LOCAL_WORLD_SIZE", 1)
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE")
+    return ProcessEnv(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(device_type: str) -> ProcessEnv:
+    """Join the job's default process group (gloo on CPU, NCCL on GPU); idempotent."""
+    env = process_env()
+    if dist.is_initialized():
+        return env
+    if env.world_size == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name):
+            raise ValueError(f"environment variable {name} is not set (WORLD_SIZE={env.world_size}); "
+                             "start the job with torchrun or a PyTorchJob")
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(env.local_rank)
+    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                            device_id=torch.device("cuda", env.local_rank) if device_type == "cuda" else None)
+    return env
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few Python floats over all ranks in one collective."""
+    t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return [float(x) for x in t.tolist()]
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s Python object, on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+@contextlib.contextmanager
+def node_local_copy(paths: list[str]) -> Iterator[list[str]]:
+    """Local paths holding ``paths`` (files or directories), downloaded once per node for gs://.
+
+    Local paths are used in place. ``gs://`` ones are downloaded by the node's local rank 0
+    into a directory every rank of the node can read, one sub-directory per parent folder,
+    so that ``x.bin`` and ``x.idx`` from the same folder land side by side; every rank waits
+    for the download, and the copies are removed when all ranks are done. Collective: every
+    rank must call it with the same paths.
+    """
+    remote = [p for p in paths if io.is_gcs(p)]
+    if not remote:
+        yield list(paths)
+        return
+    env = process_env()
+    job = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("MASTER_PORT") or str(os.getpid())
+    key = hashlib.sha1("|".join([job, *remote]).encode()).hexdigest()[:16]
+    root = os.path.join(tempfile.gettempdir(), f"mtnlg-stage-{key}")
+    owner = env.local_rank == 0
+
+    def local_of(uri: str) -> str:
+        parent, _, name = uri.rstrip("/").rpartition("/")
+        return os.path.join(root, hashlib.sha1(parent.encode()).hexdigest()[:12], name or "object")
+
+    try:
+        if owner:
+            shutil.rmtree(root, ignore_errors=True)
+            os.makedirs(root)
+            for uri in remote:
+                if io.isdir(uri):
+                    io.copy_tree(uri, local_of(uri))
+                else:
+                    io.copy(uri, local_of(uri))
+        barrier()
+        yield [local_of(p) if io.is_gcs(p) else p for p in paths]
+    finally:
+        barrier()
+        if owner:
+            shutil.rmtree(root, ignore_errors=True)

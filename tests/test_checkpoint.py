@@ -1,0 +1,120 @@
+"""Checkpoints (torch.distributed.checkpoint) in one process: exact round trip, atomic
+commit with ``latest``, keep-last-K pruning, gs:// storage, refusal of unsafe pickles.
+Multi-process save/resume through the trainer is in test_train.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from mtnlg import io
+from mtnlg.model.config import ModelConfig
+from mtnlg.model.gpt import GPT
+from mtnlg.train import checkpoint as ckpt
+from mtnlg.train.optim import build_optimizer
+
+CFG = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, seq_length=16, vocab_size=64, dropout=0.2)
+
+
+def _model_and_optimizer(seed: int):
+    torch.manual_seed(seed)
+    model = GPT(CFG)
+    return model, build_optimizer(model, 1e-2, (0.9, 0.95), 1e-8, 0.1)
+
+
+def _step(model, opt) -> float:
+    """One training step on random tokens (draws from the RNG: data and dropout)."""
+    tokens = torch.randint(0, CFG.vocab_size, (2, CFG.seq_length + 1))
+    logits = model(tokens[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return loss.item()
+
+
+def test_save_then_load_continues_bitwise(tmp_path):
+    model, opt = _model_and_optimizer(0)
+    for _ in range(2):
+        _step(model, opt)
+    path = ckpt.save_checkpoint(str(tmp_path), 2, model, opt, {"consumed_samples": 4}, config_text="a: 1\n",
+                                extra_files={"tokenizer.json": _write(tmp_path / "tok.json", '{"vocab_size": 64}')})
+    assert path == str(tmp_path / "step_00000002")
+    expected = [_step(model, opt) for _ in range(3)]
+
+    other, other_opt = _model_and_optimizer(1)  # different weights and RNG until loaded
+    meta = ckpt.load_checkpoint(ckpt.resolve_checkpoint(str(tmp_path)), other, other_opt)
+    assert meta["step"] == 2 and meta["consumed_samples"] == 4 and meta["world_size"] == 1
+    got = [_step(other, other_opt) for _ in range(3)]
+    assert got == expected  # bitwise: weights, Adam moments and step, RNG (dropout, data)
+    for (n, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert (tmp_path / "step_00000002" / "config.yaml").read_text() == "a: 1\n"
+    assert json.loads((tmp_path / "step_00000002" / "tokenizer.json").read_text()) == {"vocab_size": 64}
+    assert sorted(os.listdir(tmp_path / "step_00000002" / "rng")) == ["rank_00000.pt"]
+
+
+def _write(path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def test_latest_pointer_and_keep_last_pruning(tmp_path):
+    model, opt = _model_and_optimizer(0)
+    _step(model, opt)
+    d = str(tmp_path / "checkpoints")
+    os.makedirs(os.path.join(d, "step_00000009.tmp"))   # an interrupted save
+    os.makedirs(os.path.join(d, "step_00000000"))       # incomplete: no trainer_state.json
+    for step in (1, 2, 3, 4):
+        ckpt.save_checkpoint(d, step, model, opt, {}, keep_last=2)
+        assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+    assert sorted(os.listdir(d)) == ["latest", "step_00000003", "step_00000004"]
+    assert ckpt.resolve_checkpoint(str(tmp_path)) == os.path.join(d, "step_00000004")       # run dir
+    assert ckpt.resolve_checkpoint(d) == os.path.join(d, "step_00000004")                   # checkpoints dir
+    assert ckpt.resolve_checkpoint(os.path.join(d, "step_00000003")) == os.path.join(d, "step_00000003")
+    ckpt.save_checkpoint(d, 5, model, opt, {}, keep_last=0)   # 0 keeps everything
+    assert [s for s, _, ok in ckpt.list_checkpoints(d) if ok] == [3, 4, 5]
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        ckpt.resolve_checkpoint(str(tmp_path / "nothing"))
+    os.remove(os.path.join(d, "step_00000005", ckpt.STATE_FILE))
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        ckpt.load_checkpoint(os.path.join(d, "step_00000005"), model, opt)
+
+
+def test_gcs_checkpoint_round_trip(gcs):
+    model, opt = _model_and_optimizer(0)
+    _step(model, opt)
+    d = f"{gcs}/run/checkpoints"
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(d, step, model, opt, {"consumed_samples": step}, keep_last=2)
+    assert io.read_text(f"{d}/latest").strip() == "step_00000003"
+    assert [(s, ok) for s, _, ok in ckpt.list_checkpoints(d)] == [(2, True), (3, True)]
+    names = {f.rsplit("/", 1)[-1] for f in io.list_files(f"{d}/step_00000003")}
+    assert {".metadata", "__0_0.distcp", "rank_00000.pt", "trainer_state.json"} <= names
+    expected = _step(model, opt)
+    other, other_opt = _model_and_optimizer(1)
+    meta = ckpt.load_checkpoint(ckpt.resolve_checkpoint(f"{gcs}/run"), other, other_opt)
+    assert meta["consumed_samples"] == 3
+    assert _step(other, other_opt) == expected
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/mtnlg-pwned",))
+
+
+def test_loading_refuses_unsafe_pickles(tmp_path):
+    model, opt = _model_and_optimizer(0)
+    _step(model, opt)
+    path = ckpt.save_checkpoint(str(tmp_path), 1, model, opt, {})
+    with open(os.path.join(path, ".metadata"), "wb") as f:
+        pickle.dump({"x": _Evil()}, f)
+    if os.path.exists("/tmp/mtnlg-pwned"):
+        os.remove("/tmp/mtnlg-pwned")
+    with pytest.raises(ValueError, match="posix.system, which is not allowed"):
+        ckpt.load_checkpoint(path, model, opt)
+    assert not os.path.exists("/tmp/mtnlg-pwned")
