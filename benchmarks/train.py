@@ -27,13 +27,8 @@ import sys
 import tempfile
 import time
 
-# Run as a script, this folder comes first on sys.path, where benchmark scripts named like
-# standard modules (tokenize.py) would shadow them.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 AIM_HF_RATIO = 1.15
 AIM_CPU_MFU = 0.80

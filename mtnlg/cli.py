@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from mtnlg import __version__
@@ -28,6 +29,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("mtnlg.pipelines.local", "run the whole pipeline locally through kfp.local"),
     "compile": ("mtnlg.pipelines.compile_cli", "compile the Kubeflow pipeline to IR YAML"),
 }
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
 
 
 def _available() -> dict[str, object]:
@@ -61,7 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         i = argv.index("--")
         argv, passthrough = argv[:i], argv[i + 1:]
-    args = parser.parse_args(argv)
+    # argparse takes a run of positionals only once, so ``--nproc 2 a=1 --recipe x b=2``
+    # would reject ``b=2``; such stray ``key=value`` words join the command's overrides.
+    args, extras = parser.parse_known_args(argv)
+    stray = [a for a in extras if _OVERRIDE.match(a)]
+    if stray and isinstance(getattr(args, "overrides", None), list):
+        args.overrides = [*args.overrides, *stray]
+        extras = [a for a in extras if a not in stray]
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
     if not getattr(args, "_main", None):
         parser.print_help()
         return 2
