@@ -116,3 +116,38 @@ def test_launcher_submits_and_waits():
     name = launcher.submit(_job())
     assert fake.created == [("ConfigMap", "kubeflow", "gpt-test-config"), ("PyTorchJob", "kubeflow", "gpt-test")]
     assert launcher.wait(name, "kubeflow", poll_s=0) == "Succeeded"
+
+
+def test_kustomize_base_config_fits_the_job():
+    """The base's run config loads, and its layout fits the base job's 2 x 8 processes."""
+    from mtnlg.config import from_dict, validate
+    from mtnlg.parallel.dims import ParallelDims
+    from mtnlg.train.config import TrainRunConfig
+
+    base = ROOT / "manifests" / "base"
+    cfg = from_dict(TrainRunConfig, yaml.safe_load((base / "config.yaml").read_text()))
+    validate(cfg)
+    job = yaml.safe_load((base / "pytorchjob.yaml").read_text())
+    reps = job["spec"]["pytorchReplicaSpecs"]
+    world = (reps["Master"]["replicas"] + reps["Worker"]["replicas"]) * int(job["spec"]["nprocPerNode"])
+    dims = ParallelDims.build(cfg.parallel, world, cfg.model)
+    assert dims.world_size == 16
+    kust = yaml.safe_load((base / "kustomization.yaml").read_text())
+    for f in kust["resources"] + kust["configMapGenerator"][0]["files"]:
+        assert (base / f).exists(), f
+
+
+def test_cli_writes_a_valid_job(tmp_path, schema):
+    from mtnlg.cli import main
+
+    out = tmp_path / "job.yaml"
+    rc = main(["pytorchjob", "--name", "gpt", "--nodes", "2", "--nproc-per-node", "4", "--gpus-per-node", "4",
+               "--recipe", "debug", "data.path=gs://b/t", "output=gs://b/r", "-o", str(out)])
+    assert rc == 0
+    cm, job = list(yaml.safe_load_all(out.read_text()))
+    validate_pytorchjob(job, schema)
+    assert yaml.safe_load(cm["data"]["config.yaml"])["parallel"]["tp"] == 2
+    # debug's tp=2 cannot fit 3 processes: refused before anything is written.
+    assert main(["pytorchjob", "--name", "gpt", "--nodes", "3", "--recipe", "debug", "data.path=x", "output=y",
+                 "-o", str(tmp_path / "bad.yaml")]) == 2
+    assert not (tmp_path / "bad.yaml").exists()
