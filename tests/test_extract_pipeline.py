@@ -49,7 +49,8 @@ def test_read_documents_outputs(tmp_path):
     lines = tmp_path / "docs.jsonl"
     lines.write_text('{"text": "one"}\nnot json\n{"text": "two"}\n')
     with runner() as p:
-        out = (p | beam.Create([str(good), str(tmp_path / "bad.txt.gz"), str(lines)])
+        files = [str(good), str(tmp_path / "bad.txt.gz"), str(lines)]
+        out = (p | beam.Create([(f, f.rsplit("/", 1)[1]) for f in files])
                | ReadDocuments(ExtractConfig()))
         assert_that(out.docs | "Texts" >> beam.Map(lambda d: d[2]),
                     equal_to(["hello world, a plain document", "one", "two"]), label="docs")

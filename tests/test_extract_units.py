@@ -258,3 +258,23 @@ def test_build_stats_balances():
     assert stats["balanced"] and stats["read"] == 4 and stats["failed"]["binary"] == 1
     assert set(stats["dropped"]) == set(RULES) and stats["splits"]["train"] == {"docs": 1, "bytes": 10, "files": []}
     assert not st.build_stats(st.add(counters, st.kept("train", 1)), inputs=[], files=1, skipped=[])["balanced"]
+
+
+def test_ids_do_not_depend_on_where_the_data_lies(tmp_path):
+    from mtnlg.extract.readers import relative_names
+
+    for root in (tmp_path / "one", tmp_path / "two" / "deeper"):
+        (root / "corpus" / "sub").mkdir(parents=True)
+        (root / "corpus" / "sub" / "a.txt").write_text("some text here")
+    ids = []
+    for root in (tmp_path / "one", tmp_path / "two" / "deeper"):
+        item = str(root / "corpus")
+        files, _ = expand_inputs([item])
+        names = relative_names([item], files)
+        assert names == {files[0]: "corpus/sub/a.txt"}
+        (doc,) = list(read_file(files[0], name=names[files[0]]))
+        ids.append(doc.id)
+    assert ids[0] == ids[1]
+    f = str(tmp_path / "one" / "corpus" / "sub" / "a.txt")
+    assert relative_names([f], [f]) == {f: "a.txt"}
+    assert relative_names([str(tmp_path / "one" / "corpus" / "*" / "*.txt")], [f]) == {f: "sub/a.txt"}

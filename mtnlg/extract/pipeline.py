@@ -44,7 +44,7 @@ from mtnlg.extract.clean import clean_text
 from mtnlg.extract.config import DedupConfig, ExtractConfig, FilterConfig
 from mtnlg.extract.dedup import MinHasher, band_keys, candidate_pairs, components, jaccard_estimate, text_hash
 from mtnlg.extract.filters import first_failing_rule
-from mtnlg.extract.readers import Failure, expand_inputs, read_file
+from mtnlg.extract.readers import Failure, expand_inputs, read_file, relative_names
 from mtnlg.extract.split import SPLITS, TRAIN, VALIDATION, split_of
 from mtnlg.progress import Progress, get_logger
 
@@ -79,9 +79,10 @@ class ReadDocumentsFn(beam.DoFn):
         self.progress = Progress("extract: read (this worker)", unit="files", every_s=15.0,
                                  logger=get_logger("mtnlg.extract"))
 
-    def process(self, path: str):
+    def process(self, file: tuple[str, str]):
+        path, name = file  # name: relative to its input, for location-independent ids
         records = nbytes = replaced = 0
-        for rec in read_file(path, self.text_field, self.max_doc_bytes, self.max_binary_fraction):
+        for rec in read_file(path, self.text_field, self.max_doc_bytes, self.max_binary_fraction, name):
             records += 1
             nbytes += rec.nbytes
             if isinstance(rec, Failure):
@@ -284,7 +285,8 @@ def to_json_line(doc: Doc) -> str:
 # --- PTransforms: labelled steps composed ----------------------------------------------------
 
 class ReadDocuments(beam.PTransform):
-    """File paths -> documents, with ``failed`` and per-file ``files`` counters on the side."""
+    """``(path, relative name)`` pairs -> documents, with ``failed`` and per-file ``files``
+    counters on the side (``relative_names`` gives the names)."""
 
     def __init__(self, cfg: ExtractConfig):
         super().__init__()
@@ -499,7 +501,7 @@ def build_pipeline(p: beam.Pipeline, files: list[str], skipped: list[str], input
     """Adds the extract step for ``files`` to pipeline ``p``; returns the stats PCollection."""
     # Create reshuffles its elements, so the files spread over the workers.
     return (p
-            | "ListFiles" >> beam.Create(files)
+            | "ListFiles" >> beam.Create(sorted(relative_names(inputs, files).items()))
             | "Extract" >> ExtractDocuments(cfg, output, inputs, len(files), skipped))
 
 

@@ -95,9 +95,33 @@ def expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
     return files, skipped
 
 
-def doc_id(path: str, index: int) -> str:
-    """A stable id: a hash of the file path and the document's index (line) in it."""
-    return hashlib.blake2b(f"{path}\n{index}".encode("utf-8"), digest_size=8).hexdigest()
+def relative_names(inputs: list[str], files: list[str]) -> dict[str, str]:
+    """Each file's name relative to the input that found it (``corpus/faq/a.html`` for the
+    input ``/data/corpus``), so that document ids, and with them the train/validation split
+    and which duplicate is kept, do not depend on where the data lies."""
+    names: dict[str, str] = {}
+    for f in files:
+        for item in inputs:
+            item = str(item)
+            if io.has_glob(item):
+                wild = min(i for i in (item.find(c) for c in "*?[") if i >= 0)
+                base = item[:wild].rsplit("/", 1)[0]
+            elif f == item:
+                base = item.rsplit("/", 1)[0] if "/" in item else ""
+            elif f.startswith(item.rstrip("/") + "/"):
+                base = item.rstrip("/").rsplit("/", 1)[0] if "/" in item.rstrip("/") else ""
+            else:
+                continue
+            if f.startswith(base):
+                names[f] = f[len(base):].lstrip("/")
+                break
+        names.setdefault(f, f.rsplit("/", 1)[-1])
+    return names
+
+
+def doc_id(name: str, index: int) -> str:
+    """A stable id: a hash of the file's relative name and the document's index (line) in it."""
+    return hashlib.blake2b(f"{name}\n{index}".encode("utf-8"), digest_size=8).hexdigest()
 
 
 def binary_fraction(data: bytes) -> float:
@@ -138,8 +162,10 @@ def _classify(exc: BaseException, gz: bool) -> str:
 
 
 def read_file(path: str, text_field: str = "text", max_doc_bytes: int = 8 << 20,
-              max_binary_fraction: float = 0.1) -> Iterator[Document | Failure]:
-    """Documents and failures of one file; never raises for bad content or I/O errors."""
+              max_binary_fraction: float = 0.1, name: str | None = None) -> Iterator[Document | Failure]:
+    """Documents and failures of one file; never raises for bad content or I/O errors.
+
+    ``name`` (default: the path) is what document ids are derived from (``relative_names``)."""
     fmt = detect_format(path) or "text"
     gz = path.lower().endswith(".gz")
     try:
@@ -150,9 +176,9 @@ def read_file(path: str, text_field: str = "text", max_doc_bytes: int = 8 << 20,
     try:
         stream = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw
         if fmt == "jsonl":
-            yield from _read_jsonl(stream, path, gz, text_field, max_doc_bytes, max_binary_fraction)
+            yield from _read_jsonl(stream, path, gz, text_field, max_doc_bytes, max_binary_fraction, name or path)
         else:
-            yield _read_whole(stream, path, gz, fmt, max_doc_bytes, max_binary_fraction)
+            yield _read_whole(stream, path, gz, fmt, max_doc_bytes, max_binary_fraction, name or path)
     finally:
         try:
             raw.close()
@@ -172,7 +198,7 @@ def _check_bytes(data: bytes, source: str, max_binary_fraction: float) -> Failur
 
 
 def _read_whole(stream: IO[bytes], path: str, gz: bool, fmt: str, max_doc_bytes: int,
-                max_binary_fraction: float) -> Document | Failure:
+                max_binary_fraction: float, name: str) -> Document | Failure:
     try:
         data = stream.read(max_doc_bytes + 1)
     except Exception as e:  # noqa: BLE001
@@ -188,11 +214,11 @@ def _read_whole(stream: IO[bytes], path: str, gz: bool, fmt: str, max_doc_bytes:
             text = html_to_text(text)
         except Exception as e:  # noqa: BLE001 - html.parser is lenient; this is a last guard
             return Failure("invalid_html", path, len(data), f"{type(e).__name__}: {e}")
-    return Document(doc_id(path, 0), path, text, len(data), replaced)
+    return Document(doc_id(name, 0), path, text, len(data), replaced)
 
 
 def _read_jsonl(stream: IO[bytes], path: str, gz: bool, text_field: str, max_doc_bytes: int,
-                max_binary_fraction: float) -> Iterator[Document | Failure]:
+                max_binary_fraction: float, name: str) -> Iterator[Document | Failure]:
     lineno, records = 0, 0
     try:
         head = stream.read(_SNIFF_BYTES)
@@ -220,7 +246,7 @@ def _read_jsonl(stream: IO[bytes], path: str, gz: bool, text_field: str, max_doc
             if not line.strip():
                 continue  # a blank line separates nothing and holds no record
             records += 1
-            yield _parse_json_line(line, path, lineno, source, text_field)
+            yield _parse_json_line(line, name, lineno, source, text_field)
     except Exception as e:  # noqa: BLE001 - damage part-way: what was read stays counted
         records += 1
         yield Failure(_classify(e, gz), f"{path}:{lineno + 1}", 0, f"{type(e).__name__}: {e}")
@@ -229,7 +255,7 @@ def _read_jsonl(stream: IO[bytes], path: str, gz: bool, text_field: str, max_doc
         yield Failure("empty", path, 0, "no JSONL records")
 
 
-def _parse_json_line(line: bytes, path: str, lineno: int, source: str, text_field: str) -> Document | Failure:
+def _parse_json_line(line: bytes, name: str, lineno: int, source: str, text_field: str) -> Document | Failure:
     if b"\x00" in line:
         return Failure("nul_byte", source, len(line), f"NUL at byte {line.index(0)}")
     text, replaced = decode_utf8(line)
@@ -242,7 +268,7 @@ def _parse_json_line(line: bytes, path: str, lineno: int, source: str, text_fiel
         what = "not an object" if not isinstance(obj, dict) else (
             f"no field {text_field!r}" if text_field not in obj else f"{text_field!r} is not a string")
         return Failure("missing_text_field", source, len(line), what)
-    return Document(doc_id(path, lineno), source, value, len(line), replaced)
+    return Document(doc_id(name, lineno), source, value, len(line), replaced)
 
 
 # --- HTML -------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from mtnlg.extract.clean import clean_text
 from mtnlg.extract.config import ExtractConfig
 from mtnlg.extract.dedup import MinHasher, band_keys, candidate_pairs, components, jaccard_estimate, text_hash
 from mtnlg.extract.filters import first_failing_rule
-from mtnlg.extract.readers import Failure, expand_inputs, read_file
+from mtnlg.extract.readers import Failure, expand_inputs, read_file, relative_names
 from mtnlg.extract.split import SPLITS, split_of
 
 
@@ -27,6 +27,7 @@ def extract_reference(inputs: list[str], output: str | None = None,
     """``({split: [{"id", "text", "source"}, ...] sorted by id}, stats)``; writes them if ``output``."""
     cfg = config or ExtractConfig()
     files, skipped = expand_inputs(inputs)
+    names = relative_names(inputs, files)
     counters: dict[str, int] = {}
     examples: dict[str, list[str]] = defaultdict(list)
     docs: dict[str, tuple[str, str]] = {}  # id -> (source, cleaned text)
@@ -35,7 +36,7 @@ def extract_reference(inputs: list[str], output: str | None = None,
 
     for path in files:
         records = nbytes = replaced = 0
-        for rec in read_file(path, cfg.text_field, cfg.max_doc_bytes, cfg.max_binary_fraction):
+        for rec in read_file(path, cfg.text_field, cfg.max_doc_bytes, cfg.max_binary_fraction, names[path]):
             records += 1
             nbytes += rec.nbytes
             if isinstance(rec, Failure):

@@ -1,0 +1,1 @@
+"""Validation perplexity, last-word accuracy, sample generations and the evaluation report."""

@@ -1,0 +1,127 @@
+"""Evaluate a fused model on a tokenized directory's validation split, and write a report.
+
+    evaluate_model("runs/model", "runs/tokens", "runs/eval", train_log="runs/train/log.jsonl")
+
+measures
+
+* validation loss and perplexity over the whole validation split (``metrics.stream_loss``);
+* last-word accuracy on LAMBADA-style cloze items made from the validation documents
+  (``cloze.make_cloze_items``, ``metrics.cloze_accuracy``);
+* greedy sample generations for a few fixed prompts,
+
+and writes ``metrics.json``, ``report.md``, ``report.html`` (and ``loss.png`` from the
+training log) into ``output`` (local or gs://).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from mtnlg import io
+from mtnlg.progress import get_logger
+
+log = get_logger("mtnlg.evaluate")
+
+MIN_CLOZE_SEQ_LENGTH = 17  # eod + 8 context tokens + a word of up to 8 tokens
+
+DEFAULT_PROMPTS = (
+    "The Python tutorial",
+    "A list comprehension",
+    "To install a package,",
+    "The following example shows",
+    "def main():",
+)
+
+
+def _open_split(data_dir: str, split: str, tmp: str):
+    """The split's IndexedDataset, downloading ``.bin``/``.idx`` side by side for gs://."""
+    from mtnlg.data.indexed_dataset import IndexedDataset
+
+    prefix = io.join(data_dir, split)
+    for ext in (".bin", ".idx"):
+        if not io.exists(prefix + ext):
+            raise FileNotFoundError(f"{prefix + ext} does not exist: {data_dir} has no {split!r} split "
+                                    "(expected the output of `mtnlg tokenize`)")
+    if io.is_gcs(prefix):
+        local = os.path.join(tmp, split)
+        for ext in (".bin", ".idx"):
+            io.copy(prefix + ext, local + ext)
+        prefix = local
+    return IndexedDataset(prefix)
+
+
+def _check_same_tokenizer(data_dir: str, tokenizer) -> None:
+    """Evaluating on ids from another tokenizer would measure nothing: refuse it."""
+    meta_path = io.join(data_dir, "tokenizer.json")
+    if not io.exists(meta_path):
+        return
+    theirs = json.loads(io.read_text(meta_path)).get("sha256")
+    ours = tokenizer.metadata()["sha256"]
+    if theirs and theirs != ours:
+        raise ValueError(f"{data_dir} was tokenized with a different tokenizer (sha256 {theirs[:12]}...) "
+                         f"than the model's ({ours[:12]}...)")
+
+
+def evaluate_model(model_dir: str, data_dir: str, output: str, train_log: str | None = None,
+                   batch_size: int = 8, max_cloze_items: int = 500, prompts: list[str] | None = None,
+                   max_new_tokens: int = 32, device: str = "cpu", max_eval_tokens: int | None = None) -> dict[str, Any]:
+    """Evaluate the fused model in ``model_dir``; returns the metrics (also in metrics.json).
+
+    ``max_eval_tokens`` caps the validation stream (None = the whole split).
+    """
+    from mtnlg.evaluate.cloze import make_cloze_items
+    from mtnlg.evaluate.metrics import cloze_accuracy, stream_loss
+    from mtnlg.evaluate.report import read_train_log, train_log_metrics, write_report
+    from mtnlg.fuse.load import load_fused
+    from mtnlg.generate.generate import generate
+
+    t0 = time.perf_counter()
+    model, cfg, tok = load_fused(model_dir, device=device)
+    _check_same_tokenizer(data_dir, tok)
+    metrics: dict[str, Any] = {"model": str(model_dir), "data": str(data_dir),
+                               "parameters": sum(p.numel() for p in model.parameters())}
+    with tempfile.TemporaryDirectory(prefix="mtnlg-eval-") as tmp:
+        ds = _open_split(data_dir, "validation", tmp)
+        if ds.num_tokens == 0:
+            raise ValueError(f"{data_dir}: the validation split is empty")
+        import numpy as np
+
+        stream = np.concatenate([np.array([tok.eod_id], dtype=np.int64),
+                                 np.asarray(ds.tokens[:max_eval_tokens] if max_eval_tokens else ds.tokens,
+                                            dtype=np.int64)])
+        res = stream_loss(model, stream, cfg.seq_length, batch_size)
+        metrics.update(val_loss=res.loss, val_perplexity=res.perplexity, val_tokens=res.tokens,
+                       val_windows=res.windows, val_documents=len(ds))
+        log.info("validation: loss %.4f, perplexity %.2f over %d tokens", res.loss, res.perplexity, res.tokens)
+
+        if max_cloze_items > 0 and cfg.seq_length >= MIN_CLOZE_SEQ_LENGTH:
+            items, stats = make_cloze_items(ds, tok, cfg.seq_length, max_items=max_cloze_items)
+            metrics["cloze_documents"] = stats.documents
+            metrics["cloze_skipped"] = dict(stats.skipped)
+            metrics.update(cloze_accuracy(model, items, batch_size))
+            log.info("last-word accuracy: %s on %d items (%d documents read, skipped %s)",
+                     f"{metrics['cloze_accuracy']:.3f}" if items else "n/a", len(items), stats.documents,
+                     stats.skipped)
+        else:
+            log.warning("last-word accuracy skipped (max_cloze_items=%d, seq_length=%d; needs >= %d)",
+                        max_cloze_items, cfg.seq_length, MIN_CLOZE_SEQ_LENGTH)
+        del ds
+
+    samples = []
+    for p in (prompts if prompts is not None else DEFAULT_PROMPTS):
+        with torch.no_grad():
+            samples.append({"prompt": p, "completion": generate(model, tok, p, max_new_tokens=max_new_tokens)})
+    records: list[dict] = []
+    if train_log:
+        records, skipped = read_train_log(train_log)
+        metrics.update(train_log_metrics(records, skipped))
+    metrics["seconds"] = time.perf_counter() - t0
+    paths = write_report(output, metrics, samples, records)
+    log.info("evaluation report: %s", paths["html"])
+    return {**metrics, "samples": samples, "files": paths}

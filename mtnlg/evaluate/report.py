@@ -1,0 +1,157 @@
+"""The evaluation report: ``report.md``, a self-contained ``report.html`` and ``loss.png``.
+
+The training loss curve comes from the run's ``log.jsonl`` (one JSON object per line with
+at least ``step``, ``loss`` and ``lr``). The HTML embeds the PNG as base64 so the Kubeflow
+UI (which shows one HTML artifact, without its neighbours) displays it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from typing import Any
+
+from mtnlg import io
+from mtnlg.progress import get_logger
+
+log = get_logger("mtnlg.evaluate.report")
+
+
+def read_train_log(path: str) -> tuple[list[dict[str, Any]], int]:
+    """Records of ``log.jsonl`` that have a numeric ``step`` and ``loss``; and how many lines
+    were skipped (blank lines do not count; anything else unreadable does)."""
+    records, skipped = [], 0
+    for n, line in enumerate(io.read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            step, loss = rec["step"], rec["loss"]
+            if not isinstance(step, (int, float)) or not isinstance(loss, (int, float)):
+                raise TypeError("step/loss are not numbers")
+        except (ValueError, KeyError, TypeError) as e:
+            skipped += 1
+            log.warning("%s line %d skipped: %s", path, n, e)
+            continue
+        records.append(rec)
+    return records, skipped
+
+
+def plot_loss(records: list[dict[str, Any]], png_path: str, title: str = "training loss") -> bool:
+    """Write the loss (and learning-rate) curve; False when there is nothing to plot."""
+    pts = [(r["step"], r["loss"]) for r in records if math.isfinite(r["loss"])]
+    if not pts:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], color="tab:blue", lw=1.5, label="train loss")
+    val = [(r["step"], r["val_loss"]) for r in records if isinstance(r.get("val_loss"), (int, float))]
+    if val:
+        ax.plot([p[0] for p in val], [p[1] for p in val], "o-", color="tab:orange", lw=1.2, label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    lrs = [(r["step"], r["lr"]) for r in records if isinstance(r.get("lr"), (int, float))]
+    if lrs:
+        ax2 = ax.twinx()
+        ax2.plot([p[0] for p in lrs], [p[1] for p in lrs], color="tab:gray", lw=1, ls="--", label="learning rate")
+        ax2.set_ylabel("learning rate")
+        ax2.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, loc="upper right")
+    else:
+        ax.legend(loc="upper right")
+    fig.tight_layout()
+    with io.atomic_write(png_path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return True
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.4e}"
+    return str(v)
+
+
+def _rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    keys = [("validation loss (nats/token)", "val_loss"), ("validation perplexity", "val_perplexity"),
+            ("validation tokens", "val_tokens"), ("last-word accuracy", "cloze_accuracy"),
+            ("cloze items", "cloze_items"), ("parameters", "parameters"),
+            ("training steps", "train_steps"), ("final training loss", "train_final_loss")]
+    return [(label, _fmt(metrics[k])) for label, k in keys if k in metrics]
+
+
+def render_markdown(metrics: dict[str, Any], samples: list[dict[str, str]], png_name: str | None,
+                    title: str) -> str:
+    out = [f"# {title}", "", "| metric | value |", "|---|---|"]
+    out += [f"| {a} | {b} |" for a, b in _rows(metrics)]
+    if png_name:
+        out += ["", "## Training loss", "", f"![training loss]({png_name})"]
+    if samples:
+        out += ["", "## Sample generations (greedy)", ""]
+        for s in samples:
+            cont = s["completion"].replace("\n", " ").strip() or "(end of document)"
+            out += [f"- **{s['prompt']}** → {cont}"]
+    out += ["", "The full metrics are in `metrics.json`.", ""]
+    return "\n".join(out)
+
+
+def render_html(metrics: dict[str, Any], samples: list[dict[str, str]], png_bytes: bytes | None,
+                title: str) -> str:
+    e = html.escape
+    rows = "\n".join(f"<tr><td>{e(a)}</td><td>{e(b)}</td></tr>" for a, b in _rows(metrics))
+    parts = [
+        "<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">", f"<title>{e(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:56em;margin:1em auto;padding:0 1em}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}"
+        ".prompt{font-weight:bold}pre{white-space:pre-wrap;background:#f6f6f6;padding:6px}</style>",
+        "</head><body>", f"<h1>{e(title)}</h1>",
+        f"<table><tr><th>metric</th><th>value</th></tr>\n{rows}\n</table>",
+    ]
+    if png_bytes:
+        b64 = base64.b64encode(png_bytes).decode("ascii")
+        parts += ["<h2>Training loss</h2>", f"<img alt=\"training loss\" src=\"data:image/png;base64,{b64}\">"]
+    if samples:
+        parts.append("<h2>Sample generations (greedy)</h2>")
+        for s in samples:
+            parts.append(f"<p class=\"prompt\">{e(s['prompt'])}</p><pre>{e(s['prompt'])}{e(s['completion'])}</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def train_log_metrics(records: list[dict[str, Any]], skipped: int) -> dict[str, Any]:
+    """What the report shows about training: steps and final loss, with the log's counts."""
+    out: dict[str, Any] = {"train_log_records": len(records), "train_log_skipped": skipped}
+    if records:
+        out["train_steps"] = int(max(r["step"] for r in records))
+        out["train_first_loss"] = float(records[0]["loss"])
+        out["train_final_loss"] = float(records[-1]["loss"])
+    return out
+
+
+def write_report(output: str, metrics: dict[str, Any], samples: list[dict[str, str]],
+                 train_records: list[dict[str, Any]] | None = None,
+                 title: str = "mtnlg evaluation") -> dict[str, str]:
+    """Write ``metrics.json``, ``report.md``, ``report.html`` (and ``loss.png`` from
+    ``train_records``) into ``output`` (local or gs://); returns their paths."""
+    paths = {"metrics": io.join(output, "metrics.json"), "markdown": io.join(output, "report.md"),
+             "html": io.join(output, "report.html")}
+    png_bytes = None
+    if train_records:
+        png = io.join(output, "loss.png")
+        if plot_loss(train_records, png):
+            paths["png"] = png
+            png_bytes = io.read_bytes(png)
+    io.write_text(paths["metrics"], json.dumps({**metrics, "samples": samples}, indent=2, sort_keys=True) + "\n")
+    io.write_text(paths["markdown"], render_markdown(metrics, samples, "loss.png" if png_bytes else None, title))
+    io.write_text(paths["html"], render_html(metrics, samples, png_bytes, title))
+    return paths

@@ -1,0 +1,1 @@
+"""One unified model out of a sharded checkpoint: fuse, reshard, Hugging Face export, loading."""

@@ -1,0 +1,303 @@
+"""Fuse a sharded training checkpoint into one model directory.
+
+    fuse_checkpoint("runs/train", "runs/model", dtype="bf16", hf=True)
+
+reads the checkpoint ``runs/train/checkpoints/latest`` names (or a checkpoint directory
+given directly), written at any (tp, dp) layout, local or gs://, and writes::
+
+    runs/model/config.json          the ModelConfig (JSON)
+    runs/model/model.safetensors    weights (model-0000i-of-0000n.safetensors + index when big)
+    runs/model/tokenizer.model      the SentencePiece model, and tokenizer.json (its ids)
+    runs/model/manifest.json        sha256 of every file, shape/dtype/sha256 of every tensor,
+                                    source checkpoint, step, verification result
+    runs/model/hf/                  with hf=True: a Hugging Face model directory (mtnlg.fuse.hf)
+
+Tensors are streamed: each is assembled from its checkpoint chunks, cast, written and
+dropped before the next is read, so memory peaks near the largest tensor, and the
+optimizer state (two thirds of a checkpoint with Adam) is never read.
+
+Vocabulary padding: a checkpoint trained at tensor-parallel degree tp has an embedding
+padded to a multiple of ``make_vocab_size_divisible_by * tp``. The fused model keeps those
+rows (their logits are part of the softmax the model was trained with) and records
+``make_vocab_size_divisible_by * tp`` in config.json, so ``GPT(cfg)`` at tp=1 has exactly
+the stored shape and computes exactly the trained function.
+
+Verification (on by default for models up to 2B parameters): the checkpoint is loaded a
+second, independent way, through the trainer's own DCP loader into a single-process fp32
+model, and its logits on a fixed batch (2 x min(32, seq_length) tokens, seed 0) are
+compared with those of the model read back from the written files (in fp32):
+
+======  =================================================================================
+dtype   tolerance on max |logit difference|
+======  =================================================================================
+fp32    1e-5 absolute: the weights are bit-identical, so in practice the difference is 0
+bf16    5e-2 x max |logit|: bf16 keeps 8 bits of mantissa (relative error 2^-9 per weight)
+fp16    1e-2 x max |logit|: fp16 keeps 11 bits (2^-12)
+======  =================================================================================
+
+The tensor-parallel model itself is compared with the fused one in the tests (the TP
+forward differs from the single-process one only by reduction order, within 1e-5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import time
+import warnings
+from typing import Any, Callable, Iterator
+
+import torch
+
+from mtnlg import io
+from mtnlg.config import from_dict, to_dict
+from mtnlg.fuse.load import CONFIG_FILE, expected_tensors, load_fused
+from mtnlg.fuse.manifest import hash_files, save_manifest, write_manifest
+from mtnlg.fuse.writer import FUSE_DTYPES, ShardedSafetensorsWriter, TensorSpec
+from mtnlg.model.config import ModelConfig
+from mtnlg.progress import Progress, get_logger
+
+log = get_logger("mtnlg.fuse")
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+# dtype -> (absolute tolerance, tolerance relative to max |reference logit|)
+TOLERANCES: dict[str, tuple[float, float]] = {"fp32": (1e-5, 0.0), "bf16": (0.0, 5e-2), "fp16": (0.0, 1e-2)}
+VERIFY_MAX_PARAMS = 2_000_000_000
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in FUSE_DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(FUSE_DTYPES)}")
+    return FUSE_DTYPES[name]
+
+
+def fixed_batch(cfg: ModelConfig) -> torch.Tensor:
+    """The verification batch: (2, min(32, seq_length)) token ids from seed 0."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, cfg.vocab_size, (2, min(32, cfg.seq_length)), generator=g)
+
+
+def check_logits(ref: torch.Tensor, got: torch.Tensor, dtype: str, what: str) -> float:
+    """Max |difference|; raises ValueError beyond the dtype's tolerance (TOLERANCES)."""
+    atol, rtol = TOLERANCES[dtype]
+    diff = float((ref.float() - got.float()).abs().max())
+    limit = atol + rtol * float(ref.abs().max())
+    if not diff <= limit:
+        raise ValueError(f"{what}: logits differ by {diff:.4g}, more than the {dtype} tolerance {limit:.4g}")
+    return diff
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_model_dir(out: str, cfg: ModelConfig, names: list[str], shapes: dict[str, tuple[int, ...]],
+                    get: Callable[[str], torch.Tensor], dtype: str, tokenizer_files: dict[str, bytes | str],
+                    max_shard_bytes: int = 2 << 30, **provenance: Any) -> dict[str, Any]:
+    """Write a fused model directory into local ``out``; returns the manifest.
+
+    ``get(name)`` produces each tensor when its turn comes (streaming); ``tokenizer_files``
+    maps a file name to its bytes or a path (local or gs://) to copy.
+    """
+    torch_dtype = _dtype(dtype)
+    os.makedirs(out, exist_ok=True)
+    specs = [TensorSpec(n, tuple(shapes[n]), torch_dtype) for n in names]
+    total = sum(s.nbytes for s in specs)
+    prog = Progress("fuse", total=len(specs), unit="tensors")
+    with ShardedSafetensorsWriter(out, specs, max_shard_bytes, metadata={"mtnlg_dtype": dtype}) as w:
+        for n in names:
+            w.write(n, get(n))
+            prog.update(1)
+    prog.close()
+    with open(os.path.join(out, CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(to_dict(cfg), f, indent=2)
+    for name, src in tokenizer_files.items():
+        dst = os.path.join(out, name)
+        if isinstance(src, bytes):
+            with open(dst, "wb") as f:
+                f.write(src)
+        elif io.is_gcs(src):
+            io.copy(src, dst)
+        else:
+            shutil.copyfile(src, dst)  # no fsync: the staging directory is renamed as a whole
+    side = [CONFIG_FILE, *tokenizer_files]
+    files = {**w.files, **hash_files(out, side)}
+    return write_manifest(out, files, w.tensors, dtype=dtype, parameters=sum(
+        _numel(s.shape) for s in specs), weight_bytes=total, **provenance)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def save_fused(model: torch.nn.Module, output: str, tokenizer, dtype: str = "fp32",
+               max_shard_bytes: int = 2 << 30, **provenance: Any) -> dict[str, Any]:
+    """Write an in-memory (single-device) ``GPT`` and its ``Tokenizer`` as a fused model
+    directory (local or gs://); returns the manifest. What ``MegatronLM.save`` uses."""
+    sd = model.state_dict()
+    names = list(expected_tensors(model))
+    shapes = {k: tuple(sd[k].shape) for k in names}
+    tok = {"tokenizer.model": tokenizer.model_bytes,
+           "tokenizer.json": (json.dumps(tokenizer.metadata(), indent=2) + "\n").encode()}
+    with staged_output(output) as out:
+        manifest = write_model_dir(out, model.cfg, names, shapes, lambda k: sd[k].detach().cpu(), dtype, tok,
+                                   max_shard_bytes, source="in-memory model", **provenance)
+    return manifest
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+@contextlib.contextmanager
+def staged_output(output: str) -> Iterator[str]:
+    """A local directory that becomes ``output`` only if the body succeeds: a failed fuse
+    leaves no half-written model behind (locally: ``OUTPUT.partial`` renamed at the end;
+    gs://: uploaded at the end)."""
+    if io.is_gcs(output):
+        with io.local_dir_for_output(output) as out:
+            yield out
+        return
+    final = os.path.abspath(output)
+    partial = final.rstrip("/") + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(partial, final)
+
+
+def _checkpoint_model_config(ckpt: str, state: dict[str, Any]) -> tuple[ModelConfig, int]:
+    """The trained ModelConfig and the tensor-parallel degree it was padded for."""
+    import yaml
+
+    model = state.get("model")
+    cfg_path = io.join(ckpt, "config.yaml")
+    run: dict[str, Any] = {}
+    if io.exists(cfg_path):
+        run = yaml.safe_load(io.read_text(cfg_path)) or {}
+    if model is None:
+        model = run.get("model")
+    if not isinstance(model, dict):
+        raise ValueError(f"{ckpt}: neither trainer_state.json nor config.yaml describes the model")
+    tp = (state.get("layout") or {}).get("tp") or (run.get("parallel") or {}).get("tp") or 1
+    return from_dict(ModelConfig, model, prefix="model"), int(tp)
+
+
+def fused_config(cfg: ModelConfig, tp: int, embedding_rows: int) -> ModelConfig:
+    """``cfg`` with the vocabulary padding the stored embedding has (see module doc)."""
+    fused = dataclasses.replace(cfg, make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by * tp)
+    if fused.padded_vocab_size(1) != embedding_rows:
+        raise ValueError(f"the checkpoint's embedding has {embedding_rows} rows, but vocab_size="
+                         f"{cfg.vocab_size} padded for tp={tp} gives {cfg.padded_vocab_size(tp)}")
+    return fused
+
+
+def _tokenizer_sources(ckpt: str, state: dict[str, Any]) -> dict[str, str]:
+    """Tokenizer files: those saved in the checkpoint, else the tokenized data directory's."""
+    found = {n: io.join(ckpt, n) for n in TOKENIZER_FILES if io.exists(io.join(ckpt, n))}
+    if "tokenizer.model" in found:
+        return found
+    ref = state.get("tokenizer")
+    if ref:
+        data_dir = ref.rsplit("/", 1)[0] if ref.endswith(".model") else ref
+        found = {n: io.join(data_dir, n) for n in TOKENIZER_FILES if io.exists(io.join(data_dir, n))}
+        if "tokenizer.model" in found:
+            return found
+    raise FileNotFoundError(f"{ckpt}: no tokenizer.model in the checkpoint, nor at the tokenizer it "
+                            f"references ({ref!r})")
+
+
+def reference_logits(ckpt: str, cfg: ModelConfig, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits of the checkpoint loaded by the trainer's DCP loader (fp32, one process)."""
+    from mtnlg.model.gpt import GPT
+    from mtnlg.train.checkpoint import load_checkpoint
+
+    model = GPT(cfg)
+    with warnings.catch_warnings():  # "no process group: loading in a single process" is the point
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        load_checkpoint(ckpt, model, None)
+    model.eval()
+    with torch.no_grad():
+        return model(tokens)
+
+
+def fuse_checkpoint(checkpoint: str, output: str, dtype: str = "fp32", hf: bool = False,
+                    max_shard_bytes: int = 2 << 30, verify: bool | None = None) -> dict[str, Any]:
+    """Fuse ``checkpoint`` (a run dir, a checkpoints dir with ``latest``, or a checkpoint)
+    into ``output``; returns a summary. ``verify=None`` verifies models up to 2B parameters."""
+    from mtnlg.fuse.dcp_reader import MODEL_PREFIX, CheckpointReader
+    from mtnlg.model.gpt import GPT
+    from mtnlg.train.checkpoint import resolve_checkpoint
+
+    _dtype(dtype)
+    t0 = time.perf_counter()
+    ckpt = resolve_checkpoint(checkpoint)
+    with CheckpointReader(ckpt) as reader:
+        state = reader.trainer_state
+        cfg, tp = _checkpoint_model_config(ckpt, state)
+        stored = reader.model_tensors()
+        if "tok_embeddings.weight" not in stored:
+            raise ValueError(f"{ckpt}: tensor 'model.tok_embeddings.weight' is missing from the checkpoint")
+        cfg = fused_config(cfg, tp, stored["tok_embeddings.weight"].shape[0])
+        with torch.device("meta"):
+            expected = expected_tensors(GPT(cfg))
+        for name, shape in expected.items():
+            if name not in stored:
+                raise ValueError(f"{ckpt}: tensor {MODEL_PREFIX + name!r} is missing from the checkpoint")
+            if stored[name].shape != shape:
+                raise ValueError(f"{ckpt}: tensor {MODEL_PREFIX + name!r} has shape {stored[name].shape}, "
+                                 f"the model config needs {shape}")
+        extra = [n for n in stored if n not in expected and not (n == "output.weight" and cfg.tie_embeddings)]
+        if extra:
+            raise ValueError(f"{ckpt}: unexpected tensor {MODEL_PREFIX + extra[0]!r} for this model config")
+        names = list(expected)
+        n_params = sum(_numel(s) for s in expected.values())
+        if verify is None:
+            verify = n_params <= VERIFY_MAX_PARAMS
+            if not verify:
+                log.info("%d parameters: skipping logit verification (pass verify=True to force)", n_params)
+        log.info("fusing %s (step %s, layout %s) -> %s as %s", ckpt, state.get("step"), state.get("layout"),
+                 output, dtype)
+        result: dict[str, Any] = {"checkpoint": ckpt, "step": state.get("step"), "dtype": dtype,
+                                  "parameters": n_params, "tensors": len(names)}
+        with staged_output(output) as out:
+            manifest = write_model_dir(
+                out, cfg, names, {n: stored[n].shape for n in names},
+                lambda n: reader.read(MODEL_PREFIX + n), dtype, _tokenizer_sources(ckpt, state), max_shard_bytes,
+                source=ckpt, step=state.get("step"), layout=state.get("layout"),
+                trained_vocab_padding={"tp": tp, "make_vocab_size_divisible_by": cfg.make_vocab_size_divisible_by // tp})
+            reader.close()
+            result["seconds"] = time.perf_counter() - t0
+            result["bytes"] = int(manifest["weight_bytes"])
+            result["mb_per_s"] = result["bytes"] / 1e6 / max(result["seconds"], 1e-9)
+            result["files"] = len(manifest["files"])
+            if verify:
+                tokens = fixed_batch(cfg)
+                ref = reference_logits(ckpt, cfg, tokens)
+                model, _, _ = load_fused(out, dtype=torch.float32, decode_layout=False)
+                with torch.no_grad():
+                    got = model(tokens)
+                result["max_abs_logit_diff"] = check_logits(ref, got, dtype, f"fused {out} vs checkpoint {ckpt}")
+                log.info("verified: fused logits within %.3g of the checkpoint's (%s tolerance %s)",
+                         result["max_abs_logit_diff"], dtype, TOLERANCES[dtype])
+                manifest["verification"] = {"max_abs_logit_diff": result["max_abs_logit_diff"],
+                                            "tolerance": TOLERANCES[dtype], "batch": list(tokens.shape)}
+                save_manifest(out, manifest)
+            if hf:
+                from mtnlg.fuse.hf import export_hf
+
+                result["hf"] = export_hf(out, os.path.join(out, "hf"), max_shard_bytes=max_shard_bytes)
+        result["output"] = output
+    log.info("fused %d tensors (%.1f MB) in %.1fs: %.1f MB/s", len(names), result["bytes"] / 1e6,
+             result["seconds"], result["mb_per_s"])
+    return result

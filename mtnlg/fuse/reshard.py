@@ -1,0 +1,183 @@
+"""Rewrite a training checkpoint for another parallel layout, so training resumes there.
+
+    reshard_checkpoint("runs/train", "runs/tp1/checkpoints", tp=1, pp=1)
+    mtnlg train --nproc 1 --config runs/tp1/checkpoints/step_00000020/config.yaml output=runs/tp1
+
+DCP checkpoints are already layout-independent on the way in: every process of the new
+job reads the part of each tensor it owns, from whichever chunks overlap it. What ties a
+checkpoint to a layout is everything around the tensors, and that is what resharding
+rewrites:
+
+* ``config.yaml``: ``parallel.tp`` / ``parallel.pp`` set to the new layout
+  (``parallel.dp`` back to -1: it follows the world size at resume); the combination is
+  checked with the trainer's own layout rules (``ParallelDims``) before anything is written;
+* the vocabulary padding: the embedding (and an untied output head) has
+  ``padded_vocab_size(tp)`` rows. The rows are kept whenever the new degree divides them,
+  with ``model.make_vocab_size_divisible_by`` chosen so that the new padded size is the
+  stored one: the original value if it already gives that size (so TP=2 -> TP=1 -> TP=2
+  restores the original config), else ``rows / tp``. Only when the new degree does not
+  divide the rows are zero rows appended (weights and Adam moments), with a warning;
+* ``trainer_state.json``: the layout, the model config; step, consumed samples and the
+  scheduler position are kept, so the data stream and the LR schedule continue exactly;
+* the per-rank RNG states are dropped (they belong to the old ranks; the trainer says so
+  when it resumes and reseeds).
+
+Model and optimizer tensors are re-saved with DCP, one tensor at a time: the state dict
+handed to ``dcp.save`` holds meta tensors (shape and dtype only), and the save planner
+reads each real tensor from the source checkpoint when the writer asks for it. Every
+tensor and plain entry of the source is carried over, bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+from mtnlg import io
+from mtnlg.progress import Progress, get_logger
+
+log = get_logger("mtnlg.fuse.reshard")
+
+# the parameters whose first dimension is the padded vocabulary
+VOCAB_PARAMS = ("tok_embeddings.weight", "output.weight")
+
+
+def _vocab_param(fqn: str) -> str | None:
+    """The vocab-sized parameter an entry belongs to (weight or optimizer moment), or None."""
+    for p in VOCAB_PARAMS:
+        if fqn == "model." + p or fqn.startswith("optim.state." + p + "."):
+            return p
+    return None
+
+
+def new_vocab_padding(vocab_size: int, rows: int, tp: int, candidates: list[int]) -> tuple[int, int]:
+    """``(make_vocab_size_divisible_by, rows)`` for degree ``tp``, keeping ``rows`` if possible."""
+    for m in candidates:
+        if m >= 1 and -(-vocab_size // (m * tp)) * m * tp == rows:
+            return m, rows
+    if rows % tp == 0:
+        return rows // tp, rows
+    new_rows = -(-rows // tp) * tp
+    return new_rows // tp, new_rows
+
+
+class _StreamingSavePlanner(DefaultSavePlanner):
+    """Writes tensors the state dict only describes (meta tensors): each is read from the
+    source checkpoint when the writer gets to it, so one tensor is in memory at a time."""
+
+    def __init__(self, reader, rows: int, new_rows: int, prog: Progress):
+        super().__init__()
+        self.reader, self.rows, self.new_rows, self.prog = reader, rows, new_rows, prog
+
+    def resolve_data(self, write_item):
+        fqn = write_item.index.fqn
+        md = self.reader.metadata.state_dict_metadata.get(fqn)
+        if not isinstance(md, TensorStorageMetadata):
+            return super().resolve_data(write_item)
+        t = self.reader.read(fqn)
+        if _vocab_param(fqn) and t.dim() >= 1 and t.shape[0] == self.rows and self.new_rows != self.rows:
+            pad = torch.zeros((self.new_rows - self.rows, *t.shape[1:]), dtype=t.dtype)
+            t = torch.cat([t, pad], dim=0)                                        # (new_rows, ...)
+        self.prog.update(1)
+        return t
+
+
+def reshard_checkpoint(checkpoint: str, output: str, tp: int, pp: int = 1) -> dict[str, Any]:
+    """Write ``checkpoint`` for layout (tp, pp) as ``output/step_XXXXXXXX`` + ``output/latest``.
+
+    ``checkpoint`` is a run dir, a checkpoints dir with ``latest``, or a checkpoint; both
+    may be local or gs://. Returns a summary with the overrides that resume from it.
+    """
+    import yaml
+
+    from mtnlg.config import ConfigError, from_dict, to_dict
+    from mtnlg.fuse.dcp_reader import CheckpointReader
+    from mtnlg.model.config import ModelConfig
+    from mtnlg.parallel.config import ParallelConfig
+    from mtnlg.parallel.dims import ParallelDims
+    from mtnlg.train.checkpoint import FORMAT, LATEST, STATE_FILE, resolve_checkpoint, step_dirname
+
+    if tp < 1 or pp < 1:
+        raise ConfigError(f"--tp and --pp must be >= 1, got tp={tp}, pp={pp}")
+    src = resolve_checkpoint(checkpoint)
+    with CheckpointReader(src) as reader:
+        state = dict(reader.trainer_state)
+        if state.get("format") != FORMAT:
+            raise ValueError(f"{src}: unknown checkpoint format {state.get('format')!r} (expected {FORMAT})")
+        cfg_path = io.join(src, "config.yaml")
+        if not io.exists(cfg_path):
+            raise FileNotFoundError(f"{cfg_path} is missing: the checkpoint does not record its run config")
+        run = yaml.safe_load(io.read_text(cfg_path)) or {}
+        model = from_dict(ModelConfig, run.get("model") or state.get("model") or {}, prefix="model")
+        parallel = from_dict(ParallelConfig, dict(run.get("parallel") or {}, tp=tp, pp=pp, dp=-1), prefix="parallel")
+
+        entries = reader.entries()
+        emb = entries.get("model.tok_embeddings.weight")
+        if not isinstance(emb, TensorStorageMetadata):
+            raise ValueError(f"{src}: tensor 'model.tok_embeddings.weight' is missing from the checkpoint")
+        rows = int(emb.size[0])
+        old_tp = int((state.get("layout") or {}).get("tp") or (run.get("parallel") or {}).get("tp") or 1)
+        original_m = int(state.get("original_make_vocab_size_divisible_by") or model.make_vocab_size_divisible_by)
+        m, new_rows = new_vocab_padding(model.vocab_size, rows, tp, [original_m, model.make_vocab_size_divisible_by])
+        if new_rows != rows:
+            log.warning("padded vocabulary of %d rows does not divide by tp=%d: appending %d zero rows to the "
+                        "embedding/output weights and their optimizer moments", rows, tp, new_rows - rows)
+        new_model = dataclasses.replace(model, make_vocab_size_divisible_by=m)
+        ParallelDims.build(parallel, tp * pp, new_model)  # the trainer's layout rules, before writing
+
+        run = dict(run, model=to_dict(new_model), parallel=to_dict(parallel))
+        # a meta-tensor description of every tensor, and the small plain entries themselves
+        sd: dict[str, Any] = {}
+        n_tensors = 0
+        for fqn, md in entries.items():
+            if isinstance(md, TensorStorageMetadata):
+                shape = list(md.size)
+                if _vocab_param(fqn) and shape and shape[0] == rows:
+                    shape[0] = new_rows
+                sd[fqn] = torch.empty(shape, dtype=md.properties.dtype, device="meta")
+                n_tensors += 1
+            elif isinstance(md, BytesStorageMetadata):
+                sd[fqn] = reader.read_bytes_entry(fqn)
+        step = int(state.get("step", 0))
+        new_state = dict(state, layout={"tp": tp, "pp": pp, "dp": None,
+                                        "sequence_parallel": parallel.sequence_parallel, "fsdp": parallel.fsdp},
+                         model=to_dict(new_model), world_size=None, resharded_from=src,
+                         original_make_vocab_size_divisible_by=original_m)
+        name = step_dirname(step)
+        with tempfile.TemporaryDirectory(prefix="mtnlg-reshard-") as tmp:
+            local = os.path.join(tmp, name)
+            prog = Progress("reshard", total=n_tensors, unit="tensors")
+            with warnings.catch_warnings():  # one process writes every shard: intended
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.save(sd, storage_writer=FileSystemWriter(local, thread_count=1),
+                         planner=_StreamingSavePlanner(reader, rows, new_rows, prog), no_dist=True)
+            prog.close()
+            with open(os.path.join(local, "config.yaml"), "w", encoding="utf-8") as f:
+                yaml.safe_dump(run, f, sort_keys=False)
+            for tok in ("tokenizer.model", "tokenizer.json"):
+                if io.exists(io.join(src, tok)):
+                    io.copy(io.join(src, tok), os.path.join(local, tok))
+            target = io.join(output, name)
+            if io.exists(target):
+                io.remove(target)
+            io.copy_tree(local, target)
+            # last: the state file marks the checkpoint complete, then latest points at it
+            io.write_text(io.join(target, STATE_FILE), json.dumps(new_state, indent=2, sort_keys=True))
+            io.write_text(io.join(output, LATEST), name + "\n")
+    overrides = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"checkpoint.load={target}"]
+    if m != model.make_vocab_size_divisible_by:
+        overrides.insert(2, f"model.make_vocab_size_divisible_by={m}")
+    log.info("resharded %s (tp=%d) -> %s (tp=%d, pp=%d)", src, old_tp, target, tp, pp)
+    return {"checkpoint": target, "source": src, "step": step, "tp": tp, "pp": pp, "source_tp": old_tp,
+            "tensors": n_tensors, "vocab_rows": new_rows, "make_vocab_size_divisible_by": m,
+            "resume_overrides": overrides}

@@ -1,0 +1,134 @@
+"""Text generation from a GPT with a key/value cache.
+
+    model, cfg, tok = load_fused("out/model")
+    text = generate(model, tok, "The list type", max_new_tokens=40, temperature=0.8, top_p=0.9, seed=1)
+
+The prompt is read as the start of a new document: it is preceded by the end-of-document
+token, which is what precedes every document in the training stream. The prompt is run
+through the model once (prefill), filling the cache; each new token then costs one
+single-position forward pass that attends to the cached keys and values. Generation stops
+after ``max_new_tokens`` or at the end-of-document token (``stop_at_eod``).
+
+The model sees at most ``seq_length`` positions. A prompt longer than that keeps its last
+tokens; when the cache is full the newest three quarters of the tokens are run through
+the model again as a fresh window and generation continues (the same sliding window a
+recomputing generator would use, paid once per quarter window).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterator
+
+import torch
+
+from mtnlg.generate.sampling import SamplingConfig, sample_next_token
+from mtnlg.progress import get_logger
+
+log = get_logger("mtnlg.generate")
+
+
+def _mask_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Padding ids (>= the tokenizer's vocabulary) are never generated.  (B, V_padded)."""
+    if logits.shape[-1] > vocab_size:
+        logits = logits.clone()
+        logits[..., vocab_size:] = float("-inf")
+    return logits
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def stream_tokens(model: torch.nn.Module, prompt_ids: list[int], sampling: SamplingConfig,
+                  vocab_size: int, eod_id: int | None = None, use_cache: bool = True) -> Iterator[int]:
+    """Yield new token ids one at a time (the end-of-document token is not yielded).
+
+    ``prompt_ids`` must be non-empty; ``vocab_size`` is the tokenizer's (the model's logits
+    may be padded beyond it). ``use_cache=False`` recomputes the whole window at every
+    step: the reference the cached path is tested against.
+    """
+    from mtnlg.model.gpt import KVCache
+
+    if not prompt_ids:
+        raise ValueError("the prompt has no tokens")
+    cfg = model.cfg
+    window = cfg.seq_length
+    device = _device_of(model)
+    gen = None
+    if sampling.seed is not None and sampling.temperature > 0:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(sampling.seed))
+    context = list(prompt_ids)[-window:]                                        # the model's view
+    was_training = model.training
+    model.eval()
+    try:
+        cache = KVCache.for_model(model, batch_size=1) if use_cache else None
+        pending = context                                                        # not yet in the cache
+        for _ in range(sampling.max_new_tokens):
+            if use_cache and cache.length + len(pending) > window:
+                # the cache is full: restart from the newest 3/4 window
+                context = context[-(window - window // 4):]
+                cache.reset()
+                pending = context
+            if not use_cache:
+                context = context[-window:]
+                pending = context
+            x = torch.tensor([pending], dtype=torch.long, device=device)         # (1, t)
+            logits = model(x, cache=cache) if use_cache else model(x)            # (1, t, V_padded)
+            last = _mask_padding(logits[:, -1, :].float(), vocab_size)           # (1, V_padded)
+            nxt = int(sample_next_token(last, sampling.temperature, sampling.top_k, sampling.top_p, gen)[0])
+            if sampling.stop_at_eod and eod_id is not None and nxt == eod_id:
+                return
+            yield nxt
+            context.append(nxt)
+            pending = [nxt]
+    finally:
+        model.train(was_training)
+
+
+def generate_ids(model: torch.nn.Module, prompt_ids: list[int], sampling: SamplingConfig | None = None,
+                 vocab_size: int | None = None, eod_id: int | None = None, use_cache: bool = True) -> list[int]:
+    """The new token ids after ``prompt_ids`` (see :func:`stream_tokens`)."""
+    sampling = sampling or SamplingConfig()
+    vocab = vocab_size if vocab_size is not None else model.cfg.vocab_size
+    return list(stream_tokens(model, prompt_ids, sampling, vocab, eod_id, use_cache))
+
+
+def prompt_ids_for(tokenizer, prompt: str) -> list[int]:
+    """End-of-document token + the prompt's tokens: the prompt starts a new document."""
+    return [tokenizer.eod_id] + tokenizer.encode(prompt)
+
+
+def generate(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_at_eod: bool = True,
+             on_token: Callable[[str], None] | None = None) -> str:
+    """The continuation of ``prompt`` (without the prompt).
+
+    ``temperature=0`` is greedy decoding; otherwise tokens are sampled after top-k / top-p
+    filtering, reproducibly for a given ``seed``. ``on_token`` receives the text as it
+    grows (each call gets the newly decoded piece), for streaming to a terminal.
+    """
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                              top_p=top_p, seed=seed, stop_at_eod=stop_at_eod)
+    ids: list[int] = []
+    shown = ""
+    t0 = time.perf_counter()
+    for tok in stream_tokens(model, prompt_ids_for(tokenizer, prompt), sampling, tokenizer.vocab_size,
+                             tokenizer.eod_id):
+        ids.append(tok)
+        if on_token is not None:
+            text = tokenizer.decode(ids)
+            if len(text) > len(shown) and text.startswith(shown):
+                on_token(text[len(shown):])
+                shown = text
+    dt = time.perf_counter() - t0
+    log.debug("generated %d tokens in %.2fs (%.1f tokens/s)", len(ids), dt, len(ids) / max(dt, 1e-9))
+    text = tokenizer.decode(ids)
+    if on_token is not None and len(text) > len(shown) and text.startswith(shown):
+        on_token(text[len(shown):])
+    return text

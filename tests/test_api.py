@@ -1,0 +1,55 @@
+"""The Python API end to end: a tiny model trained on a few KB of text through
+extract -> tokenize -> train -> fuse, then generate, call, save and load."""
+
+from __future__ import annotations
+
+import gzip
+import os
+
+import pytest
+import torch
+
+CORPUS = os.path.join(os.path.dirname(__file__), "..", "data", "corpus", "python-docs", "whatsnew")
+
+
+def test_megatronlm_trains_generates_saves_and_loads(tmp_path):
+    from mtnlg import MegatronLM, load_data
+
+    with gzip.open(os.path.join(CORPUS, "2.0.txt.gz"), "rt", encoding="utf-8") as f:
+        text = f.read()[:12000]
+    (tmp_path / "notes.txt").write_text(text, encoding="utf-8")
+    data = load_data(str(tmp_path / "notes.txt"))
+    assert data.inputs == (str(tmp_path / "notes.txt"),) and data.total_bytes >= 12000
+
+    model = MegatronLM(num_layers=2, hidden_size=32, num_heads=2, seq_length=32)
+    run = model.train(data, steps=4, tp=1, nproc=1, output=str(tmp_path / "run"), batch_size=4,
+                      overrides=["train.micro_batch_size=4", "train.eval_iters=0"])
+    assert run["train"]["steps"] == 4 and run["extract"]["splits"]["validation"]["docs"] > 0
+    assert os.path.exists(os.path.join(run["paths"]["model"], "model.safetensors"))
+    assert model.cfg.vocab_size == model.tokenizer.vocab_size == run["tokenize"]["vocab_size"]
+
+    out = model.generate("The new version", max_new_tokens=8)
+    assert isinstance(out, str)
+    ids = model.encode("The new version")
+    logits = model([ids])
+    assert logits.shape == (1, len(ids), model.cfg.padded_vocab_size(1))
+    assert model(ids).shape == logits.shape[1:]
+
+    model.save(str(tmp_path / "saved"))
+    again = MegatronLM.load(str(tmp_path / "saved"))
+    assert torch.equal(again([ids]), logits)
+    assert again.generate("The new version", max_new_tokens=8) == out
+    assert model.train(False) is model and not model.training  # still an nn.Module
+
+
+def test_api_errors_are_clear(tmp_path):
+    from mtnlg import MegatronLM, load_data
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_data(str(tmp_path / "nope.txt"))
+    with pytest.raises(TypeError, match="unknown model setting 'num_layer'"):
+        MegatronLM(num_layer=2)
+    with pytest.raises(ValueError, match="no tokenizer yet"):
+        MegatronLM(preset="debug").generate("hi")
+    m = MegatronLM(preset="debug")
+    assert m.cfg.num_layers == 2 and m(torch.tensor([[1, 2, 3]])).shape == (1, 3, 512)

@@ -1,0 +1,163 @@
+"""Evaluation: loss over a token stream, cloze construction and accuracy, the report files,
+and ``mtnlg evaluate`` end to end on a tiny tokenized directory."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtnlg.evaluate.cloze import ClozeItem, make_cloze_items, passage_and_word
+from mtnlg.evaluate.metrics import cloze_accuracy, stream_loss
+from mtnlg.model.config import ModelConfig
+from mtnlg.model.gpt import GPT
+
+SENTENCES = [
+    "The list type supports append, insert and pop, and lists may be sorted in place.",
+    "A dictionary maps hashable keys to arbitrary values and keeps insertion order.",
+    "Functions are defined with the def keyword and may return several values as a tuple.",
+    "Modules group related code, and a package is a directory of modules with an init file.",
+    "Exceptions propagate up the call stack until a matching except clause handles them.",
+    "Generators produce values lazily, one at a time, whenever the caller asks for the next one.",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory) -> str:
+    """A tokenized directory (train + validation) through the real tokenize step."""
+    from mtnlg.data.config import TokenizeConfig
+    from mtnlg.data.tokenize import tokenize
+
+    root = tmp_path_factory.mktemp("evaldata")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 300), ("validation", 40)):
+        os.makedirs(root / "ext" / split)
+        with open(root / "ext" / split / "part-00000-of-00001.jsonl", "w", encoding="utf-8") as f:
+            for i in range(n):
+                text = " ".join(SENTENCES[j] for j in rng.integers(0, len(SENTENCES), size=4))
+                f.write(json.dumps({"id": f"{split}-{i}", "text": text, "source": "t"}) + "\n")
+    out = str(root / "tok")
+    tokenize(str(root / "ext"), out, TokenizeConfig(vocab_size=300, workers=1, train_sample_bytes=1 << 20))
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tokenized, tmp_path_factory) -> str:
+    from mtnlg.data.tokenizer import Tokenizer
+    from mtnlg.fuse.fuse import save_fused
+
+    tok = Tokenizer.from_dir(tokenized)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(num_layers=2, hidden_size=32, num_heads=4, seq_length=64, vocab_size=tok.vocab_size))
+    out = str(tmp_path_factory.mktemp("model") / "m")
+    save_fused(model, out, tok)
+    return out
+
+
+def test_stream_loss_is_mean_token_nll_and_perplexity_its_exp():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(num_layers=1, hidden_size=16, num_heads=2, seq_length=8, vocab_size=50)).eval()
+    stream = np.random.default_rng(1).integers(0, 50, size=30)
+    res = stream_loss(model, stream, seq_length=8, batch_size=3)
+    # reference: every token predicted once, from the context inside its 8-token window
+    nll, n = 0.0, 0
+    for s in range(0, 29, 8):
+        w = torch.tensor(stream[s:s + 9])
+        with torch.no_grad():
+            logits = model(w[None, :-1])[0]
+        nll += float(F.cross_entropy(logits, w[1:], reduction="sum"))
+        n += len(w) - 1
+    assert res.tokens == n == 29 and res.windows == 4
+    assert res.loss == pytest.approx(nll / n, rel=1e-6)
+    assert res.perplexity == pytest.approx(math.exp(res.loss), rel=1e-9)
+
+
+def test_passage_and_word():
+    assert passage_and_word("Lists are sorted in place.") == ("Lists are sorted in", "place")
+    assert passage_and_word("Call it with x = 3.") == ("Call it", "with")  # the last alphabetic word
+    assert passage_and_word("nothing") is None
+    assert passage_and_word("12 34 56") is None
+
+
+def test_cloze_items_count_every_document(tokenized):
+    from mtnlg.data.indexed_dataset import IndexedDataset
+    from mtnlg.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tokenized)
+    ds = IndexedDataset(os.path.join(tokenized, "validation"))
+    items, stats = make_cloze_items(ds, tok, seq_length=64, max_items=30)
+    assert stats.documents == stats.items + sum(stats.skipped.values())
+    assert 0 < len(items) == stats.items <= 30
+    for it in items:
+        assert it.context[0] == tok.eod_id
+        assert tok.decode(it.target).strip() == it.word
+        assert len(it.context) + len(it.target) - 1 <= 64
+
+
+def test_cloze_accuracy_counts_whole_words():
+    class Oracle(torch.nn.Module):
+        """Predicts token (x + 1) after token x."""
+
+        def forward(self, x):
+            return F.one_hot((x + 1) % 10, 10).float() * 5
+
+    items = [ClozeItem(context=[1, 2, 3], target=[4, 5], word="a", doc=0),   # right
+             ClozeItem(context=[1, 2], target=[3, 9], word="b", doc=1),      # second piece wrong
+             ClozeItem(context=[6], target=[7], word="c", doc=2)]            # right
+    out = cloze_accuracy(Oracle(), items, batch_size=2)
+    assert out["cloze_items"] == 3 and out["cloze_correct"] == 2
+    assert out["cloze_accuracy"] == pytest.approx(2 / 3)
+
+
+def test_evaluate_end_to_end_writes_report(tokenized, model_dir, tmp_path):
+    from mtnlg.cli import main
+    from mtnlg.data.indexed_dataset import IndexedDataset
+
+    log = tmp_path / "log.jsonl"
+    with open(log, "w") as f:
+        for step in range(1, 11):
+            f.write(json.dumps({"step": step, "loss": 6.0 - 0.3 * step, "lr": 1e-3 * step / 10}) + "\n")
+        f.write("not json\n")
+    out = tmp_path / "eval"
+    assert main(["evaluate", model_dir, "--data", tokenized, "--output", str(out), "--train-log", str(log),
+                 "--max-new-tokens", "5", "--max-cloze-items", "20"]) == 0
+    for name in ("metrics.json", "report.md", "report.html", "loss.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    m = json.loads((out / "metrics.json").read_text())
+    val = IndexedDataset(os.path.join(tokenized, "validation"))
+    assert m["val_tokens"] == val.num_tokens  # the whole split, every token once
+    assert m["val_perplexity"] == pytest.approx(math.exp(m["val_loss"]), rel=1e-9)
+    # an untrained model: close to uniform over the padded vocabulary
+    assert 0.5 * math.log(384) < m["val_loss"] < 2 * math.log(384)
+    assert 0.0 <= m["cloze_accuracy"] <= 1.0 and m["cloze_items"] > 0
+    assert m["cloze_documents"] == m["cloze_items"] + sum(m["cloze_skipped"].values())
+    assert m["train_steps"] == 10 and m["train_log_skipped"] == 1
+    assert m["train_final_loss"] == pytest.approx(3.0)
+    assert len(m["samples"]) == 5 and all(isinstance(s["completion"], str) for s in m["samples"])
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "validation perplexity" in html
+    assert "![training loss](loss.png)" in (out / "report.md").read_text()
+
+
+def test_evaluate_refuses_data_from_another_tokenizer(tokenized, model_dir, tmp_path):
+    import shutil
+
+    from mtnlg.evaluate.evaluate import evaluate_model
+
+    other = tmp_path / "other"
+    shutil.copytree(tokenized, other)
+    meta = json.loads((other / "tokenizer.json").read_text())
+    meta["sha256"] = "0" * 64
+    (other / "tokenizer.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="different tokenizer"):
+        evaluate_model(model_dir, str(other), str(tmp_path / "e"))
+    with pytest.raises(FileNotFoundError, match="validation"):
+        os.remove(other / "validation.idx")
+        meta["sha256"] = json.loads(open(os.path.join(tokenized, "tokenizer.json")).read())["sha256"]
+        (other / "tokenizer.json").write_text(json.dumps(meta))
+        evaluate_model(model_dir, str(other), str(tmp_path / "e"))

@@ -1,0 +1,300 @@
+"""Fuse, reshard and Hugging Face export against a real TP=2 training run.
+
+One run per module: ``mtnlg train --nproc 2 --recipe debug parallel.tp=2`` for 3 steps
+(checkpoints at steps 2 and 3) on a small SentencePiece tokenization of the bundled
+"What's new" documents. Tolerances: the fused model against the single-process DCP load
+is bit-identical in fp32 (checked to 1e-6); against the TP=2 model itself, whose matmuls
+reduce in another order, within 1e-5; the HF models within 1e-4.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from mtnlg.cli import main as mtnlg_main
+
+CORPUS = os.path.join(os.path.dirname(__file__), "..", "data", "corpus", "python-docs", "whatsnew")
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory) -> str:
+    from mtnlg.data.config import TokenizeConfig
+    from mtnlg.data.tokenize import tokenize
+
+    root = tmp_path_factory.mktemp("fusedata")
+    docs = []
+    for path in sorted(glob.glob(os.path.join(CORPUS, "*.txt.gz")))[:6]:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            docs += [p for p in f.read().split("\n\n") if len(p.strip()) > 40]
+    cut = len(docs) * 9 // 10
+    for split, part in (("train", docs[:cut]), ("validation", docs[cut:])):
+        os.makedirs(root / "extracted" / split)
+        with open(root / "extracted" / split / "part-00000-of-00001.jsonl", "w", encoding="utf-8") as f:
+            for i, text in enumerate(part):
+                f.write(json.dumps({"id": f"{split}-{i}", "text": text, "source": "whatsnew"}) + "\n")
+    out = str(root / "tok")
+    tokenize(str(root / "extracted"), out, TokenizeConfig(vocab_size=512, workers=1, train_sample_bytes=1 << 20))
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tokenized, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("fuserun") / "run")
+    assert mtnlg_main(["train", "--nproc", "2", "--recipe", "debug", f"data.path={tokenized}", f"output={out}",
+                       "parallel.tp=2", "train.steps=3", "train.log_every=1", "train.eval_iters=0",
+                       "checkpoint.every=2", "checkpoint.keep_last=0"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def fused(run_dir, tmp_path_factory) -> str:
+    """``mtnlg fuse RUN --output DIR --hf`` with small shards, so the index path runs too."""
+    out = str(tmp_path_factory.mktemp("fused") / "model")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        assert mtnlg_main(["fuse", run_dir, "--output", out, "--hf", "--max-shard-size", "200KB"]) == 0
+    return out
+
+
+def _tp_logits(rank: int, world: int, ckpt: str, tokens: list) -> list:
+    """Logits of the TP=2 model with the checkpoint loaded (runs in 2 processes)."""
+    from mtnlg.config import from_dict
+    from mtnlg.model.config import ModelConfig
+    from mtnlg.model.gpt import GPT
+    from mtnlg.parallel.config import ParallelConfig
+    from mtnlg.parallel.dims import ParallelDims
+    from mtnlg.parallel.parallelize import parallelize_gpt
+    from mtnlg.train.checkpoint import load_checkpoint
+
+    with open(os.path.join(ckpt, "trainer_state.json")) as f:
+        cfg = from_dict(ModelConfig, json.load(f)["model"])
+    pc = ParallelConfig(tp=2)
+    dims = ParallelDims.build(pc, world, cfg)
+    model = parallelize_gpt(GPT(cfg, tp=2), dims.build_mesh("cpu"), pc)
+    load_checkpoint(ckpt, model, None)
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.tensor(tokens))
+    return logits.full_tensor().tolist()
+
+
+def _latest(run_dir: str) -> str:
+    from mtnlg.train.checkpoint import resolve_checkpoint
+
+    return resolve_checkpoint(run_dir)
+
+
+def test_fused_model_equals_the_tp2_model(fused, run_dir):
+    from mtnlg.fuse.fuse import fixed_batch, reference_logits
+    from mtnlg.fuse.load import load_fused
+
+    model, cfg, tok = load_fused(fused, decode_layout=False)  # row-major, as trained: bitwise
+    assert tok.vocab_size == cfg.vocab_size == 512
+    manifest = json.load(open(os.path.join(fused, "manifest.json")))
+    assert manifest["step"] == 3 and manifest["verification"]["max_abs_logit_diff"] <= 1e-6
+    shards = sorted(f for f in os.listdir(fused) if f.endswith(".safetensors"))
+    assert len(shards) > 1 and os.path.exists(os.path.join(fused, "model.safetensors.index.json"))
+    assert set(manifest["files"]) >= {*shards, "config.json", "tokenizer.model", "tokenizer.json"}
+    tokens = fixed_batch(cfg)
+    with torch.no_grad():
+        got = model(tokens)
+    ckpt = _latest(run_dir)
+    assert torch.equal(got, reference_logits(ckpt, cfg, tokens))  # fp32: bit-identical weights
+    tp = torch.tensor(run_distributed(_tp_logits, 2, (ckpt, tokens.tolist()))[0])
+    assert tp.shape == got.shape
+    assert torch.allclose(got, tp, atol=1e-5, rtol=0), float((got - tp).abs().max())
+
+
+def test_hf_gpt2_export_loads_offline_and_matches(fused, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from mtnlg.fuse.fuse import fixed_batch
+    from mtnlg.fuse.load import load_fused
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hf = AutoModelForCausalLM.from_pretrained(os.path.join(fused, "hf"))
+    assert type(hf).__name__ == "GPT2LMHeadModel"
+    model, cfg, _ = load_fused(fused)
+    tokens = fixed_batch(cfg)
+    with torch.no_grad():
+        ours, theirs = model(tokens), hf(tokens).logits
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=0), float((ours - theirs).abs().max())
+
+
+def test_hf_llama_export_matches(tmp_path, fused, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from mtnlg.data.tokenizer import Tokenizer
+    from mtnlg.fuse.fuse import save_fused
+    from mtnlg.fuse.hf import export_hf
+    from mtnlg.model.config import ModelConfig
+    from mtnlg.model.gpt import GPT
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(1)
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, seq_length=64, vocab_size=512,
+                      position="rotary", norm="rmsnorm", activation="swiglu", tie_embeddings=False, bias=False)
+    model = GPT(cfg).eval()
+    save_fused(model, str(tmp_path / "m"), Tokenizer.from_dir(fused))
+    result = export_hf(str(tmp_path / "m"), str(tmp_path / "hf"))
+    assert result["architecture"] == "LlamaForCausalLM" and result["max_abs_logit_diff"] <= 1e-4
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    tokens = torch.randint(0, 512, (2, 50), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(model(tokens), hf(tokens).logits, atol=1e-4, rtol=0)
+
+
+def test_hf_export_refuses_other_architectures():
+    from mtnlg.fuse.hf import hf_architecture
+    from mtnlg.model.config import ModelConfig
+
+    for kw in (dict(position="sinusoidal"), dict(position="rotary"), dict(norm="rmsnorm"),
+               dict(position="rotary", norm="rmsnorm", activation="gelu")):
+        with pytest.raises(ValueError, match="no Hugging Face architecture"):
+            hf_architecture(ModelConfig(**kw))
+    with pytest.raises(ValueError, match="grouped-query"):
+        hf_architecture(ModelConfig(num_kv_heads=2))
+
+
+def test_bf16_fuse_is_half_the_size_within_tolerance(run_dir, fused, tmp_path):
+    from mtnlg.fuse.fuse import fuse_checkpoint
+
+    r = fuse_checkpoint(run_dir, str(tmp_path / "bf16"), dtype="bf16")
+    fp32_bytes = json.load(open(os.path.join(fused, "manifest.json")))["weight_bytes"]
+    assert r["bytes"] * 2 == fp32_bytes and 0 < r["max_abs_logit_diff"] < 0.1
+
+
+def _entries_equal(a_path: str, b_path: str) -> int:
+    """Number of checkpoint entries compared; asserts each is identical."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from mtnlg.fuse.dcp_reader import CheckpointReader
+
+    with CheckpointReader(a_path) as a, CheckpointReader(b_path) as b:
+        ea, eb = a.entries(), b.entries()
+        assert set(ea) == set(eb)
+        for k, md in ea.items():
+            if isinstance(md, TensorStorageMetadata):
+                x, y = a.read(k), b.read(k)
+                assert x.dtype == y.dtype and torch.equal(x, y), k
+            else:
+                assert a.read_bytes_entry(k) == b.read_bytes_entry(k), k
+    return len(ea)
+
+
+def test_reshard_round_trip_is_bitwise_and_training_resumes(run_dir, tokenized, tmp_path):
+    src = os.path.join(run_dir, "checkpoints", "step_00000002")
+    assert mtnlg_main(["reshard", src, "--tp", "1", "--output", str(tmp_path / "tp1")]) == 0
+    assert mtnlg_main(["reshard", str(tmp_path / "tp1"), "--tp", "2", "--output", str(tmp_path / "tp2")]) == 0
+    tp1 = os.path.join(tmp_path, "tp1", "step_00000002")
+    back = os.path.join(tmp_path, "tp2", "step_00000002")
+    assert _entries_equal(src, back) > 100  # model + Adam moments + hyper-parameters
+    with open(os.path.join(tp1, "config.yaml")) as f:
+        assert "tp: 1" in f.read()
+    # resume the TP=1 checkpoint on one process: step 3 must match the TP=2 run's step 3
+    out = str(tmp_path / "resumed")
+    assert mtnlg_main(["train", "--nproc", "1", "--recipe", "debug", f"data.path={tokenized}", f"output={out}",
+                       "parallel.tp=1", "train.steps=3", "train.log_every=1", "train.eval_iters=0",
+                       f"checkpoint.load={tmp_path / 'tp1'}"]) == 0
+    log = [json.loads(x) for x in open(os.path.join(out, "log.jsonl")) if x.strip()]
+    ref = [json.loads(x) for x in open(os.path.join(run_dir, "log.jsonl")) if x.strip()]
+    assert [r["step"] for r in log] == [3]
+    assert log[0]["loss"] == pytest.approx(ref[-1]["loss"], abs=1e-4)
+    assert log[0]["consumed_samples"] == ref[-1]["consumed_samples"]
+
+
+def test_reshard_refuses_impossible_layouts(run_dir, tmp_path):
+    assert mtnlg_main(["reshard", run_dir, "--tp", "3", "--output", str(tmp_path / "x")]) == 2  # 4 heads
+    assert mtnlg_main(["reshard", run_dir, "--tp", "1", "--pp", "2", "--output", str(tmp_path / "y")]) == 2
+    assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
+
+
+def test_reshard_keeps_vocab_rows_when_possible():
+    from mtnlg.fuse.reshard import new_vocab_padding
+
+    assert new_vocab_padding(300, 512, 1, [128]) == (512, 512)   # 300 -> 512 rows kept at tp=1
+    assert new_vocab_padding(300, 512, 2, [128, 512]) == (128, 512)  # the original padding comes back
+    assert new_vocab_padding(300, 512, 3, [128]) == (171, 513)   # 3 does not divide 512: one zero row
+
+
+def test_damaged_fused_files_name_file_and_tensor(fused, tmp_path):
+    from mtnlg.fuse.load import load_fused
+    from mtnlg.fuse.writer import read_header
+
+    d = tmp_path / "m"
+    shutil.copytree(fused, d, ignore=shutil.ignore_patterns("hf"))
+    shard = sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))[1]
+    header, start = read_header(str(d / shard))
+    name, entry = next((k, v) for k, v in header.items() if k != "__metadata__")
+    with open(d / shard, "r+b") as f:  # flip one byte inside the first tensor's data
+        f.seek(start + entry["data_offsets"][0] + 3)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(ValueError, match=rf"{shard}.*checksum.*{name.replace('.', '[.]')}"):
+        load_fused(str(d))
+    os.remove(d / shard)
+    with pytest.raises(FileNotFoundError, match=rf"{shard} is missing.*{name.replace('.', '[.]')}"):
+        load_fused(str(d))
+    # a config that does not fit the weights: the shape error names file and tensor
+    shutil.rmtree(d)
+    shutil.copytree(fused, d, ignore=shutil.ignore_patterns("hf"))
+    cfg = json.load(open(d / "config.json"))
+    cfg["seq_length"] = 32
+    json.dump(cfg, open(d / "config.json", "w"))
+    with pytest.raises(ValueError, match=r"config\.json: (size \d+ bytes, manifest says|sha256 checksum mismatch)"):
+        load_fused(str(d))
+    with pytest.raises(ValueError, match=r"safetensors: tensor 'pos_embeddings\.weight' has shape \(64, 64\)"):
+        load_fused(str(d), verify=False)
+
+
+def test_damaged_checkpoint_names_file_and_tensor(run_dir, tmp_path):
+    from mtnlg.fuse.fuse import fuse_checkpoint
+
+    ck = tmp_path / "ck"
+    shutil.copytree(_latest(run_dir), ck)
+    with open(ck / "__1_0.distcp", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match=r"__1_0\.distcp is truncated.*tensor 'model\."):
+        fuse_checkpoint(str(ck), str(tmp_path / "o1"))
+    assert not os.path.exists(tmp_path / "o1") and not os.path.exists(tmp_path / "o1.partial")
+    os.remove(ck / "__1_0.distcp")
+    with pytest.raises(FileNotFoundError, match=r"__1_0\.distcp is missing: shard file holding tensor 'model\."):
+        fuse_checkpoint(str(ck), str(tmp_path / "o2"))
+
+
+def test_fuse_from_and_to_gcs(run_dir, gcs):
+    from mtnlg import io
+    from mtnlg.fuse.fuse import fuse_checkpoint
+    from mtnlg.fuse.load import load_fused
+
+    io.copy_tree(os.path.join(run_dir, "checkpoints", "step_00000003"), f"{gcs}/run/checkpoints/step_00000003")
+    io.write_text(f"{gcs}/run/checkpoints/latest", "step_00000003\n")
+    r = fuse_checkpoint(f"{gcs}/run", f"{gcs}/model")
+    assert r["max_abs_logit_diff"] <= 1e-6 and io.exists(f"{gcs}/model/manifest.json")
+    model, cfg, tok = load_fused(f"{gcs}/model")
+    assert cfg.vocab_size == tok.vocab_size
+
+
+def test_untrusted_checkpoint_metadata_is_refused(run_dir, tmp_path):
+    import pickle
+
+    from mtnlg.fuse.dcp_reader import CheckpointReader
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    ck = tmp_path / "ck"
+    shutil.copytree(_latest(run_dir), ck)
+    (ck / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(ValueError, match=r"\.metadata: refusing to load.*system"):
+        CheckpointReader(str(ck))

@@ -1,0 +1,206 @@
+"""Generation: sampling filters, KV-cache decoding against recomputation, stop at
+end-of-document, chat formatting, and the ``mtnlg generate`` command."""
+
+from __future__ import annotations
+
+import io as _pyio
+
+import pytest
+import torch
+
+from mtnlg.config import ConfigError
+from mtnlg.generate.chat import _cut_at_turn, chat, chat_reply, format_chat
+from mtnlg.generate.generate import generate, generate_ids, stream_tokens
+from mtnlg.generate.sampling import SamplingConfig, sample_next_token, top_k_filter, top_p_filter
+from mtnlg.model.config import ModelConfig
+from mtnlg.model.gpt import GPT, KVCache
+
+TEXT = ("The list type supports append and pop. A dictionary maps keys to values. "
+        "Functions are defined with def and return values with return. ") * 40
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    import sentencepiece as spm
+
+    from mtnlg.data.tokenizer import Tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT.split(". ")), model_prefix=str(d / "sp"),
+                                   vocab_size=120, model_type="bpe", eos_id=1, bos_id=-1, pad_id=-1,
+                                   unk_id=0, minloglevel=2)
+    return Tokenizer(str(d / "sp.model"))
+
+
+def tiny_model(**kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, seq_length=48, vocab_size=120, **kw)
+    return GPT(cfg).eval()
+
+
+VARIANTS = {
+    "gpt2": {},
+    "llama-gqa": dict(position="rotary", norm="rmsnorm", activation="swiglu", num_kv_heads=2,
+                      tie_embeddings=False, bias=False),
+    "sinusoidal": dict(position="sinusoidal"),
+}
+
+
+# ------------------------------------------------------------------ sampling
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
+    out = top_k_filter(logits, 2)
+    assert torch.isfinite(out).tolist() == [[False, True, False, True, False]]
+    assert torch.equal(top_k_filter(logits, 0), logits)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    assert torch.isfinite(top_p_filter(logits, 0.7)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(top_p_filter(logits, 0.8)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(top_p_filter(logits, 0.81)).tolist() == [[True, True, True, False]]
+    # the most likely token survives any p
+    assert torch.isfinite(top_p_filter(logits, 0.01)).tolist() == [[True, False, False, False]]
+
+
+def test_greedy_and_seeded_sampling():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(sample_next_token(logits, temperature=0), logits.argmax(-1))
+    draws = [sample_next_token(logits, 1.0, 10, 0.9, torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1])
+    allowed = torch.topk(logits, 10).indices
+    for _ in range(20):
+        tok = sample_next_token(logits, 2.0, 10, 1.0, torch.Generator())
+        assert all(int(tok[r]) in allowed[r].tolist() for r in range(3))
+
+
+def test_sampling_config_rejects_bad_values():
+    with pytest.raises(ConfigError, match="temperature"):
+        SamplingConfig(temperature=-1)
+    with pytest.raises(ConfigError, match="top_p"):
+        SamplingConfig(top_p=0)
+
+
+# ------------------------------------------------------------------ KV cache
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_kv_cache_logits_equal_full_recomputation(variant):
+    model = tiny_model(**VARIANTS[variant])
+    tokens = torch.randint(0, 120, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(tokens)                                                      # (2, 40, V)
+        cache = KVCache.for_model(model, batch_size=2)
+        parts = [model(tokens[:, :17], cache=cache)]                              # prefill
+        for t in range(17, 30):
+            parts.append(model(tokens[:, t:t + 1], cache=cache))                  # one token at a time
+        parts.append(model(tokens[:, 30:], cache=cache))                          # a chunk after a prefix
+    inc = torch.cat(parts, dim=1)
+    assert cache.length == 40
+    assert torch.allclose(inc, full, atol=1e-5, rtol=1e-5), float((inc - full).abs().max())
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_greedy_generation_with_cache_equals_without(variant):
+    model = tiny_model(**VARIANTS[variant])
+    prompt = [1, 5, 9, 33, 7]
+    s = SamplingConfig(max_new_tokens=30, stop_at_eod=False)
+    cached = generate_ids(model, prompt, s, use_cache=True)
+    plain = generate_ids(model, prompt, s, use_cache=False)
+    assert len(cached) == 30 and cached == plain
+
+
+def test_sampled_generation_is_reproducible_and_cache_independent():
+    model = tiny_model()
+    s = SamplingConfig(max_new_tokens=20, temperature=1.0, top_k=20, top_p=0.9, seed=5, stop_at_eod=False)
+    a = generate_ids(model, [1, 2, 3], s)
+    assert a == generate_ids(model, [1, 2, 3], s)
+    assert a == generate_ids(model, [1, 2, 3], s, use_cache=False)
+
+
+def test_generation_past_the_window_keeps_going():
+    model = tiny_model()
+    out = generate_ids(model, list(range(3, 40)), SamplingConfig(max_new_tokens=40, stop_at_eod=False))
+    assert len(out) == 40  # 37 + 40 > seq_length 48: the window slides
+
+
+def test_padding_ids_are_never_generated():
+    model = tiny_model()  # vocab 120, padded to 128
+    with torch.no_grad():
+        model.output.weight[120:] = 10.0  # make the padding rows win the argmax
+    out = generate_ids(model, [1, 2], SamplingConfig(max_new_tokens=10, stop_at_eod=False), vocab_size=120)
+    assert all(t < 120 for t in out)
+
+
+class _CountdownModel(torch.nn.Module):
+    """Predicts token 7 until the sequence is 5 long, then the end-of-document token 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.cfg = ModelConfig(num_layers=1, hidden_size=8, num_heads=2, seq_length=32, vocab_size=16)
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, tokens, cache=None):
+        B, T = tokens.shape
+        logits = torch.zeros(B, T, 128)
+        logits[:, -1, 7 if T < 5 else 1] = 1.0
+        return logits
+
+
+def test_stops_at_end_of_document():
+    m = _CountdownModel()
+    out = generate_ids(m, [3, 3], SamplingConfig(max_new_tokens=10), eod_id=1, use_cache=False)
+    assert out == [7, 7, 7]
+    out = generate_ids(m, [3, 3], SamplingConfig(max_new_tokens=6, stop_at_eod=False), eod_id=1, use_cache=False)
+    assert out[:3] == [7, 7, 7] and out[3] == 1
+
+
+def test_generate_text_streams_what_it_returns(tokenizer):
+    model = tiny_model()
+    pieces = []
+    text = generate(model, tokenizer, "The list", max_new_tokens=12, stop_at_eod=False, on_token=pieces.append)
+    assert isinstance(text, str) and "".join(pieces) == text
+    with pytest.raises(ValueError, match="no tokens"):
+        list(stream_tokens(model, [], SamplingConfig(), 120))
+
+
+# ------------------------------------------------------------------ chat
+
+
+def test_chat_format_and_turn_cut():
+    text = format_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\nthere"}])
+    assert text == "System: Be brief.\nUser: Hi there\nAssistant:"
+    assert _cut_at_turn(" Hello.\nUser: more") == (" Hello.", True)
+    assert _cut_at_turn(" Hello") == (" Hello", False)
+    with pytest.raises(ValueError, match="unknown role"):
+        format_chat([{"role": "bot", "content": "x"}])
+
+
+def test_chat_reply_and_interactive_loop(tokenizer):
+    model = tiny_model()
+    reply = chat_reply(model, tokenizer, [{"role": "user", "content": "What is a list?"}], max_new_tokens=8, seed=1)
+    assert isinstance(reply, str) and "\nUser:" not in reply
+    lines = iter(["hello", "/reset", "again", "/exit"])
+    out = _pyio.StringIO()
+    msgs = chat(model, tokenizer, input_fn=lambda _: next(lines), out=out, max_new_tokens=4, seed=0)
+    assert [m["role"] for m in msgs] == ["user", "assistant"] and msgs[0]["content"] == "again"
+    assert "(conversation reset)" in out.getvalue()
+
+
+# ------------------------------------------------------------------ command line
+
+
+def test_generate_cli(tokenizer, tmp_path, capsys):
+    from mtnlg.cli import main
+    from mtnlg.fuse.fuse import save_fused
+
+    save_fused(tiny_model(), str(tmp_path / "m"), tokenizer)
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "A dictionary", "--max-new-tokens", "6"]) == 0
+    greedy = capsys.readouterr().out
+    assert greedy.startswith("A dictionary")
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "A dictionary", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == greedy  # greedy is deterministic
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "x", "--top-p", "0"]) == 2  # ConfigError
