@@ -628,8 +628,15 @@ def train(cfg: TrainRunConfig) -> dict[str, Any]:
     device_type = resolve_device(cfg.train.device)
     owns_group = not dist.is_initialized()
     env = init_process_group(device_type)
+    ok = False
     try:
-        return Trainer(cfg, env, device_type).run()
+        summary = Trainer(cfg, env, device_type).run()
+        ok = True
+        return summary
     finally:
         if owns_group and dist.is_initialized():
+            if ok:
+                # Leave together: a rank tearing gloo down while its peer is still inside a
+                # collective can abort the peer ("terminate called without an active exception").
+                dist.barrier()
             dist.destroy_process_group()
