@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="runs/local", help="pipeline root directory (default runs/local)")
     p.add_argument("--input", action="append", dest="inputs", metavar="PATH",
                    help="raw text: file, directory, glob or gs:// URI (repeatable; default: bundled corpus)")
-    p.add_argument("--recipe", default="debug", help="training recipe (default debug)")
+    p.add_argument("--recipe", default="local", help="training recipe (default local: a tiny GPT, ~2 min on CPU)")
     p.add_argument("--nproc", type=int, default=2, help="training processes (default 2)")
     p.add_argument("--workers", type=int, default=2, help="Beam DirectRunner workers (default 2)")
     p.add_argument("--extract", action="append", default=[], metavar="KEY=VALUE", help="extract config override")
@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train config override, applied after the default parallel.tp=2")
 
 
-def run_local(output: str, inputs: list[str] | None = None, recipe: str = "debug", nproc: int = 2,
+def run_local(output: str, inputs: list[str] | None = None, recipe: str = "local", nproc: int = 2,
               workers: int = 2, extract_overrides: list[str] | None = None,
               tokenize_overrides: list[str] | None = None, train_overrides: list[str] | None = None) -> dict:
     """Run the whole pipeline locally; returns ``{task: {output: uri}}`` and writes it to OUTPUT/outputs.json."""
@@ -51,7 +51,8 @@ def run_local(output: str, inputs: list[str] | None = None, recipe: str = "debug
     # enough held-out documents; user overrides come after and win.
     task = gpt_pipeline(inputs=inputs, extract_overrides=["validation_fraction=0.05", *(extract_overrides or [])],
                         extract_workers=workers,
-                        beam_args=[], tokenize_overrides=list(tokenize_overrides or []), recipe=recipe,
+                        beam_args=[], tokenize_overrides=["vocab_size=4096", *(tokenize_overrides or [])],
+                        recipe=recipe,
                         train_overrides=["parallel.tp=2", *(train_overrides or [])], nproc=nproc)
     outputs = _collect_outputs(os.path.join(root, "pipeline_root"))
     with open(os.path.join(root, "outputs.json"), "w") as f:
@@ -74,8 +75,19 @@ def _collect_outputs(pipeline_root: str) -> dict:
 def main(args: argparse.Namespace) -> int:
     outputs = run_local(args.output, args.inputs, args.recipe, args.nproc, args.workers,
                         args.extract, args.tokenize, args.train)
-    print("\nmtnlg pipeline finished. Outputs:", file=sys.stderr)
+    print("\nmtnlg pipeline finished. Outputs:")
     for task, outs in outputs.items():
         for name, path in outs.items():
             print(f"  {task}.{name}: {path}")
+    metrics_file = Path(outputs.get("evaluate", {}).get("report.d", "")) / "metrics.json"
+    if metrics_file.is_file():
+        m = json.loads(metrics_file.read_text())
+        print("\nEvaluation:")
+        for key in ("train_steps", "train_first_loss", "train_final_loss", "val_loss", "val_perplexity",
+                    "cloze_accuracy", "cloze_items", "parameters"):
+            if key in m:
+                v = m[key]
+                print(f"  {key}: {v:.4g}" if isinstance(v, float) else f"  {key}: {v}")
+        print(f"\nModel (safetensors + Hugging Face export): {outputs['fuse']['model']}")
+        print(f"Report: {metrics_file.parent / 'report.html'}")
     return 0

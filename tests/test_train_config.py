@@ -58,7 +58,7 @@ def test_impossible_layouts_are_rejected_before_launch(overrides, world, message
 
 
 def test_every_recipe_loads_and_fits_its_intended_world():
-    worlds = {"debug": 2, "small-20m": 1, "mtnlg-1.3b": 8, "mtnlg-530b": 8 * 32}
+    worlds = {"debug": 2, "local": 2, "small-20m": 1, "mtnlg-1.3b": 8, "mtnlg-530b": 8 * 32}
     assert set(worlds) <= set(recipe_names())
     for name, world in worlds.items():
         cfg = load_run_config(name, None, REQUIRED)
