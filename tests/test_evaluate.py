@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from corpus_data import tokenized_dir
 from mtnlg.evaluate.cloze import ClozeItem, make_cloze_items, passage_and_word
 from mtnlg.evaluate.metrics import cloze_accuracy, stream_loss
 from mtnlg.model.config import ModelConfig
@@ -30,20 +31,9 @@ SENTENCES = [
 @pytest.fixture(scope="module")
 def tokenized(tmp_path_factory) -> str:
     """A tokenized directory (train + validation) through the real tokenize step."""
-    from mtnlg.data.config import TokenizeConfig
-    from mtnlg.data.tokenize import tokenize
-
-    root = tmp_path_factory.mktemp("evaldata")
     rng = np.random.default_rng(0)
-    for split, n in (("train", 300), ("validation", 40)):
-        os.makedirs(root / "ext" / split)
-        with open(root / "ext" / split / "part-00000-of-00001.jsonl", "w", encoding="utf-8") as f:
-            for i in range(n):
-                text = " ".join(SENTENCES[j] for j in rng.integers(0, len(SENTENCES), size=4))
-                f.write(json.dumps({"id": f"{split}-{i}", "text": text, "source": "t"}) + "\n")
-    out = str(root / "tok")
-    tokenize(str(root / "ext"), out, TokenizeConfig(vocab_size=300, workers=1, train_sample_bytes=1 << 20))
-    return out
+    docs = [" ".join(SENTENCES[j] for j in rng.integers(0, len(SENTENCES), size=4)) for _ in range(340)]
+    return tokenized_dir(tmp_path_factory.mktemp("evaldata"), docs[:300], docs[300:], vocab_size=300)
 
 
 @pytest.fixture(scope="module")

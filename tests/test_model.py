@@ -12,16 +12,7 @@ import torch.nn.functional as F
 from mtnlg.config import ConfigError, load_config
 from mtnlg.model import GPT, PRESETS, ModelConfig, count_parameters, flops_per_token, get_preset
 from mtnlg.model.gpt import CoreAttention, apply_rotary, rope_table, sinusoidal_table
-
-TINY = dict(num_layers=2, hidden_size=64, num_heads=4, seq_length=32, vocab_size=300,
-            make_vocab_size_divisible_by=8)
-VARIANTS = {
-    "learned": {},
-    "sinusoidal": {"position": "sinusoidal"},
-    "rotary": {"position": "rotary"},
-    "llama": {"position": "rotary", "norm": "rmsnorm", "activation": "swiglu", "num_kv_heads": 2,
-              "tie_embeddings": False, "bias": False},
-}
+from parallel_workers import TINY, VARIANTS
 
 
 def tiny(**kw) -> ModelConfig:

@@ -20,33 +20,19 @@ import time
 import pytest
 import torch
 
+from corpus_data import tokenized_dir, whatsnew_paragraphs
 from mtnlg import io
 from mtnlg.cli import main as mtnlg_main
 
-CORPUS = os.path.join(os.path.dirname(__file__), "..", "data", "corpus", "python-docs", "whatsnew")
 
 
 @pytest.fixture(scope="module")
 def tokenized(tmp_path_factory) -> str:
     """Extract-format JSONL from the corpus (paragraphs as documents), then tokenize."""
-    from mtnlg.data.config import TokenizeConfig
-    from mtnlg.data.tokenize import tokenize
-
-    root = tmp_path_factory.mktemp("data")
-    docs = []
-    for path in sorted(glob.glob(os.path.join(CORPUS, "*.txt.gz"))):
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            docs += [p for p in f.read().split("\n\n") if len(p.strip()) > 40]
+    docs = whatsnew_paragraphs()
     assert len(docs) > 1000
     cut = len(docs) * 95 // 100
-    for split, part in (("train", docs[:cut]), ("validation", docs[cut:])):
-        os.makedirs(root / "extracted" / split)
-        with open(root / "extracted" / split / "part-00000-of-00001.jsonl", "w", encoding="utf-8") as f:
-            for i, text in enumerate(part):
-                f.write(json.dumps({"id": f"{split}-{i}", "text": text, "source": "whatsnew"}) + "\n")
-    out = str(root / "tok")
-    tokenize(str(root / "extracted"), out, TokenizeConfig(vocab_size=512, workers=1, train_sample_bytes=1 << 20))
-    return out
+    return tokenized_dir(tmp_path_factory.mktemp("data"), docs[:cut], docs[cut:])
 
 
 def _train(*args: str) -> int:

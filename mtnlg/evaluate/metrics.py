@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mtnlg.evaluate.cloze import ClozeItem
+from mtnlg.generate.generate import device_of
 from mtnlg.progress import Progress
 
 
@@ -30,13 +31,6 @@ class LossResult:
     windows: int         # forward windows
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 @torch.no_grad()
 def stream_loss(model: torch.nn.Module, stream: np.ndarray, seq_length: int, batch_size: int = 8,
                 progress_desc: str = "validation loss") -> LossResult:
@@ -46,7 +40,7 @@ def stream_loss(model: torch.nn.Module, stream: np.ndarray, seq_length: int, bat
     n_pred = len(stream) - 1
     if n_pred < 1:
         raise ValueError(f"need at least 2 tokens to measure a loss, got {len(stream)}")
-    device = _device_of(model)
+    device = device_of(model)
     starts = list(range(0, n_pred, seq_length))
     total_nll, total_tok = 0.0, 0
     model.eval()
@@ -81,7 +75,7 @@ def cloze_accuracy(model: torch.nn.Module, items: list[ClozeItem], batch_size: i
     first piece). Also returns the mean loss of the target tokens."""
     if not items:
         return {"cloze_items": 0, "cloze_correct": 0, "cloze_accuracy": None, "cloze_target_loss": None}
-    device = _device_of(model)
+    device = device_of(model)
     model.eval()
     correct, nll, ntok = 0, 0.0, 0
     prog = Progress("last-word accuracy", total=len(items), unit="items")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io as _pyio
 import json
+import math
 import os
 import pickle
 import tempfile
@@ -43,10 +44,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def _load_metadata(path: str):

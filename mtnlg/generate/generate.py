@@ -36,7 +36,7 @@ def _mask_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return logits
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
+def device_of(model: torch.nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device
     except StopIteration:
@@ -58,7 +58,7 @@ def stream_tokens(model: torch.nn.Module, prompt_ids: list[int], sampling: Sampl
         raise ValueError("the prompt has no tokens")
     cfg = model.cfg
     window = cfg.seq_length
-    device = _device_of(model)
+    device = device_of(model)
     gen = None
     if sampling.seed is not None and sampling.temperature > 0:
         gen = torch.Generator(device=device)
