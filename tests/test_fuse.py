@@ -284,3 +284,20 @@ def test_untrusted_checkpoint_metadata_is_refused(run_dir, tmp_path):
     (ck / ".metadata").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(ValueError, match=r"\.metadata: refusing to load.*system"):
         CheckpointReader(str(ck))
+
+
+def test_hf_export_carries_an_exact_tokenizer(fused, monkeypatch):
+    """AutoTokenizer on the export encodes like our SentencePiece model, and decodes back."""
+    from transformers import AutoTokenizer
+
+    from mtnlg.data.tokenizer import Tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hf_tok = AutoTokenizer.from_pretrained(os.path.join(fused, "hf"))
+    ours = Tokenizer(os.path.join(fused, "tokenizer.model"))
+    texts = whatsnew_paragraphs(max_files=1)[:200] + ["  two  spaces\n\tand a tab", "café 東京 🙂"]
+    for text in texts:
+        ids = ours.encode(text)
+        assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids, text
+        assert hf_tok.decode(ids) == text
+    assert hf_tok.eos_token_id == ours.eod_id

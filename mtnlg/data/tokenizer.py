@@ -59,7 +59,8 @@ def model_info(proto: bytes) -> dict:
     Read with a few lines of wire-format parsing because the ``sentencepiece_model_pb2``
     module shipped with sentencepiece needs a newer protobuf runtime than other packages allow.
     """
-    info = {"model_type": "unknown", "byte_fallback": False, "normalization": "unknown"}
+    info = {"model_type": "unknown", "byte_fallback": False, "normalization": "unknown",
+            "add_dummy_prefix": True, "remove_extra_whitespaces": True}
     for num, val in _fields(proto):
         if num == 2:  # TrainerSpec
             for n, v in _fields(val):
@@ -71,6 +72,10 @@ def model_info(proto: bytes) -> dict:
             for n, v in _fields(val):
                 if n == 1:
                     info["normalization"] = v.decode("utf-8", "replace")
+                elif n == 3:
+                    info["add_dummy_prefix"] = bool(v)
+                elif n == 4:
+                    info["remove_extra_whitespaces"] = bool(v)
     return info
 
 
@@ -122,6 +127,8 @@ class Tokenizer:
         self.model_type = info["model_type"]
         self.byte_fallback = info["byte_fallback"]
         self.normalization = info["normalization"]
+        self.add_dummy_prefix = info["add_dummy_prefix"]
+        self.remove_extra_whitespaces = info["remove_extra_whitespaces"]
         self.vocab_size = int(self.sp.vocab_size())
         self.unk_id = int(self.sp.unk_id())
         self.bos_id = int(self.sp.bos_id())

@@ -269,15 +269,16 @@ def export_hf(fused_dir: str, output: str, max_shard_bytes: int = 2 << 30, verif
                 prog.update(1)
         prog.close()
         hf_config(config).save_pretrained(out)
-        # the SentencePiece tokenizer travels with the weights (transformers cannot
-        # convert it offline; see docs/fuse.md for tokenizing with sentencepiece)
+        # The SentencePiece model travels with the weights; an exact HF tokenizer is
+        # written beside it when the conversion reproduces SentencePiece's ids.
         for name in ("tokenizer.model", "tokenizer.json"):
             if os.path.exists(os.path.join(src, name)):
                 shutil.copy(os.path.join(src, name), os.path.join(out, "mtnlg_" + name))
+        hf_tokenizer = _export_tokenizer(src, out)
         side = [n for n in sorted(os.listdir(out)) if n not in w.files and n != MANIFEST_FILE]
         all_files = {**w.files, **hash_files(out, side)}
         result = {"architecture": config["architectures"][0], "tensors": len(rules),
-                  "weight_bytes": sum(s.nbytes for s in specs)}
+                  "weight_bytes": sum(s.nbytes for s in specs), "tokenizer": hf_tokenizer}
         if verify:
             model, _, _ = load_fused(src, verify=False)
             g = torch.Generator().manual_seed(0)
@@ -293,6 +294,23 @@ def export_hf(fused_dir: str, output: str, max_shard_bytes: int = 2 << 30, verif
         write_manifest(out, all_files, w.tensors, kind="huggingface", architecture=result["architecture"],
                        source=str(fused_dir), verification=result.get("max_abs_logit_diff"))
     return result
+
+
+def _export_tokenizer(src: str, out: str) -> str:
+    """HF tokenizer files in ``out`` when possible; returns what was written, or why not."""
+    from mtnlg.data.tokenizer import Tokenizer
+    from mtnlg.fuse.hf_tokenizer import write_hf_tokenizer
+
+    model = os.path.join(src, "tokenizer.model")
+    if not os.path.exists(model):
+        return "none (no tokenizer.model in the fused directory)"
+    try:
+        write_hf_tokenizer(Tokenizer(model, eod_id=_eod_id(src)), out)
+    except ValueError as e:
+        log.warning("HF export: no Hugging Face tokenizer files written: %s; use mtnlg_tokenizer.model "
+                    "with sentencepiece", e)
+        return f"sentencepiece only ({e})"
+    return "tokenizer.json"
 
 
 def _eod_id(directory: str) -> int | None:
