@@ -184,6 +184,10 @@ class MegatronLM(torch.nn.Module):
         ext_over = ["validation_fraction=0.1", "filters.min_words=5", "dedup.fuzzy=false",
                     *(extract_overrides or [])]
         extract = extract_step(inputs, paths["extracted"], ext_over, workers=1)
+        if not extract["splits"]["validation"]["docs"]:
+            raise ValueError(f"only {extract['kept']} document(s) survived extraction and none fell into the "
+                             f"validation split: give more text, or pass "
+                             f"extract_overrides=['validation_fraction=0.3'] (stats: {paths['extracted']}/stats.json)")
         vocab = vocab_size or _default_vocab_size(data.total_bytes)
         tokenize = tokenize_step(paths["extracted"], paths["tokens"],
                                  [f"vocab_size={vocab}", *(tokenize_overrides or [])])

@@ -53,3 +53,12 @@ def test_api_errors_are_clear(tmp_path):
         MegatronLM(preset="debug").generate("hi")
     m = MegatronLM(preset="debug")
     assert m.cfg.num_layers == 2 and m(torch.tensor([[1, 2, 3]])).shape == (1, 3, 512)
+
+
+def test_too_little_text_for_a_validation_split_is_a_clear_error(tmp_path):
+    from mtnlg import MegatronLM, load_data
+
+    text = tmp_path / "one.txt"
+    text.write_text(" ".join(f"word{i} is a fine word for a sentence" for i in range(12)) + "\n")
+    with pytest.raises(ValueError, match="none fell into the validation split"):
+        MegatronLM(preset="debug").train(load_data(str(text)), steps=1, output=str(tmp_path / "run"))
