@@ -99,5 +99,5 @@ class ExtractConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     validation_fraction: float = field(default=0.01, metadata={"min": 0.0, "max": 1.0})
     seed: int = 1234  # split hash salt
-    num_shards: int = field(default=2, metadata={"min": 0})  # train shards; 0 = runner decides
-    validation_shards: int = field(default=1, metadata={"min": 0})
+    num_shards: int = field(default=2, metadata={"min": 1})  # train shards (by id hash)
+    validation_shards: int = field(default=1, metadata={"min": 1})

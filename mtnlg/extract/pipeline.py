@@ -26,6 +26,7 @@ Run it with ``mtnlg extract`` or ``run(argv)``; the library entry is :func:`extr
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import time
@@ -50,7 +51,6 @@ from mtnlg.progress import Progress, get_logger
 
 NAMESPACE = "mtnlg.extract"
 FAILED, DROPPED, DUPLICATES, FILES = "failed", "dropped", "duplicates", "files"
-SHARD_TEMPLATE = "-SSSSS-of-NNNNN"  # -> part-00000-of-00004.jsonl
 
 log = get_logger("mtnlg.extract")
 
@@ -361,19 +361,46 @@ class Deduplicate(beam.PTransform):
         return {"unique": result.unique, DUPLICATES: result[DUPLICATES]}
 
 
+class WriteShardFn(beam.DoFn):
+    """One shard's documents, sorted by id -> ``DIR/part-NNNNN-of-MMMMM.jsonl`` (atomically)."""
+
+    def __init__(self, directory: str, num_shards: int):
+        self.directory, self.num_shards = directory, num_shards
+
+    def process(self, shard_docs):
+        shard, docs = shard_docs
+        lines = sorted(to_json_line(d) for d in docs if d is not None)  # JSON starts with the id
+        path = io.join(self.directory, f"part-{shard:05d}-of-{self.num_shards:05d}.jsonl")
+        with io.atomic_write(path, "w") as f:
+            for line in lines:
+                f.write(line + "\n")
+        yield path
+
+
+def shard_of(doc_id: str, num_shards: int) -> int:
+    return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "little") % num_shards
+
+
 class WriteJsonl(beam.PTransform):
-    """Documents -> ``DIR/part-NNNNN-of-MMMMM.jsonl``; outputs the file names written."""
+    """Documents -> ``DIR/part-NNNNN-of-MMMMM.jsonl``; outputs the file names written.
+
+    A document's shard is a hash of its id and each shard is sorted by id, so the files are
+    byte-identical whatever the runner, worker count or bundle order (and so is everything
+    tokenize and train make from them). Every shard is written, empty ones too.
+    """
 
     def __init__(self, directory: str, num_shards: int):
         super().__init__()
         self.directory, self.num_shards = directory, num_shards
 
     def expand(self, docs):
-        return (docs
-                | "ToJson" >> beam.Map(to_json_line)
-                | "WriteToText" >> beam.io.WriteToText(io.join(self.directory, "part"), file_name_suffix=".jsonl",
-                                                       num_shards=self.num_shards,
-                                                       shard_name_template=SHARD_TEMPLATE))
+        n = self.num_shards
+        keyed = docs | "KeyByShard" >> beam.Map(lambda d: (shard_of(d[0], n), d))
+        every = docs.pipeline | "AllShards" >> beam.Create([(k, None) for k in range(n)])
+        return ((keyed, every)
+                | "WithEmptyShards" >> beam.Flatten()
+                | "GroupShards" >> beam.GroupByKey()
+                | "WriteShards" >> beam.ParDo(WriteShardFn(self.directory, n)))
 
 
 class ExtractDocuments(beam.PTransform):
