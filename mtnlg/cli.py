@@ -26,8 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("mtnlg.evaluate.cli", "perplexity, last-word accuracy and sample generations"),
     "generate": ("mtnlg.generate.cli", "generate text from a fused model"),
     "pytorchjob": ("mtnlg.cluster.cli", "write or submit a Kubeflow PyTorchJob for a training run"),
-    "run": ("mtnlg.pipelines.local", "run the whole pipeline locally through kfp.local"),
-    "compile": ("mtnlg.pipelines.compile_cli", "compile the Kubeflow pipeline to IR YAML"),
+    "run": ("mtnlg.runner", "run the whole pipeline locally through kfp.local"),
+    "compile": ("mtnlg.compile", "compile the Kubeflow pipeline to IR YAML"),
 }
 
 
