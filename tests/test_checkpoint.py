@@ -118,3 +118,19 @@ def test_loading_refuses_unsafe_pickles(tmp_path):
     with pytest.raises(ValueError, match="posix.system, which is not allowed"):
         ckpt.load_checkpoint(path, model, opt)
     assert not os.path.exists("/tmp/mtnlg-pwned")
+
+
+def test_metadata_may_not_call_checkpoint_functions(tmp_path):
+    """Names inside torch.distributed.checkpoint are allowed only as plain data classes."""
+    import torch.distributed.checkpoint.filesystem as fs
+
+    class _CallsWriter:
+        def __reduce__(self):
+            return (fs.FileSystemWriter, (str(tmp_path / "created-by-unpickling"),))
+
+    path = tmp_path / ".metadata"
+    with open(path, "wb") as f:
+        pickle.dump(_CallsWriter(), f)
+    with pytest.raises(ValueError, match="FileSystemWriter, which is not allowed"):
+        ckpt.check_metadata(str(path))
+    assert not (tmp_path / "created-by-unpickling").exists()

@@ -26,6 +26,8 @@ All functions here that take a model are collective: every rank calls them.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import io as _pyio
 import json
 import os
@@ -107,8 +109,13 @@ class _MetadataUnpickler(pickle.Unpickler):
     _TORCH_NAMES = {"Size", "device"}
 
     def find_class(self, module: str, name: str):
-        if module.startswith("torch.distributed.checkpoint."):
-            return super().find_class(module, name)
+        # Only the plain data classes that describe a checkpoint, never functions or classes
+        # whose construction does work (writers, planners...).
+        if module == "torch.distributed.checkpoint.metadata" or (
+                module == "torch.distributed.checkpoint.filesystem" and name == "_StorageInfo"):
+            obj = super().find_class(module, name)
+            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+                return obj
         if module == "torch":
             obj = getattr(torch, name, None)
             if name in self._TORCH_NAMES or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
