@@ -1,5 +1,5 @@
 # Quick start: `make run` (set-up + the whole pipeline on the bundled corpus), `make test`.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
