@@ -29,7 +29,10 @@ def test_dp_is_inferred_from_the_world_size():
     (4, {"tp": 4}, "model.num_kv_heads=2 is not divisible by parallel.tp=4"),
     (3, {"tp": 2}, "world size 3 is not divisible by parallel.tp * parallel.pp = 2 * 1 = 2"),
     (8, {"tp": 2, "dp": 2}, "parallel.dp * parallel.tp * parallel.pp = 2 * 2 * 1 = 4, but the world size is 8"),
-    (4, {"pp": 2}, "parallel.pp=2: pipeline parallelism is not supported yet"),
+    (4, {"pp": 2}, "parallel.pp=2 needs model.tie_embeddings=false"),
+    (4, {"pp": 4}, "model.num_layers=2 is not divisible by parallel.pp=4"),
+    (6, {"pp": 2, "tp": 2}, "world size 6 is not divisible by parallel.tp * parallel.pp = 2 * 2 = 4"),
+    (4, {"pp_schedule": "zb"}, "parallel.pp_schedule: expected one of ['1f1b', 'gpipe'], got 'zb'"),
     (4, {"dp": 0}, "parallel.dp must be -1 (infer) or >= 1, got 0"),
 ])
 def test_invalid_layouts_are_rejected_naming_the_numbers(world, kw, message):
@@ -145,3 +148,16 @@ def test_clip_grad_norm_matches_torch_on_plain_tensors():
     before = a[1].grad.clone()
     assert math.isnan(clip_grad_norm_(a, 0.5))
     assert torch.equal(a[1].grad, before)  # nothing scaled by a non-finite norm
+
+
+def test_pipeline_layout_puts_stages_outermost():
+    untied = ModelConfig(num_layers=4, hidden_size=64, num_heads=4, seq_length=32, vocab_size=300,
+                         tie_embeddings=False)
+    d = build(8, untied, tp=2, pp=2)
+    assert (d.dp, d.tp, d.pp) == (2, 2, 2)
+    assert d.describe() == "world 8 = dp 2 x tp 2 x pp 2, DDP, 2 layers per stage"
+    assert d.tp_groups() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert d.dp_groups() == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert d.pp_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert d.coordinates(6) == (1, 0)
+    assert [list(d.stage_layers(s)) for s in range(2)] == [[0, 1], [2, 3]]

@@ -47,6 +47,9 @@ def test_config_rejects_bad_values_naming_them(override, message):
      "train.global_batch_size=16 is not divisible by train.micro_batch_size=4 x data-parallel degree 3 = 12"),
     (["parallel.tp=1", "train.rampup.start=4", "train.rampup.increment=4", "train.rampup.samples=100"], 2,
      "train.rampup.start=4 is not divisible by train.micro_batch_size=4 x data-parallel degree 2 = 8"),
+    (["parallel.tp=1", "parallel.pp=2", "model.tie_embeddings=false", "train.micro_batch_size=8"], 2,
+     "parallel.pp_schedule=1f1b needs at least parallel.pp=2 micro-batches per step"),
+    (["parallel.tp=1", "parallel.pp=2"], 2, "parallel.pp=2 needs model.tie_embeddings=false"),
     (["output="], 2, "output: the run directory is required"),
     (["data.path="], 2, "data.path: the tokenized data directory is required"),
 ])

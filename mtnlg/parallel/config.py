@@ -11,8 +11,12 @@ from mtnlg.config import ConfigError
 class ParallelConfig:
     # tensor-parallel degree: each layer's matmuls are split over this many ranks
     tp: int = field(default=1, metadata={"min": 1})
-    # pipeline-parallel degree (must be 1 for now)
+    # pipeline-parallel degree: the layers are split into this many stages (needs
+    # model.num_layers % pp == 0 and model.tie_embeddings=false)
     pp: int = field(default=1, metadata={"min": 1})
+    # pipeline schedule when pp > 1: "1f1b" (less activation memory) or "gpipe"; the
+    # micro-batches are train.micro_batch_size each, local batch / micro_batch_size of them
+    pp_schedule: str = field(default="1f1b", metadata={"choices": ("1f1b", "gpipe")})
     # data-parallel degree; -1 = whatever is left: world_size // (tp * pp)
     dp: int = -1
     # shard norms, dropout and residuals over the sequence inside tensor-parallel groups
@@ -32,6 +36,9 @@ class ParallelConfig:
         if self.tp < 1 or self.pp < 1:
             raise ConfigError(f"parallel.tp and parallel.pp must be >= 1, got tp={self.tp}, "
                               f"pp={self.pp}")
+        if self.pp_schedule not in ("1f1b", "gpipe"):
+            raise ConfigError(f"parallel.pp_schedule: expected one of ['1f1b', 'gpipe'], got "
+                              f"{self.pp_schedule!r}")
         if self.activation_checkpoint not in ("none", "selective", "full"):
             raise ConfigError("parallel.activation_checkpoint: expected one of "
                               f"['none', 'selective', 'full'], got {self.activation_checkpoint!r}")

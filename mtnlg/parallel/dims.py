@@ -22,6 +22,16 @@ Rank 6 holds the third quarter (tp_rank 2) of every sharded weight and reads dat
 slice 1 of each global batch; its gradients are averaged with ranks 2, 10 and 14, which
 hold the same quarter. ``tp_groups()`` / ``dp_groups()`` return these lists without
 starting any process.
+
+Pipeline parallelism (``pp > 1``) adds an outermost dimension: the mesh is
+``(pp, dp, tp)``, rank ``r = pp_rank * dp * tp + dp_rank * tp + tp_rank``, so each stage is
+a contiguous block of ``dp * tp`` ranks (a node, say) and only stage-boundary activations
+cross between blocks. With 8 ranks, ``pp=2, tp=2`` (``dp=2``): stage 0 is ranks 0-3, stage 1
+ranks 4-7; pipeline groups ``[0,4] [1,5] [2,6] [3,7]`` (same dp and tp coordinates),
+tensor-parallel groups ``[0,1] [2,3] [4,5] [6,7]``, data-parallel groups ``[0,2] [1,3]
+[4,6] [5,7]``. Stage ``s`` owns layers ``s * L/pp .. (s+1) * L/pp - 1`` (``num_layers``
+must divide by ``pp``); stage 0 also holds the embeddings, the last stage the final norm
+and the output head. With ``pp == 1`` the mesh stays ``(dp, tp)``, as above.
 '''
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ class ParallelDims:
     world_size: int
     sequence_parallel: bool
     fsdp: bool
+    num_layers: int = 0
 
     @classmethod
     def build(cls, cfg: ParallelConfig, world_size: int, model_cfg: ModelConfig) -> "ParallelDims":
@@ -52,9 +63,6 @@ class ParallelDims:
         if world_size < 1:
             raise ConfigError(f"world size must be >= 1, got {world_size}")
         tp, pp = cfg.tp, cfg.pp
-        if pp != 1:
-            raise ConfigError(f"parallel.pp={pp}: pipeline parallelism is not supported yet; "
-                              f"set parallel.pp=1 (use parallel.tp and data parallelism)")
         if world_size % (tp * pp):
             raise ConfigError(f"world size {world_size} is not divisible by parallel.tp * "
                               f"parallel.pp = {tp} * {pp} = {tp * pp}")
@@ -62,6 +70,14 @@ class ParallelDims:
         if dp * tp * pp != world_size:
             raise ConfigError(f"parallel.dp * parallel.tp * parallel.pp = {dp} * {tp} * {pp} = "
                               f"{dp * tp * pp}, but the world size is {world_size}")
+        if pp > 1:
+            if model_cfg.num_layers % pp:
+                raise ConfigError(f"model.num_layers={model_cfg.num_layers} is not divisible by "
+                                  f"parallel.pp={pp} (each pipeline stage holds an equal share)")
+            if model_cfg.tie_embeddings:
+                raise ConfigError(f"parallel.pp={pp} needs model.tie_embeddings=false: the "
+                                  f"embedding (first stage) and output head (last stage) live "
+                                  f"on different ranks and cannot share one weight")
         m = model_cfg
         if m.num_heads % tp:
             raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by parallel.tp={tp}")
@@ -85,26 +101,40 @@ class ParallelDims:
             log.warning("parallel.fsdp=true with a data-parallel degree of 1 shards nothing; "
                         "running without data parallelism")
         return cls(dp=dp, tp=tp, pp=pp, world_size=world_size, sequence_parallel=sp,
-                   fsdp=cfg.fsdp and dp > 1)
+                   fsdp=cfg.fsdp and dp > 1, num_layers=m.num_layers)
 
     # ---- rank layout (pure arithmetic, no processes) ------------------------------------
     def tp_groups(self) -> list[list[int]]:
         """Ranks of each tensor-parallel group (consecutive ranks)."""
-        return [[d * self.tp + t for t in range(self.tp)] for d in range(self.dp)]
+        return [[s * self.dp * self.tp + d * self.tp + t for t in range(self.tp)]
+                for s in range(self.pp) for d in range(self.dp)]
 
     def dp_groups(self) -> list[list[int]]:
         """Ranks of each data-parallel group (stride ``tp``)."""
-        return [[d * self.tp + t for d in range(self.dp)] for t in range(self.tp)]
+        return [[s * self.dp * self.tp + d * self.tp + t for d in range(self.dp)]
+                for s in range(self.pp) for t in range(self.tp)]
+
+    def pp_groups(self) -> list[list[int]]:
+        """Ranks of each pipeline group (stride ``dp * tp``), stage order."""
+        n = self.dp * self.tp
+        return [[s * n + r for s in range(self.pp)] for r in range(n)]
 
     def coordinates(self, rank: int) -> tuple[int, int]:
         """``(dp_rank, tp_rank)`` of a global rank."""
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} is outside the world of {self.world_size}")
-        return divmod(rank, self.tp)
+        return divmod(rank % (self.dp * self.tp), self.tp)
+
+    def stage_layers(self, pp_rank: int) -> range:
+        """Indices of the transformer layers pipeline stage ``pp_rank`` owns."""
+        n = self.num_layers // self.pp
+        return range(pp_rank * n, (pp_rank + 1) * n)
 
     # ---- device mesh --------------------------------------------------------------------
     def build_mesh(self, device_type: str):
-        """The ``(dp, tp)`` DeviceMesh; the default process group must be initialised."""
+        """The ``(dp, tp)`` DeviceMesh, or ``(pp, dp, tp)`` when ``pp > 1`` (then
+        ``mesh["dp", "tp"]`` is this stage's 2-D mesh for ``parallelize_gpt``); the default
+        process group must be initialised."""
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -114,6 +144,9 @@ class ParallelDims:
         if dist.get_world_size() != self.world_size:
             raise ConfigError(f"the process group has {dist.get_world_size()} ranks, but the "
                               f"parallel layout was built for {self.world_size}")
+        if self.pp > 1:
+            return init_device_mesh(device_type, (self.pp, self.dp, self.tp),
+                                    mesh_dim_names=("pp", "dp", "tp"))
         return init_device_mesh(device_type, (self.dp, self.tp), mesh_dim_names=("dp", "tp"))
 
     @staticmethod
@@ -124,7 +157,13 @@ class ParallelDims:
     def tp_rank(mesh) -> int:
         return mesh.get_local_rank("tp")
 
+    @staticmethod
+    def pp_rank(mesh) -> int:
+        """This rank's pipeline stage (0 on a mesh without a ``"pp"`` dimension)."""
+        return mesh.get_local_rank("pp") if "pp" in (mesh.mesh_dim_names or ()) else 0
+
     def describe(self) -> str:
         return (f"world {self.world_size} = dp {self.dp} x tp {self.tp} x pp {self.pp}"
                 f"{', sequence parallel' if self.sequence_parallel else ''}"
-                f"{', FSDP' if self.fsdp else (', DDP' if self.dp > 1 else '')}")
+                f"{', FSDP' if self.fsdp else (', DDP' if self.dp > 1 else '')}"
+                f"{f', {self.num_layers // self.pp} layers per stage' if self.pp > 1 else ''}")

@@ -38,9 +38,11 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
 
     if mode == "none":
         return
-    for i, block in enumerate(model.layers):
+    # named_children: a pipeline stage keeps its layers in a ModuleDict keyed by the
+    # global layer index, a whole GPT in a ModuleList; both take register_module
+    for name, block in list(model.layers.named_children()):
         if mode == "full":
-            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+            model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=True))
         elif mode == "selective":
             block.attention.core_attention = checkpoint_wrapper(
                 block.attention.core_attention, preserve_rng_state=True)
@@ -52,7 +54,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
 def apply_compile(model: nn.Module) -> None:
     """Compile each block separately: the blocks are identical, so one compilation is
     reused L times, and the graph stays small."""
-    for block in model.layers:
+    for block in model.layers.children():
         block.compile()
 
 
@@ -61,15 +63,17 @@ def apply_data_parallel(model: nn.Module, dp_mesh, fsdp: bool) -> None:
         from torch.distributed.fsdp import fully_shard as wrap
     else:
         from torch.distributed._composable.replicate_with_fsdp import replicate as wrap
-    for block in model.layers:
+    for block in model.layers.children():
         wrap(block, mesh=dp_mesh)
     wrap(model, mesh=dp_mesh)
 
 
 def parallelize_gpt(model: nn.Module, mesh, cfg: ParallelConfig) -> nn.Module:
-    """Parallelize ``model`` (a ``GPT``, on the mesh's device) in place and return it.
+    """Parallelize ``model`` (a ``GPT`` or a pipeline ``GPTStage``, on the mesh's device)
+    in place and return it.
 
-    ``mesh`` is the ``("dp", "tp")`` mesh of ``ParallelDims.build_mesh``. Build the model
+    ``mesh`` is the ``("dp", "tp")`` mesh of ``ParallelDims.build_mesh`` (under pipeline
+    parallelism, the stage's ``mesh["dp", "tp"]``). Build the model
     with the same seed on every rank (``set_seed_for_rank``) and with ``GPT(cfg, tp)``.
     """
     names = tuple(mesh.mesh_dim_names or ())

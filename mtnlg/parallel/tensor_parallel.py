@@ -158,11 +158,15 @@ def check_divisible(cfg: ModelConfig, vocab_size_padded: int, tp: int) -> None:
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) -> nn.Module:
-    """Shard ``model`` (a ``GPT``) in place over the 1-D ``tp_mesh``."""
+    """Shard ``model`` (a ``GPT`` or a pipeline ``GPTStage``) in place over the 1-D
+    ``tp_mesh``; plan entries naming modules the model lacks are skipped."""
     cfg: ModelConfig = model.cfg
     tp = tp_mesh.size()
     check_divisible(cfg, model.vocab_size_padded, tp)
-    parallelize_module(model, tp_mesh, tensor_parallel_plan(cfg, sequence_parallel))
+    plan = tensor_parallel_plan(cfg, sequence_parallel)
+    # a pipeline stage lacks some modules (embeddings, head, other stages' layers)
+    plan = {k: v for k, v in plan.items() if _matching_modules(model, k)}
+    parallelize_module(model, tp_mesh, plan)
     if cfg.tie_embeddings:
         # parallelize_module gave the head its own copy of the shared weight; share again
         # (both are Shard(0) over the vocabulary, so the layouts agree)

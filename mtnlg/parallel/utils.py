@@ -93,7 +93,7 @@ def fork_rng_per_tp_rank(module: nn.Module, tp_rank: int) -> None:
 
 @torch.no_grad()
 def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float,
-                    norm_type: float = 2.0) -> float:
+                    norm_type: float = 2.0, pp_group=None) -> float:
     """Scale gradients so their global norm is at most ``max_norm``; returns the norm
     before clipping as a float (``inf``/``nan`` if a gradient is not finite, in which case
     nothing is scaled).
@@ -101,13 +101,15 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float,
     Works for plain tensors and DTensors (tensor parallel, FSDP2, both on a 2-D mesh):
     each rank sums the squares of its local shard, then the partial sums are all-reduced
     only over the mesh dimensions along which that parameter is sharded, so replicated
-    copies are counted once. ``max_norm <= 0`` only measures."""
+    copies are counted once. ``max_norm <= 0`` only measures. Under pipeline parallelism
+    pass the ``pp_group``: each stage holds different parameters, so the stages' squared
+    norms are summed over it (every stage must call, even one without gradients)."""
     from torch.distributed.tensor import DTensor, Replicate
 
     if norm_type != 2.0:
         raise ValueError(f"only the 2-norm is supported, got norm_type={norm_type}")
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    if not grads and pp_group is None:
         return 0.0
     # (mesh, sharded mesh dims) -> local tensors; key None = plain tensors
     buckets: dict = defaultdict(list)
@@ -136,6 +138,10 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float,
             for d in dims:
                 torch.distributed.all_reduce(sq, group=mesh.get_group(d))
         total_sq = sq if total_sq is None else total_sq + sq.to(total_sq.device)
+    if pp_group is not None:
+        if total_sq is None:
+            total_sq = torch.zeros((), dtype=torch.float32)
+        torch.distributed.all_reduce(total_sq, group=pp_group)
     total = math.sqrt(total_sq.item())
     if max_norm > 0 and math.isfinite(total):
         coef = max_norm / (total + 1e-6)

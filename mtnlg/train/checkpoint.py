@@ -44,8 +44,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 
 from mtnlg import io
 from mtnlg.progress import get_logger
@@ -237,17 +237,21 @@ def _write_side_files(target: str, trainer_state: dict, config_text: str | None,
 
 def save_checkpoint(directory: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     trainer_state: dict[str, Any], config_text: str | None = None,
-                    extra_files: dict[str, str] | None = None, keep_last: int = 0) -> str:
+                    extra_files: dict[str, str] | None = None, keep_last: int = 0,
+                    flatten_optimizer: bool = False) -> str:
     """Write ``directory/step_XXXXXXXX`` atomically, point ``latest`` at it, prune; collective.
 
     ``trainer_state`` is JSON data (step, consumed samples, ...); ``extra_files`` maps a
     file name inside the checkpoint to a source path (the tokenizer files). Returns the
-    checkpoint's path.
+    checkpoint's path. ``flatten_optimizer`` keys the optimizer's param-group settings by
+    parameter name too (``param_groups.<fqn>.lr``); pipeline parallelism needs it, since
+    each stage's optimizer holds different parameters, and must load with the same flag.
     """
     rank, world = _rank(), _world()
     name = step_dirname(step)
     final = io.join(directory, name)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten_optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     state = {"model": model_sd, "optim": optim_sd}
     meta = dict(trainer_state, step=step, world_size=world, format=FORMAT)
     rng_name = f"rank_{rank:05d}.pt"
@@ -289,9 +293,12 @@ def save_checkpoint(directory: str, step: int, model: torch.nn.Module, optimizer
     return final
 
 
-def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    flatten_optimizer: bool = False) -> dict[str, Any]:
     """Load model (and optimizer) state and this rank's RNG states from checkpoint ``path``
-    in place; returns the trainer state saved with it. Collective."""
+    in place; returns the trainer state saved with it. Collective. ``flatten_optimizer``
+    as in ``save_checkpoint``."""
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten_optimizer)
     rank, world = _rank(), _world()
     with node_local_copy([path]) as (local,):
         state_path = os.path.join(local, STATE_FILE)
@@ -303,13 +310,14 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
             raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})")
         check_metadata(os.path.join(local, ".metadata"))  # a clear error before DCP wraps it
         if optimizer is not None:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
             state = {"model": model_sd, "optim": optim_sd}
         else:
             state = {"model": get_model_state_dict(model)}
         dcp.load(state, storage_reader=_SafeReader(local), planner=_SafeLoadPlanner())
         if optimizer is not None:
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                           options=options)
         else:
             set_model_state_dict(model, state["model"])
         rng_path = os.path.join(local, "rng", f"rank_{rank:05d}.pt")

@@ -178,6 +178,15 @@ class TrainRunConfig:
             raise ConfigError("data.path: the tokenized data directory is required (data.path=DIR)")
         dims = ParallelDims.build(self.parallel, world_size, self.model)
         self._check_batch_divisibility(dims.dp)
+        if dims.pp > 1 and self.parallel.pp_schedule == "1f1b":
+            t = self.train
+            smallest = min(t.global_batch_size, t.rampup.start or t.global_batch_size)
+            n_micro = smallest // (t.micro_batch_size * dims.dp)
+            if n_micro < dims.pp:
+                raise ConfigError(f"parallel.pp_schedule=1f1b needs at least parallel.pp={dims.pp} "
+                                  f"micro-batches per step, but a batch of {smallest} with "
+                                  f"train.micro_batch_size={t.micro_batch_size} x data-parallel degree "
+                                  f"{dims.dp} gives {n_micro}")
         return dims
 
 

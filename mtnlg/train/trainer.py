@@ -3,8 +3,10 @@
 One call, :func:`train`, takes a validated :class:`TrainRunConfig` and
 
 1. joins the process group (gloo on CPU, NCCL on GPU) from RANK/WORLD_SIZE/...;
-2. builds the ``(dp, tp)`` mesh, the GPT (same seed on every rank, so every layout starts
-   from the same weights), shards it with ``parallelize_gpt``, and AdamW;
+2. builds the ``(dp, tp)`` mesh (``(pp, dp, tp)`` with pipeline parallelism), the GPT (same
+   seed on every rank, so every layout starts from the same weights), shards it with
+   ``parallelize_gpt`` (under pipeline parallelism first cut to this rank's stage, see
+   ``mtnlg.parallel.pipeline``), and AdamW;
 3. resumes from a checkpoint when there is one (``checkpoint.load=auto``): weights,
    optimizer, RNG states and the data position, so the continuation is bit-identical;
 4. per step: reads this data-parallel rank's slice of the global batch at the current
@@ -180,6 +182,10 @@ class Trainer:
         self.mesh = self.dims.build_mesh(device_type)
         self.dp_rank = self.dims.dp_rank(self.mesh)
         self.tp_rank = self.dims.tp_rank(self.mesh)
+        self.pp_rank = self.dims.pp_rank(self.mesh)
+        if self.dims.pp > 1 and self.dtype == "fp16":
+            raise ConfigError("train.dtype=fp16 (loss scaling) is not supported with parallel.pp > 1; "
+                              "use bf16 or fp32")
         if device_type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -191,7 +197,16 @@ class Trainer:
             model = GPT(cfg.model, tp=self.dims.tp)
         self.n_params = count_parameters(cfg.model, self.dims.tp)
         self.flops_per_token = flops_per_token(cfg.model, self.dims.tp)
-        self.model = parallelize_gpt(model, self.mesh, cfg.parallel)
+        self.pipeline = None
+        if self.dims.pp > 1:
+            from mtnlg.parallel.pipeline import Pipeline
+
+            self.pipeline = Pipeline(model, self.mesh, self.dims, cfg.parallel, self.device)
+            self.model = self.pipeline.model  # this stage only, under global parameter names
+            # dropout draws differ per stage (Megatron); weights were drawn above, alike
+            set_seed_for_rank(cfg.train.seed, self.pp_rank)
+        else:
+            self.model = parallelize_gpt(model, self.mesh, cfg.parallel)
         o = cfg.optim
         self.optimizer = build_optimizer(self.model, o.lr, o.betas, o.eps, o.weight_decay)
         self.lr_at = LRSchedule(o.lr, o.min_lr, cfg.schedule.warmup_steps, cfg.schedule.decay, cfg.decay_steps)
@@ -268,6 +283,8 @@ class Trainer:
         from mtnlg.parallel.utils import set_requires_gradient_sync
 
         n_micro = tokens.shape[0] // self.cfg.train.micro_batch_size
+        if self.pipeline is not None:
+            return self._pipeline_step(tokens, n_micro, train=True)
         total = torch.zeros((), device=self.device, dtype=torch.float32)
         for i, (x, y) in enumerate(self._micro_batches(tokens)):
             # Data-parallel gradient reduction only after the last micro-batch.
@@ -283,6 +300,21 @@ class Trainer:
             total += _scalar(loss.detach()).float()
         return float(total) / n_micro
 
+    def _pipeline_step(self, tokens: np.ndarray, n_micro: int, train: bool) -> float:
+        """The schedule runs every micro-batch (forward, and backward when ``train``);
+        the mean loss on the last stage, 0.0 on the others (see ``_stage_mean``)."""
+        chunk = torch.from_numpy(tokens).to(self.device, non_blocking=True)
+        x, y = chunk[:, :-1], chunk[:, 1:]                                       # (b_local, T)
+        with self._autocast():
+            run = self.pipeline.forward_backward if train else self.pipeline.evaluate
+            loss = run(x, y, n_micro)
+        return 0.0 if loss is None else loss
+
+    def _stage_mean(self, loss_sum: float) -> float:
+        """A world all-reduce sum of per-rank losses -> their mean: only the last pipeline
+        stage's ranks (world / pp of them) contribute, the others add 0."""
+        return loss_sum / (self.env.world_size // self.dims.pp)
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation loss over ``eval_iters`` fixed global batches (the first ones)."""
@@ -293,6 +325,11 @@ class Trainer:
         total, n = 0.0, 0
         for it in range(self.cfg.train.eval_iters):
             tokens = self.valid_ds.global_batch(it * gbs, gbs, self.dp_rank, self.dims.dp)
+            if self.pipeline is not None:
+                total += self._pipeline_step(tokens, tokens.shape[0] // self.cfg.train.micro_batch_size,
+                                             train=False)
+                n += 1
+                continue
             for x, y in self._micro_batches(tokens):
                 with loss_parallel_context(self.dims.tp > 1), self._autocast():
                     loss = _scalar(cross_entropy(self.model(x), y))
@@ -301,7 +338,7 @@ class Trainer:
         self.model.train()
         # Every rank of a tp group holds the same value; average over the whole world.
         (s,) = all_reduce_sum([total / max(n, 1)], self.device)
-        return s / self.env.world_size
+        return self._stage_mean(s)
 
     def _set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
@@ -316,7 +353,7 @@ class Trainer:
         local_loss = self._forward_backward(tokens)
         # One collective for the loss (mean over dp: tp ranks agree) and the stop request.
         loss_sum, stops = all_reduce_sum([local_loss, 1.0 if stop_requested else 0.0], self.device)
-        loss = loss_sum / self.env.world_size
+        loss = self._stage_mean(loss_sum)
         finite = math.isfinite(loss)
         self.step += 1
         self.consumed_samples += gbs
@@ -326,7 +363,8 @@ class Trainer:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             # grad_clip 0 only measures the norm.
-            grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip,
+                                        pp_group=self.mesh.get_group("pp") if self.dims.pp > 1 else None)
             self._set_lr(lr)
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)  # skips itself on inf/NaN gradients
@@ -360,7 +398,8 @@ class Trainer:
     def save(self) -> str:
         return ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self._trainer_state(),
                                     config_text=dump_yaml(self.cfg), extra_files=self._tokenizer_files(),
-                                    keep_last=self.cfg.checkpoint.keep_last)
+                                    keep_last=self.cfg.checkpoint.keep_last,
+                                    flatten_optimizer=self.dims.pp > 1)
 
     def maybe_resume(self) -> None:
         spec = self.cfg.checkpoint.load.strip()
@@ -372,7 +411,7 @@ class Trainer:
                 return
         else:
             path = ckpt.resolve_checkpoint(spec)
-        meta = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        meta = ckpt.load_checkpoint(path, self.model, self.optimizer, flatten_optimizer=self.dims.pp > 1)
         self.step = int(meta["step"])
         self.consumed_samples = int(meta["consumed_samples"])
         self.skipped_steps = int(meta.get("skipped_steps", 0))

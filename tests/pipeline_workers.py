@@ -1,0 +1,64 @@
+"""Per-process bodies of the pipeline-parallel tests (run by ``tests/distributed.py``).
+
+Each rank trains the tiny untied GPT of ``parallel_workers`` for ``STEPS`` AdamW steps
+with a pipeline layout (the global batch of ``BATCH`` rows split into micro-batches) and
+returns the losses and clipped gradient norms; the single-process reference is
+``parallel_workers.training(cfg, None, ...)`` on the same batches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mtnlg.model.gpt import GPT
+from mtnlg.parallel.config import ParallelConfig
+from mtnlg.parallel.dims import ParallelDims
+from mtnlg.parallel.pipeline import Pipeline
+from mtnlg.parallel.utils import clip_grad_norm_, set_seed_for_rank
+from parallel_workers import MAX_NORM, STEPS, tiny, tokens_for_step, training
+
+PP_MODEL = dict(tie_embeddings=False, num_layers=4)
+
+
+def pipeline_training(pc: ParallelConfig, world: int, n_micro: int = 2) -> dict:
+    cfg = tiny(**PP_MODEL)
+    dims = ParallelDims.build(pc, world, cfg)
+    mesh = dims.build_mesh("cpu")
+    set_seed_for_rank(0)
+    pipe = Pipeline(GPT(cfg, tp=dims.tp), mesh, dims, pc, torch.device("cpu"))
+    model = pipe.model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    losses, norms = [], []
+    for step in range(STEPS):
+        tokens = tokens_for_step(step)
+        b = tokens.shape[0] // dims.dp
+        r = dims.dp_rank(mesh)
+        rows = tokens[r * b:(r + 1) * b]
+        loss = pipe.forward_backward(rows[:, :-1], rows[:, 1:], n_micro)
+        # mean over the last stage's data-parallel ranks, known everywhere
+        t = torch.tensor([loss if loss is not None else 0.0])
+        torch.distributed.all_reduce(t)
+        losses.append(float(t) / (world // dims.pp))
+        norms.append(clip_grad_norm_(model.parameters(), MAX_NORM, pp_group=mesh.get_group("pp")))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    names = sorted(n.replace("_checkpoint_wrapped_module.", "") for n, _ in model.named_parameters())
+    return {"losses": losses, "grad_norms": norms, "names": names, "pp_rank": dims.pp_rank(mesh)}
+
+
+def two_process_checks(rank: int, world: int) -> dict:
+    return {
+        "single": training(tiny(**PP_MODEL), None, world),
+        "pp2-1f1b": pipeline_training(ParallelConfig(pp=2), world),
+        "pp2-gpipe": pipeline_training(ParallelConfig(pp=2, pp_schedule="gpipe"), world, n_micro=4),
+    }
+
+
+def four_process_checks(rank: int, world: int) -> dict:
+    return {
+        "single": training(tiny(**PP_MODEL), None, world),
+        "pp2xtp2": pipeline_training(ParallelConfig(pp=2, tp=2), world),
+        "pp2xdp2-fsdp": pipeline_training(ParallelConfig(pp=2, fsdp=True), world),
+        "pp2xtp2+sp+full-ac": pipeline_training(ParallelConfig(
+            pp=2, tp=2, sequence_parallel=True, activation_checkpoint="full"), world),
+    }
