@@ -2,7 +2,7 @@
 
     files --Read--> documents --CleanAndFilter--> clean documents --Deduplicate--> unique
           \\-> failed            \\-> dropped                       \\-> duplicates
-    unique --Split--> train / validation --WriteToText--> DIR/{train,validation}/part-*.jsonl
+    unique --Split--> train / validation --WriteJsonl (by id hash, sorted)--> DIR/{train,validation}/part-*.jsonl
     every outcome --Stats--> DIR/stats.json
 
 Elements are whole documents (one text file, JSONL line or HTML page), never lines: Beam's
