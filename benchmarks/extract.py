@@ -7,7 +7,7 @@ that deduplication removes). Then, in the same run:
 
 * ``loop``: ``mtnlg.extract.reference.extract_reference`` -- read, clean, filter, exact dedup,
   split and write JSONL, one process;
-* ``beam``: ``mtnlg.extract.pipeline.extract`` with the same config on ``--workers`` DirectRunner
+* ``beam``: ``mtnlg.extract.beam_job.extract`` with the same config on ``--workers`` DirectRunner
   processes (wall time of the whole call: pipeline start-up included);
 * ``beam+fuzzy`` (unless ``--no-fuzzy-run``): the pipeline with MinHash LSH deduplication on,
   as ``mtnlg extract`` runs by default.
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MTNLG_LOG_LEVEL", "WARNING")
     from mtnlg.config import replace
     from mtnlg.extract.config import ExtractConfig
-    from mtnlg.extract.pipeline import extract
+    from mtnlg.extract.beam_job import extract
     from mtnlg.extract.reference import extract_reference
 
     # The baseline: cleaning + filtering + exact dedup in one plain Python loop.

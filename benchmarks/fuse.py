@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/fuse.py --preset gpt-125m --repeat 2
 
 1. Writes a real TP=2 training checkpoint (model + AdamW state, DCP shards from two gloo
-   processes, through ``mtnlg.train.checkpoint.save_checkpoint``) for ``--preset``.
+   processes, through ``mtnlg.formats.checkpoint.save_checkpoint``) for ``--preset``.
 2. After one untimed warm-up fuse (imports), times, alternating ``--repeat`` times and keeping the best of each:
    * ``copy``: ``shutil.copyfile`` of every shard file (``__*_0.distcp``): the floor for
      moving the checkpoint's bytes through this disk;
@@ -50,7 +50,7 @@ def _write_checkpoint(rank: int, world: int, port: int, preset: str, out: str, t
     from mtnlg.parallel.config import ParallelConfig
     from mtnlg.parallel.dims import ParallelDims
     from mtnlg.parallel.parallelize import parallelize_gpt
-    from mtnlg.train.checkpoint import save_checkpoint
+    from mtnlg.formats.checkpoint import save_checkpoint
     from mtnlg.train.config import TrainRunConfig
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     import sentencepiece as spm
     import torch.multiprocessing as mp
 
-    from mtnlg.data.tokenizer import Tokenizer
+    from mtnlg.formats.tokenizer import Tokenizer
     from mtnlg.fuse.fuse import fuse_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="mtnlg-bench-fuse-") as tmp:

@@ -7,7 +7,7 @@
    paragraphs, repeated until the size is reached).
 2. Trains one tokenizer (BPE, ``--vocab-size``) on a sample; both contenders use it.
 3. Bare limit: ``sp.encode(batch, num_threads=W)`` over the texts already in memory.
-   The step: ``mtnlg.data.tokenize.tokenize`` with that tokenizer and ``W`` workers, timed
+   The step: ``mtnlg.tokenize.tokenize.tokenize`` with that tokenizer and ``W`` workers, timed
    end to end (process pool start, reading JSONL, encoding, writing .bin/.idx and stats).
    Each runs ``--repeat`` times, alternating; the best of each is reported.
 4. Builds the GPT sample index for ``--index-samples`` samples (document lengths resampled
@@ -40,10 +40,10 @@ import numpy as np
 ROOT = os.path.dirname(_HERE)
 sys.path.insert(0, ROOT)
 
-from mtnlg.data.config import TokenizeConfig  # noqa: E402
-from mtnlg.data.gpt_dataset import GPTDataset, build_epoch_index  # noqa: E402
-from mtnlg.data.indexed_dataset import IndexedDataset  # noqa: E402
-from mtnlg.data.tokenize import tokenize, train_tokenizer  # noqa: E402
+from mtnlg.tokenize.config import TokenizeConfig  # noqa: E402
+from mtnlg.train.gpt_dataset import GPTDataset, build_epoch_index  # noqa: E402
+from mtnlg.formats.indexed_dataset import IndexedDataset  # noqa: E402
+from mtnlg.tokenize.tokenize import tokenize, train_tokenizer  # noqa: E402
 
 CORPUS = os.path.join(ROOT, "data", "corpus", "python-docs")
 

@@ -37,7 +37,7 @@ AIM_GPU_MFU = 0.50
 
 def _token_dir(root: str, vocab: int, n_tokens: int) -> str:
     """A tokenized directory of uniformly random tokens (throughput does not depend on them)."""
-    from mtnlg.data.indexed_dataset import IndexedDatasetBuilder
+    from mtnlg.formats.indexed_dataset import IndexedDatasetBuilder
 
     rng = np.random.default_rng(0)
     dtype = np.uint16 if vocab <= 1 << 16 else np.int32
@@ -53,7 +53,7 @@ def _token_dir(root: str, vocab: int, n_tokens: int) -> str:
 
 def _trainer(recipe: str, overrides: list[str], device: str):
     from mtnlg.train.config import load_run_config
-    from mtnlg.train.dist import init_process_group
+    from mtnlg.dist import init_process_group
     from mtnlg.train.trainer import Trainer
 
     cfg = load_run_config(recipe, None, overrides)

@@ -3,13 +3,13 @@
 from kfp import dsl
 from kfp.dsl import Input, Metrics, Model, Output
 
-from mtnlg.components.images import TRAIN_IMAGE
+from mtnlg.images import TRAIN_IMAGE
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
 def fuse(checkpoint: Input[Model], model: Output[Model], metrics: Output[Metrics]):
     """Merge the tensor/data-parallel checkpoint shards into one model directory."""
-    from mtnlg.artifacts import artifact_location, log_metrics
+    from mtnlg.components.artifacts import artifact_location, log_metrics
     from mtnlg.steps import fuse_step
 
     result = fuse_step(artifact_location(checkpoint), artifact_location(model), hf=True)

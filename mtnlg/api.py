@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from mtnlg import io
+from mtnlg import storage
 from mtnlg.model.config import ModelConfig
 from mtnlg.progress import get_logger
 
@@ -55,19 +55,19 @@ def load_data(path: str | list[str]) -> Data:
     found: list[str] = []
     for p in paths:
         p = str(p)
-        if io.is_gcs(p):
-            found.extend(io.expand([p]))
-        elif io.has_glob(p):
-            found.extend(io.expand([os.path.abspath(p)]))
+        if storage.is_gcs(p):
+            found.extend(storage.expand([p]))
+        elif storage.has_glob(p):
+            found.extend(storage.expand([os.path.abspath(p)]))
         elif os.path.isdir(p):
-            found.extend(io.list_files(os.path.abspath(p)))
+            found.extend(storage.list_files(os.path.abspath(p)))
         elif os.path.exists(p):
             found.append(os.path.abspath(p))
         else:
             raise FileNotFoundError(f"load_data: {p} does not exist")
     if not found:
         raise FileNotFoundError(f"load_data: no files found at {path!r}")
-    return Data(inputs=tuple(found), total_bytes=sum(io.size(f) for f in found))
+    return Data(inputs=tuple(found), total_bytes=sum(storage.size(f) for f in found))
 
 
 def _paragraph_documents(path: str, min_words: int = 60) -> list[str]:
@@ -78,7 +78,7 @@ def _paragraph_documents(path: str, min_words: int = 60) -> list[str]:
     """
     import gzip
 
-    raw = io.read_bytes(path)
+    raw = storage.read_bytes(path)
     text = (gzip.decompress(raw) if path.endswith(".gz") else raw).decode("utf-8", errors="replace")
     docs, cur, words = [], [], 0
     for para in (p.strip() for p in text.replace("\r\n", "\n").split("\n\n")):
@@ -174,10 +174,10 @@ class MegatronLM(torch.nn.Module):
             data = load_data(data)
         nproc = nproc or tp
         output = output or os.path.join("runs", time.strftime("megatronlm-%Y%m%d-%H%M%S"))
-        if not io.is_gcs(output):
+        if not storage.is_gcs(output):
             output = os.path.abspath(output)
         t0 = time.perf_counter()
-        paths = {k: io.join(output, k) for k in ("input", "extracted", "tokens", "train", "model")}
+        paths = {k: storage.join(output, k) for k in ("input", "extracted", "tokens", "train", "model")}
 
         inputs = self._prepare_inputs(data, paths["input"])
         log.info("extract: %d files -> %s", len(inputs), paths["extracted"])
@@ -218,13 +218,13 @@ class MegatronLM(torch.nn.Module):
             for f in text_files:
                 for i, doc in enumerate(_paragraph_documents(f)):
                     lines.append(json.dumps({"id": f"{f}#{i}", "text": doc, "source": f}))
-            target = io.join(staging, "text-documents.jsonl")
-            io.write_text(target, "\n".join(lines) + "\n")
+            target = storage.join(staging, "text-documents.jsonl")
+            storage.write_text(target, "\n".join(lines) + "\n")
             out.append(target)
         return out
 
     def _adopt(self, model_dir: str) -> None:
-        from mtnlg.fuse.load import load_fused
+        from mtnlg.formats.fused import load_fused
 
         gpt, cfg, tok = load_fused(model_dir)
         self._gpt, self.cfg, self.tokenizer = gpt, cfg, tok
@@ -239,7 +239,7 @@ class MegatronLM(torch.nn.Module):
     def generate(self, text: str, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None) -> str:
         """The continuation of ``text`` (greedy unless ``temperature`` > 0)."""
-        from mtnlg.generate.generate import generate
+        from mtnlg.model.decode import generate
 
         self._need_tokenizer("generate")
         return generate(self.gpt, self.tokenizer, text, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -274,7 +274,7 @@ class MegatronLM(torch.nn.Module):
     @classmethod
     def load(cls, directory: str, device: str = "cpu") -> "MegatronLM":
         """A model from a fused model directory (``mtnlg fuse`` output or ``save``)."""
-        from mtnlg.fuse.load import load_fused
+        from mtnlg.formats.fused import load_fused
 
         gpt, cfg, tok = load_fused(directory, device=device)
         obj = cls(**dataclasses.asdict(cfg))

@@ -19,15 +19,15 @@ from mtnlg.config import ConfigError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("mtnlg.extract.cli", "clean, filter, deduplicate and split raw text (Apache Beam)"),
-    "tokenize": ("mtnlg.data.cli", "train a SentencePiece tokenizer and write Megatron .bin/.idx files"),
+    "tokenize": ("mtnlg.tokenize.cli", "train a SentencePiece tokenizer and write Megatron .bin/.idx files"),
     "train": ("mtnlg.train.cli", "train a GPT with tensor/sequence/data parallelism (torchrun / PyTorchJob)"),
     "fuse": ("mtnlg.fuse.cli", "merge a sharded checkpoint into one model (safetensors, Hugging Face)"),
     "reshard": ("mtnlg.fuse.reshard_cli", "rewrite a training checkpoint for another parallel layout"),
     "evaluate": ("mtnlg.evaluate.cli", "perplexity, last-word accuracy and sample generations"),
     "generate": ("mtnlg.generate.cli", "generate text from a fused model"),
     "pytorchjob": ("mtnlg.cluster.cli", "write or submit a Kubeflow PyTorchJob for a training run"),
-    "run": ("mtnlg.runner", "run the whole pipeline locally through kfp.local"),
-    "compile": ("mtnlg.compile", "compile the Kubeflow pipeline to IR YAML"),
+    "run": ("mtnlg.pipelines.local", "run the whole pipeline locally through kfp.local"),
+    "compile": ("mtnlg.pipelines.compile", "compile the Kubeflow pipeline to IR YAML"),
 }
 
 

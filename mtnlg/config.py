@@ -248,9 +248,9 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    from mtnlg import io
+    from mtnlg import storage
 
-    text = io.read_text(str(path))
+    text = storage.read_text(str(path))
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:

@@ -15,7 +15,7 @@ def extract_step(inputs: list[str], output: str, overrides: list[str] | None = N
     """Clean, filter, deduplicate and split ``inputs`` into ``output`` (see docs/extract.md)."""
     from mtnlg.config import load_config
     from mtnlg.extract.config import ExtractConfig
-    from mtnlg.extract.pipeline import extract
+    from mtnlg.extract.beam_job import extract
 
     cfg = load_config(ExtractConfig, None, list(overrides or []))
     return extract(list(inputs), output, cfg, list(beam_args or []), workers=workers)
@@ -24,8 +24,8 @@ def extract_step(inputs: list[str], output: str, overrides: list[str] | None = N
 def tokenize_step(extracted: str, output: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train a tokenizer and write Megatron ``.bin/.idx`` files (see docs/tokenize.md)."""
     from mtnlg.config import load_config
-    from mtnlg.data.config import TokenizeConfig
-    from mtnlg.data.tokenize import tokenize
+    from mtnlg.tokenize.config import TokenizeConfig
+    from mtnlg.tokenize.tokenize import tokenize
 
     cfg = load_config(TokenizeConfig, None, list(overrides or []))
     return tokenize(extracted, output, cfg)

@@ -23,7 +23,7 @@ def gcs_server():
     """Start ``gcp-storage-emulator`` in-process; yields ``STORAGE_EMULATOR_HOST``."""
     from gcp_storage_emulator.server import create_server
 
-    from mtnlg import io
+    from mtnlg import storage
 
     port = _free_port()
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
@@ -31,7 +31,7 @@ def gcs_server():
     host = f"http://127.0.0.1:{port}"
     old = os.environ.get("STORAGE_EMULATOR_HOST")
     os.environ["STORAGE_EMULATOR_HOST"] = host
-    io._client_for.cache_clear()
+    storage._client_for.cache_clear()
     try:
         yield host
     finally:
@@ -40,7 +40,7 @@ def gcs_server():
             os.environ.pop("STORAGE_EMULATOR_HOST", None)
         else:
             os.environ["STORAGE_EMULATOR_HOST"] = old
-        io._client_for.cache_clear()
+        storage._client_for.cache_clear()
 
 
 @pytest.fixture

@@ -32,8 +32,8 @@ def write_extracted(root: Path, train: list[str], validation: list[str], source:
 
 def tokenized_dir(root: Path, train: list[str], validation: list[str], vocab_size: int = 512) -> str:
     """Extract-format JSONL under ``root/extracted``, tokenized into ``root/tok``."""
-    from mtnlg.data.config import TokenizeConfig
-    from mtnlg.data.tokenize import tokenize
+    from mtnlg.tokenize.config import TokenizeConfig
+    from mtnlg.tokenize.tokenize import tokenize
 
     write_extracted(root / "extracted", train, validation)
     out = str(root / "tok")

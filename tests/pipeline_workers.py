@@ -13,7 +13,7 @@ import torch
 from mtnlg.model.gpt import GPT
 from mtnlg.parallel.config import ParallelConfig
 from mtnlg.parallel.dims import ParallelDims
-from mtnlg.parallel.pipeline import Pipeline
+from mtnlg.parallel.pipeline_parallel import Pipeline
 from mtnlg.parallel.utils import clip_grad_norm_, set_seed_for_rank
 from parallel_workers import MAX_NORM, STEPS, tiny, tokens_for_step, training
 

@@ -1,6 +1,6 @@
 import math
 
-from mtnlg.artifacts import artifact_location, flatten, log_metrics
+from mtnlg.components.artifacts import artifact_location, flatten, log_metrics
 
 
 class FakeArtifact:

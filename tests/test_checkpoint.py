@@ -11,10 +11,10 @@ import pickle
 import pytest
 import torch
 
-from mtnlg import io
+from mtnlg import storage
 from mtnlg.model.config import ModelConfig
 from mtnlg.model.gpt import GPT
-from mtnlg.train import checkpoint as ckpt
+from mtnlg.formats import checkpoint as ckpt
 from mtnlg.train.optim import build_optimizer
 
 CFG = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, seq_length=16, vocab_size=64, dropout=0.2)
@@ -91,9 +91,9 @@ def test_gcs_checkpoint_round_trip(gcs):
     d = f"{gcs}/run/checkpoints"
     for step in (1, 2, 3):
         ckpt.save_checkpoint(d, step, model, opt, {"consumed_samples": step}, keep_last=2)
-    assert io.read_text(f"{d}/latest").strip() == "step_00000003"
+    assert storage.read_text(f"{d}/latest").strip() == "step_00000003"
     assert [(s, ok) for s, _, ok in ckpt.list_checkpoints(d)] == [(2, True), (3, True)]
-    names = {f.rsplit("/", 1)[-1] for f in io.list_files(f"{d}/step_00000003")}
+    names = {f.rsplit("/", 1)[-1] for f in storage.list_files(f"{d}/step_00000003")}
     assert {".metadata", "__0_0.distcp", "rank_00000.pt", "trainer_state.json"} <= names
     expected = _step(model, opt)
     other, other_opt = _model_and_optimizer(1)

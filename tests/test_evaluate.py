@@ -38,7 +38,7 @@ def tokenized(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def model_dir(tokenized, tmp_path_factory) -> str:
-    from mtnlg.data.tokenizer import Tokenizer
+    from mtnlg.formats.tokenizer import Tokenizer
     from mtnlg.fuse.fuse import save_fused
 
     tok = Tokenizer.from_dir(tokenized)
@@ -75,8 +75,8 @@ def test_passage_and_word():
 
 
 def test_cloze_items_count_every_document(tokenized):
-    from mtnlg.data.indexed_dataset import IndexedDataset
-    from mtnlg.data.tokenizer import Tokenizer
+    from mtnlg.formats.indexed_dataset import IndexedDataset
+    from mtnlg.formats.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(tokenized)
     ds = IndexedDataset(os.path.join(tokenized, "validation"))
@@ -106,7 +106,7 @@ def test_cloze_accuracy_counts_whole_words():
 
 def test_evaluate_end_to_end_writes_report(tokenized, model_dir, tmp_path):
     from mtnlg.cli import main
-    from mtnlg.data.indexed_dataset import IndexedDataset
+    from mtnlg.formats.indexed_dataset import IndexedDataset
 
     log = tmp_path / "log.jsonl"
     with open(log, "w") as f:

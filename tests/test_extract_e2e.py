@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from mtnlg import io
+from mtnlg import storage
 from mtnlg.cli import main as cli_main
 from mtnlg.config import replace
 from mtnlg.extract.config import ExtractConfig
-from mtnlg.extract.pipeline import extract, run
+from mtnlg.extract.beam_job import extract, run
 from mtnlg.extract.reference import extract_reference
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus" / "python-docs"
@@ -37,9 +37,9 @@ def corpus_text(name: str) -> str:
 def read_outputs(output: str) -> dict[str, list[dict]]:
     out = {}
     for split in ("train", "validation"):
-        files = io.list_files(io.join(output, split))
+        files = storage.list_files(storage.join(output, split))
         assert files and all(SHARD.search(f) for f in files), files
-        out[split] = sorted((json.loads(line) for f in files for line in io.read_text(f).splitlines()),
+        out[split] = sorted((json.loads(line) for f in files for line in storage.read_text(f).splitlines()),
                             key=lambda r: r["id"])
     return out
 
@@ -119,7 +119,7 @@ def test_end_to_end_every_bad_input_two_workers(bad_corpus, tmp_path):
     sources = {r["source"].rsplit("/", 1)[-1] for recs in outputs.values() for r in recs}
     # The original, its exact and its near duplicate: one group, one document kept.
     assert len(sources & {"whatsnew.txt", "whatsnew-shouting.txt.gz", "whatsnew-edited.txt"}) == 1
-    assert json.loads(io.read_text(os.path.join(out, "stats.json"))) == stats
+    assert json.loads(storage.read_text(os.path.join(out, "stats.json"))) == stats
 
     # Two worker processes give exactly what the single-process reference loop gives.
     cfg = replace(ExtractConfig(), ["validation_fraction=0.3"])
@@ -146,15 +146,15 @@ def test_nothing_readable_is_a_clear_error(tmp_path):
 
 def test_gcs_input_and_output(gcs, tmp_path):
     for name in GOOD[:3]:
-        io.copy(str(CORPUS / name), f"{gcs}/in/{name}")
-    io.write_bytes(f"{gcs}/in/broken.txt.gz", b"not gzip")
-    io.write_text(f"{gcs}/in/docs.jsonl", json.dumps({"text": corpus_text("whatsnew/3.5.txt.gz")[:30000]}) + "\nbad\n")
+        storage.copy(str(CORPUS / name), f"{gcs}/in/{name}")
+    storage.write_bytes(f"{gcs}/in/broken.txt.gz", b"not gzip")
+    storage.write_text(f"{gcs}/in/docs.jsonl", json.dumps({"text": corpus_text("whatsnew/3.5.txt.gz")[:30000]}) + "\nbad\n")
     stats = extract([f"{gcs}/in"], f"{gcs}/out", replace(ExtractConfig(), ["validation_fraction=0.5", "num_shards=1"]),
                     workers=1)
     assert stats["read"] == 6 and stats["failed"]["corrupt_gzip"] == 1 and stats["failed"]["invalid_json"] == 1
     assert stats["kept"] == 4 and stats["balanced"]
     assert stats["splits"]["train"]["files"] == [f"{gcs}/out/train/part-00000-of-00001.jsonl"]
-    assert json.loads(io.read_text(f"{gcs}/out/stats.json")) == stats
+    assert json.loads(storage.read_text(f"{gcs}/out/stats.json")) == stats
     outputs = read_outputs(f"{gcs}/out")
     assert sorted(r["source"].split("/in/", 1)[1] for v in outputs.values() for r in v) == sorted(
         GOOD[:3] + ["docs.jsonl:1"])

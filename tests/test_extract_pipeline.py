@@ -11,7 +11,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from mtnlg.extract.clean import clean_text
 from mtnlg.extract.config import DedupConfig, ExtractConfig, FilterConfig
 from mtnlg.extract.dedup import MinHasher, band_keys, candidate_pairs, components, jaccard_estimate
-from mtnlg.extract.pipeline import (DROPPED, DUPLICATES, FAILED, FILES, CleanAndFilterFn, Deduplicate, FuzzyDedup,
+from mtnlg.extract.beam_job import (DROPPED, DUPLICATES, FAILED, FILES, CleanAndFilterFn, Deduplicate, FuzzyDedup,
                                     ReadDocuments, beam_options)
 
 VOCAB = ("the of and to in that is was he for it with as his on be at by had are but from or have an they which "

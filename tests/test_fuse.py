@@ -58,7 +58,7 @@ def _tp_logits(rank: int, world: int, ckpt: str, tokens: list) -> list:
     from mtnlg.parallel.config import ParallelConfig
     from mtnlg.parallel.dims import ParallelDims
     from mtnlg.parallel.parallelize import parallelize_gpt
-    from mtnlg.train.checkpoint import load_checkpoint
+    from mtnlg.formats.checkpoint import load_checkpoint
 
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
         cfg = from_dict(ModelConfig, json.load(f)["model"])
@@ -73,14 +73,14 @@ def _tp_logits(rank: int, world: int, ckpt: str, tokens: list) -> list:
 
 
 def _latest(run_dir: str) -> str:
-    from mtnlg.train.checkpoint import resolve_checkpoint
+    from mtnlg.formats.checkpoint import resolve_checkpoint
 
     return resolve_checkpoint(run_dir)
 
 
 def test_fused_model_equals_the_tp2_model(fused, run_dir):
     from mtnlg.fuse.fuse import fixed_batch, reference_logits
-    from mtnlg.fuse.load import load_fused
+    from mtnlg.formats.fused import load_fused
 
     model, cfg, tok = load_fused(fused, decode_layout=False)  # row-major, as trained: bitwise
     assert tok.vocab_size == cfg.vocab_size == 512
@@ -103,7 +103,7 @@ def test_hf_gpt2_export_loads_offline_and_matches(fused, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from mtnlg.fuse.fuse import fixed_batch
-    from mtnlg.fuse.load import load_fused
+    from mtnlg.formats.fused import load_fused
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hf = AutoModelForCausalLM.from_pretrained(os.path.join(fused, "hf"))
@@ -118,7 +118,7 @@ def test_hf_gpt2_export_loads_offline_and_matches(fused, monkeypatch):
 def test_hf_llama_export_matches(tmp_path, fused, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from mtnlg.data.tokenizer import Tokenizer
+    from mtnlg.formats.tokenizer import Tokenizer
     from mtnlg.fuse.fuse import save_fused
     from mtnlg.fuse.hf import export_hf
     from mtnlg.model.config import ModelConfig
@@ -162,7 +162,7 @@ def _entries_equal(a_path: str, b_path: str) -> int:
     """Number of checkpoint entries compared; asserts each is identical."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from mtnlg.fuse.dcp_reader import CheckpointReader
+    from mtnlg.formats.dcp_reader import CheckpointReader
 
     with CheckpointReader(a_path) as a, CheckpointReader(b_path) as b:
         ea, eb = a.entries(), b.entries()
@@ -212,8 +212,8 @@ def test_reshard_keeps_vocab_rows_when_possible():
 
 
 def test_damaged_fused_files_name_file_and_tensor(fused, tmp_path):
-    from mtnlg.fuse.load import load_fused
-    from mtnlg.fuse.writer import read_header
+    from mtnlg.formats.fused import load_fused
+    from mtnlg.formats.sharded_safetensors import read_header
 
     d = tmp_path / "m"
     shutil.copytree(fused, d, ignore=shutil.ignore_patterns("hf"))
@@ -258,14 +258,14 @@ def test_damaged_checkpoint_names_file_and_tensor(run_dir, tmp_path):
 
 
 def test_fuse_from_and_to_gcs(run_dir, gcs):
-    from mtnlg import io
+    from mtnlg import storage
     from mtnlg.fuse.fuse import fuse_checkpoint
-    from mtnlg.fuse.load import load_fused
+    from mtnlg.formats.fused import load_fused
 
-    io.copy_tree(os.path.join(run_dir, "checkpoints", "step_00000003"), f"{gcs}/run/checkpoints/step_00000003")
-    io.write_text(f"{gcs}/run/checkpoints/latest", "step_00000003\n")
+    storage.copy_tree(os.path.join(run_dir, "checkpoints", "step_00000003"), f"{gcs}/run/checkpoints/step_00000003")
+    storage.write_text(f"{gcs}/run/checkpoints/latest", "step_00000003\n")
     r = fuse_checkpoint(f"{gcs}/run", f"{gcs}/model")
-    assert r["max_abs_logit_diff"] <= 1e-6 and io.exists(f"{gcs}/model/manifest.json")
+    assert r["max_abs_logit_diff"] <= 1e-6 and storage.exists(f"{gcs}/model/manifest.json")
     model, cfg, tok = load_fused(f"{gcs}/model")
     assert cfg.vocab_size == tok.vocab_size
 
@@ -273,7 +273,7 @@ def test_fuse_from_and_to_gcs(run_dir, gcs):
 def test_untrusted_checkpoint_metadata_is_refused(run_dir, tmp_path):
     import pickle
 
-    from mtnlg.fuse.dcp_reader import CheckpointReader
+    from mtnlg.formats.dcp_reader import CheckpointReader
 
     class Evil:
         def __reduce__(self):
@@ -290,7 +290,7 @@ def test_hf_export_carries_an_exact_tokenizer(fused, monkeypatch):
     """AutoTokenizer on the export encodes like our SentencePiece model, and decodes back."""
     from transformers import AutoTokenizer
 
-    from mtnlg.data.tokenizer import Tokenizer
+    from mtnlg.formats.tokenizer import Tokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hf_tok = AutoTokenizer.from_pretrained(os.path.join(fused, "hf"))

@@ -3,15 +3,15 @@ end-of-document, chat formatting, and the ``mtnlg generate`` command."""
 
 from __future__ import annotations
 
-import io as _pyio
+import io
 
 import pytest
 import torch
 
 from mtnlg.config import ConfigError
 from mtnlg.generate.chat import _cut_at_turn, chat, chat_reply, format_chat
-from mtnlg.generate.generate import generate, generate_ids, stream_tokens
-from mtnlg.generate.sampling import SamplingConfig, sample_next_token, top_k_filter, top_p_filter
+from mtnlg.model.decode import generate, generate_ids, stream_tokens
+from mtnlg.model.sampling import SamplingConfig, sample_next_token, top_k_filter, top_p_filter
 from mtnlg.model.config import ModelConfig
 from mtnlg.model.gpt import GPT, KVCache
 
@@ -23,7 +23,7 @@ TEXT = ("The list type supports append and pop. A dictionary maps keys to values
 def tokenizer(tmp_path_factory):
     import sentencepiece as spm
 
-    from mtnlg.data.tokenizer import Tokenizer
+    from mtnlg.formats.tokenizer import Tokenizer
 
     d = tmp_path_factory.mktemp("tok")
     spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT.split(". ")), model_prefix=str(d / "sp"),
@@ -184,7 +184,7 @@ def test_chat_reply_and_interactive_loop(tokenizer):
     reply = chat_reply(model, tokenizer, [{"role": "user", "content": "What is a list?"}], max_new_tokens=8, seed=1)
     assert isinstance(reply, str) and "\nUser:" not in reply
     lines = iter(["hello", "/reset", "again", "/exit"])
-    out = _pyio.StringIO()
+    out = io.StringIO()
     msgs = chat(model, tokenizer, input_fn=lambda _: next(lines), out=out, max_new_tokens=4, seed=0)
     assert [m["role"] for m in msgs] == ["user", "assistant"] and msgs[0]["content"] == "again"
     assert "(conversation reset)" in out.getvalue()

@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 
-import mtnlg.data.gpt_dataset as gd
-from mtnlg import io
-from mtnlg.data.gpt_dataset import BlendedDataset, GPTDataset, build_epoch_index
-from mtnlg.data.indexed_dataset import IndexedDatasetBuilder
+import mtnlg.train.gpt_dataset as gd
+from mtnlg import storage
+from mtnlg.train.gpt_dataset import BlendedDataset, GPTDataset, build_epoch_index
+from mtnlg.formats.indexed_dataset import IndexedDatasetBuilder
 
 SEQ = 16
 
@@ -142,13 +142,13 @@ def test_small_index_stays_in_memory(tmp_path):
 def test_gcs_data(tmp_path, gcs):
     prefix, _ = _unique_tokens(tmp_path / "d")
     for ext in (".bin", ".idx"):
-        io.copy(prefix + ext, io.join(gcs, "tok", "train" + ext))
-    remote = GPTDataset(io.join(gcs, "tok", "train"), SEQ, seed=2)
+        storage.copy(prefix + ext, storage.join(gcs, "tok", "train" + ext))
+    remote = GPTDataset(storage.join(gcs, "tok", "train"), SEQ, seed=2)
     local = GPTDataset(prefix, SEQ, seed=2)
     assert len(remote) == len(local)
     assert np.array_equal(remote.global_batch(4, 8, 0, 2), local.global_batch(4, 8, 0, 2))
     with pytest.raises(FileNotFoundError, match=r"nothing\.(bin|idx) does not exist"):
-        GPTDataset(io.join(gcs, "tok", "nothing"), SEQ, seed=2)
+        GPTDataset(storage.join(gcs, "tok", "nothing"), SEQ, seed=2)
 
 
 def test_too_little_data(tmp_path):

@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from mtnlg.data.indexed_dataset import (IndexedDataset, IndexedDatasetBuilder, dtype_code,
+from mtnlg.formats.indexed_dataset import (IndexedDataset, IndexedDatasetBuilder, dtype_code,
                                         token_dtype)
 
 DOCS = [[5, 6, 7, 2], [9, 2], [65535, 0, 1, 2], [2]]
@@ -111,7 +111,7 @@ def test_reader_matches_independent_megatron_reader(tmp_path):
 
 def test_streaming_many_chunks_and_permissions(tmp_path, monkeypatch):
     """The index is written in chunks; chunk edges must not change a byte."""
-    import mtnlg.data.indexed_dataset as mod
+    import mtnlg.formats.indexed_dataset as mod
 
     docs = [[i % 7 + 1] * (i % 5 + 1) for i in range(1000)]
     ref = _write(tmp_path / "ref", docs)

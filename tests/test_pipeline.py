@@ -3,7 +3,7 @@
 import yaml
 
 from mtnlg.cli import main as cli
-from mtnlg.components.images import DATA_IMAGE, TRAIN_IMAGE
+from mtnlg.images import DATA_IMAGE, TRAIN_IMAGE
 
 
 def _compile(tmp_path):

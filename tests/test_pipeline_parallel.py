@@ -73,11 +73,11 @@ def tokenized(tmp_path_factory) -> str:
 
 
 def test_train_pp2_entry_point_matches_pp1_and_fuses(tokenized, tmp_path, monkeypatch):
-    from mtnlg import io
+    from mtnlg import storage
     from mtnlg.cli import main as mtnlg_main
     from mtnlg.fuse.fuse import fixed_batch, reference_logits
-    from mtnlg.fuse.load import load_fused
-    from mtnlg.train.checkpoint import resolve_checkpoint
+    from mtnlg.formats.fused import load_fused
+    from mtnlg.formats.checkpoint import resolve_checkpoint
 
     args = ["--recipe", "debug", f"data.path={tokenized}", "model.tie_embeddings=false",
             "parallel.tp=1", "train.log_every=1", "train.eval_iters=1", "checkpoint.every=0",
@@ -89,9 +89,9 @@ def test_train_pp2_entry_point_matches_pp1_and_fuses(tokenized, tmp_path, monkey
         out = str(tmp_path / f"pp{pp}")
         assert mtnlg_main(["train", "--nproc", str(nproc), *args, f"parallel.pp={pp}", f"output={out}",
                            f"train.steps={steps}"]) == 0
-        runs[pp] = json.loads(io.read_text(io.join(out, "summary.json")))
+        runs[pp] = json.loads(storage.read_text(storage.join(out, "summary.json")))
         runs[pp]["losses"] = [json.loads(line)["loss"] for line in
-                              io.read_text(io.join(out, "log.jsonl")).splitlines() if line]
+                              storage.read_text(storage.join(out, "log.jsonl")).splitlines() if line]
     assert runs[2]["layout"]["pp"] == 2 and len(runs[2]["losses"]) == 3 and runs[2]["resumed_from"]
     assert runs[2]["losses"] == pytest.approx(runs[1]["losses"], rel=REL)
     assert runs[2]["val_loss"] == pytest.approx(runs[1]["val_loss"], rel=REL)

@@ -10,12 +10,12 @@ import os
 import numpy as np
 import pytest
 
-from mtnlg import io
+from mtnlg import storage
 from mtnlg.cli import main as cli_main
-from mtnlg.data.config import TokenizeConfig
-from mtnlg.data.indexed_dataset import IndexedDataset
-from mtnlg.data.tokenize import _sample_lines, tokenize
-from mtnlg.data.tokenizer import Tokenizer
+from mtnlg.tokenize.config import TokenizeConfig
+from mtnlg.formats.indexed_dataset import IndexedDataset
+from mtnlg.tokenize.tokenize import _sample_lines, tokenize
+from mtnlg.formats.tokenizer import Tokenizer
 from test_indexed_dataset import megatron_read
 
 CORPUS = os.path.join(os.path.dirname(__file__), "..", "data", "corpus", "python-docs", "whatsnew")
@@ -187,23 +187,23 @@ def test_empty_or_missing_split(tmp_path, corpus, tokenized):
 
 
 def test_gcs_input_and_output(extracted, tokenized, gcs):
-    io.copy_tree(extracted, io.join(gcs, "extracted"))
-    out = io.join(gcs, "tokens")
-    stats = tokenize(io.join(gcs, "extracted"), out, TokenizeConfig(vocab_size=VOCAB, workers=2))
+    storage.copy_tree(extracted, storage.join(gcs, "extracted"))
+    out = storage.join(gcs, "tokens")
+    stats = tokenize(storage.join(gcs, "extracted"), out, TokenizeConfig(vocab_size=VOCAB, workers=2))
     assert stats["documents"] == tokenized[1]["documents"]
     local = tokenized[0]
     for name in ("tokenizer.model", "train.idx", "train.bin", "validation.idx", "stats.json"):
-        assert io.exists(io.join(out, name)), name
+        assert storage.exists(storage.join(out, name)), name
     for name in ("tokenizer.model", "train.bin", "train.idx", "validation.bin"):
-        assert io.read_bytes(io.join(out, name)) == open(os.path.join(local, name), "rb").read(), name
+        assert storage.read_bytes(storage.join(out, name)) == open(os.path.join(local, name), "rb").read(), name
     tok = Tokenizer.from_dir(out)
     assert tok.vocab_size == VOCAB
     # reuse the gs:// tokenizer
-    stats2 = tokenize(io.join(gcs, "extracted"), io.join(gcs, "again"),
-                      TokenizeConfig(tokenizer=io.join(out, "tokenizer.model"), workers=1))
+    stats2 = tokenize(storage.join(gcs, "extracted"), storage.join(gcs, "again"),
+                      TokenizeConfig(tokenizer=storage.join(out, "tokenizer.model"), workers=1))
     assert stats2["tokens"] == stats["tokens"]
     with pytest.raises(FileNotFoundError, match="input directory gs://.*/missing does not exist"):
-        tokenize(io.join(gcs, "missing"), io.join(gcs, "x"), TokenizeConfig(vocab_size=VOCAB))
+        tokenize(storage.join(gcs, "missing"), storage.join(gcs, "x"), TokenizeConfig(vocab_size=VOCAB))
 
 
 def test_cli(extracted, tokenized, tmp_path, capsys):

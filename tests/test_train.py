@@ -3,7 +3,7 @@
 ``mtnlg train --nproc N`` (torchrun, a few seconds per launch) for exact resume (local and
 gs://), layout agreement, falling loss and SIGTERM; the per-process entry point in this
 process for NaN/inf handling. Data: a 512-piece SentencePiece tokenization of the bundled
-Python "What's new" documents, built once per module by ``mtnlg.data.tokenize``.
+Python "What's new" documents, built once per module by ``mtnlg.tokenize.tokenize``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from corpus_data import tokenized_dir, whatsnew_paragraphs
-from mtnlg import io
+from mtnlg import storage
 from mtnlg.cli import main as mtnlg_main
 
 
@@ -41,11 +41,11 @@ def _train(*args: str) -> int:
 
 
 def _summary(output: str) -> dict:
-    return json.loads(io.read_text(io.join(output, "summary.json")))
+    return json.loads(storage.read_text(storage.join(output, "summary.json")))
 
 
 def _log(output: str) -> list[dict]:
-    return [json.loads(line) for line in io.read_text(io.join(output, "log.jsonl")).splitlines() if line]
+    return [json.loads(line) for line in storage.read_text(storage.join(output, "log.jsonl")).splitlines() if line]
 
 
 # Dropout on, so that exact resume also needs the RNG states; schedule fixed independently
@@ -75,11 +75,11 @@ def test_stop_and_resume_is_bitwise_exact_locally_and_on_gcs(tokenized, tmp_path
     assert s["checkpoint"] == f"{b}/checkpoints/step_00000006" and s["first_loss"] == full[0]["loss"]
     # keep_last=1 pruned step 3 after step 6 was complete; latest points at the newest
     assert sorted(os.listdir(os.path.join(a, "checkpoints"))) == ["latest", "step_00000006"]
-    assert io.read_text(f"{b}/checkpoints/latest").strip() == "step_00000006"
-    ckpt_files = {f.rsplit("/", 1)[-1] for f in io.list_files(f"{b}/checkpoints/step_00000006")}
+    assert storage.read_text(f"{b}/checkpoints/latest").strip() == "step_00000006"
+    ckpt_files = {f.rsplit("/", 1)[-1] for f in storage.list_files(f"{b}/checkpoints/step_00000006")}
     assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rank_00000.pt", "rank_00001.pt", "trainer_state.json",
             "config.yaml", "tokenizer.model", "tokenizer.json"} <= ckpt_files
-    run_files = io.list_files(b)
+    run_files = storage.list_files(b)
     assert any("/tensorboard/events.out.tfevents" in f for f in run_files)
     assert f"{b}/loss.png" in run_files and f"{b}/config.yaml" in run_files
 

@@ -30,10 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mtnlg import io
+    from mtnlg import storage
     from mtnlg.cluster.pytorchjob import (PyTorchJobLauncher, PyTorchJobSpec, build_manifests, load_crd_schema,
                                           to_yaml, validate_pytorchjob)
-    from mtnlg.components.images import TRAIN_IMAGE
+    from mtnlg.images import TRAIN_IMAGE
     from mtnlg.config import to_dict
     from mtnlg.parallel.dims import ParallelDims
     from mtnlg.train.config import load_run_config
@@ -51,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
     if args.output == "-":
         sys.stdout.write(text)
     else:
-        io.write_text(args.output, text)
+        storage.write_text(args.output, text)
         print(args.output)
     if args.submit:
         launcher = PyTorchJobLauncher()

@@ -20,10 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mtnlg import io
+    from mtnlg import storage
     from mtnlg.evaluate.evaluate import evaluate_model
 
-    output = args.output or io.join(args.model, "eval")
+    output = args.output or storage.join(args.model, "eval")
     result = evaluate_model(args.model, args.data, output, train_log=args.train_log, batch_size=args.batch_size,
                             max_cloze_items=args.max_cloze_items, prompts=args.prompts,
                             max_new_tokens=args.max_new_tokens, device=args.device)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from mtnlg import io
+from mtnlg import storage
 from mtnlg.progress import get_logger
 
 log = get_logger("mtnlg.evaluate")
@@ -41,27 +41,27 @@ DEFAULT_PROMPTS = (
 
 def _open_split(data_dir: str, split: str, tmp: str):
     """The split's IndexedDataset, downloading ``.bin``/``.idx`` side by side for gs://."""
-    from mtnlg.data.indexed_dataset import IndexedDataset
+    from mtnlg.formats.indexed_dataset import IndexedDataset
 
-    prefix = io.join(data_dir, split)
+    prefix = storage.join(data_dir, split)
     for ext in (".bin", ".idx"):
-        if not io.exists(prefix + ext):
+        if not storage.exists(prefix + ext):
             raise FileNotFoundError(f"{prefix + ext} does not exist: {data_dir} has no {split!r} split "
                                     "(expected the output of `mtnlg tokenize`)")
-    if io.is_gcs(prefix):
+    if storage.is_gcs(prefix):
         local = os.path.join(tmp, split)
         for ext in (".bin", ".idx"):
-            io.copy(prefix + ext, local + ext)
+            storage.copy(prefix + ext, local + ext)
         prefix = local
     return IndexedDataset(prefix)
 
 
 def _check_same_tokenizer(data_dir: str, tokenizer) -> None:
     """Evaluating on ids from another tokenizer would measure nothing: refuse it."""
-    meta_path = io.join(data_dir, "tokenizer.json")
-    if not io.exists(meta_path):
+    meta_path = storage.join(data_dir, "tokenizer.json")
+    if not storage.exists(meta_path):
         return
-    theirs = json.loads(io.read_text(meta_path)).get("sha256")
+    theirs = json.loads(storage.read_text(meta_path)).get("sha256")
     ours = tokenizer.metadata()["sha256"]
     if theirs and theirs != ours:
         raise ValueError(f"{data_dir} was tokenized with a different tokenizer (sha256 {theirs[:12]}...) "
@@ -78,8 +78,8 @@ def evaluate_model(model_dir: str, data_dir: str, output: str, train_log: str | 
     from mtnlg.evaluate.cloze import make_cloze_items
     from mtnlg.evaluate.metrics import cloze_accuracy, stream_loss
     from mtnlg.evaluate.report import read_train_log, train_log_metrics, write_report
-    from mtnlg.fuse.load import load_fused
-    from mtnlg.generate.generate import generate
+    from mtnlg.formats.fused import load_fused
+    from mtnlg.model.decode import generate
 
     t0 = time.perf_counter()
     model, cfg, tok = load_fused(model_dir, device=device)

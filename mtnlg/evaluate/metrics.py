@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mtnlg.evaluate.cloze import ClozeItem
-from mtnlg.generate.generate import device_of
+from mtnlg.model.decode import device_of
 from mtnlg.progress import Progress
 
 

@@ -13,7 +13,7 @@ import json
 import math
 from typing import Any
 
-from mtnlg import io
+from mtnlg import storage
 from mtnlg.progress import get_logger
 
 log = get_logger("mtnlg.evaluate.report")
@@ -23,7 +23,7 @@ def read_train_log(path: str) -> tuple[list[dict[str, Any]], int]:
     """Records of ``log.jsonl`` that have a numeric ``step`` and ``loss``; and how many lines
     were skipped (blank lines do not count; anything else unreadable does)."""
     records, skipped = [], 0
-    for n, line in enumerate(io.read_text(path).splitlines(), 1):
+    for n, line in enumerate(storage.read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -70,7 +70,7 @@ def plot_loss(records: list[dict[str, Any]], png_path: str, title: str = "traini
     else:
         ax.legend(loc="upper right")
     fig.tight_layout()
-    with io.atomic_write(png_path, "wb") as f:
+    with storage.atomic_write(png_path, "wb") as f:
         fig.savefig(f, format="png")
     plt.close(fig)
     return True
@@ -143,15 +143,15 @@ def write_report(output: str, metrics: dict[str, Any], samples: list[dict[str, s
                  title: str = "mtnlg evaluation") -> dict[str, str]:
     """Write ``metrics.json``, ``report.md``, ``report.html`` (and ``loss.png`` from
     ``train_records``) into ``output`` (local or gs://); returns their paths."""
-    paths = {"metrics": io.join(output, "metrics.json"), "markdown": io.join(output, "report.md"),
-             "html": io.join(output, "report.html")}
+    paths = {"metrics": storage.join(output, "metrics.json"), "markdown": storage.join(output, "report.md"),
+             "html": storage.join(output, "report.html")}
     png_bytes = None
     if train_records:
-        png = io.join(output, "loss.png")
+        png = storage.join(output, "loss.png")
         if plot_loss(train_records, png):
             paths["png"] = png
-            png_bytes = io.read_bytes(png)
-    io.write_text(paths["metrics"], json.dumps({**metrics, "samples": samples}, indent=2, sort_keys=True) + "\n")
-    io.write_text(paths["markdown"], render_markdown(metrics, samples, "loss.png" if png_bytes else None, title))
-    io.write_text(paths["html"], render_html(metrics, samples, png_bytes, title))
+            png_bytes = storage.read_bytes(png)
+    storage.write_text(paths["metrics"], json.dumps({**metrics, "samples": samples}, indent=2, sort_keys=True) + "\n")
+    storage.write_text(paths["markdown"], render_markdown(metrics, samples, "loss.png" if png_bytes else None, title))
+    storage.write_text(paths["html"], render_html(metrics, samples, png_bytes, title))
     return paths

@@ -1,6 +1,6 @@
 """The extract step: raw text/JSONL/HTML -> clean, filtered, deduplicated train/validation JSONL.
 
-``mtnlg.extract.pipeline.extract(inputs, output, config, beam_args)`` runs it on Apache Beam;
+``mtnlg.extract.beam_job.extract(inputs, output, config, beam_args)`` runs it on Apache Beam;
 ``mtnlg.extract.reference.extract_reference`` is the same logic as one plain Python loop.
 See docs/extract.md.
 """

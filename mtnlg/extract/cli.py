@@ -58,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
 
     from mtnlg.extract import stats as st
-    from mtnlg.extract.pipeline import extract
+    from mtnlg.extract.beam_job import extract
 
     stats = extract(inputs, args.output, cfg, list(getattr(args, "passthrough", []) or []), workers=args.workers)
     print(st.summary(stats))

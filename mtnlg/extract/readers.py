@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io as _pyio
+import io
 import json
 import zlib
 from html.parser import HTMLParser
 from typing import IO, Iterator, NamedTuple
 
-from mtnlg import io
+from mtnlg import storage
 from mtnlg.extract.clean import decode_utf8
 
 FAILURE_REASONS = ("unreadable", "corrupt_gzip", "binary", "nul_byte", "too_large", "empty",
@@ -82,8 +82,8 @@ def expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
     seen: set[str] = set()
     for item in inputs:
         item = str(item)
-        matched = io.expand([item])
-        direct = matched == [item] and not io.has_glob(item)
+        matched = storage.expand([item])
+        direct = matched == [item] and not storage.has_glob(item)
         for f in matched:
             if f in seen:
                 if direct and f in skipped:  # named directly after a directory skipped it
@@ -103,7 +103,7 @@ def relative_names(inputs: list[str], files: list[str]) -> dict[str, str]:
     for f in files:
         for item in inputs:
             item = str(item)
-            if io.has_glob(item):
+            if storage.has_glob(item):
                 wild = min(i for i in (item.find(c) for c in "*?[") if i >= 0)
                 base = item[:wild].rsplit("/", 1)[0]
             elif f == item:
@@ -134,7 +134,7 @@ def binary_fraction(data: bytes) -> float:
     return (controls + replaced) / len(sample)
 
 
-class _Prefixed(_pyio.RawIOBase):
+class _Prefixed(io.RawIOBase):
     """A stream that first returns ``head`` (already read for sniffing), then ``rest``."""
 
     def __init__(self, head: bytes, rest: IO[bytes]):
@@ -169,7 +169,7 @@ def read_file(path: str, text_field: str = "text", max_doc_bytes: int = 8 << 20,
     fmt = detect_format(path) or "text"
     gz = path.lower().endswith(".gz")
     try:
-        raw = io.open_read(path, "rb")
+        raw = storage.open_read(path, "rb")
     except Exception as e:  # noqa: BLE001 - any failure to open is counted, not fatal
         yield Failure("unreadable", path, 0, f"{type(e).__name__}: {e}")
         return
@@ -226,7 +226,7 @@ def _read_jsonl(stream: IO[bytes], path: str, gz: bool, text_field: str, max_doc
         if frac > max_binary_fraction:
             yield Failure("binary", path, len(head), f"{frac:.0%} control/invalid bytes")
             return
-        lines = _pyio.BufferedReader(_Prefixed(head, stream), buffer_size=1 << 20)
+        lines = io.BufferedReader(_Prefixed(head, stream), buffer_size=1 << 20)
         while True:
             line = lines.readline(max_doc_bytes + 1)
             if not line:

@@ -12,7 +12,7 @@ import json
 from collections import defaultdict
 from typing import Any
 
-from mtnlg import io
+from mtnlg import storage
 from mtnlg.extract import stats as st
 from mtnlg.extract.clean import clean_text
 from mtnlg.extract.config import ExtractConfig
@@ -90,13 +90,13 @@ def extract_reference(inputs: list[str], output: str | None = None,
     written = {}
     if output:
         for s in SPLITS:
-            path = io.join(output, s, "part-00000-of-00001.jsonl")
-            with io.atomic_write(path, "w") as f:
+            path = storage.join(output, s, "part-00000-of-00001.jsonl")
+            with storage.atomic_write(path, "w") as f:
                 for rec in out[s]:
                     f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             written[s] = [path]
     stats = st.build_stats(counters, inputs=list(inputs), files=len(files), skipped=skipped,
                            examples=examples, written=written)
     if output:
-        io.write_text(io.join(output, "stats.json"), json.dumps(stats, indent=2) + "\n")
+        storage.write_text(storage.join(output, "stats.json"), json.dumps(stats, indent=2) + "\n")
     return out, stats

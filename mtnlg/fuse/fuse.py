@@ -52,11 +52,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from mtnlg import io
+from mtnlg import storage
 from mtnlg.config import from_dict, to_dict
-from mtnlg.fuse.load import CONFIG_FILE, expected_tensors, load_fused
-from mtnlg.fuse.manifest import hash_files, save_manifest, write_manifest
-from mtnlg.fuse.writer import FUSE_DTYPES, ShardedSafetensorsWriter, TensorSpec
+from mtnlg.formats.fused import CONFIG_FILE, expected_tensors, load_fused
+from mtnlg.formats.manifest import hash_files, save_manifest, write_manifest
+from mtnlg.formats.sharded_safetensors import FUSE_DTYPES, ShardedSafetensorsWriter, TensorSpec
 from mtnlg.model.config import ModelConfig
 from mtnlg.progress import Progress, get_logger
 
@@ -118,8 +118,8 @@ def write_model_dir(out: str, cfg: ModelConfig, names: list[str], shapes: dict[s
         if isinstance(src, bytes):
             with open(dst, "wb") as f:
                 f.write(src)
-        elif io.is_gcs(src):
-            io.copy(src, dst)
+        elif storage.is_gcs(src):
+            storage.copy(src, dst)
         else:
             shutil.copyfile(src, dst)  # no fsync: the staging directory is renamed as a whole
     side = [CONFIG_FILE, *tokenizer_files]
@@ -158,8 +158,8 @@ def staged_output(output: str) -> Iterator[str]:
     """A local directory that becomes ``output`` only if the body succeeds: a failed fuse
     leaves no half-written model behind (locally: ``OUTPUT.partial`` renamed at the end;
     gs://: uploaded at the end)."""
-    if io.is_gcs(output):
-        with io.local_dir_for_output(output) as out:
+    if storage.is_gcs(output):
+        with storage.local_dir_for_output(output) as out:
             yield out
         return
     final = os.path.abspath(output)
@@ -181,10 +181,10 @@ def _checkpoint_model_config(ckpt: str, state: dict[str, Any]) -> tuple[ModelCon
     import yaml
 
     model = state.get("model")
-    cfg_path = io.join(ckpt, "config.yaml")
+    cfg_path = storage.join(ckpt, "config.yaml")
     run: dict[str, Any] = {}
-    if io.exists(cfg_path):
-        run = yaml.safe_load(io.read_text(cfg_path)) or {}
+    if storage.exists(cfg_path):
+        run = yaml.safe_load(storage.read_text(cfg_path)) or {}
     if model is None:
         model = run.get("model")
     if not isinstance(model, dict):
@@ -204,13 +204,13 @@ def fused_config(cfg: ModelConfig, tp: int, embedding_rows: int) -> ModelConfig:
 
 def _tokenizer_sources(ckpt: str, state: dict[str, Any]) -> dict[str, str]:
     """Tokenizer files: those saved in the checkpoint, else the tokenized data directory's."""
-    found = {n: io.join(ckpt, n) for n in TOKENIZER_FILES if io.exists(io.join(ckpt, n))}
+    found = {n: storage.join(ckpt, n) for n in TOKENIZER_FILES if storage.exists(storage.join(ckpt, n))}
     if "tokenizer.model" in found:
         return found
     ref = state.get("tokenizer")
     if ref:
         data_dir = ref.rsplit("/", 1)[0] if ref.endswith(".model") else ref
-        found = {n: io.join(data_dir, n) for n in TOKENIZER_FILES if io.exists(io.join(data_dir, n))}
+        found = {n: storage.join(data_dir, n) for n in TOKENIZER_FILES if storage.exists(storage.join(data_dir, n))}
         if "tokenizer.model" in found:
             return found
     raise FileNotFoundError(f"{ckpt}: no tokenizer.model in the checkpoint, nor at the tokenizer it "
@@ -220,7 +220,7 @@ def _tokenizer_sources(ckpt: str, state: dict[str, Any]) -> dict[str, str]:
 def reference_logits(ckpt: str, cfg: ModelConfig, tokens: torch.Tensor) -> torch.Tensor:
     """Logits of the checkpoint loaded by the trainer's DCP loader (fp32, one process)."""
     from mtnlg.model.gpt import GPT
-    from mtnlg.train.checkpoint import load_checkpoint
+    from mtnlg.formats.checkpoint import load_checkpoint
 
     model = GPT(cfg)
     with warnings.catch_warnings():  # "no process group: loading in a single process" is the point
@@ -235,9 +235,9 @@ def fuse_checkpoint(checkpoint: str, output: str, dtype: str = "fp32", hf: bool 
                     max_shard_bytes: int = 2 << 30, verify: bool | None = None) -> dict[str, Any]:
     """Fuse ``checkpoint`` (a run dir, a checkpoints dir with ``latest``, or a checkpoint)
     into ``output``; returns a summary. ``verify=None`` verifies models up to 2B parameters."""
-    from mtnlg.fuse.dcp_reader import MODEL_PREFIX, CheckpointReader
+    from mtnlg.formats.dcp_reader import MODEL_PREFIX, CheckpointReader
     from mtnlg.model.gpt import GPT
-    from mtnlg.train.checkpoint import resolve_checkpoint
+    from mtnlg.formats.checkpoint import resolve_checkpoint
 
     _dtype(dtype)
     t0 = time.perf_counter()

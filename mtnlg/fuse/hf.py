@@ -36,7 +36,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from mtnlg import io
+from mtnlg import storage
 from mtnlg.model.config import ModelConfig
 from mtnlg.progress import Progress, get_logger
 
@@ -240,11 +240,11 @@ def export_hf(fused_dir: str, output: str, max_shard_bytes: int = 2 << 30, verif
     """
     from safetensors import safe_open
 
-    from mtnlg.fuse.load import load_fused, read_model_config, weight_files
-    from mtnlg.fuse.manifest import MANIFEST_FILE, hash_files, read_manifest, verify_files, write_manifest
-    from mtnlg.fuse.writer import ShardedSafetensorsWriter, TensorSpec
+    from mtnlg.formats.fused import load_fused, read_model_config, weight_files
+    from mtnlg.formats.manifest import MANIFEST_FILE, hash_files, read_manifest, verify_files, write_manifest
+    from mtnlg.formats.sharded_safetensors import ShardedSafetensorsWriter, TensorSpec
 
-    with io.local_copy(fused_dir) as src, io.local_dir_for_output(output) as out:
+    with storage.local_copy(fused_dir) as src, storage.local_dir_for_output(output) as out:
         manifest = read_manifest(src)
         verify_files(src, manifest)
         cfg = read_model_config(src)
@@ -298,7 +298,7 @@ def export_hf(fused_dir: str, output: str, max_shard_bytes: int = 2 << 30, verif
 
 def _export_tokenizer(src: str, out: str) -> str:
     """HF tokenizer files in ``out`` when possible; returns what was written, or why not."""
-    from mtnlg.data.tokenizer import Tokenizer
+    from mtnlg.formats.tokenizer import Tokenizer
     from mtnlg.fuse.hf_tokenizer import write_hf_tokenizer
 
     model = os.path.join(src, "tokenizer.model")

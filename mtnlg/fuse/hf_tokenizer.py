@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from mtnlg.data.tokenizer import Tokenizer
+from mtnlg.formats.tokenizer import Tokenizer
 
 SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 

@@ -43,7 +43,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
-from mtnlg import io
+from mtnlg import storage
 from mtnlg.progress import Progress, get_logger
 
 log = get_logger("mtnlg.fuse.reshard")
@@ -101,11 +101,11 @@ def reshard_checkpoint(checkpoint: str, output: str, tp: int, pp: int = 1) -> di
     import yaml
 
     from mtnlg.config import ConfigError, from_dict, to_dict
-    from mtnlg.fuse.dcp_reader import CheckpointReader
+    from mtnlg.formats.dcp_reader import CheckpointReader
     from mtnlg.model.config import ModelConfig
     from mtnlg.parallel.config import ParallelConfig
     from mtnlg.parallel.dims import ParallelDims
-    from mtnlg.train.checkpoint import FORMAT, LATEST, STATE_FILE, resolve_checkpoint, step_dirname
+    from mtnlg.formats.checkpoint import FORMAT, LATEST, STATE_FILE, resolve_checkpoint, step_dirname
 
     if tp < 1 or pp < 1:
         raise ConfigError(f"--tp and --pp must be >= 1, got tp={tp}, pp={pp}")
@@ -114,10 +114,10 @@ def reshard_checkpoint(checkpoint: str, output: str, tp: int, pp: int = 1) -> di
         state = dict(reader.trainer_state)
         if state.get("format") != FORMAT:
             raise ValueError(f"{src}: unknown checkpoint format {state.get('format')!r} (expected {FORMAT})")
-        cfg_path = io.join(src, "config.yaml")
-        if not io.exists(cfg_path):
+        cfg_path = storage.join(src, "config.yaml")
+        if not storage.exists(cfg_path):
             raise FileNotFoundError(f"{cfg_path} is missing: the checkpoint does not record its run config")
-        run = yaml.safe_load(io.read_text(cfg_path)) or {}
+        run = yaml.safe_load(storage.read_text(cfg_path)) or {}
         model = from_dict(ModelConfig, run.get("model") or state.get("model") or {}, prefix="model")
         parallel = from_dict(ParallelConfig, dict(run.get("parallel") or {}, tp=tp, pp=pp, dp=-1), prefix="parallel")
 
@@ -165,15 +165,15 @@ def reshard_checkpoint(checkpoint: str, output: str, tp: int, pp: int = 1) -> di
             with open(os.path.join(local, "config.yaml"), "w", encoding="utf-8") as f:
                 yaml.safe_dump(run, f, sort_keys=False)
             for tok in ("tokenizer.model", "tokenizer.json"):
-                if io.exists(io.join(src, tok)):
-                    io.copy(io.join(src, tok), os.path.join(local, tok))
-            target = io.join(output, name)
-            if io.exists(target):
-                io.remove(target)
-            io.copy_tree(local, target)
+                if storage.exists(storage.join(src, tok)):
+                    storage.copy(storage.join(src, tok), os.path.join(local, tok))
+            target = storage.join(output, name)
+            if storage.exists(target):
+                storage.remove(target)
+            storage.copy_tree(local, target)
             # last: the state file marks the checkpoint complete, then latest points at it
-            io.write_text(io.join(target, STATE_FILE), json.dumps(new_state, indent=2, sort_keys=True))
-            io.write_text(io.join(output, LATEST), name + "\n")
+            storage.write_text(storage.join(target, STATE_FILE), json.dumps(new_state, indent=2, sort_keys=True))
+            storage.write_text(storage.join(output, LATEST), name + "\n")
     overrides = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"checkpoint.load={target}"]
     if m != model.make_vocab_size_divisible_by:
         overrides.insert(2, f"model.make_vocab_size_divisible_by={m}")

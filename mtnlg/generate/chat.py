@@ -24,8 +24,8 @@ from typing import Callable
 
 import torch
 
-from mtnlg.generate.generate import prompt_ids_for, stream_tokens
-from mtnlg.generate.sampling import SamplingConfig
+from mtnlg.model.decode import prompt_ids_for, stream_tokens
+from mtnlg.model.sampling import SamplingConfig
 
 ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 _TURN_STARTS = tuple(f"\n{tag}:" for tag in ROLES.values())

@@ -27,8 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mtnlg.fuse.load import load_fused
-    from mtnlg.generate.generate import generate
+    from mtnlg.formats.fused import load_fused
+    from mtnlg.model.decode import generate
 
     if not args.chat and args.prompt is None:
         raise ValueError("--prompt is required (or use --chat)")

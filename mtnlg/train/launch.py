@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 
-from mtnlg import io
+from mtnlg import storage
 from mtnlg.config import dump_yaml
 from mtnlg.progress import get_logger
 from mtnlg.train.config import TrainRunConfig, load_run_config
@@ -47,10 +47,10 @@ class Launcher(abc.ABC):
 
 
 def read_summary(output: str) -> dict | None:
-    path = io.join(output, "summary.json")
-    if not io.exists(path):
+    path = storage.join(output, "summary.json")
+    if not storage.exists(path):
         return None
-    return json.loads(io.read_text(path))
+    return json.loads(storage.read_text(path))
 
 
 class LocalTorchrunLauncher(Launcher):
@@ -83,8 +83,8 @@ class LocalTorchrunLauncher(Launcher):
         return env
 
     def launch(self, cfg: TrainRunConfig) -> dict:
-        if io.exists(io.join(cfg.output, "summary.json")):
-            io.remove(io.join(cfg.output, "summary.json"))  # so a stale one is never returned
+        if storage.exists(storage.join(cfg.output, "summary.json")):
+            storage.remove(storage.join(cfg.output, "summary.json"))  # so a stale one is never returned
         with tempfile.TemporaryDirectory(prefix="mtnlg-launch-") as d:
             config_path = os.path.join(d, "config.yaml")
             with open(config_path, "w", encoding="utf-8") as f:

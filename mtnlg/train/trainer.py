@@ -6,7 +6,7 @@ One call, :func:`train`, takes a validated :class:`TrainRunConfig` and
 2. builds the ``(dp, tp)`` mesh (``(pp, dp, tp)`` with pipeline parallelism), the GPT (same
    seed on every rank, so every layout starts from the same weights), shards it with
    ``parallelize_gpt`` (under pipeline parallelism first cut to this rank's stage, see
-   ``mtnlg.parallel.pipeline``), and AdamW;
+   ``mtnlg.parallel.pipeline_parallel``), and AdamW;
 3. resumes from a checkpoint when there is one (``checkpoint.load=auto``): weights,
    optimizer, RNG states and the data position, so the continuation is bit-identical;
 4. per step: reads this data-parallel rank's slice of the global batch at the current
@@ -34,12 +34,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mtnlg import io
+from mtnlg import storage
 from mtnlg.config import ConfigError, dump_yaml, to_dict
 from mtnlg.progress import get_logger
-from mtnlg.train import checkpoint as ckpt
+from mtnlg.formats import checkpoint as ckpt
 from mtnlg.train.config import TrainRunConfig, with_overrides
-from mtnlg.train.dist import ProcessEnv, all_reduce_sum, barrier, broadcast_object, init_process_group
+from mtnlg.dist import ProcessEnv, all_reduce_sum, barrier, broadcast_object, init_process_group
 from mtnlg.train.optim import build_optimizer
 from mtnlg.train.schedule import BatchRampup, LRSchedule
 
@@ -108,11 +108,11 @@ def _scalar(t: torch.Tensor) -> torch.Tensor:
 
 
 def _read_tokenizer_info(data_path: str) -> dict[str, Any] | None:
-    path = io.join(data_path, "tokenizer.json")
-    if not io.exists(path):
+    path = storage.join(data_path, "tokenizer.json")
+    if not storage.exists(path):
         return None
     try:
-        return json.loads(io.read_text(path))
+        return json.loads(storage.read_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON: {e}") from None
 
@@ -140,7 +140,7 @@ class _RunFiles:
 
     def __init__(self, output: str):
         self.output = output
-        self.remote = io.is_gcs(output)
+        self.remote = storage.is_gcs(output)
         self.local = tempfile.mkdtemp(prefix="mtnlg-run-") if self.remote else output
         os.makedirs(self.local, exist_ok=True)
 
@@ -148,16 +148,16 @@ class _RunFiles:
         return os.path.join(self.local, name)
 
     def final(self, name: str) -> str:
-        return io.join(self.output, name)
+        return storage.join(self.output, name)
 
     def fetch(self, name: str) -> None:
         """Bring an existing remote file (the log of a run being resumed) into the local dir."""
-        if self.remote and io.exists(self.final(name)):
-            io.copy(self.final(name), self.path(name))
+        if self.remote and storage.exists(self.final(name)):
+            storage.copy(self.final(name), self.path(name))
 
     def sync(self) -> None:
         if self.remote:
-            io.copy_tree(self.local, self.output)
+            storage.copy_tree(self.local, self.output)
 
     def close(self) -> None:
         if self.remote:
@@ -199,7 +199,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, self.dims.tp)
         self.pipeline = None
         if self.dims.pp > 1:
-            from mtnlg.parallel.pipeline import Pipeline
+            from mtnlg.parallel.pipeline_parallel import Pipeline
 
             self.pipeline = Pipeline(model, self.mesh, self.dims, cfg.parallel, self.device)
             self.model = self.pipeline.model  # this stage only, under global parameter names
@@ -214,7 +214,7 @@ class Trainer:
         self.rampup = BatchRampup(t.global_batch_size, t.rampup.start, t.rampup.increment, t.rampup.samples)
         self.scaler = torch.amp.GradScaler(device_type) if self.dtype == "fp16" else None
         self.peak = device_peak_tflops(device_type, self.dtype)
-        self.ckpt_dir = io.join(cfg.output, "checkpoints")
+        self.ckpt_dir = storage.join(cfg.output, "checkpoints")
 
         # progress, restored from a checkpoint
         self.step = 0
@@ -227,23 +227,23 @@ class Trainer:
     def _data_files(self) -> tuple[list[str], list[float], str]:
         d = self.cfg.data
         if d.blend:
-            prefixes = [b.prefix if (io.is_gcs(b.prefix) or os.path.isabs(b.prefix)) else io.join(d.path, b.prefix)
+            prefixes = [b.prefix if (storage.is_gcs(b.prefix) or os.path.isabs(b.prefix)) else storage.join(d.path, b.prefix)
                         for b in d.blend]
             weights = [b.weight for b in d.blend]
         else:
-            prefixes, weights = [io.join(d.path, d.train_prefix)], [1.0]
-        return prefixes, weights, io.join(d.path, d.valid_prefix)
+            prefixes, weights = [storage.join(d.path, d.train_prefix)], [1.0]
+        return prefixes, weights, storage.join(d.path, d.valid_prefix)
 
     def _open_datasets(self) -> None:
         """Training (optionally blended) and validation samples; gs:// data is fetched and
         cached locally by GPTDataset itself."""
-        from mtnlg.data.gpt_dataset import BlendedDataset, GPTDataset
+        from mtnlg.train.gpt_dataset import BlendedDataset, GPTDataset
 
         train_prefixes, weights, valid_prefix = self._data_files()
         want_valid = self.cfg.train.eval_iters > 0
         for prefix in train_prefixes + ([valid_prefix] if want_valid else []):
             for ext in (".bin", ".idx"):
-                if io.exists(prefix + ext):
+                if storage.exists(prefix + ext):
                     continue
                 if prefix == valid_prefix and want_valid:
                     raise FileNotFoundError(f"validation data {prefix + ext} not found (set data.valid_prefix, "
@@ -257,8 +257,8 @@ class Trainer:
     def _tokenizer_files(self) -> dict[str, str]:
         out = {}
         for name in ("tokenizer.model", "tokenizer.json"):
-            p = io.join(self.cfg.data.path, name)
-            if io.exists(p):
+            p = storage.join(self.cfg.data.path, name)
+            if storage.exists(p):
                 out[name] = p
         return out
 
@@ -388,7 +388,7 @@ class Trainer:
             "scheduler": {"step": self.step, "lr": self.lr_at(max(self.step, 1))},
             "layout": {"tp": self.dims.tp, "dp": self.dims.dp, "pp": self.dims.pp,
                        "sequence_parallel": self.dims.sequence_parallel, "fsdp": self.dims.fsdp},
-            "tokenizer": io.join(self.cfg.data.path, "tokenizer.model"),
+            "tokenizer": storage.join(self.cfg.data.path, "tokenizer.model"),
             "model": to_dict(self.cfg.model),
             "parameters": self.n_params,
             # fp16 loss scale (a float and a counter), so a resumed fp16 run scales alike
@@ -441,7 +441,7 @@ class Trainer:
         log_rows: list[dict] = []
         if main:
             log_rows = self._start_log(files)
-            io.write_text(files.path("config.yaml"), dump_yaml(cfg))
+            storage.write_text(files.path("config.yaml"), dump_yaml(cfg))
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(files.path("tensorboard"), purge_step=self.step + 1 if self.step else None)
@@ -519,7 +519,7 @@ class Trainer:
     def _start_log(self, files: _RunFiles) -> list[dict]:
         """Rows of an earlier log up to the resumed step (later rows belong to a lost future)."""
         if not self.step:
-            io.write_text(files.path("log.jsonl"), "")
+            storage.write_text(files.path("log.jsonl"), "")
             return []
         files.fetch("log.jsonl")
         rows = []
@@ -531,7 +531,7 @@ class Trainer:
                         row = json.loads(line)
                         if row.get("step", 0) <= self.step:
                             rows.append(row)
-        io.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+        storage.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
         return rows
 
     def _log_row(self, r: dict, interval: dict, start_step: int, start_time: float, val: float | None) -> dict:
@@ -626,7 +626,7 @@ class Trainer:
             plot_loss_curve(rows, files.path("loss.png"))
         except Exception as e:  # noqa: BLE001 - a missing plot must not fail a finished run
             log.warning("could not draw loss.png: %s", e)
-        io.write_text(files.path("summary.json"), json.dumps(summary, indent=2))
+        storage.write_text(files.path("summary.json"), json.dumps(summary, indent=2))
         files.sync()
         files.close()
         return summary

@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from mtnlg.generate.sampling import SamplingConfig, sample_next_token
+from mtnlg.model.sampling import SamplingConfig, sample_next_token
 from mtnlg.progress import get_logger
 
 log = get_logger("mtnlg.generate")

@@ -5,10 +5,10 @@ Local paths use the filesystem; ``gs://bucket/key`` uses google-cloud-storage (s
 locally a temporary file in the same directory is renamed over the final name; on GCS an
 object only becomes visible when its upload completes.
 
-    from mtnlg import io
-    with io.atomic_write("gs://bucket/out/stats.json", "w") as f:
+    from mtnlg import storage
+    with storage.atomic_write("gs://bucket/out/stats.json", "w") as f:
         f.write("{}")
-    io.read_text("gs://bucket/out/stats.json")
+    storage.read_text("gs://bucket/out/stats.json")
 """
 
 from __future__ import annotations

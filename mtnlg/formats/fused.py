@@ -16,24 +16,24 @@ import os
 
 import torch
 
-from mtnlg import io
+from mtnlg import storage
 from mtnlg.config import from_dict
-from mtnlg.fuse.manifest import read_manifest, verify_files
-from mtnlg.fuse.writer import INDEX_FILE, NAME_DTYPES, SINGLE_FILE
+from mtnlg.formats.manifest import read_manifest, verify_files
+from mtnlg.formats.sharded_safetensors import INDEX_FILE, NAME_DTYPES, SINGLE_FILE
 from mtnlg.model.config import ModelConfig
 from mtnlg.progress import get_logger
 
-log = get_logger("mtnlg.fuse.load")
+log = get_logger("mtnlg.formats.fused")
 
 CONFIG_FILE = "config.json"
 
 
 def read_model_config(directory: str) -> ModelConfig:
-    path = io.join(directory, CONFIG_FILE)
-    if not io.exists(path):
+    path = storage.join(directory, CONFIG_FILE)
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path} does not exist: {directory} is not a fused model directory")
     try:
-        data = json.loads(io.read_text(path))
+        data = json.loads(storage.read_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     return from_dict(ModelConfig, data, prefix="model")
@@ -41,7 +41,7 @@ def read_model_config(directory: str) -> ModelConfig:
 
 def weight_files(directory: str) -> dict[str, str]:
     """``{tensor name: file name}`` from the index, or from the single file's header."""
-    from mtnlg.fuse.writer import read_header
+    from mtnlg.formats.sharded_safetensors import read_header
 
     index = os.path.join(directory, INDEX_FILE)
     if os.path.exists(index):
@@ -146,9 +146,9 @@ def load_fused(directory: str, device: str | torch.device = "cpu", dtype: torch.
     ``dtype`` defaults to the dtype the weights were written in. ``decode_layout`` stores
     linear weights column-major for fast generation (:func:`column_major_linears`).
     """
-    from mtnlg.data.tokenizer import Tokenizer
+    from mtnlg.formats.tokenizer import Tokenizer
 
-    with io.local_copy(directory) as local:
+    with storage.local_copy(directory) as local:
         manifest = read_manifest(local)
         if verify:
             verify_files(local, manifest)

@@ -199,9 +199,9 @@ class ShardedSafetensorsWriter:
 
 def read_header(path: str) -> tuple[dict[str, Any], int]:
     """A safetensors file's JSON header and the byte offset where its data starts."""
-    from mtnlg import io
+    from mtnlg import storage
 
-    with io.open_read(path, "rb") as f:
+    with storage.open_read(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
             raise ValueError(f"{path} is truncated: {len(raw)} bytes, no safetensors header")
@@ -217,10 +217,10 @@ def read_header(path: str) -> tuple[dict[str, Any], int]:
 
 def sha256_file(path: str, chunk: int = 8 << 20) -> str:
     """Hex sha256 of a local file or gs:// object, read in chunks."""
-    from mtnlg import io
+    from mtnlg import storage
 
     h = hashlib.sha256()
-    with io.open_read(path, "rb") as f:
+    with storage.open_read(path, "rb") as f:
         while True:
             b = f.read(chunk)
             if not b:

@@ -36,11 +36,11 @@ import time
 
 import numpy as np
 
-from mtnlg import io
-from mtnlg.data.indexed_dataset import IndexedDataset, data_path, index_path
+from mtnlg import storage
+from mtnlg.formats.indexed_dataset import IndexedDataset, data_path, index_path
 from mtnlg.progress import get_logger
 
-log = get_logger("mtnlg.data.gpt_dataset")
+log = get_logger("mtnlg.train.gpt_dataset")
 
 INDEX_FORMAT = 1  # bump when the index construction changes: old caches are then ignored
 CACHE_MIN_ENTRIES = 1 << 16  # smaller indices build in milliseconds: kept in memory, not cached
@@ -142,7 +142,7 @@ class GPTDataset(_SampleSource):
         if cache_dir is not None:
             self._cache_dirs = [cache_dir]
         else:
-            beside = [] if io.is_gcs(self.prefix) else [local + ".index-cache"]
+            beside = [] if storage.is_gcs(self.prefix) else [local + ".index-cache"]
             self._cache_dirs = beside + [
                 os.path.join(cache_root(), "gpt-index", f"{name}-{self._data_digest[:16]}")]
         self._epochs: collections.OrderedDict[int, tuple] = collections.OrderedDict()
@@ -151,16 +151,16 @@ class GPTDataset(_SampleSource):
     @staticmethod
     def _local_prefix(prefix: str) -> str:
         """gs:// data is downloaded once into the local cache (reused while its size matches)."""
-        if not io.is_gcs(prefix):
+        if not storage.is_gcs(prefix):
             return prefix
         key = hashlib.sha256(prefix.encode()).hexdigest()[:16]
         local = os.path.join(cache_root(), "data", key, os.path.basename(prefix))
         for src, dst in ((data_path(prefix), data_path(local)), (index_path(prefix), index_path(local))):
-            if not io.exists(src):
+            if not storage.exists(src):
                 raise FileNotFoundError(f"indexed dataset file {src} does not exist")
-            if not (os.path.exists(dst) and os.path.getsize(dst) == io.size(src)):
+            if not (os.path.exists(dst) and os.path.getsize(dst) == storage.size(src)):
                 log.info("downloading %s to %s", src, dst)
-                io.copy(src, dst)
+                storage.copy(src, dst)
         return local
 
     def __len__(self) -> int:

@@ -38,7 +38,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pvalue import AsList, TaggedOutput
 
-from mtnlg import io
+from mtnlg import storage
 from mtnlg.config import ConfigError, load_config, validate
 from mtnlg.extract import stats as st
 from mtnlg.extract.clean import clean_text
@@ -272,7 +272,7 @@ class WriteStatsFn(beam.DoFn):
         stats = st.build_stats(counters, inputs=self.inputs, files=self.files, skipped=self.skipped,
                                examples=dict(examples),
                                written={TRAIN: train_files, VALIDATION: validation_files})
-        with io.atomic_write(self.path, "w") as f:
+        with storage.atomic_write(self.path, "w") as f:
             f.write(json.dumps(stats, indent=2) + "\n")
         yield stats
 
@@ -370,8 +370,8 @@ class WriteShardFn(beam.DoFn):
     def process(self, shard_docs):
         shard, docs = shard_docs
         lines = sorted(to_json_line(d) for d in docs if d is not None)  # JSON starts with the id
-        path = io.join(self.directory, f"part-{shard:05d}-of-{self.num_shards:05d}.jsonl")
-        with io.atomic_write(path, "w") as f:
+        path = storage.join(self.directory, f"part-{shard:05d}-of-{self.num_shards:05d}.jsonl")
+        with storage.atomic_write(path, "w") as f:
             for line in lines:
                 f.write(line + "\n")
         yield path
@@ -419,8 +419,8 @@ class ExtractDocuments(beam.PTransform):
         split = dedup["unique"] | "Split" >> beam.ParDo(SplitFn(cfg.validation_fraction, cfg.seed)).with_outputs(
             VALIDATION, main=TRAIN)
         written = {
-            TRAIN: split[TRAIN] | "WriteTrain" >> WriteJsonl(io.join(self.output, TRAIN), cfg.num_shards),
-            VALIDATION: split[VALIDATION] | "WriteValidation" >> WriteJsonl(io.join(self.output, VALIDATION),
+            TRAIN: split[TRAIN] | "WriteTrain" >> WriteJsonl(storage.join(self.output, TRAIN), cfg.num_shards),
+            VALIDATION: split[VALIDATION] | "WriteValidation" >> WriteJsonl(storage.join(self.output, VALIDATION),
                                                                             cfg.validation_shards),
         }
 
@@ -440,7 +440,7 @@ class ExtractDocuments(beam.PTransform):
                 | "AllOutcomes" >> beam.Flatten()
                 | "SumCounters" >> beam.CombineGlobally(SumCountersFn())
                 | "WriteStats" >> beam.ParDo(
-                    WriteStatsFn(io.join(self.output, "stats.json"), self.inputs, self.files, self.skipped),
+                    WriteStatsFn(storage.join(self.output, "stats.json"), self.inputs, self.files, self.skipped),
                     AsList(examples), AsList(written[TRAIN]), AsList(written[VALIDATION])))
 
 
@@ -512,15 +512,15 @@ def make_pipeline(args: list[str]) -> beam.Pipeline:
 def _clear_previous(output: str) -> None:
     """Remove shards and stats of an earlier run into ``output`` (only those files)."""
     for split in SPLITS:
-        d = io.join(output, split)
-        if io.exists(d):
-            for f in io.list_files(d):
+        d = storage.join(output, split)
+        if storage.exists(d):
+            for f in storage.list_files(d):
                 name = f.rsplit("/", 1)[-1]
                 if name.startswith("part-") and name.endswith(".jsonl"):
-                    io.remove(f)
-    stats = io.join(output, "stats.json")
-    if io.exists(stats):
-        io.remove(stats)
+                    storage.remove(f)
+    stats = storage.join(output, "stats.json")
+    if storage.exists(stats):
+        storage.remove(stats)
 
 
 def build_pipeline(p: beam.Pipeline, files: list[str], skipped: list[str], inputs: list[str], output: str,
@@ -559,10 +559,10 @@ def extract(inputs: list[str], output: str, config: ExtractConfig | None = None,
     with make_pipeline(args) as p:
         build_pipeline(p, files, skipped, inputs, output, cfg)
     elapsed = time.perf_counter() - start
-    stats_path = io.join(output, "stats.json")
-    if not io.exists(stats_path):
+    stats_path = storage.join(output, "stats.json")
+    if not storage.exists(stats_path):
         raise RuntimeError(f"extract: the pipeline finished without writing {stats_path}")
-    stats = json.loads(io.read_text(stats_path))
+    stats = json.loads(storage.read_text(stats_path))
     log.info("extract: %s in %.1f s (%.2f MB/s in)", st.summary(stats), elapsed,
              stats["bytes_in"] / 1e6 / max(elapsed, 1e-9))
     n_failed = sum(stats["failed"].values())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from mtnlg import io
+from mtnlg import storage
 
 MODEL_FILE = "tokenizer.model"
 META_FILE = "tokenizer.json"
@@ -85,7 +85,7 @@ class Tokenizer:
     def __init__(self, model_path: str, eod_id: int | None = None):
         model_path = str(model_path)
         try:
-            data = io.read_bytes(model_path)
+            data = storage.read_bytes(model_path)
         except FileNotFoundError:
             raise FileNotFoundError(f"tokenizer model {model_path} does not exist") from None
         except IsADirectoryError:
@@ -102,14 +102,14 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, tokenized_dir: str) -> "Tokenizer":
         """The tokenizer of a ``mtnlg tokenize`` output directory (ids from its tokenizer.json)."""
-        meta_path = io.join(tokenized_dir, META_FILE)
+        meta_path = storage.join(tokenized_dir, META_FILE)
         eod = None
-        if io.exists(meta_path):
+        if storage.exists(meta_path):
             try:
-                eod = int(json.loads(io.read_text(meta_path))["eod_id"])
+                eod = int(json.loads(storage.read_text(meta_path))["eod_id"])
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{meta_path}: not a valid tokenizer description ({e})") from None
-        return cls(io.join(tokenized_dir, MODEL_FILE), eod_id=eod)
+        return cls(storage.join(tokenized_dir, MODEL_FILE), eod_id=eod)
 
     def _load(self, data: bytes, name: str, eod_id: int | None) -> None:
         import sentencepiece as spm

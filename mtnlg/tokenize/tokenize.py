@@ -7,7 +7,7 @@ Input is ``mtnlg extract``'s output: ``<input>/<split>/*.jsonl`` with one
 
 * ``tokenizer.model`` (SentencePiece) and ``tokenizer.json`` (vocab size, special ids, options);
 * ``<split>.bin`` + ``<split>.idx`` per split, one document per sequence, each ending with the
-  end-of-document token (see ``mtnlg.data.indexed_dataset`` for the bytes);
+  end-of-document token (see ``mtnlg.formats.indexed_dataset`` for the bytes);
 * ``stats.json``: documents read, kept and skipped (per reason), tokens, throughput.
 
 The tokenizer is trained on a bounded sample of the ``train`` split, unless one is given.
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import io as _pyio
+import io
 import itertools
 import json
 import multiprocessing
@@ -35,14 +35,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mtnlg import io
+from mtnlg import storage
 from mtnlg.config import to_dict, validate
-from mtnlg.data.config import SPECIAL_PIECES, TokenizeConfig
-from mtnlg.data.indexed_dataset import IndexedDatasetBuilder, data_path, index_path, token_dtype
-from mtnlg.data.tokenizer import META_FILE, MODEL_FILE, Tokenizer
+from mtnlg.tokenize.config import SPECIAL_PIECES, TokenizeConfig
+from mtnlg.formats.indexed_dataset import IndexedDatasetBuilder, data_path, index_path, token_dtype
+from mtnlg.formats.tokenizer import META_FILE, MODEL_FILE, Tokenizer
 from mtnlg.progress import Progress, get_logger
 
-log = get_logger("mtnlg.data.tokenize")
+log = get_logger("mtnlg.tokenize.tokenize")
 
 STATS_FILE = "stats.json"
 SKIP_REASONS = ("malformed_json", "missing_text", "empty_text", "empty_encoding")
@@ -58,11 +58,11 @@ def split_files(input_dir: str, split: str, shown_as: str | None = None) -> list
     ``shown_as`` is the directory's name in messages (the gs:// URI of a downloaded copy).
     """
     split_dir = os.path.join(input_dir, split)
-    shown = io.join(shown_as or input_dir, split)
+    shown = storage.join(shown_as or input_dir, split)
     if not os.path.isdir(split_dir):
         raise FileNotFoundError(f"split directory {shown} does not exist "
                                 f"(expected {split}/part-*.jsonl written by mtnlg extract)")
-    files = [f for f in io.list_files(split_dir) if f.endswith(".jsonl")]
+    files = [f for f in storage.list_files(split_dir) if f.endswith(".jsonl")]
     if not files:
         raise ValueError(f"split {split!r} is empty: {shown} holds no *.jsonl files")
     return files
@@ -148,7 +148,7 @@ def train_tokenizer(files: list[str], config: TokenizeConfig,
     log.info("training a %s tokenizer (vocab %d) on %d lines from %.1f MB of %s",
              config.model_type, config.vocab_size, len(lines), nbytes / 1e6, where)
     spm.set_random_generator_seed(config.seed)
-    model = _pyio.BytesIO()
+    model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(lines), model_writer=model,
@@ -321,7 +321,7 @@ def _encode_split(encoder: _Encoder, split: str, files: list[str], tasks: list, 
 @contextlib.contextmanager
 def _staging(output: str):
     """A local directory to build the output in (inside ``output`` when local: same disk)."""
-    if io.is_gcs(output):
+    if storage.is_gcs(output):
         stage = tempfile.mkdtemp(prefix="mtnlg-tokenize-")
     else:
         os.makedirs(output, exist_ok=True)
@@ -334,13 +334,13 @@ def _staging(output: str):
 
 def _publish(stage: str, output: str, names: list[str]) -> None:
     """Move (or upload) staged files into ``output``; ``stats.json`` goes last."""
-    stats_dst = io.join(output, STATS_FILE)
-    if io.exists(stats_dst):
-        io.remove(stats_dst)  # the directory is incomplete until the new stats.json lands
+    stats_dst = storage.join(output, STATS_FILE)
+    if storage.exists(stats_dst):
+        storage.remove(stats_dst)  # the directory is incomplete until the new stats.json lands
     for name in [n for n in names if n != STATS_FILE] + [STATS_FILE]:
-        src, dst = os.path.join(stage, name), io.join(output, name)
-        if io.is_gcs(output):
-            io.copy(src, dst)
+        src, dst = os.path.join(stage, name), storage.join(output, name)
+        if storage.is_gcs(output):
+            storage.copy(src, dst)
         else:
             os.replace(src, dst)
 
@@ -360,12 +360,12 @@ def tokenize(input_dir: str, output: str, config: TokenizeConfig | None = None) 
     validate(config)
     input_dir, output = str(input_dir), str(output)
     t0 = time.perf_counter()
-    if not io.exists(input_dir):
+    if not storage.exists(input_dir):
         raise FileNotFoundError(f"input directory {input_dir} does not exist")
     workers = _resolve_workers(config.workers)
-    with io.local_copy(input_dir) as local_in, _staging(output) as stage:
+    with storage.local_copy(input_dir) as local_in, _staging(output) as stage:
         files = {s: split_files(local_in, s, input_dir) for s in config.splits}
-        where = {s: io.join(input_dir, s) for s in config.splits}
+        where = {s: storage.join(input_dir, s) for s in config.splits}
 
         if config.tokenizer:
             tok, tok_info = load_tokenizer(config.tokenizer)

@@ -1,6 +1,6 @@
 """Read full tensors out of a DCP training checkpoint, one at a time, without a process group.
 
-A DCP checkpoint (``mtnlg.train.checkpoint``) is ``.metadata`` plus one ``__<rank>_0.distcp``
+A DCP checkpoint (``mtnlg.formats.checkpoint``) is ``.metadata`` plus one ``__<rank>_0.distcp``
 file per rank that wrote shards. The metadata lists, for every tensor, its full size and
 its chunks (offsets and sizes inside the full tensor); for every chunk, the file and byte
 range where it is stored (a ``torch.save`` of that chunk). Which (tp, dp, pp) layout wrote
@@ -19,7 +19,7 @@ chunks that do not cover the tensor.
 
 from __future__ import annotations
 
-import io as _pyio
+import io
 import json
 import math
 import os
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex, TensorStorageMetadata
 
-from mtnlg import io
+from mtnlg import storage
 
 METADATA_FILE = ".metadata"
 MODEL_PREFIX = "model."
@@ -49,10 +49,10 @@ class TensorInfo:
 
 def _load_metadata(path: str):
     """DCP's ``.metadata`` pickle, after the checkpoint module's allow-list check of it."""
-    from mtnlg.train.checkpoint import check_metadata
+    from mtnlg.formats.checkpoint import check_metadata
 
     try:
-        raw = io.read_bytes(path)
+        raw = storage.read_bytes(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is missing: not a DCP checkpoint (or an incomplete one)") from None
     with tempfile.TemporaryDirectory(prefix="mtnlg-meta-") as tmp:
@@ -74,11 +74,11 @@ class CheckpointReader:
 
     def __init__(self, path: str):
         self.path = path.rstrip("/")
-        self.metadata = _load_metadata(io.join(self.path, METADATA_FILE))
+        self.metadata = _load_metadata(storage.join(self.path, METADATA_FILE))
         self._sizes: dict[str, int] = {}
         self._handles: dict[str, Any] = {}
-        state = io.join(self.path, "trainer_state.json")
-        self.trainer_state: dict[str, Any] = json.loads(io.read_text(state)) if io.exists(state) else {}
+        state = storage.join(self.path, "trainer_state.json")
+        self.trainer_state: dict[str, Any] = json.loads(storage.read_text(state)) if storage.exists(state) else {}
 
     # -- listing -----------------------------------------------------------------------
     def entries(self) -> dict[str, Any]:
@@ -108,11 +108,11 @@ class CheckpointReader:
     # -- reading -----------------------------------------------------------------------
     def _file_size(self, rel: str) -> int:
         if rel not in self._sizes:
-            path = io.join(self.path, rel)
-            if not io.exists(path):
+            path = storage.join(self.path, rel)
+            if not storage.exists(path):
                 self._sizes[rel] = -1
             else:
-                self._sizes[rel] = io.size(path)
+                self._sizes[rel] = storage.size(path)
         return self._sizes[rel]
 
     def _storage(self, fqn: str, offsets) -> Any:
@@ -123,7 +123,7 @@ class CheckpointReader:
         if getattr(info, "transform_descriptors", None):
             raise ValueError(f"{self.path}: tensor {fqn!r} is stored with transforms "
                              f"{info.transform_descriptors}, which this reader does not support")
-        path = io.join(self.path, info.relative_path)
+        path = storage.join(self.path, info.relative_path)
         size = self._file_size(info.relative_path)
         if size < 0:
             raise FileNotFoundError(f"{path} is missing: shard file holding tensor {fqn!r} "
@@ -136,7 +136,7 @@ class CheckpointReader:
     def _read_range(self, path: str, offset: int, length: int) -> bytes:
         f = self._handles.get(path)
         if f is None:  # kept open: on gs:// each open is a request
-            f = self._handles[path] = io.open_read(path, "rb")
+            f = self._handles[path] = storage.open_read(path, "rb")
         f.seek(offset)
         data = f.read(length)
         if len(data) != length:
@@ -165,7 +165,7 @@ class CheckpointReader:
             info, path = self._storage(fqn, chunk.offsets)
             raw = self._read_range(path, info.offset, info.length)
             try:
-                part = torch.load(_pyio.BytesIO(raw), map_location="cpu", weights_only=True)
+                part = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001 - any failure means damaged bytes
                 raise ValueError(f"{path}: cannot read tensor {fqn!r} chunk at byte {info.offset}: "
                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
@@ -191,6 +191,6 @@ class CheckpointReader:
         info, path = self._storage(fqn, None)
         raw = self._read_range(path, info.offset, info.length)
         try:
-            return torch.load(_pyio.BytesIO(raw), weights_only=True)
+            return torch.load(io.BytesIO(raw), weights_only=True)
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"{path}: entry {fqn!r} is not plain data: {e}") from None

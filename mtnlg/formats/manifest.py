@@ -20,8 +20,8 @@ import json
 import os
 from typing import Any
 
-from mtnlg import io
-from mtnlg.fuse.writer import sha256_file
+from mtnlg import storage
+from mtnlg.formats.sharded_safetensors import sha256_file
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "mtnlg-fused-1"
@@ -45,8 +45,8 @@ def write_manifest(directory: str, files: dict[str, dict[str, Any]], tensors: di
 
 def save_manifest(directory: str, manifest: dict[str, Any]) -> None:
     text = json.dumps(manifest, indent=2) + "\n"
-    if io.is_gcs(directory):
-        io.write_text(io.join(directory, MANIFEST_FILE), text)
+    if storage.is_gcs(directory):
+        storage.write_text(storage.join(directory, MANIFEST_FILE), text)
     else:
         # a plain write: the directory is a staging one, made visible as a whole by a
         # rename; an fsync here would also force every shard just written to disk
@@ -55,12 +55,12 @@ def save_manifest(directory: str, manifest: dict[str, Any]) -> None:
 
 
 def read_manifest(directory: str) -> dict[str, Any]:
-    path = io.join(directory, MANIFEST_FILE)
-    if not io.exists(path):
+    path = storage.join(directory, MANIFEST_FILE)
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path} does not exist: {directory} is not a fused model directory "
                                 "(write one with `mtnlg fuse CHECKPOINT --output DIR`)")
     try:
-        manifest = json.loads(io.read_text(path))
+        manifest = json.loads(storage.read_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
@@ -72,13 +72,13 @@ def _damaged_tensor(path: str, names: list[str], tensors: dict[str, dict[str, An
     """Which tensor of a safetensors file no longer matches its recorded sha256."""
     import hashlib
 
-    from mtnlg.fuse.writer import read_header
+    from mtnlg.formats.sharded_safetensors import read_header
 
     try:
         header, start = read_header(path)
     except ValueError as e:
         return f"{e}; it holds tensors {names[:3]}{'...' if len(names) > 3 else ''}"
-    with io.open_read(path, "rb") as f:
+    with storage.open_read(path, "rb") as f:
         for name in names:
             rec = tensors.get(name, {})
             entry = header.get(name)
@@ -100,12 +100,12 @@ def verify_files(directory: str, manifest: dict[str, Any]) -> None:
     in a weights file names the damaged tensor."""
     tensors = manifest.get("tensors", {})
     for name, info in manifest["files"].items():
-        path = io.join(directory, name)
+        path = storage.join(directory, name)
         held = info.get("tensors") or []
         what = f" (holds {len(held)} tensors, first {held[0]!r})" if held else ""
-        if not io.exists(path):
+        if not storage.exists(path):
             raise FileNotFoundError(f"{path} is missing{what}")
-        size = io.size(path)
+        size = storage.size(path)
         if "bytes" in info and size != info["bytes"]:
             raise ValueError(f"{path}: size {size} bytes, manifest says {info['bytes']}{what}")
         digest = sha256_file(path)

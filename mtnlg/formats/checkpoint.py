@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import io as _pyio
+import io
 import json
 import os
 import pickle
@@ -47,11 +47,11 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
-from mtnlg import io
+from mtnlg import storage
 from mtnlg.progress import get_logger
-from mtnlg.train.dist import barrier, node_local_copy
+from mtnlg.dist import barrier, node_local_copy
 
-log = get_logger("mtnlg.train.checkpoint")
+log = get_logger("mtnlg.formats.checkpoint")
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
@@ -144,7 +144,7 @@ class _SafeReader(FileSystemReader):
 
 
 class _SafeLoadPlanner(DefaultLoadPlanner):
-    def load_bytes(self, read_item, value: _pyio.BytesIO) -> None:
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
         try:
             torch.load(value, weights_only=True)
         except Exception as e:  # noqa: BLE001 - any failure means "not plain data"
@@ -158,21 +158,21 @@ class _SafeLoadPlanner(DefaultLoadPlanner):
 
 def read_latest(directory: str) -> str | None:
     """The checkpoint named by ``directory/latest``, or None if there is none."""
-    pointer = io.join(directory, LATEST)
-    if not io.exists(pointer):
+    pointer = storage.join(directory, LATEST)
+    if not storage.exists(pointer):
         return None
-    name = io.read_text(pointer).strip()
+    name = storage.read_text(pointer).strip()
     if not _STEP_RE.match(name):
         raise ValueError(f"{pointer}: expected a name like step_00000020, got {name!r}")
-    return io.join(directory, name)
+    return storage.join(directory, name)
 
 
 def list_checkpoints(directory: str) -> list[tuple[int, str, bool]]:
     """``(step, path, complete)`` for every ``step_*`` entry (and ``.tmp`` leftovers), by step."""
     names: dict[str, bool] = {}
-    if io.is_gcs(directory):
+    if storage.is_gcs(directory):
         base = directory.rstrip("/") + "/"
-        for f in io.list_files(directory):
+        for f in storage.list_files(directory):
             rel = f[len(base):]
             if "/" not in rel:
                 continue
@@ -187,7 +187,7 @@ def list_checkpoints(directory: str) -> list[tuple[int, str, bool]]:
     for top, complete in names.items():
         m = re.match(r"^step_(\d{8})(\.tmp)?$", top)
         if m:
-            out.append((int(m.group(1)), io.join(directory, top), complete and not m.group(2)))
+            out.append((int(m.group(1)), storage.join(directory, top), complete and not m.group(2)))
     return sorted(out, key=lambda t: (t[0], t[1]))
 
 
@@ -203,7 +203,7 @@ def prune_checkpoints(directory: str, keep_last: int) -> list[str]:
     removed = []
     for _, path, _ok in entries:
         if path not in keep:
-            io.remove(path)
+            storage.remove(path)
             removed.append(path)
     return removed
 
@@ -211,12 +211,12 @@ def prune_checkpoints(directory: str, keep_last: int) -> list[str]:
 def resolve_checkpoint(spec: str) -> str:
     """A checkpoint directory from ``spec``: the checkpoint itself, a directory with a
     ``latest`` pointer, or a run directory holding ``checkpoints/latest``."""
-    if io.exists(io.join(spec, STATE_FILE)):
+    if storage.exists(storage.join(spec, STATE_FILE)):
         return spec.rstrip("/")
-    for d in (spec, io.join(spec, "checkpoints")):
+    for d in (spec, storage.join(spec, "checkpoints")):
         found = read_latest(d)
         if found:
-            if not io.exists(io.join(found, STATE_FILE)):
+            if not storage.exists(storage.join(found, STATE_FILE)):
                 raise FileNotFoundError(f"{d}/latest names {found}, which has no {STATE_FILE}")
             return found
     raise FileNotFoundError(f"no checkpoint at {spec!r} (expected {STATE_FILE}, latest, or checkpoints/latest)")
@@ -228,11 +228,11 @@ def resolve_checkpoint(spec: str) -> str:
 def _write_side_files(target: str, trainer_state: dict, config_text: str | None,
                       extra_files: dict[str, str] | None) -> None:
     if config_text is not None:
-        io.write_text(io.join(target, "config.yaml"), config_text)
+        storage.write_text(storage.join(target, "config.yaml"), config_text)
     for name, src in (extra_files or {}).items():
-        io.copy(src, io.join(target, name))
+        storage.copy(src, storage.join(target, name))
     # Last: its presence marks the checkpoint complete.
-    io.write_text(io.join(target, STATE_FILE), json.dumps(trainer_state, indent=2, sort_keys=True))
+    storage.write_text(storage.join(target, STATE_FILE), json.dumps(trainer_state, indent=2, sort_keys=True))
 
 
 def save_checkpoint(directory: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -249,14 +249,14 @@ def save_checkpoint(directory: str, step: int, model: torch.nn.Module, optimizer
     """
     rank, world = _rank(), _world()
     name = step_dirname(step)
-    final = io.join(directory, name)
+    final = storage.join(directory, name)
     options = StateDictOptions(flatten_optimizer_state_dict=flatten_optimizer)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     state = {"model": model_sd, "optim": optim_sd}
     meta = dict(trainer_state, step=step, world_size=world, format=FORMAT)
     rng_name = f"rank_{rank:05d}.pt"
 
-    if not io.is_gcs(directory):
+    if not storage.is_gcs(directory):
         tmp = final + ".tmp"
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -271,22 +271,22 @@ def save_checkpoint(directory: str, step: int, model: torch.nn.Module, optimizer
                 shutil.rmtree(final)
             os.replace(tmp, final)
     else:
-        if rank == 0 and io.isdir(final):
-            io.remove(final)  # a partial upload from an earlier, interrupted attempt
+        if rank == 0 and storage.isdir(final):
+            storage.remove(final)  # a partial upload from an earlier, interrupted attempt
         barrier()
         staging = tempfile.mkdtemp(prefix=f"mtnlg-ckpt-r{rank}-")
         try:
             os.makedirs(os.path.join(staging, "rng"))
             dcp.save(state, storage_writer=FileSystemWriter(staging))
             torch.save(rng_state(), os.path.join(staging, "rng", rng_name))
-            io.copy_tree(staging, final)  # this rank's shards (rank 0 also .metadata)
+            storage.copy_tree(staging, final)  # this rank's shards (rank 0 also .metadata)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         barrier()
         if rank == 0:
             _write_side_files(final, meta, config_text, extra_files)
     if rank == 0:
-        io.write_text(io.join(directory, LATEST), name + "\n")
+        storage.write_text(storage.join(directory, LATEST), name + "\n")
         removed = prune_checkpoints(directory, keep_last)
         log.info("saved checkpoint %s%s", final, f" (pruned {len(removed)})" if removed else "")
     barrier()

@@ -47,8 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from mtnlg.config import load_config
-    from mtnlg.data.config import TokenizeConfig
-    from mtnlg.data.tokenize import tokenize
+    from mtnlg.tokenize.config import TokenizeConfig
+    from mtnlg.tokenize.tokenize import tokenize
 
     overrides = list(args.overrides)
     if args.vocab_size is not None:

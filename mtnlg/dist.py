@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from mtnlg import io
+from mtnlg import storage
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def node_local_copy(paths: list[str]) -> Iterator[list[str]]:
     for the download, and the copies are removed when all ranks are done. Collective: every
     rank must call it with the same paths.
     """
-    remote = [p for p in paths if io.is_gcs(p)]
+    remote = [p for p in paths if storage.is_gcs(p)]
     if not remote:
         yield list(paths)
         return
@@ -136,12 +136,12 @@ def node_local_copy(paths: list[str]) -> Iterator[list[str]]:
             shutil.rmtree(root, ignore_errors=True)
             os.makedirs(root)
             for uri in remote:
-                if io.isdir(uri):
-                    io.copy_tree(uri, local_of(uri))
+                if storage.isdir(uri):
+                    storage.copy_tree(uri, local_of(uri))
                 else:
-                    io.copy(uri, local_of(uri))
+                    storage.copy(uri, local_of(uri))
         barrier()
-        yield [local_of(p) if io.is_gcs(p) else p for p in paths]
+        yield [local_of(p) if storage.is_gcs(p) else p for p in paths]
     finally:
         barrier()
         if owner:
