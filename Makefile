@@ -1,11 +1,12 @@
-# Quick start: `make run` (set-up + the whole pipeline on the bundled corpus), `make test`.
+# Quick start: `make run` (set-up + the whole pipeline on the bundled corpus), `make test`
+# (every tier: unit, distributed, e2e), `make test-fast` (the unit tier).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/local
 
-.PHONY: run test install compile bench clean lint
+.PHONY: run test test-fast install compile bench clean lint
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +20,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# the unit tier only (no subprocesses, no torchrun, no kfp.local): under a minute
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m unit tests
 
 compile: $(STAMP)
 	$(BIN)/mtnlg compile -o $(RUN_DIR)/pipeline.yaml

@@ -22,13 +22,12 @@ Both must agree on every count; the script fails otherwise.
 
 from __future__ import annotations
 
-import os
-import sys
-
 import argparse
 import gzip
 import json
+import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -77,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("MTNLG_LOG_LEVEL", "WARNING")
     from mtnlg.config import replace
-    from mtnlg.extract.config import ExtractConfig
     from mtnlg.extract.beam_job import extract
+    from mtnlg.extract.config import ExtractConfig
     from mtnlg.extract.reference import extract_reference
 
     # The baseline: cleaning + filtering + exact dedup in one plain Python loop.

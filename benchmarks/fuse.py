@@ -45,12 +45,12 @@ def _write_checkpoint(rank: int, world: int, port: int, preset: str, out: str, t
     import torch.distributed as dist
 
     from mtnlg.config import dump_yaml, to_dict
+    from mtnlg.formats.checkpoint import save_checkpoint
     from mtnlg.model.gpt import GPT
     from mtnlg.model.presets import get_preset
     from mtnlg.parallel.config import ParallelConfig
     from mtnlg.parallel.dims import ParallelDims
     from mtnlg.parallel.parallelize import parallelize_gpt
-    from mtnlg.formats.checkpoint import save_checkpoint
     from mtnlg.train.config import TrainRunConfig
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),

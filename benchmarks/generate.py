@@ -58,15 +58,15 @@ def main(argv: list[str] | None = None) -> dict:
     import sentencepiece as spm
     from transformers import AutoModelForCausalLM
 
-    from mtnlg.formats.tokenizer import Tokenizer
-    from mtnlg.fuse.fuse import save_fused
-    from mtnlg.fuse.hf import export_hf
     from mtnlg.formats.fused import load_fused
     from mtnlg.formats.sharded_safetensors import FUSE_DTYPES
+    from mtnlg.formats.tokenizer import Tokenizer
+    from mtnlg.formats.fused import save_fused
+    from mtnlg.fuse.hf import export_hf
     from mtnlg.model.decode import generate_ids
-    from mtnlg.model.sampling import SamplingConfig
     from mtnlg.model.gpt import GPT
     from mtnlg.model.presets import get_preset
+    from mtnlg.model.sampling import SamplingConfig
 
     kw = dict(VARIANTS[args.variant])
     base = get_preset(args.preset)

@@ -40,10 +40,10 @@ import numpy as np
 ROOT = os.path.dirname(_HERE)
 sys.path.insert(0, ROOT)
 
-from mtnlg.tokenize.config import TokenizeConfig  # noqa: E402
-from mtnlg.train.gpt_dataset import GPTDataset, build_epoch_index  # noqa: E402
 from mtnlg.formats.indexed_dataset import IndexedDataset  # noqa: E402
+from mtnlg.tokenize.config import TokenizeConfig  # noqa: E402
 from mtnlg.tokenize.tokenize import tokenize, train_tokenizer  # noqa: E402
+from mtnlg.train.gpt_dataset import GPTDataset, build_epoch_index  # noqa: E402
 
 CORPUS = os.path.join(ROOT, "data", "corpus", "python-docs")
 

@@ -2,7 +2,7 @@
 
 CPU (default): the ``small-20m`` GPT (5 layers, hidden 512, 8 heads, vocab 8192, ~20M
 parameters), sequence 256, batch 8, AdamW, fp32, 2 threads, trained by the real
-``Trainer.train_step`` (data read from a token file, loss, clipping, scheduled AdamW) next
+``Trainer.optimizer_step`` (data read from a token file, loss, clipping, scheduled AdamW) next
 to, in the same process and interleaved step by step (so that load from other processes
 hits all three alike):
 
@@ -51,16 +51,15 @@ def _token_dir(root: str, vocab: int, n_tokens: int) -> str:
     return root
 
 
-def _trainer(recipe: str, overrides: list[str], device: str):
-    from mtnlg.train.config import load_run_config
+def _trainer(recipe_name: str, overrides: list[str], device: str):
+    from mtnlg.config import load_config
     from mtnlg.dist import init_process_group
+    from mtnlg.train.config import TrainRunConfig, recipe
     from mtnlg.train.trainer import Trainer
 
-    cfg = load_run_config(recipe, None, overrides)
+    cfg = load_config(TrainRunConfig, None, overrides, base=recipe(recipe_name))
     env = init_process_group(device)
-    trainer = Trainer(cfg, env, device)
-    trainer._open_datasets()
-    return trainer
+    return Trainer(cfg, env, device)  # its datasets open as it is built
 
 
 def _hf_step(cfg, batch: int, lr: float, betas, wd: float, clip: float):
@@ -130,7 +129,7 @@ def run_cpu(args) -> dict:
         o = cfg.optim
         fpt = flops_per_token(cfg.model)
         tokens_per_step = args.batch * cfg.model.seq_length
-        ours = lambda: trainer.train_step(False)  # noqa: E731
+        ours = lambda: trainer.optimizer_step(False)  # noqa: E731
         steps = {"mtnlg": ours}
         if not args.no_hf:
             hf, hf_params = _hf_step(cfg.model, args.batch, o.lr, tuple(o.betas), o.weight_decay, o.grad_clip)
@@ -209,7 +208,7 @@ def run_cuda(args) -> dict:
         tokens_per_step = args.batch * cfg.model.seq_length
 
         def step():
-            trainer.train_step(False)
+            trainer.optimizer_step(False)
             torch.cuda.synchronize()
 
         print(f"mtnlg-1.3b: {trainer.n_params:,} parameters, seq {cfg.model.seq_length}, batch {args.batch} "

@@ -9,13 +9,21 @@ from mtnlg.images import DATA_IMAGE
 @dsl.component(base_image=DATA_IMAGE, install_kfp_package=False)
 def tokenize(extracted: Input[Dataset], overrides: list, tokens: Output[Dataset],
              tokenizer: Output[Model], metrics: Output[Metrics]):
-    """Train SentencePiece and write Megatron .bin/.idx files for both splits."""
+    """Train SentencePiece and write Megatron .bin/.idx files for both splits.
+
+    Args:
+        extracted: the extract step's documents.
+        overrides: TokenizeConfig settings as key=value (e.g. "vocab_size=32000", "model_type=unigram").
+    """
     from mtnlg import storage
     from mtnlg.components.artifacts import artifact_location, log_metrics
+    from mtnlg.config import load_config
+    from mtnlg.formats.rundir import TOKENIZER_MODEL
     from mtnlg.steps import tokenize_step
+    from mtnlg.tokenize.config import TokenizeConfig
 
-    out = artifact_location(tokens)
-    stats = tokenize_step(artifact_location(extracted), out, overrides)
-    storage.copy(storage.join(out, "tokenizer.model"), artifact_location(tokenizer))
-    tokenizer.metadata["vocab_size"] = int(stats.get("vocab_size", 0))
-    log_metrics(metrics, stats)
+    result = tokenize_step(artifact_location(extracted), artifact_location(tokens),
+                           load_config(TokenizeConfig, overrides=overrides))
+    storage.copy(storage.join(result.output, TOKENIZER_MODEL), artifact_location(tokenizer))
+    tokenizer.metadata["vocab_size"] = int(result.stats.get("vocab_size", 0))
+    log_metrics(metrics, result)

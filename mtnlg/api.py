@@ -8,13 +8,14 @@
     print(model.generate("The meeting", max_new_tokens=40))
     model.save("models/notes")              # a fused model directory
     model = MegatronLM.load("models/notes")
-    logits = model([[1, 2, 3]])              # (1, 3, V_padded), like any nn.Module
+    logits = model([[1, 2, 3]])              # (1, 3, V_padded)
+    model.module                             # the GPT itself, a torch.nn.Module
 
 ``train`` runs the same library steps the Kubeflow pipeline runs, on this machine:
 extract (clean, filter, deduplicate, split) -> tokenize (SentencePiece) -> train
 (``torchrun`` with ``nproc`` processes, tensor parallel degree ``tp``) -> fuse (one
-safetensors model). Everything lands in the run directory ``output``; the trained model is
-then loaded into this object.
+safetensors model), each step given its typed config. Everything lands in the run
+directory ``output``; the trained model is then loaded into this object.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 
 from mtnlg import storage
+from mtnlg.config import load_config, merge, to_dict
 from mtnlg.model.config import ModelConfig
 from mtnlg.progress import get_logger
 
@@ -106,17 +108,19 @@ def _default_vocab_size(total_bytes: int) -> int:
     return max(384, min(32000, v // 64 * 64))
 
 
-class MegatronLM(torch.nn.Module):
+class MegatronLM:
     """A GPT you can train on your text, generate with, save and load.
 
     Sizes come from keyword arguments (any ``ModelConfig`` field: ``num_layers``,
     ``hidden_size``, ``num_heads``, ``num_kv_heads``, ``seq_length``, ``position``,
     ``norm``, ``activation``, ...) applied over a named ``preset`` ("debug" when no sizes
     are given). ``vocab_size`` is taken from the tokenizer trained on your data.
+
+    The object is not itself a ``torch.nn.Module`` (so ``train`` means one thing: train on
+    data); the GPT is :attr:`module`, and calling the object runs it.
     """
 
     def __init__(self, preset: str | None = None, **model_fields: Any):
-        super().__init__()
         from mtnlg.model.presets import get_preset
 
         base = get_preset(preset or "debug") if preset or not model_fields else ModelConfig()
@@ -132,7 +136,7 @@ class MegatronLM(torch.nn.Module):
 
     # ------------------------------------------------------------------ the model
     @property
-    def gpt(self) -> torch.nn.Module:
+    def module(self) -> torch.nn.Module:
         """The underlying ``GPT`` (randomly initialised until trained or loaded)."""
         if self._gpt is None:
             from mtnlg.model.gpt import GPT
@@ -140,18 +144,21 @@ class MegatronLM(torch.nn.Module):
             self._gpt = GPT(self.cfg)
         return self._gpt
 
-    def forward(self, token_ids) -> torch.Tensor:
+    def parameters(self):
+        return self.module.parameters()
+
+    def __call__(self, token_ids) -> torch.Tensor:
         """Logits for token ids: a (B, T) or (T,) tensor or nested lists -> (B, T, V_padded)
         (or (T, V_padded) for 1-D input)."""
         x = token_ids if isinstance(token_ids, torch.Tensor) else torch.tensor(token_ids, dtype=torch.long)
         squeeze = x.dim() == 1
         x = x.unsqueeze(0) if squeeze else x                                     # (B, T)
-        model = self.gpt
+        model = self.module
         logits = model(x.to(next(model.parameters()).device))                   # (B, T, V_padded)
         return logits[0] if squeeze else logits
 
     # ------------------------------------------------------------------ training
-    def train(self, data: Data | str | bool = True, steps: int = 100, tp: int = 1, nproc: int | None = None,
+    def train(self, data: Data | str, steps: int = 100, tp: int = 1, nproc: int | None = None,
               output: str | None = None, recipe: str = "debug", vocab_size: int | None = None,
               batch_size: int = 8, lr: float | None = None, overrides: list[str] | None = None,
               extract_overrides: list[str] | None = None, tokenize_overrides: list[str] | None = None,
@@ -161,14 +168,15 @@ class MegatronLM(torch.nn.Module):
         summary (paths, losses, timings).
 
         ``nproc`` defaults to ``tp``. ``overrides`` are extra ``key=value`` training
-        settings (``train.micro_batch_size=2``, ``optim.lr=1e-3``, ...).
-
-        ``model.train(False)`` / ``model.train()`` without data keep ``nn.Module``'s meaning
-        (switch training mode), so the object still works where a module is expected.
+        settings (``train.micro_batch_size=2``, ``optim.lr=1e-3``, ...), applied last;
+        ``extract_overrides`` and ``tokenize_overrides`` likewise for those steps.
         """
-        if isinstance(data, bool):  # nn.Module.train(mode)
-            return super().train(data)
+        from mtnlg.extract.config import ExtractConfig
+        from mtnlg.fuse.config import FuseConfig
         from mtnlg.steps import extract_step, fuse_step, tokenize_step, train_step
+        from mtnlg.tokenize.config import TokenizeConfig
+        from mtnlg.train.config import TrainRunConfig
+        from mtnlg.train.config import recipe as recipe_data
 
         if not isinstance(data, Data):
             data = load_data(data)
@@ -181,25 +189,26 @@ class MegatronLM(torch.nn.Module):
 
         inputs = self._prepare_inputs(data, paths["input"])
         log.info("extract: %d files -> %s", len(inputs), paths["extracted"])
-        ext_over = ["validation_fraction=0.1", "filters.min_words=5", "dedup.fuzzy=false",
-                    *(extract_overrides or [])]
-        extract = extract_step(inputs, paths["extracted"], ext_over, workers=1)
+        # short notes: a tenth held out, short documents kept, no fuzzy pass over a few files
+        ext_cfg = load_config(ExtractConfig, overrides=extract_overrides,
+                              base={"validation_fraction": 0.1, "filters": {"min_words": 5}, "dedup": {"fuzzy": False}})
+        extract = extract_step(inputs, paths["extracted"], ext_cfg, workers=1).stats
         if not extract["splits"]["validation"]["docs"]:
             raise ValueError(f"only {extract['kept']} document(s) survived extraction and none fell into the "
                              f"validation split: give more text, or pass "
                              f"extract_overrides=['validation_fraction=0.3'] (stats: {paths['extracted']}/stats.json)")
         vocab = vocab_size or _default_vocab_size(data.total_bytes)
-        tokenize = tokenize_step(paths["extracted"], paths["tokens"],
-                                 [f"vocab_size={vocab}", *(tokenize_overrides or [])])
-        train_over = [f"model.{k}={'null' if v is None else v}" for k, v in dataclasses.asdict(self.cfg).items()
-                      if k != "vocab_size"]
-        train_over += [f"train.steps={steps}", f"parallel.tp={tp}", f"train.global_batch_size={batch_size}",
-                       "checkpoint.load=auto"]
+        tok_cfg = load_config(TokenizeConfig, overrides=tokenize_overrides, base={"vocab_size": vocab})
+        tokenize = tokenize_step(paths["extracted"], paths["tokens"], tok_cfg).stats
+        # this object's model (its vocabulary comes from the tokenizer) over the recipe
+        model = {k: v for k, v in to_dict(self.cfg).items() if k != "vocab_size"}
+        settings: dict[str, Any] = {"model": model, "parallel": {"tp": tp}, "checkpoint": {"load": "auto"},
+                                    "train": {"steps": steps, "global_batch_size": batch_size}}
         if lr is not None:
-            train_over += [f"optim.lr={lr}", f"optim.min_lr={lr / 10}"]
-        summary = train_step(paths["tokens"], paths["train"], recipe=recipe,
-                             overrides=[*train_over, *(overrides or [])], nproc=nproc)
-        fused = fuse_step(paths["train"], paths["model"], hf=False, dtype=fuse_dtype)
+            settings["optim"] = {"lr": lr, "min_lr": lr / 10}
+        train_cfg = load_config(TrainRunConfig, overrides=overrides, base=merge(recipe_data(recipe), settings))
+        summary = train_step(paths["tokens"], paths["train"], train_cfg, nproc=nproc).stats
+        fused = fuse_step(paths["train"], paths["model"], FuseConfig(hf=False, dtype=fuse_dtype)).stats
         self._adopt(paths["model"])
         self.run = {"output": output, "paths": paths, "extract": extract, "tokenize": tokenize,
                     "train": summary, "fuse": fused, "seconds": time.perf_counter() - t0}
@@ -242,7 +251,7 @@ class MegatronLM(torch.nn.Module):
         from mtnlg.model.decode import generate
 
         self._need_tokenizer("generate")
-        return generate(self.gpt, self.tokenizer, text, max_new_tokens=max_new_tokens, temperature=temperature,
+        return generate(self.module, self.tokenizer, text, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_k=top_k, top_p=top_p, seed=seed)
 
     def chat(self, messages: list[dict] | None = None, **sampling: Any) -> str | list[dict]:
@@ -252,8 +261,8 @@ class MegatronLM(torch.nn.Module):
 
         self._need_tokenizer("chat")
         if messages is None:
-            return chat(self.gpt, self.tokenizer, **sampling)
-        return chat_reply(self.gpt, self.tokenizer, messages, **sampling)
+            return chat(self.module, self.tokenizer, **sampling)
+        return chat_reply(self.module, self.tokenizer, messages, **sampling)
 
     def encode(self, text: str) -> list[int]:
         self._need_tokenizer("encode")
@@ -266,10 +275,10 @@ class MegatronLM(torch.nn.Module):
     # ------------------------------------------------------------------ files
     def save(self, directory: str, dtype: str = "fp32") -> dict[str, Any]:
         """Write a fused model directory (safetensors + config + tokenizer + manifest)."""
-        from mtnlg.fuse.fuse import save_fused
+        from mtnlg.formats.fused import save_fused
 
         self._need_tokenizer("save")
-        return save_fused(self.gpt, directory, self.tokenizer, dtype=dtype)
+        return save_fused(self.module, directory, self.tokenizer, dtype=dtype)
 
     @classmethod
     def load(cls, directory: str, device: str = "cpu") -> "MegatronLM":
@@ -281,8 +290,8 @@ class MegatronLM(torch.nn.Module):
         obj._gpt, obj.tokenizer, obj.model_dir = gpt, tok, directory
         return obj
 
-    def extra_repr(self) -> str:
+    def __repr__(self) -> str:
         c = self.cfg
-        return (f"layers={c.num_layers}, hidden={c.hidden_size}, heads={c.num_heads}, seq={c.seq_length}, "
+        return (f"MegatronLM(layers={c.num_layers}, hidden={c.hidden_size}, heads={c.num_heads}, seq={c.seq_length}, "
                 f"vocab={c.vocab_size}, position={c.position}, norm={c.norm}, activation={c.activation}, "
-                f"trained={self.tokenizer is not None}")
+                f"trained={self.tokenizer is not None})")

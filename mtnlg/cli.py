@@ -3,7 +3,9 @@
 Each subcommand lives beside the code it drives, in a module exposing
 ``add_arguments(parser)`` and ``main(args) -> int``; this file only dispatches. Those
 modules import heavy dependencies (torch, Beam, kfp) inside ``main`` so that
-``mtnlg --help`` stays fast.
+``mtnlg --help`` stays fast and every subcommand is listed on every install; a step whose
+dependencies are missing says so when it runs. ``run`` and ``compile`` are the kfp side
+(``pipelines/``): this dispatch is the library's only door to it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from mtnlg.config import ConfigError
 COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("mtnlg.extract.cli", "clean, filter, deduplicate and split raw text (Apache Beam)"),
     "tokenize": ("mtnlg.tokenize.cli", "train a SentencePiece tokenizer and write Megatron .bin/.idx files"),
-    "train": ("mtnlg.train.cli", "train a GPT with tensor/sequence/data parallelism (torchrun / PyTorchJob)"),
+    "train": ("mtnlg.train.cli", "train a GPT with tensor/sequence/pipeline/data parallelism (torchrun / PyTorchJob)"),
     "fuse": ("mtnlg.fuse.cli", "merge a sharded checkpoint into one model (safetensors, Hugging Face)"),
     "reshard": ("mtnlg.fuse.reshard_cli", "rewrite a training checkpoint for another parallel layout"),
     "evaluate": ("mtnlg.evaluate.cli", "perplexity, last-word accuracy and sample generations"),
@@ -34,23 +36,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
 
 
-def _available() -> dict[str, object]:
-    mods = {}
-    for name, (mod, _) in COMMANDS.items():
-        try:
-            mods[name] = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name and (e.name == mod or mod.startswith(e.name + ".")):
-                continue  # step not built into this install
-            raise
-    return mods
+def _commands() -> dict[str, object]:
+    """Every subcommand's module (a missing one is a packaging error, never skipped)."""
+    return {name: importlib.import_module(mod) for name, (mod, _) in COMMANDS.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtnlg", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mtnlg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, mod in _available().items():
+    for name, mod in _commands().items():
         p = sub.add_parser(name, help=COMMANDS[name][1], description=COMMANDS[name][1])
         mod.add_arguments(p)
         p.set_defaults(_main=mod.main)

@@ -1,7 +1,8 @@
 """Typed configuration: dataclasses loaded from YAML/dicts and ``key=value`` overrides.
 
-Every config in mtnlg is a (nested) dataclass. ``load_config(Cls, yaml_path, overrides)``
-builds one, and rejects, with a message naming the key and the value:
+Every config in mtnlg is a (nested) dataclass deriving from :class:`Config`.
+``load_config(Cls, yaml_path, overrides, base=...)`` is the one loader; it rejects, with a
+message naming the key and the value:
 
 * unknown keys (``train.setps=10`` -> "unknown key 'train.setps'; did you mean 'steps'?"),
 * wrong types (``train.steps=ten`` -> "train.steps: expected int, got 'ten'"),
@@ -10,8 +11,14 @@ builds one, and rejects, with a message naming the key and the value:
       steps: int = field(default=100, metadata={"min": 1})
       norm: str = field(default="layernorm", metadata={"choices": ("layernorm", "rmsnorm")})
 
-Cross-field rules (``hidden_size % num_heads``) live in the dataclass's ``validate()``
-method, which ``load_config`` calls on every nested config after building it.
+* broken cross-field rules (``hidden_size % num_heads``), in the dataclass's ``validate()``.
+
+Keys and types are checked while parsing; ranges and cross-field rules when a config object
+is made (``Config.__post_init__``), whichever way it is made: by the loader, by
+``dataclasses.replace`` or by a constructor call. So every value is checked once, where
+the object comes into being, and code that receives a config never checks it again.
+A config crosses a process boundary whole, as one YAML file (``dump_yaml``), and is loaded
+on the other side by the same loader.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -31,6 +39,20 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid; the message names it."""
+
+
+class Config:
+    """Base of the config dataclasses: a config checks its own fields' ranges (the
+    ``min``/``max``/``gt``/``choices`` metadata) and its ``validate()`` rules when it is
+    made. Nested configs were checked when they were made."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_range(f, getattr(self, f.name), f.name)
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-field rules; each message names the keys and the numbers involved."""
 
 
 def _type_name(tp: Any) -> str:
@@ -174,11 +196,18 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         if name not in data:
             continue
         key = f"{prefix}.{name}" if prefix else name
-        value = _coerce(hints[name], data[name], key)
-        _check_range(f, value, key)
-        kwargs[name] = value
-    obj = cls(**kwargs)
-    return obj
+        kwargs[name] = _coerce(hints[name], data[name], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(_prefixed(prefix, str(e), fields)) from None
+
+
+def _prefixed(prefix: str, message: str, fields) -> str:
+    """``steps: must be >= 1`` raised by a nested config -> ``train.steps: must be >= 1``;
+    messages that already name their full key are left alone."""
+    head = re.split(r"[:= ]", message, maxsplit=1)[0]
+    return f"{prefix}.{message}" if prefix and head in fields else message
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -192,22 +221,6 @@ def to_dict(cfg: Any) -> dict[str, Any]:
             return {k: conv(x) for k, x in v.items()}
         return v
     return conv(cfg)
-
-
-def validate(cfg: Any, prefix: str = "") -> None:
-    """Range-check every field and run each nested dataclass's ``validate()`` method."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        key = f"{prefix}.{f.name}" if prefix else f.name
-        _check_range(f, value, key)
-        if dataclasses.is_dataclass(value):
-            validate(value, key)
-    check = getattr(cfg, "validate", None)
-    if callable(check):
-        try:
-            check()
-        except ConfigError as e:
-            raise ConfigError(f"{prefix}: {e}" if prefix and not str(e).startswith(prefix) else str(e)) from None
 
 
 def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
@@ -262,19 +275,23 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict[str, Any] | None = None) -> T:
-    """Build ``cls`` from ``base`` dict, then a YAML file, then ``key=value`` overrides."""
+    """Build ``cls`` from ``base`` (a dict: a recipe, a config as data), then a YAML file,
+    then ``key=value`` overrides, each over the one before. A class may define a static
+    ``expand(data) -> data`` that fills sections from named defaults before the data is
+    typed (``TrainRunConfig`` starts ``model`` from ``model_preset``)."""
     data: dict[str, Any] = dict(base or {})
     if path:
         data = merge(data, read_yaml(path))
     if overrides:
-        data = merge(data, parse_overrides(overrides))
-    cfg = from_dict(cls, data)
-    validate(cfg)
-    return cfg
+        data = merge(data, parse_overrides(list(overrides)))
+    expand = getattr(cls, "expand", None)
+    if callable(expand):
+        data = expand(data)
+    return from_dict(cls, data)
 
 
 def replace(cfg: T, overrides: list[str]) -> T:
-    """A copy of ``cfg`` with ``key=value`` overrides applied and validated."""
+    """A copy of ``cfg`` with ``key=value`` overrides applied (checked as any load is)."""
     return load_config(type(cfg), base=to_dict(cfg), overrides=overrides)
 
 

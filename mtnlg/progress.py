@@ -29,7 +29,7 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name if name.startswith("mtnlg") else f"mtnlg.{name}")
 
 
-def _fmt_time(s: float) -> str:
+def fmt_time(s: float) -> str:
     s = int(max(s, 0))
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)
@@ -60,10 +60,10 @@ class Progress:
         if self.total:
             eta = (self.total - self.n) / rate if rate > 0 else float("inf")
             pct = 100.0 * self.n / self.total
-            eta_s = _fmt_time(eta) if eta != float("inf") else "?"
+            eta_s = fmt_time(eta) if eta != float("inf") else "?"
             return (f"{self.desc}: {self.n}/{self.total} {self.unit} ({pct:.1f}%) "
-                    f"{rate:,.1f} {self.unit}/s, elapsed {_fmt_time(elapsed)}, ETA {eta_s}")
-        return f"{self.desc}: {self.n} {self.unit} {rate:,.1f} {self.unit}/s, elapsed {_fmt_time(elapsed)}"
+                    f"{rate:,.1f} {self.unit}/s, elapsed {fmt_time(elapsed)}, ETA {eta_s}")
+        return f"{self.desc}: {self.n} {self.unit} {rate:,.1f} {self.unit}/s, elapsed {fmt_time(elapsed)}"
 
     def close(self) -> float:
         """Log the final line; return elapsed seconds."""

@@ -1,54 +1,107 @@
-"""One function per pipeline step: what a kfp component calls, and nothing else.
+"""One function per pipeline step: what a kfp component, the API and the CLI's ``run`` call.
 
-Each takes plain values (paths/URIs, ``key=value`` override lists) and returns a dict of
-results, so it can be run and tested without kfp. The components in
-``mtnlg.components`` are a few lines around these.
+Every step has the same shape::
+
+    result = <name>_step(inputs, output, config)        # -> StepOutput
+
+``inputs`` are the locations the step reads (paths or URIs), ``output`` where it writes,
+``config`` its typed config (``ExtractConfig``, ``TokenizeConfig``, ``TrainRunConfig``,
+``FuseConfig``, ``EvaluateConfig``), already checked. Options of how a step is *run*
+rather than what it computes (Beam workers and runner flags, the number of training
+processes) are keyword-only. The result names the output and carries the step's figures.
+No kfp here: the components in ``components/`` are a few lines around these functions.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from dataclasses import dataclass
 from typing import Any
 
+from mtnlg.evaluate.config import EvaluateConfig
+from mtnlg.extract.config import ExtractConfig
+from mtnlg.fuse.config import FuseConfig
+from mtnlg.tokenize.config import TokenizeConfig
+from mtnlg.train.config import TrainRunConfig
 
-def extract_step(inputs: list[str], output: str, overrides: list[str] | None = None,
-                 workers: int = 2, beam_args: list[str] | None = None) -> dict[str, Any]:
-    """Clean, filter, deduplicate and split ``inputs`` into ``output`` (see docs/extract.md)."""
-    from mtnlg.config import load_config
-    from mtnlg.extract.config import ExtractConfig
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What a step wrote (``output``) and its figures (``stats``: counts, losses, timings,
+    nested as the step reports them)."""
+
+    output: str
+    stats: dict[str, Any]
+
+    def metrics(self) -> dict[str, float]:
+        """Every finite numeric leaf of ``stats`` under a dotted key (``failed.corrupt_gzip``),
+        as a kfp ``Metrics`` artifact shows them."""
+        return flatten(self.stats)
+
+
+def flatten(stats: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a nested dict, with dotted keys; booleans as 0/1, non-finite dropped."""
+    out: dict[str, float] = {}
+    for k, v in stats.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        elif isinstance(v, bool):
+            out[key] = float(v)
+        elif isinstance(v, (int, float)) and math.isfinite(v):
+            out[key] = v
+    return out
+
+
+@dataclass(frozen=True)
+class EvaluateInputs:
+    """What the evaluate step reads: the fused model, the tokenized data (its validation
+    split) and, for the loss curve, the training run's ``log.jsonl``."""
+
+    model: str
+    tokens: str
+    train_log: str | None = None
+
+
+def extract_step(inputs: list[str], output: str, config: ExtractConfig, *, workers: int = 2,
+                 beam_args: list[str] | None = None) -> StepOutput:
+    """Clean, filter, deduplicate and split raw text ``inputs`` into ``output`` (see docs/extract.md)."""
     from mtnlg.extract.beam_job import extract
 
-    cfg = load_config(ExtractConfig, None, list(overrides or []))
-    return extract(list(inputs), output, cfg, list(beam_args or []), workers=workers)
+    return StepOutput(output, extract(list(inputs), output, config, list(beam_args or []), workers=workers))
 
 
-def tokenize_step(extracted: str, output: str, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Train a tokenizer and write Megatron ``.bin/.idx`` files (see docs/tokenize.md)."""
-    from mtnlg.config import load_config
-    from mtnlg.tokenize.config import TokenizeConfig
+def tokenize_step(inputs: str, output: str, config: TokenizeConfig) -> StepOutput:
+    """Train a tokenizer on the extracted ``inputs`` and write Megatron ``.bin/.idx`` files
+    (see docs/tokenize.md)."""
     from mtnlg.tokenize.tokenize import tokenize
 
-    cfg = load_config(TokenizeConfig, None, list(overrides or []))
-    return tokenize(extracted, output, cfg)
+    return StepOutput(output, tokenize(inputs, output, config))
 
 
-def train_step(tokenized: str, output: str, recipe: str = "debug", overrides: list[str] | None = None,
-               nproc: int = 2) -> dict[str, Any]:
-    """Train a GPT on ``tokenized`` with ``nproc`` local processes (see docs/train.md)."""
+def train_step(inputs: str, output: str, config: TrainRunConfig, *, nproc: int = 2) -> StepOutput:
+    """Train a GPT on the tokenized ``inputs`` into the run directory ``output`` with
+    ``nproc`` local processes (see docs/train.md); ``config.data.path`` and ``config.output``
+    are set from ``inputs`` and ``output``."""
     from mtnlg.train.launch import run_local
 
-    args = [f"data.path={tokenized}", f"output={output}", *(overrides or [])]
-    return run_local(args, recipe=recipe, nproc=nproc)
+    cfg = dataclasses.replace(config, data=dataclasses.replace(config.data, path=inputs), output=output)
+    return StepOutput(output, run_local(cfg, nproc=nproc))
 
 
-def fuse_step(checkpoint_run_dir: str, output: str, hf: bool = True, dtype: str = "fp32") -> dict[str, Any]:
-    """Merge the run's latest checkpoint into one model directory (see docs/fuse.md)."""
+def fuse_step(inputs: str, output: str, config: FuseConfig) -> StepOutput:
+    """Merge the latest checkpoint of the run directory ``inputs`` into one model directory
+    (see docs/fuse.md)."""
     from mtnlg.fuse.fuse import fuse_checkpoint
 
-    return fuse_checkpoint(checkpoint_run_dir, output, dtype=dtype, hf=hf)
+    return StepOutput(output, fuse_checkpoint(inputs, output, dtype=config.dtype, hf=config.hf,
+                                              max_shard_bytes=config.max_shard_bytes, verify=config.verify))
 
 
-def evaluate_step(model_dir: str, tokenized: str, output: str, train_log: str | None) -> dict[str, Any]:
+def evaluate_step(inputs: EvaluateInputs, output: str, config: EvaluateConfig) -> StepOutput:
     """Perplexity, last-word accuracy, samples and the report (see docs/evaluate.md)."""
     from mtnlg.evaluate.evaluate import evaluate_model
 
-    return evaluate_model(model_dir, tokenized, output, train_log=train_log)
+    return StepOutput(output, evaluate_model(inputs.model, inputs.tokens, output, train_log=inputs.train_log,
+                                             config=config))

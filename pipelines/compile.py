@@ -11,7 +11,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def compile_pipeline(path: str) -> str:
     from kfp import compiler
-
     from mtnlg.pipelines.gpt import gpt_pipeline
 
     compiler.Compiler().compile(gpt_pipeline, package_path=path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 # The bundled corpus lives at the repository root, beside this package's source.
@@ -28,14 +27,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenize", action="append", default=[], metavar="KEY=VALUE", help="tokenize config override")
     p.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
                    help="train config override, applied after the default parallel.tp=2")
+    p.add_argument("--fuse", action="append", default=[], metavar="KEY=VALUE", help="fuse config override")
+    p.add_argument("--evaluate", action="append", default=[], metavar="KEY=VALUE", help="evaluate config override")
 
 
 def run_local(output: str, inputs: list[str] | None = None, recipe: str = "local", nproc: int = 2,
               workers: int = 2, extract_overrides: list[str] | None = None,
-              tokenize_overrides: list[str] | None = None, train_overrides: list[str] | None = None) -> dict:
-    """Run the whole pipeline locally; returns ``{task: {output: uri}}`` and writes it to OUTPUT/outputs.json."""
+              tokenize_overrides: list[str] | None = None, train_overrides: list[str] | None = None,
+              fuse_overrides: list[str] | None = None, evaluate_overrides: list[str] | None = None) -> dict:
+    """Run the whole pipeline locally; returns ``{task: {output: uri}}``. OUTPUT/outputs.json
+    records the run's status (SUCCEEDED, or FAILED with the error) and the outputs found."""
     from kfp import local
-
     from mtnlg.pipelines.gpt import gpt_pipeline
 
     if inputs is None:
@@ -49,14 +51,21 @@ def run_local(output: str, inputs: list[str] | None = None, recipe: str = "local
                raise_on_error=True)
     # A small corpus needs a larger validation share than the 1% default to give evaluate
     # enough held-out documents; user overrides come after and win.
-    task = gpt_pipeline(inputs=inputs, extract_overrides=["validation_fraction=0.05", *(extract_overrides or [])],
-                        extract_workers=workers,
-                        beam_args=[], tokenize_overrides=["vocab_size=4096", *(tokenize_overrides or [])],
-                        recipe=recipe,
-                        train_overrides=["parallel.tp=2", *(train_overrides or [])], nproc=nproc)
-    outputs = _collect_outputs(os.path.join(root, "pipeline_root"))
-    with open(os.path.join(root, "outputs.json"), "w") as f:
-        json.dump({"status": str(getattr(task, "state", "SUCCESS")), "outputs": outputs}, f, indent=2)
+    status, error = "FAILED", None
+    try:
+        gpt_pipeline(inputs=inputs, extract_overrides=["validation_fraction=0.05", *(extract_overrides or [])],
+                     extract_workers=workers, beam_args=[],
+                     tokenize_overrides=["vocab_size=4096", *(tokenize_overrides or [])], recipe=recipe,
+                     train_overrides=["parallel.tp=2", *(train_overrides or [])], nproc=nproc,
+                     fuse_overrides=list(fuse_overrides or []), evaluate_overrides=list(evaluate_overrides or []))
+        status = "SUCCEEDED"  # kfp.local raises when a task fails (raise_on_error=True)
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        outputs = _collect_outputs(os.path.join(root, "pipeline_root"))
+        with open(os.path.join(root, "outputs.json"), "w") as f:
+            json.dump({"status": status, "error": error, "outputs": outputs}, f, indent=2)
     return outputs
 
 
@@ -74,7 +83,7 @@ def _collect_outputs(pipeline_root: str) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     outputs = run_local(args.output, args.inputs, args.recipe, args.nproc, args.workers,
-                        args.extract, args.tokenize, args.train)
+                        args.extract, args.tokenize, args.train, args.fuse, args.evaluate)
     print("\nmtnlg pipeline finished. Outputs:")
     for task, outs in outputs.items():
         for name, path in outs.items():

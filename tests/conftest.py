@@ -48,3 +48,14 @@ def gcs(gcs_server, request):
     """A fresh ``gs://`` prefix in the emulator's bucket, unique to the test."""
     name = request.node.name.replace("[", "_").replace("]", "_")
     return f"gs://{BUCKET}/{name}"
+
+
+TIERS = ("unit", "distributed", "e2e")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test belongs to exactly one tier (``pytestmark`` in its file): ``make test-fast``
+    runs the unit tier, ``make test`` all three."""
+    untiered = [i.nodeid for i in items if sum(1 for t in TIERS if i.get_closest_marker(t)) != 1]
+    if untiered:
+        raise pytest.UsageError(f"tests without exactly one tier marker {TIERS}: {untiered[:5]}")

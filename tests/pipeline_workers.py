@@ -9,13 +9,13 @@ returns the losses and clipped gradient norms; the single-process reference is
 from __future__ import annotations
 
 import torch
+from parallel_workers import MAX_NORM, STEPS, tiny, tokens_for_step, training
 
 from mtnlg.model.gpt import GPT
 from mtnlg.parallel.config import ParallelConfig
 from mtnlg.parallel.dims import ParallelDims
-from mtnlg.parallel.pipeline_parallel import Pipeline
+from mtnlg.parallel.pipeline_parallel import PipelineParallel
 from mtnlg.parallel.utils import clip_grad_norm_, set_seed_for_rank
-from parallel_workers import MAX_NORM, STEPS, tiny, tokens_for_step, training
 
 PP_MODEL = dict(tie_embeddings=False, num_layers=4)
 
@@ -25,7 +25,7 @@ def pipeline_training(pc: ParallelConfig, world: int, n_micro: int = 2) -> dict:
     dims = ParallelDims.build(pc, world, cfg)
     mesh = dims.build_mesh("cpu")
     set_seed_for_rank(0)
-    pipe = Pipeline(GPT(cfg, tp=dims.tp), mesh, dims, pc, torch.device("cpu"))
+    pipe = PipelineParallel(GPT(cfg, tp=dims.tp), mesh, dims, pc, torch.device("cpu"))
     model = pipe.model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     losses, norms = [], []

@@ -1,6 +1,11 @@
 import math
 
-from mtnlg.components.artifacts import artifact_location, flatten, log_metrics
+import pytest
+
+from mtnlg.components.artifacts import artifact_location, log_metrics
+from mtnlg.steps import StepOutput, flatten
+
+pytestmark = pytest.mark.unit
 
 
 class FakeArtifact:
@@ -21,6 +26,6 @@ def test_metrics_are_flattened_numeric_leaves():
     stats = {"read": 10, "dropped": {"too_short": 2, "symbols": 1}, "name": "x", "ok": True,
              "ppl": math.inf, "rate": 1.5, "samples": ["a"]}
     m = FakeArtifact("", "")
-    flat = log_metrics(m, stats)
+    flat = log_metrics(m, StepOutput("/out", stats))
     assert flat == m.logged == {"read": 10, "dropped.too_short": 2, "dropped.symbols": 1, "ok": 1.0, "rate": 1.5}
     assert flatten({"a": {"b": {"c": 1}}}, "x") == {"x.a.b.c": 1}

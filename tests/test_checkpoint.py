@@ -12,10 +12,13 @@ import pytest
 import torch
 
 from mtnlg import storage
+from mtnlg.formats import checkpoint as ckpt
+from mtnlg.formats.rundir import TOKENIZER_META
 from mtnlg.model.config import ModelConfig
 from mtnlg.model.gpt import GPT
-from mtnlg.formats import checkpoint as ckpt
 from mtnlg.train.optim import build_optimizer
+
+pytestmark = pytest.mark.unit
 
 CFG = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, seq_length=16, vocab_size=64, dropout=0.2)
 
@@ -54,7 +57,7 @@ def test_save_then_load_continues_bitwise(tmp_path):
     for (n, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
         assert torch.equal(a, b), n
     assert (tmp_path / "step_00000002" / "config.yaml").read_text() == "a: 1\n"
-    assert json.loads((tmp_path / "step_00000002" / "tokenizer.json").read_text()) == {"vocab_size": 64}
+    assert json.loads((tmp_path / "step_00000002" / TOKENIZER_META).read_text()) == {"vocab_size": 64}
     assert sorted(os.listdir(tmp_path / "step_00000002" / "rng")) == ["rank_00000.pt"]
 
 
@@ -80,7 +83,7 @@ def test_latest_pointer_and_keep_last_pruning(tmp_path):
     assert [s for s, _, ok in ckpt.list_checkpoints(d) if ok] == [3, 4, 5]
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         ckpt.resolve_checkpoint(str(tmp_path / "nothing"))
-    os.remove(os.path.join(d, "step_00000005", ckpt.STATE_FILE))
+    os.remove(os.path.join(d, "step_00000005", ckpt.TRAINER_STATE))
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         ckpt.load_checkpoint(os.path.join(d, "step_00000005"), model, opt)
 

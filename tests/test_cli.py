@@ -1,15 +1,27 @@
 import pytest
 
+from mtnlg import cli
 from mtnlg.cli import main
+
+pytestmark = pytest.mark.unit
+
+STEPS = ("extract", "tokenize", "train", "fuse", "reshard", "evaluate", "generate", "run", "compile", "pytorchjob")
 
 
 def test_help_lists_every_step(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for cmd in ("extract", "tokenize", "train", "fuse", "reshard", "evaluate", "generate", "run", "compile",
-                "pytorchjob"):
-        assert cmd in out
+    # each subcommand in the command list, followed by its one-line help (wrapped or not)
+    flat = " ".join(out.split())
+    for cmd in STEPS:
+        assert f" {cmd} {cli.COMMANDS[cmd][1]}" in flat, cmd
+
+
+def test_a_missing_subcommand_module_is_an_error_not_a_silent_gap(monkeypatch):
+    monkeypatch.setitem(cli.COMMANDS, "ghost", ("mtnlg.no_such_module", "never listed"))
+    with pytest.raises(ModuleNotFoundError, match="mtnlg.no_such_module"):
+        cli.build_parser()
 
 
 def test_overrides_may_follow_options(capsys):

@@ -1,24 +1,30 @@
+import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
 
-from mtnlg.config import ConfigError, dump_yaml, load_config, replace
+from mtnlg.config import Config, ConfigError, dump_yaml, load_config, replace
+
+pytestmark = pytest.mark.unit
+
+CHECKS = {"inner": 0}
 
 
 @dataclass
-class Inner:
+class Inner(Config):
     steps: int = field(default=10, metadata={"min": 1})
     lr: float = field(default=1e-3, metadata={"gt": 0})
     norm: str = field(default="layernorm", metadata={"choices": ("layernorm", "rmsnorm")})
     layers: list[int] = field(default_factory=lambda: [1, 2])
 
     def validate(self):
+        CHECKS["inner"] += 1
         if self.steps > 1000 and self.lr > 1:
             raise ConfigError(f"lr={self.lr} too large for steps={self.steps}")
 
 
 @dataclass
-class Outer:
+class Outer(Config):
     name: str = "run"
     seed: int | None = None
     flag: bool = False
@@ -63,3 +69,16 @@ def test_yaml_errors_name_the_file(tmp_path):
     typed.write_text("inner: 3\n")
     with pytest.raises(ConfigError, match="inner: expected a mapping"):
         load_config(Outer, typed)
+
+
+def test_every_value_is_checked_once_where_the_config_is_made():
+    CHECKS["inner"] = 0
+    cfg = load_config(Outer, None, ["inner.steps=5", "inner.lr=0.5"])
+    assert CHECKS["inner"] == 1                       # one load, one check
+    with pytest.raises(ConfigError, match="steps: must be >= 1, got 0"):
+        dataclasses.replace(cfg.inner, steps=0)       # a copy made in Python is checked too
+    with pytest.raises(ConfigError, match="lr=2 too large for steps=2000"):
+        Inner(steps=2000, lr=2)                       # and a constructor call
+    CHECKS["inner"] = 0
+    Outer(inner=cfg.inner)                            # a valid part is not checked again
+    assert CHECKS["inner"] == 0

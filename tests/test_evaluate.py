@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from corpus_data import tokenized_dir
+
 from mtnlg.evaluate.cloze import ClozeItem, make_cloze_items, passage_and_word
 from mtnlg.evaluate.metrics import cloze_accuracy, stream_loss
 from mtnlg.model.config import ModelConfig
 from mtnlg.model.gpt import GPT
+
+pytestmark = pytest.mark.unit
 
 SENTENCES = [
     "The list type supports append, insert and pop, and lists may be sorted in place.",
@@ -39,7 +41,7 @@ def tokenized(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def model_dir(tokenized, tmp_path_factory) -> str:
     from mtnlg.formats.tokenizer import Tokenizer
-    from mtnlg.fuse.fuse import save_fused
+    from mtnlg.formats.fused import save_fused
 
     tok = Tokenizer.from_dir(tokenized)
     torch.manual_seed(0)

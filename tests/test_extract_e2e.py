@@ -20,9 +20,11 @@ import pytest
 from mtnlg import storage
 from mtnlg.cli import main as cli_main
 from mtnlg.config import replace
-from mtnlg.extract.config import ExtractConfig
 from mtnlg.extract.beam_job import extract, run
+from mtnlg.extract.config import ExtractConfig
 from mtnlg.extract.reference import extract_reference
+
+pytestmark = pytest.mark.e2e
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus" / "python-docs"
 GOOD = ["tutorial/classes.html.gz", "tutorial/errors.html.gz", "tutorial/controlflow.html.gz",

@@ -8,11 +8,14 @@ import apache_beam as beam
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from mtnlg.extract.beam_job import (DROPPED, DUPLICATES, FAILED, FILES, CleanAndFilterFn, Deduplicate, FuzzyDedup,
+                                    ReadDocuments, beam_options)
 from mtnlg.extract.clean import clean_text
 from mtnlg.extract.config import DedupConfig, ExtractConfig, FilterConfig
 from mtnlg.extract.dedup import MinHasher, band_keys, candidate_pairs, components, jaccard_estimate
-from mtnlg.extract.beam_job import (DROPPED, DUPLICATES, FAILED, FILES, CleanAndFilterFn, Deduplicate, FuzzyDedup,
-                                    ReadDocuments, beam_options)
+import pytest
+
+pytestmark = pytest.mark.unit
 
 VOCAB = ("the of and to in that is was he for it with as his on be at by had are but from or have an they which "
          "one you were her all she there would their we him been has when who will more no if out so said what up "

@@ -13,11 +13,12 @@ from mtnlg.config import ConfigError, load_config
 from mtnlg.extract import stats as st
 from mtnlg.extract.clean import clean_text, decode_utf8, normalize_for_hash
 from mtnlg.extract.config import RULES, ExtractConfig, FilterConfig
-from mtnlg.extract.dedup import (MinHasher, band_keys, candidate_pairs, components, jaccard_estimate,
-                                 text_hash)
+from mtnlg.extract.dedup import MinHasher, band_keys, candidate_pairs, components, jaccard_estimate, text_hash
 from mtnlg.extract.filters import first_failing_rule
 from mtnlg.extract.readers import Document, Failure, detect_format, expand_inputs, html_to_text, read_file
 from mtnlg.extract.split import split_of
+
+pytestmark = pytest.mark.unit
 
 PROSE = ("The quick brown fox jumps over the lazy dog while the farmer watches from the porch. "
          "It is a story that children have heard with delight, and one that their parents tell to them "

@@ -9,19 +9,18 @@ reduce in another order, within 1e-5; the HF models within 1e-4.
 
 from __future__ import annotations
 
-import glob
-import gzip
 import json
 import os
 import shutil
 
 import pytest
 import torch
-
 from corpus_data import tokenized_dir, whatsnew_paragraphs
 from distributed import run_distributed
+
 from mtnlg.cli import main as mtnlg_main
 
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +52,12 @@ def fused(run_dir, tmp_path_factory) -> str:
 def _tp_logits(rank: int, world: int, ckpt: str, tokens: list) -> list:
     """Logits of the TP=2 model with the checkpoint loaded (runs in 2 processes)."""
     from mtnlg.config import from_dict
+    from mtnlg.formats.checkpoint import load_checkpoint
     from mtnlg.model.config import ModelConfig
     from mtnlg.model.gpt import GPT
     from mtnlg.parallel.config import ParallelConfig
     from mtnlg.parallel.dims import ParallelDims
     from mtnlg.parallel.parallelize import parallelize_gpt
-    from mtnlg.formats.checkpoint import load_checkpoint
 
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
         cfg = from_dict(ModelConfig, json.load(f)["model"])
@@ -79,8 +78,8 @@ def _latest(run_dir: str) -> str:
 
 
 def test_fused_model_equals_the_tp2_model(fused, run_dir):
-    from mtnlg.fuse.fuse import fixed_batch, reference_logits
     from mtnlg.formats.fused import load_fused
+    from mtnlg.fuse.fuse import fixed_batch, reference_logits
 
     model, cfg, tok = load_fused(fused, decode_layout=False)  # row-major, as trained: bitwise
     assert tok.vocab_size == cfg.vocab_size == 512
@@ -102,8 +101,8 @@ def test_fused_model_equals_the_tp2_model(fused, run_dir):
 def test_hf_gpt2_export_loads_offline_and_matches(fused, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from mtnlg.fuse.fuse import fixed_batch
     from mtnlg.formats.fused import load_fused
+    from mtnlg.fuse.fuse import fixed_batch
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hf = AutoModelForCausalLM.from_pretrained(os.path.join(fused, "hf"))
@@ -119,7 +118,7 @@ def test_hf_llama_export_matches(tmp_path, fused, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from mtnlg.formats.tokenizer import Tokenizer
-    from mtnlg.fuse.fuse import save_fused
+    from mtnlg.formats.fused import save_fused
     from mtnlg.fuse.hf import export_hf
     from mtnlg.model.config import ModelConfig
     from mtnlg.model.gpt import GPT
@@ -259,8 +258,8 @@ def test_damaged_checkpoint_names_file_and_tensor(run_dir, tmp_path):
 
 def test_fuse_from_and_to_gcs(run_dir, gcs):
     from mtnlg import storage
-    from mtnlg.fuse.fuse import fuse_checkpoint
     from mtnlg.formats.fused import load_fused
+    from mtnlg.fuse.fuse import fuse_checkpoint
 
     storage.copy_tree(os.path.join(run_dir, "checkpoints", "step_00000003"), f"{gcs}/run/checkpoints/step_00000003")
     storage.write_text(f"{gcs}/run/checkpoints/latest", "step_00000003\n")

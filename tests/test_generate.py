@@ -10,10 +10,12 @@ import torch
 
 from mtnlg.config import ConfigError
 from mtnlg.generate.chat import _cut_at_turn, chat, chat_reply, format_chat
-from mtnlg.model.decode import generate, generate_ids, stream_tokens
-from mtnlg.model.sampling import SamplingConfig, sample_next_token, top_k_filter, top_p_filter
 from mtnlg.model.config import ModelConfig
+from mtnlg.model.decode import generate, generate_ids, stream_tokens
 from mtnlg.model.gpt import GPT, KVCache
+from mtnlg.model.sampling import SamplingConfig, sample_next_token, top_k_filter, top_p_filter
+
+pytestmark = pytest.mark.unit
 
 TEXT = ("The list type supports append and pop. A dictionary maps keys to values. "
         "Functions are defined with def and return values with return. ") * 40
@@ -195,7 +197,7 @@ def test_chat_reply_and_interactive_loop(tokenizer):
 
 def test_generate_cli(tokenizer, tmp_path, capsys):
     from mtnlg.cli import main
-    from mtnlg.fuse.fuse import save_fused
+    from mtnlg.formats.fused import save_fused
 
     save_fused(tiny_model(), str(tmp_path / "m"), tokenizer)
     assert main(["generate", str(tmp_path / "m"), "--prompt", "A dictionary", "--max-new-tokens", "6"]) == 0

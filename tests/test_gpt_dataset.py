@@ -9,8 +9,10 @@ import pytest
 
 import mtnlg.train.gpt_dataset as gd
 from mtnlg import storage
-from mtnlg.train.gpt_dataset import BlendedDataset, GPTDataset, build_epoch_index
 from mtnlg.formats.indexed_dataset import IndexedDatasetBuilder
+from mtnlg.train.gpt_dataset import BlendedDataset, GPTDataset, build_epoch_index
+
+pytestmark = pytest.mark.unit
 
 SEQ = 16
 

@@ -8,8 +8,9 @@ import struct
 import numpy as np
 import pytest
 
-from mtnlg.formats.indexed_dataset import (IndexedDataset, IndexedDatasetBuilder, dtype_code,
-                                        token_dtype)
+from mtnlg.formats.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, dtype_code, token_dtype
+
+pytestmark = pytest.mark.unit
 
 DOCS = [[5, 6, 7, 2], [9, 2], [65535, 0, 1, 2], [2]]
 

@@ -4,6 +4,8 @@ import pytest
 
 from mtnlg import storage
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(params=["local", "gcs"])
 def root(request, tmp_path):

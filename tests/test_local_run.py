@@ -1,6 +1,7 @@
 """The whole pipeline through kfp.local, as `make run` runs it, on a slice of the bundled corpus."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -8,21 +9,51 @@ import pytest
 
 from mtnlg.cli import main as cli
 
+pytestmark = pytest.mark.e2e
+
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus" / "python-docs"
 
 
-@pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
+def _run(root: Path, name: str) -> dict:
     corpus = root / "corpus"
-    for sub in ("tutorial", "faq"):
-        shutil.copytree(CORPUS / sub, corpus / sub)
-    out = root / "out"
+    if not corpus.exists():
+        for sub in ("tutorial", "faq"):
+            shutil.copytree(CORPUS / sub, corpus / sub)
+    out = root / name
     rc = cli(["run", "--output", str(out), "--input", str(corpus), "--workers", "1",
               "--tokenize", "vocab_size=512",
-              "--train", "train.steps=8", "--train", "train.eval_every=4", "--train", "checkpoint.every=4"])
+              "--train", "train.steps=8", "--train", "train.eval_every=4", "--train", "checkpoint.every=4",
+              "--evaluate", "max_new_tokens=8"])
     assert rc == 0
-    return json.loads((out / "outputs.json").read_text())["outputs"]
+    record = json.loads((out / "outputs.json").read_text())
+    assert record["status"] == "SUCCEEDED" and record["error"] is None
+    return record["outputs"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    return _run(root, "first"), _run(root, "second")
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(runs):
+    return runs[0]
+
+
+def _figures(outputs: dict) -> dict:
+    """Every number the evaluation reports (timings aside) and the logged training losses."""
+    m = json.loads((Path(outputs["evaluate"]["report.d"]) / "metrics.json").read_text())
+    run = Path(outputs["train"]["checkpoint"])
+    losses = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+    figures = {k: v for k, v in m.items() if isinstance(v, (int, float)) and k != "seconds"}
+    return {**figures, "samples": m["samples"], "train_losses": losses}
+
+
+def test_two_runs_print_the_same_figures(runs):
+    first, second = (_figures(r) for r in runs)
+    assert first["val_tokens"] > 0 and len(first["train_losses"]) >= 2
+    assert first == second
 
 
 def test_every_step_produced_its_outputs(pipeline_run):
@@ -50,6 +81,7 @@ def test_training_used_two_way_tensor_parallelism(pipeline_run):
     run = Path(pipeline_run["train"]["checkpoint"])
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["parallel"]["tp"] == 2
-    losses = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()
-              if "loss" in json.loads(line)]
-    assert len(losses) >= 2 and all(l == l for l in losses)  # no NaN
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows]
+    # a non-finite loss is logged as null: every logged step must have a finite number
+    assert len(losses) >= 2 and all(isinstance(v, float) and math.isfinite(v) for v in losses), losses

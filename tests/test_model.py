@@ -8,11 +8,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from parallel_workers import TINY, VARIANTS
 
 from mtnlg.config import ConfigError, load_config
 from mtnlg.model import GPT, PRESETS, ModelConfig, count_parameters, flops_per_token, get_preset
 from mtnlg.model.gpt import CoreAttention, apply_rotary, rope_table, sinusoidal_table
-from parallel_workers import TINY, VARIANTS
+
+pytestmark = pytest.mark.unit
 
 
 def tiny(**kw) -> ModelConfig:
@@ -26,7 +28,7 @@ def tiny(**kw) -> ModelConfig:
     ({"num_kv_heads": 3}, "model.num_heads=4 is not divisible by model.num_kv_heads=3"),
     ({"num_kv_heads": 8}, "model.num_kv_heads=8 must be between 1 and model.num_heads=4"),
     ({"hidden_size": 24, "num_heads": 8, "position": "rotary"}, "even head size"),
-    ({"dropout": 1.0}, "model.dropout must be in [0, 1)"),
+    ({"dropout": 1.0}, "dropout: must be <= 0.99, got 1.0"),
 ])
 def test_config_rejects_inconsistent_sizes_naming_the_numbers(kw, message):
     with pytest.raises(ConfigError) as e:

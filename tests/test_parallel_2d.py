@@ -5,9 +5,10 @@ Tolerances as in test_parallel_tp.py."""
 from __future__ import annotations
 
 import pytest
-
 from distributed import run_distributed
 from parallel_workers import four_process_checks
+
+pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture(scope="module")
@@ -31,4 +32,5 @@ def test_tp2_x_dp2_training_losses_match_single_process(results, layout):
 
 
 def test_tensor_parallel_groups_are_consecutive_ranks(results):
-    assert results["rank_layout"] == [[0, 1], [2, 3]]  # rows: dp index, columns: tp index
+    # one (pp, dp, tp) mesh with every dimension; here pp=1: rows dp index, columns tp index
+    assert results["rank_layout"] == [[[0, 1], [2, 3]]]

@@ -9,6 +9,8 @@ from mtnlg.model.config import ModelConfig
 from mtnlg.parallel.config import ParallelConfig
 from mtnlg.parallel.dims import ParallelDims
 
+pytestmark = pytest.mark.unit
+
 MODEL = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, seq_length=30,
                     vocab_size=300)
 
@@ -32,7 +34,7 @@ def test_dp_is_inferred_from_the_world_size():
     (4, {"pp": 2}, "parallel.pp=2 needs model.tie_embeddings=false"),
     (4, {"pp": 4}, "model.num_layers=2 is not divisible by parallel.pp=4"),
     (6, {"pp": 2, "tp": 2}, "world size 6 is not divisible by parallel.tp * parallel.pp = 2 * 2 = 4"),
-    (4, {"pp_schedule": "zb"}, "parallel.pp_schedule: expected one of ['1f1b', 'gpipe'], got 'zb'"),
+    (4, {"pp_schedule": "zb"}, "pp_schedule: expected one of ['1f1b', 'gpipe'], got 'zb'"),
     (4, {"dp": 0}, "parallel.dp must be -1 (infer) or >= 1, got 0"),
 ])
 def test_invalid_layouts_are_rejected_naming_the_numbers(world, kw, message):

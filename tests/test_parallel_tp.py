@@ -9,9 +9,10 @@ element, training losses and gradient norms rel 1e-5, recomputed gradients bitwi
 from __future__ import annotations
 
 import pytest
-
 from distributed import run_distributed
 from parallel_workers import STEPS, VARIANTS, two_process_checks
+
+pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,9 @@ import yaml
 
 from mtnlg.cli import main as cli
 from mtnlg.images import DATA_IMAGE, TRAIN_IMAGE
+import pytest
+
+pytestmark = pytest.mark.unit
 
 
 def _compile(tmp_path):

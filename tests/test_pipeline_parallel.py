@@ -20,9 +20,10 @@ import json
 
 import pytest
 import torch
-
 from distributed import run_distributed
 from pipeline_workers import four_process_checks, two_process_checks
+
+pytestmark = pytest.mark.distributed
 
 REL = 1e-5
 
@@ -75,9 +76,9 @@ def tokenized(tmp_path_factory) -> str:
 def test_train_pp2_entry_point_matches_pp1_and_fuses(tokenized, tmp_path, monkeypatch):
     from mtnlg import storage
     from mtnlg.cli import main as mtnlg_main
-    from mtnlg.fuse.fuse import fixed_batch, reference_logits
-    from mtnlg.formats.fused import load_fused
     from mtnlg.formats.checkpoint import resolve_checkpoint
+    from mtnlg.formats.fused import load_fused
+    from mtnlg.fuse.fuse import fixed_batch, reference_logits
 
     args = ["--recipe", "debug", f"data.path={tokenized}", "model.tie_embeddings=false",
             "parallel.tp=1", "train.log_every=1", "train.eval_iters=1", "checkpoint.every=0",

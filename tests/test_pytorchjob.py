@@ -10,6 +10,8 @@ from mtnlg.cluster.pytorchjob import (PyTorchJobLauncher, PyTorchJobSpec, build_
                                       load_crd_schema, validate_pytorchjob)
 from mtnlg.config import ConfigError
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 CRD = ROOT.parent / "shared" / "schemas" / "kubeflow.org_pytorchjobs.yaml"
 
@@ -120,13 +122,12 @@ def test_launcher_submits_and_waits():
 
 def test_kustomize_base_config_fits_the_job():
     """The base's run config loads, and its layout fits the base job's 2 x 8 processes."""
-    from mtnlg.config import from_dict, validate
+    from mtnlg.config import load_config
     from mtnlg.parallel.dims import ParallelDims
     from mtnlg.train.config import TrainRunConfig
 
     base = ROOT / "manifests" / "base"
-    cfg = from_dict(TrainRunConfig, yaml.safe_load((base / "config.yaml").read_text()))
-    validate(cfg)
+    cfg = load_config(TrainRunConfig, base / "config.yaml")
     job = yaml.safe_load((base / "pytorchjob.yaml").read_text())
     reps = job["spec"]["pytorchReplicaSpecs"]
     world = (reps["Master"]["replicas"] + reps["Worker"]["replicas"]) * int(job["spec"]["nprocPerNode"])

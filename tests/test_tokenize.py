@@ -9,14 +9,16 @@ import os
 
 import numpy as np
 import pytest
+from test_indexed_dataset import megatron_read
 
 from mtnlg import storage
 from mtnlg.cli import main as cli_main
-from mtnlg.tokenize.config import TokenizeConfig
 from mtnlg.formats.indexed_dataset import IndexedDataset
-from mtnlg.tokenize.tokenize import _sample_lines, tokenize
 from mtnlg.formats.tokenizer import Tokenizer
-from test_indexed_dataset import megatron_read
+from mtnlg.tokenize.config import TokenizeConfig
+from mtnlg.tokenize.tokenize import _sample_lines, tokenize
+
+pytestmark = pytest.mark.unit
 
 CORPUS = os.path.join(os.path.dirname(__file__), "..", "data", "corpus", "python-docs", "whatsnew")
 VOCAB = 600

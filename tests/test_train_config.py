@@ -8,12 +8,19 @@ import pytest
 
 from mtnlg.cli import main as mtnlg_main
 from mtnlg.config import ConfigError
-from mtnlg.train.config import load_run_config, recipe_names
+from mtnlg.config import load_config
+from mtnlg.train.config import TrainRunConfig, recipe, recipe_names
 from mtnlg.train.optim import build_optimizer, param_groups
 from mtnlg.train.schedule import BatchRampup, LRSchedule
-from mtnlg.train.trainer import PEAK_TFLOPS, resolve_dtype
+from mtnlg.train.device import PEAK_TFLOPS, resolve_dtype
+
+pytestmark = pytest.mark.unit
 
 REQUIRED = ["data.path=/nonexistent/tok", "output=/nonexistent/run"]
+
+
+def _load(name, path, overrides):
+    return load_config(TrainRunConfig, path, overrides, base=recipe(name))
 
 
 # ----------------------------------------------------------------------------- config
@@ -36,7 +43,7 @@ REQUIRED = ["data.path=/nonexistent/tok", "output=/nonexistent/run"]
 ])
 def test_config_rejects_bad_values_naming_them(override, message):
     with pytest.raises(ConfigError) as e:
-        load_run_config("debug", None, REQUIRED + [override])
+        _load("debug", None, REQUIRED + [override])
     assert message in str(e.value)
 
 
@@ -54,7 +61,7 @@ def test_config_rejects_bad_values_naming_them(override, message):
     (["data.path="], 2, "data.path: the tokenized data directory is required"),
 ])
 def test_impossible_layouts_are_rejected_before_launch(overrides, world, message):
-    cfg = load_run_config("debug", None, REQUIRED + overrides)
+    cfg = _load("debug", None, REQUIRED + overrides)
     with pytest.raises(ConfigError) as e:
         cfg.check_layout(world)
     assert message in str(e.value)
@@ -64,10 +71,10 @@ def test_every_recipe_loads_and_fits_its_intended_world():
     worlds = {"debug": 2, "local": 2, "small-20m": 1, "mtnlg-1.3b": 8, "mtnlg-530b": 8 * 32}
     assert set(worlds) <= set(recipe_names())
     for name, world in worlds.items():
-        cfg = load_run_config(name, None, REQUIRED)
+        cfg = _load(name, None, REQUIRED)
         dims = cfg.check_layout(world)
         assert dims.world_size == world
-    big = load_run_config("mtnlg-530b", None, REQUIRED)
+    big = _load("mtnlg-530b", None, REQUIRED)
     assert (big.model.num_layers, big.model.hidden_size, big.model.num_heads) == (105, 20480, 128)
     assert (big.train.rampup.start, big.train.rampup.increment, big.train.global_batch_size) == (32, 32, 1920)
 
@@ -75,7 +82,7 @@ def test_every_recipe_loads_and_fits_its_intended_world():
 def test_recipe_then_file_then_overrides(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("train:\n  steps: 7\n  log_every: 3\noptim:\n  lr: 0.001\n")
-    cfg = load_run_config("debug", str(f), REQUIRED + ["train.steps=9", "model.num_layers=3"])
+    cfg = _load("debug", str(f), REQUIRED + ["train.steps=9", "model.num_layers=3"])
     assert cfg.train.steps == 9            # override beats file
     assert cfg.train.log_every == 3        # file beats recipe
     assert cfg.optim.lr == 0.001
@@ -83,7 +90,7 @@ def test_recipe_then_file_then_overrides(tmp_path):
     assert cfg.model.hidden_size == 64     # from the "debug" preset
     assert cfg.parallel.tp == 2            # from the recipe
     with pytest.raises(ConfigError, match="unknown recipe 'nope'; known recipes: debug"):
-        load_run_config("nope", None, REQUIRED)
+        _load("nope", None, REQUIRED)
 
 
 def test_cli_reports_config_errors_before_launching(tmp_path, capsys):
@@ -159,7 +166,7 @@ def test_batch_rampup_follows_megatron():
 def test_no_weight_decay_on_norms_and_biases_only():
     from mtnlg.model.gpt import GPT
 
-    cfg = load_run_config("debug", None, REQUIRED).model
+    cfg = _load("debug", None, REQUIRED).model
     model = GPT(cfg)
     names = {id(p): n for n, p in model.named_parameters()}
     decay, no_decay = param_groups(model, 0.1)

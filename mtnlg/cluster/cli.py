@@ -31,14 +31,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from mtnlg import storage
-    from mtnlg.cluster.pytorchjob import (PyTorchJobLauncher, PyTorchJobSpec, build_manifests, load_crd_schema,
-                                          to_yaml, validate_pytorchjob)
-    from mtnlg.images import TRAIN_IMAGE
+    from mtnlg.cluster.pytorchjob import (PyTorchJobLauncher, PyTorchJobSpec, build_manifests, load_crd_schema, to_yaml,
+                                          validate_pytorchjob)
     from mtnlg.config import to_dict
+    from mtnlg.images import TRAIN_IMAGE
     from mtnlg.parallel.dims import ParallelDims
-    from mtnlg.train.config import load_run_config
+    from mtnlg.config import load_config
+    from mtnlg.train.config import TrainRunConfig, recipe
 
-    cfg = load_run_config(args.recipe, args.config, list(args.overrides))
+    cfg = load_config(TrainRunConfig, args.config, list(args.overrides), base=recipe(args.recipe))
     spec = PyTorchJobSpec(name=args.name, image=args.image or TRAIN_IMAGE, run_config=to_dict(cfg),
                           namespace=args.namespace, nodes=args.nodes, nproc_per_node=args.nproc_per_node,
                           gpus_per_node=args.gpus_per_node, cpu=args.cpu, memory=args.memory)

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from mtnlg.config import ConfigError
+from mtnlg.formats.rundir import RUN_CONFIG
 
 CONFIG_MOUNT = "/etc/mtnlg"
 CONTAINER_NAME = "pytorch"  # the operator's default container name; its webhook requires it
@@ -121,7 +122,7 @@ def build_manifests(spec: PyTorchJobSpec, overrides: list[str] | None = None) ->
     config_map = {
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": cm_name, "namespace": spec.namespace, "labels": labels},
-        "data": {"config.yaml": yaml.safe_dump(spec.run_config, sort_keys=False)},
+        "data": {RUN_CONFIG: yaml.safe_dump(spec.run_config, sort_keys=False)},
     }
     replica_specs = {"Master": _replica(spec, 1, cm_name, overrides)}
     if spec.nodes > 1:

@@ -21,12 +21,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from mtnlg import storage
+    from mtnlg.evaluate.config import EvaluateConfig
     from mtnlg.evaluate.evaluate import evaluate_model
 
     output = args.output or storage.join(args.model, "eval")
-    result = evaluate_model(args.model, args.data, output, train_log=args.train_log, batch_size=args.batch_size,
-                            max_cloze_items=args.max_cloze_items, prompts=args.prompts,
-                            max_new_tokens=args.max_new_tokens, device=args.device)
+    config = EvaluateConfig(batch_size=args.batch_size, max_cloze_items=args.max_cloze_items,
+                            max_new_tokens=args.max_new_tokens, device=args.device,
+                            **({"prompts": list(args.prompts)} if args.prompts else {}))
+    result = evaluate_model(args.model, args.data, output, train_log=args.train_log, config=config)
     keys = ("val_loss", "val_perplexity", "val_tokens", "cloze_accuracy", "cloze_items")
     print(json.dumps({k: result[k] for k in keys if k in result} | {"report": result["files"]["html"]}, indent=2))
     return 0

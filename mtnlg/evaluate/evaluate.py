@@ -1,6 +1,7 @@
 """Evaluate a fused model on a tokenized directory's validation split, and write a report.
 
-    evaluate_model("runs/model", "runs/tokens", "runs/eval", train_log="runs/train/log.jsonl")
+    evaluate_model("runs/model", "runs/tokens", "runs/eval", train_log="runs/train/log.jsonl",
+                   config=EvaluateConfig(max_cloze_items=200))
 
 measures
 
@@ -24,19 +25,13 @@ from typing import Any
 import torch
 
 from mtnlg import storage
+from mtnlg.evaluate.config import EvaluateConfig
+from mtnlg.formats.rundir import TOKENIZER_META
 from mtnlg.progress import get_logger
 
 log = get_logger("mtnlg.evaluate")
 
 MIN_CLOZE_SEQ_LENGTH = 17  # eod + 8 context tokens + a word of up to 8 tokens
-
-DEFAULT_PROMPTS = (
-    "The Python tutorial",
-    "A list comprehension",
-    "To install a package,",
-    "The following example shows",
-    "def main():",
-)
 
 
 def _open_split(data_dir: str, split: str, tmp: str):
@@ -58,7 +53,7 @@ def _open_split(data_dir: str, split: str, tmp: str):
 
 def _check_same_tokenizer(data_dir: str, tokenizer) -> None:
     """Evaluating on ids from another tokenizer would measure nothing: refuse it."""
-    meta_path = storage.join(data_dir, "tokenizer.json")
+    meta_path = storage.join(data_dir, TOKENIZER_META)
     if not storage.exists(meta_path):
         return
     theirs = json.loads(storage.read_text(meta_path)).get("sha256")
@@ -69,20 +64,21 @@ def _check_same_tokenizer(data_dir: str, tokenizer) -> None:
 
 
 def evaluate_model(model_dir: str, data_dir: str, output: str, train_log: str | None = None,
-                   batch_size: int = 8, max_cloze_items: int = 500, prompts: list[str] | None = None,
-                   max_new_tokens: int = 32, device: str = "cpu", max_eval_tokens: int | None = None) -> dict[str, Any]:
-    """Evaluate the fused model in ``model_dir``; returns the metrics (also in metrics.json).
-
-    ``max_eval_tokens`` caps the validation stream (None = the whole split).
-    """
+                   config: EvaluateConfig | None = None) -> dict[str, Any]:
+    """Evaluate the fused model in ``model_dir`` on ``data_dir``'s validation split (with
+    the training run's ``train_log`` for the loss curve); returns the metrics (also in
+    metrics.json)."""
+    c = config or EvaluateConfig()
+    batch_size, max_cloze_items, max_eval_tokens = c.batch_size, c.max_cloze_items, c.max_eval_tokens
     from mtnlg.evaluate.cloze import make_cloze_items
     from mtnlg.evaluate.metrics import cloze_accuracy, stream_loss
-    from mtnlg.evaluate.report import read_train_log, train_log_metrics, write_report
+    from mtnlg.evaluate.report import train_log_metrics, write_report
     from mtnlg.formats.fused import load_fused
+    from mtnlg.formats.runlog import loss_rows, read_log
     from mtnlg.model.decode import generate
 
     t0 = time.perf_counter()
-    model, cfg, tok = load_fused(model_dir, device=device)
+    model, cfg, tok = load_fused(model_dir, device=c.device)
     _check_same_tokenizer(data_dir, tok)
     metrics: dict[str, Any] = {"model": str(model_dir), "data": str(data_dir),
                                "parameters": sum(p.numel() for p in model.parameters())}
@@ -114,12 +110,14 @@ def evaluate_model(model_dir: str, data_dir: str, output: str, train_log: str | 
         del ds
 
     samples = []
-    for p in (prompts if prompts is not None else DEFAULT_PROMPTS):
+    for p in c.prompts:
         with torch.no_grad():
-            samples.append({"prompt": p, "completion": generate(model, tok, p, max_new_tokens=max_new_tokens)})
+            samples.append({"prompt": p, "completion": generate(model, tok, p, max_new_tokens=c.max_new_tokens)})
     records: list[dict] = []
     if train_log:
-        records, skipped = read_train_log(train_log)
+        rows, skipped = read_log(train_log)
+        records = loss_rows(rows)
+        skipped += len(rows) - len(records)  # a step whose loss was not finite
         metrics.update(train_log_metrics(records, skipped))
     metrics["seconds"] = time.perf_counter() - t0
     paths = write_report(output, metrics, samples, records)

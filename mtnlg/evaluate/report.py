@@ -1,8 +1,7 @@
 """The evaluation report: ``report.md``, a self-contained ``report.html`` and ``loss.png``.
 
-The training loss curve comes from the run's ``log.jsonl`` (one JSON object per line with
-at least ``step``, ``loss`` and ``lr``). The HTML embeds the PNG as base64 so the Kubeflow
-UI (which shows one HTML artifact, without its neighbours) displays it.
+The training loss curve comes from the run's ``log.jsonl`` (``mtnlg.formats.runlog``). The HTML embeds
+the PNG as base64 so the Kubeflow UI (which shows one HTML artifact, without its neighbours) displays it.
 """
 
 from __future__ import annotations
@@ -10,70 +9,11 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 from typing import Any
 
 from mtnlg import storage
-from mtnlg.progress import get_logger
-
-log = get_logger("mtnlg.evaluate.report")
-
-
-def read_train_log(path: str) -> tuple[list[dict[str, Any]], int]:
-    """Records of ``log.jsonl`` that have a numeric ``step`` and ``loss``; and how many lines
-    were skipped (blank lines do not count; anything else unreadable does)."""
-    records, skipped = [], 0
-    for n, line in enumerate(storage.read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            step, loss = rec["step"], rec["loss"]
-            if not isinstance(step, (int, float)) or not isinstance(loss, (int, float)):
-                raise TypeError("step/loss are not numbers")
-        except (ValueError, KeyError, TypeError) as e:
-            skipped += 1
-            log.warning("%s line %d skipped: %s", path, n, e)
-            continue
-        records.append(rec)
-    return records, skipped
-
-
-def plot_loss(records: list[dict[str, Any]], png_path: str, title: str = "training loss") -> bool:
-    """Write the loss (and learning-rate) curve; False when there is nothing to plot."""
-    pts = [(r["step"], r["loss"]) for r in records if math.isfinite(r["loss"])]
-    if not pts:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], color="tab:blue", lw=1.5, label="train loss")
-    val = [(r["step"], r["val_loss"]) for r in records if isinstance(r.get("val_loss"), (int, float))]
-    if val:
-        ax.plot([p[0] for p in val], [p[1] for p in val], "o-", color="tab:orange", lw=1.2, label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    lrs = [(r["step"], r["lr"]) for r in records if isinstance(r.get("lr"), (int, float))]
-    if lrs:
-        ax2 = ax.twinx()
-        ax2.plot([p[0] for p in lrs], [p[1] for p in lrs], color="tab:gray", lw=1, ls="--", label="learning rate")
-        ax2.set_ylabel("learning rate")
-        ax2.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-        h1, l1 = ax.get_legend_handles_labels()
-        h2, l2 = ax2.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, loc="upper right")
-    else:
-        ax.legend(loc="upper right")
-    fig.tight_layout()
-    with storage.atomic_write(png_path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
-    return True
+from mtnlg.formats.rundir import LOSS_PLOT
+from mtnlg.formats.runlog import plot_loss_curve
 
 
 def _fmt(v: Any) -> str:
@@ -147,11 +87,11 @@ def write_report(output: str, metrics: dict[str, Any], samples: list[dict[str, s
              "html": storage.join(output, "report.html")}
     png_bytes = None
     if train_records:
-        png = storage.join(output, "loss.png")
-        if plot_loss(train_records, png):
+        png = storage.join(output, LOSS_PLOT)
+        if plot_loss_curve(train_records, png):
             paths["png"] = png
             png_bytes = storage.read_bytes(png)
     storage.write_text(paths["metrics"], json.dumps({**metrics, "samples": samples}, indent=2, sort_keys=True) + "\n")
-    storage.write_text(paths["markdown"], render_markdown(metrics, samples, "loss.png" if png_bytes else None, title))
+    storage.write_text(paths["markdown"], render_markdown(metrics, samples, LOSS_PLOT if png_bytes else None, title))
     storage.write_text(paths["html"], render_html(metrics, samples, png_bytes, title))
     return paths

@@ -39,7 +39,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pvalue import AsList, TaggedOutput
 
 from mtnlg import storage
-from mtnlg.config import ConfigError, load_config, validate
+from mtnlg.config import ConfigError, load_config
 from mtnlg.extract import stats as st
 from mtnlg.extract.clean import clean_text
 from mtnlg.extract.config import DedupConfig, ExtractConfig, FilterConfig
@@ -47,6 +47,7 @@ from mtnlg.extract.dedup import MinHasher, band_keys, candidate_pairs, component
 from mtnlg.extract.filters import first_failing_rule
 from mtnlg.extract.readers import Failure, expand_inputs, read_file, relative_names
 from mtnlg.extract.split import SPLITS, TRAIN, VALIDATION, split_of
+from mtnlg.formats.rundir import STATS_FILE
 from mtnlg.progress import Progress, get_logger
 
 NAMESPACE = "mtnlg.extract"
@@ -440,7 +441,7 @@ class ExtractDocuments(beam.PTransform):
                 | "AllOutcomes" >> beam.Flatten()
                 | "SumCounters" >> beam.CombineGlobally(SumCountersFn())
                 | "WriteStats" >> beam.ParDo(
-                    WriteStatsFn(storage.join(self.output, "stats.json"), self.inputs, self.files, self.skipped),
+                    WriteStatsFn(storage.join(self.output, STATS_FILE), self.inputs, self.files, self.skipped),
                     AsList(examples), AsList(written[TRAIN]), AsList(written[VALIDATION])))
 
 
@@ -518,7 +519,7 @@ def _clear_previous(output: str) -> None:
                 name = f.rsplit("/", 1)[-1]
                 if name.startswith("part-") and name.endswith(".jsonl"):
                     storage.remove(f)
-    stats = storage.join(output, "stats.json")
+    stats = storage.join(output, STATS_FILE)
     if storage.exists(stats):
         storage.remove(stats)
 
@@ -541,7 +542,6 @@ def extract(inputs: list[str], output: str, config: ExtractConfig | None = None,
     failed; the stats file is still written and the error lists the reasons).
     """
     cfg = config or ExtractConfig()
-    validate(cfg)
     inputs = [str(i) for i in inputs]
     if not inputs:
         raise ValueError("extract: no inputs given")
@@ -559,7 +559,7 @@ def extract(inputs: list[str], output: str, config: ExtractConfig | None = None,
     with make_pipeline(args) as p:
         build_pipeline(p, files, skipped, inputs, output, cfg)
     elapsed = time.perf_counter() - start
-    stats_path = storage.join(output, "stats.json")
+    stats_path = storage.join(output, STATS_FILE)
     if not storage.exists(stats_path):
         raise RuntimeError(f"extract: the pipeline finished without writing {stats_path}")
     stats = json.loads(storage.read_text(stats_path))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mtnlg.config import ConfigError
+from mtnlg.config import Config, ConfigError
 
 # The quality rules, in the order they are checked; a document dropped by several rules is
 # counted under the first one. ``filters.disabled`` takes names from this list.
@@ -29,7 +29,7 @@ RULES = (
 
 
 @dataclass
-class FilterConfig:
+class FilterConfig(Config):
     """Document-level quality rules; a document failing one is dropped under its name."""
 
     min_words: int = field(default=50, metadata={"min": 0})
@@ -62,7 +62,7 @@ class FilterConfig:
 
 
 @dataclass
-class DedupConfig:
+class DedupConfig(Config):
     """Exact (normalised-text hash) then fuzzy (MinHash + LSH on word n-grams) deduplication."""
 
     exact: bool = True
@@ -86,7 +86,7 @@ class DedupConfig:
 
 
 @dataclass
-class ExtractConfig:
+class ExtractConfig(Config):
     """The whole extract step. ``validation_fraction`` of documents (by id hash) go to validation."""
 
     text_field: str = "text"  # JSONL key holding the document text

@@ -20,6 +20,7 @@ from mtnlg.extract.dedup import MinHasher, band_keys, candidate_pairs, component
 from mtnlg.extract.filters import first_failing_rule
 from mtnlg.extract.readers import Failure, expand_inputs, read_file, relative_names
 from mtnlg.extract.split import SPLITS, split_of
+from mtnlg.formats.rundir import STATS_FILE
 
 
 def extract_reference(inputs: list[str], output: str | None = None,
@@ -98,5 +99,5 @@ def extract_reference(inputs: list[str], output: str | None = None,
     stats = st.build_stats(counters, inputs=list(inputs), files=len(files), skipped=skipped,
                            examples=examples, written=written)
     if output:
-        storage.write_text(storage.join(output, "stats.json"), json.dumps(stats, indent=2) + "\n")
+        storage.write_text(storage.join(output, STATS_FILE), json.dumps(stats, indent=2) + "\n")
     return out, stats

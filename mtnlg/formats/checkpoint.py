@@ -7,8 +7,8 @@ A checkpoint directory ``<dir>/step_00000020/`` holds
   under tensor parallelism, one copy of replicated tensors), so a checkpoint is written in
   parallel and never gathered on one process;
 * ``rng/rank_00003.pt``: every rank's RNG states (dropout differs across ranks);
-* ``trainer_state.json``: step, consumed samples, scheduler position, layout, tokenizer
-  reference; written last, it marks the checkpoint complete;
+* ``trainer_state.json``: step, consumed samples (the LR schedule follows from the step),
+  layout, tokenizer reference; written last, it marks the checkpoint complete;
 * ``config.yaml`` and the tokenizer files, so a checkpoint is usable on its own.
 
 ``<dir>/latest`` names the newest complete checkpoint and is written after it. Locally a
@@ -48,13 +48,12 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 
 from mtnlg import storage
-from mtnlg.progress import get_logger
 from mtnlg.dist import barrier, node_local_copy
+from mtnlg.formats.rundir import CHECKPOINTS_DIR, LATEST, RUN_CONFIG, TRAINER_STATE
+from mtnlg.progress import get_logger
 
 log = get_logger("mtnlg.formats.checkpoint")
 
-LATEST = "latest"
-STATE_FILE = "trainer_state.json"
 FORMAT = "mtnlg-dcp-1"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 
@@ -177,12 +176,12 @@ def list_checkpoints(directory: str) -> list[tuple[int, str, bool]]:
             if "/" not in rel:
                 continue
             top, rest = rel.split("/", 1)
-            names[top] = names.get(top, False) or rest == STATE_FILE
+            names[top] = names.get(top, False) or rest == TRAINER_STATE
     elif os.path.isdir(directory):
         for top in os.listdir(directory):
             full = os.path.join(directory, top)
             if os.path.isdir(full):
-                names[top] = os.path.exists(os.path.join(full, STATE_FILE)) and not top.endswith(".tmp")
+                names[top] = os.path.exists(os.path.join(full, TRAINER_STATE)) and not top.endswith(".tmp")
     out = []
     for top, complete in names.items():
         m = re.match(r"^step_(\d{8})(\.tmp)?$", top)
@@ -211,15 +210,15 @@ def prune_checkpoints(directory: str, keep_last: int) -> list[str]:
 def resolve_checkpoint(spec: str) -> str:
     """A checkpoint directory from ``spec``: the checkpoint itself, a directory with a
     ``latest`` pointer, or a run directory holding ``checkpoints/latest``."""
-    if storage.exists(storage.join(spec, STATE_FILE)):
+    if storage.exists(storage.join(spec, TRAINER_STATE)):
         return spec.rstrip("/")
-    for d in (spec, storage.join(spec, "checkpoints")):
+    for d in (spec, storage.join(spec, CHECKPOINTS_DIR)):
         found = read_latest(d)
         if found:
-            if not storage.exists(storage.join(found, STATE_FILE)):
-                raise FileNotFoundError(f"{d}/latest names {found}, which has no {STATE_FILE}")
+            if not storage.exists(storage.join(found, TRAINER_STATE)):
+                raise FileNotFoundError(f"{d}/latest names {found}, which has no {TRAINER_STATE}")
             return found
-    raise FileNotFoundError(f"no checkpoint at {spec!r} (expected {STATE_FILE}, latest, or checkpoints/latest)")
+    raise FileNotFoundError(f"no checkpoint at {spec!r} (expected {TRAINER_STATE}, latest, or checkpoints/latest)")
 
 
 # --------------------------------------------------------------------------- save / load
@@ -228,11 +227,11 @@ def resolve_checkpoint(spec: str) -> str:
 def _write_side_files(target: str, trainer_state: dict, config_text: str | None,
                       extra_files: dict[str, str] | None) -> None:
     if config_text is not None:
-        storage.write_text(storage.join(target, "config.yaml"), config_text)
+        storage.write_text(storage.join(target, RUN_CONFIG), config_text)
     for name, src in (extra_files or {}).items():
         storage.copy(src, storage.join(target, name))
     # Last: its presence marks the checkpoint complete.
-    storage.write_text(storage.join(target, STATE_FILE), json.dumps(trainer_state, indent=2, sort_keys=True))
+    storage.write_text(storage.join(target, TRAINER_STATE), json.dumps(trainer_state, indent=2, sort_keys=True))
 
 
 def save_checkpoint(directory: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -301,9 +300,9 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
     options = StateDictOptions(flatten_optimizer_state_dict=flatten_optimizer)
     rank, world = _rank(), _world()
     with node_local_copy([path]) as (local,):
-        state_path = os.path.join(local, STATE_FILE)
+        state_path = os.path.join(local, TRAINER_STATE)
         if not os.path.exists(state_path):
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {TRAINER_STATE})")
         with open(state_path, encoding="utf-8") as f:
             meta = json.load(f)
         if meta.get("format") != FORMAT:

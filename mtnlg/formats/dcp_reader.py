@@ -8,7 +8,7 @@ the checkpoint only changes how the tensors are chunked, so one reader serves th
 allocate the full tensor, read each chunk's bytes, place it.
 
     r = CheckpointReader("runs/train/checkpoints/step_00000020")   # local or gs://
-    r.model_tensors()            # {"tok_embeddings.weight": TensorInfo(shape, dtype), ...}
+    r.model_tensors()            # {"tok_embeddings.weight": TensorSpec(fqn, shape, dtype), ...}
     w = r.read("model.tok_embeddings.weight")     # full tensor, nothing else loaded
 
 Only the bytes of the requested tensor are read (ranged reads on gs://), so fusing never
@@ -21,30 +21,20 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import pickle
 import tempfile
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex, TensorStorageMetadata
 
 from mtnlg import storage
+from mtnlg.formats.rundir import TRAINER_STATE
+from mtnlg.formats.sharded_safetensors import TensorSpec
 
 METADATA_FILE = ".metadata"
 MODEL_PREFIX = "model."
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def _load_metadata(path: str):
@@ -77,7 +67,7 @@ class CheckpointReader:
         self.metadata = _load_metadata(storage.join(self.path, METADATA_FILE))
         self._sizes: dict[str, int] = {}
         self._handles: dict[str, Any] = {}
-        state = storage.join(self.path, "trainer_state.json")
+        state = storage.join(self.path, TRAINER_STATE)
         self.trainer_state: dict[str, Any] = json.loads(storage.read_text(state)) if storage.exists(state) else {}
 
     # -- listing -----------------------------------------------------------------------
@@ -85,18 +75,18 @@ class CheckpointReader:
         """Every entry of the checkpoint: fqn -> TensorStorageMetadata | BytesStorageMetadata."""
         return dict(self.metadata.state_dict_metadata)
 
-    def tensor_info(self, fqn: str) -> TensorInfo:
+    def tensor_info(self, fqn: str) -> TensorSpec:
         md = self.metadata.state_dict_metadata.get(fqn)
         if not isinstance(md, TensorStorageMetadata):
             raise KeyError(f"{self.path}: no tensor {fqn!r} in the checkpoint")
-        return TensorInfo(tuple(md.size), md.properties.dtype)
+        return TensorSpec(fqn, tuple(md.size), md.properties.dtype)
 
-    def model_tensors(self) -> dict[str, TensorInfo]:
+    def model_tensors(self) -> dict[str, TensorSpec]:
         """The model's tensors (names without the ``model.`` prefix), in checkpoint order."""
         out = {}
         for fqn, md in self.metadata.state_dict_metadata.items():
             if fqn.startswith(MODEL_PREFIX) and isinstance(md, TensorStorageMetadata):
-                out[fqn[len(MODEL_PREFIX):]] = TensorInfo(tuple(md.size), md.properties.dtype)
+                out[fqn[len(MODEL_PREFIX):]] = TensorSpec(fqn, tuple(md.size), md.properties.dtype)
         if not out:
             raise ValueError(f"{self.path}: the checkpoint holds no model tensors (no 'model.*' entries)")
         return out

@@ -1,4 +1,6 @@
-"""Load a fused model directory: ``load_fused(dir) -> (GPT, ModelConfig, Tokenizer)``.
+"""Fused model directories: ``load_fused(dir) -> (GPT, ModelConfig, Tokenizer)``,
+``save_fused(model, dir, tokenizer)`` and the streaming ``write_model_dir`` that
+``mtnlg fuse`` writes through.
 
 A fused directory (written by ``mtnlg fuse``) holds ``config.json`` (the ``ModelConfig``),
 ``model.safetensors`` (or shards + ``model.safetensors.index.json``), ``tokenizer.model`` +
@@ -11,25 +13,27 @@ names the file and the tensor.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+from typing import Any, Callable, Iterator
 
 import torch
 
 from mtnlg import storage
-from mtnlg.config import from_dict
-from mtnlg.formats.manifest import read_manifest, verify_files
-from mtnlg.formats.sharded_safetensors import INDEX_FILE, NAME_DTYPES, SINGLE_FILE
+from mtnlg.config import from_dict, to_dict
+from mtnlg.formats.manifest import hash_files, read_manifest, verify_files, write_manifest
+from mtnlg.formats.rundir import MODEL_CONFIG, SINGLE_WEIGHTS, TOKENIZER_META, TOKENIZER_MODEL, WEIGHTS_INDEX
+from mtnlg.formats.sharded_safetensors import FUSE_DTYPES, NAME_DTYPES, ShardedSafetensorsWriter, TensorSpec
 from mtnlg.model.config import ModelConfig
-from mtnlg.progress import get_logger
+from mtnlg.progress import Progress, get_logger
 
 log = get_logger("mtnlg.formats.fused")
 
-CONFIG_FILE = "config.json"
-
 
 def read_model_config(directory: str) -> ModelConfig:
-    path = storage.join(directory, CONFIG_FILE)
+    path = storage.join(directory, MODEL_CONFIG)
     if not storage.exists(path):
         raise FileNotFoundError(f"{path} does not exist: {directory} is not a fused model directory")
     try:
@@ -43,15 +47,15 @@ def weight_files(directory: str) -> dict[str, str]:
     """``{tensor name: file name}`` from the index, or from the single file's header."""
     from mtnlg.formats.sharded_safetensors import read_header
 
-    index = os.path.join(directory, INDEX_FILE)
+    index = os.path.join(directory, WEIGHTS_INDEX)
     if os.path.exists(index):
         with open(index, encoding="utf-8") as f:
             return dict(json.load(f)["weight_map"])
-    single = os.path.join(directory, SINGLE_FILE)
+    single = os.path.join(directory, SINGLE_WEIGHTS)
     if not os.path.exists(single):
-        raise FileNotFoundError(f"{directory} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
+        raise FileNotFoundError(f"{directory} holds neither {SINGLE_WEIGHTS} nor {WEIGHTS_INDEX}")
     header, _ = read_header(single)
-    return {k: SINGLE_FILE for k in header if k != "__metadata__"}
+    return {k: SINGLE_WEIGHTS for k in header if k != "__metadata__"}
 
 
 def build_empty_model(cfg: ModelConfig, device: str | torch.device = "cpu",
@@ -165,3 +169,85 @@ def load_fused(directory: str, device: str | torch.device = "cpu", dtype: torch.
     log.info("loaded %s: %d layers, hidden %d, %s", directory, cfg.num_layers, cfg.hidden_size,
              str(dtype).replace("torch.", ""))
     return model, cfg, tokenizer
+
+
+def write_model_dir(out: str, cfg: ModelConfig, names: list[str], shapes: dict[str, tuple[int, ...]],
+                    get: Callable[[str], torch.Tensor], dtype: str, tokenizer_files: dict[str, bytes | str],
+                    max_shard_bytes: int = 2 << 30, **provenance: Any) -> dict[str, Any]:
+    """Write a fused model directory into local ``out``; returns the manifest.
+
+    ``get(name)`` produces each tensor when its turn comes (streaming); ``tokenizer_files``
+    maps a file name to its bytes or a path (local or gs://) to copy.
+    """
+    if dtype not in FUSE_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(FUSE_DTYPES)}")
+    torch_dtype = FUSE_DTYPES[dtype]
+    os.makedirs(out, exist_ok=True)
+    specs = [TensorSpec(n, tuple(shapes[n]), torch_dtype) for n in names]
+    total = sum(s.nbytes for s in specs)
+    prog = Progress("fuse", total=len(specs), unit="tensors")
+    with ShardedSafetensorsWriter(out, specs, max_shard_bytes, metadata={"mtnlg_dtype": dtype}) as w:
+        for n in names:
+            w.write(n, get(n))
+            prog.update(1)
+    prog.close()
+    with open(os.path.join(out, MODEL_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(to_dict(cfg), f, indent=2)
+    for name, src in tokenizer_files.items():
+        dst = os.path.join(out, name)
+        if isinstance(src, bytes):
+            with open(dst, "wb") as f:
+                f.write(src)
+        elif storage.is_gcs(src):
+            storage.copy(src, dst)
+        else:
+            shutil.copyfile(src, dst)  # no fsync: the staging directory is renamed as a whole
+    side = [MODEL_CONFIG, *tokenizer_files]
+    files = {**w.files, **hash_files(out, side)}
+    return write_manifest(out, files, w.tensors, dtype=dtype, parameters=sum(
+        numel(s.shape) for s in specs), weight_bytes=total, **provenance)
+
+
+def numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def save_fused(model: torch.nn.Module, output: str, tokenizer, dtype: str = "fp32",
+               max_shard_bytes: int = 2 << 30, **provenance: Any) -> dict[str, Any]:
+    """Write an in-memory (single-device) ``GPT`` and its ``Tokenizer`` as a fused model
+    directory (local or gs://); returns the manifest. What ``MegatronLM.save`` uses."""
+    sd = model.state_dict()
+    names = list(expected_tensors(model))
+    shapes = {k: tuple(sd[k].shape) for k in names}
+    tok = {TOKENIZER_MODEL: tokenizer.model_bytes,
+           TOKENIZER_META: (json.dumps(tokenizer.metadata(), indent=2) + "\n").encode()}
+    with staged_output(output) as out:
+        manifest = write_model_dir(out, model.cfg, names, shapes, lambda k: sd[k].detach().cpu(), dtype, tok,
+                                   max_shard_bytes, source="in-memory model", **provenance)
+    return manifest
+
+
+@contextlib.contextmanager
+def staged_output(output: str) -> Iterator[str]:
+    """A local directory that becomes ``output`` only if the body succeeds: a failed fuse
+    leaves no half-written model behind (locally: ``OUTPUT.partial`` renamed at the end;
+    gs://: uploaded at the end)."""
+    if storage.is_gcs(output):
+        with storage.local_dir_for_output(output) as out:
+            yield out
+        return
+    final = os.path.abspath(output)
+    partial = final.rstrip("/") + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(partial, final)

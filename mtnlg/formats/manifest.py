@@ -21,9 +21,9 @@ import os
 from typing import Any
 
 from mtnlg import storage
+from mtnlg.formats.rundir import MANIFEST
 from mtnlg.formats.sharded_safetensors import sha256_file
 
-MANIFEST_FILE = "manifest.json"
 FORMAT = "mtnlg-fused-1"
 
 
@@ -46,16 +46,16 @@ def write_manifest(directory: str, files: dict[str, dict[str, Any]], tensors: di
 def save_manifest(directory: str, manifest: dict[str, Any]) -> None:
     text = json.dumps(manifest, indent=2) + "\n"
     if storage.is_gcs(directory):
-        storage.write_text(storage.join(directory, MANIFEST_FILE), text)
+        storage.write_text(storage.join(directory, MANIFEST), text)
     else:
         # a plain write: the directory is a staging one, made visible as a whole by a
         # rename; an fsync here would also force every shard just written to disk
-        with open(os.path.join(directory, MANIFEST_FILE), "w", encoding="utf-8") as f:
+        with open(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as f:
             f.write(text)
 
 
 def read_manifest(directory: str) -> dict[str, Any]:
-    path = storage.join(directory, MANIFEST_FILE)
+    path = storage.join(directory, MANIFEST)
     if not storage.exists(path):
         raise FileNotFoundError(f"{path} does not exist: {directory} is not a fused model directory "
                                 "(write one with `mtnlg fuse CHECKPOINT --output DIR`)")

@@ -30,8 +30,7 @@ from typing import Any
 
 import torch
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+from mtnlg.formats.rundir import SINGLE_WEIGHTS, WEIGHTS_INDEX
 
 # torch dtype <-> safetensors dtype name
 DTYPE_NAMES: dict[torch.dtype, str] = {
@@ -76,7 +75,7 @@ def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[Tens
 
 def shard_filenames(n: int) -> list[str]:
     if n == 1:
-        return [SINGLE_FILE]
+        return [SINGLE_WEIGHTS]
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
@@ -190,10 +189,10 @@ class ShardedSafetensorsWriter:
             total = sum(s.nbytes for shard in self.shards for s in shard)
             index = {"metadata": {"total_size": total},
                      "weight_map": {s.name: self.filenames[fi] for fi, s in self._order}}
-            path = os.path.join(self.directory, INDEX_FILE)
+            path = os.path.join(self.directory, WEIGHTS_INDEX)
             with open(path, "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2)
-            self.files[INDEX_FILE] = {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}
+            self.files[WEIGHTS_INDEX] = {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}
         return self.files
 
 

@@ -11,9 +11,7 @@ import hashlib
 import json
 
 from mtnlg import storage
-
-MODEL_FILE = "tokenizer.model"
-META_FILE = "tokenizer.json"
+from mtnlg.formats.rundir import TOKENIZER_META, TOKENIZER_MODEL
 
 _MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
 
@@ -102,14 +100,14 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, tokenized_dir: str) -> "Tokenizer":
         """The tokenizer of a ``mtnlg tokenize`` output directory (ids from its tokenizer.json)."""
-        meta_path = storage.join(tokenized_dir, META_FILE)
+        meta_path = storage.join(tokenized_dir, TOKENIZER_META)
         eod = None
         if storage.exists(meta_path):
             try:
                 eod = int(json.loads(storage.read_text(meta_path))["eod_id"])
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{meta_path}: not a valid tokenizer description ({e})") from None
-        return cls(storage.join(tokenized_dir, MODEL_FILE), eod_id=eod)
+        return cls(storage.join(tokenized_dir, TOKENIZER_MODEL), eod_id=eod)
 
     def _load(self, data: bytes, name: str, eod_id: int | None) -> None:
         import sentencepiece as spm

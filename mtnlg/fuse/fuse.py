@@ -41,28 +41,25 @@ forward differs from the single-process one only by reduction order, within 1e-5
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import os
-import shutil
 import time
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
 from mtnlg import storage
-from mtnlg.config import from_dict, to_dict
-from mtnlg.formats.fused import CONFIG_FILE, expected_tensors, load_fused
-from mtnlg.formats.manifest import hash_files, save_manifest, write_manifest
-from mtnlg.formats.sharded_safetensors import FUSE_DTYPES, ShardedSafetensorsWriter, TensorSpec
+from mtnlg.config import from_dict
+from mtnlg.formats.fused import expected_tensors, load_fused, numel, staged_output, write_model_dir
+from mtnlg.formats.manifest import save_manifest
+from mtnlg.formats.rundir import RUN_CONFIG, TOKENIZER_FILES, TOKENIZER_MODEL
+from mtnlg.formats.sharded_safetensors import FUSE_DTYPES
 from mtnlg.model.config import ModelConfig
-from mtnlg.progress import Progress, get_logger
+from mtnlg.progress import get_logger
 
 log = get_logger("mtnlg.fuse")
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 # dtype -> (absolute tolerance, tolerance relative to max |reference logit|)
 TOLERANCES: dict[str, tuple[float, float]] = {"fp32": (1e-5, 0.0), "bf16": (0.0, 5e-2), "fp16": (0.0, 1e-2)}
 VERIFY_MAX_PARAMS = 2_000_000_000
@@ -90,90 +87,7 @@ def check_logits(ref: torch.Tensor, got: torch.Tensor, dtype: str, what: str) ->
     return diff
 
 
-# --------------------------------------------------------------------------- writing
-
-
-def write_model_dir(out: str, cfg: ModelConfig, names: list[str], shapes: dict[str, tuple[int, ...]],
-                    get: Callable[[str], torch.Tensor], dtype: str, tokenizer_files: dict[str, bytes | str],
-                    max_shard_bytes: int = 2 << 30, **provenance: Any) -> dict[str, Any]:
-    """Write a fused model directory into local ``out``; returns the manifest.
-
-    ``get(name)`` produces each tensor when its turn comes (streaming); ``tokenizer_files``
-    maps a file name to its bytes or a path (local or gs://) to copy.
-    """
-    torch_dtype = _dtype(dtype)
-    os.makedirs(out, exist_ok=True)
-    specs = [TensorSpec(n, tuple(shapes[n]), torch_dtype) for n in names]
-    total = sum(s.nbytes for s in specs)
-    prog = Progress("fuse", total=len(specs), unit="tensors")
-    with ShardedSafetensorsWriter(out, specs, max_shard_bytes, metadata={"mtnlg_dtype": dtype}) as w:
-        for n in names:
-            w.write(n, get(n))
-            prog.update(1)
-    prog.close()
-    with open(os.path.join(out, CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(to_dict(cfg), f, indent=2)
-    for name, src in tokenizer_files.items():
-        dst = os.path.join(out, name)
-        if isinstance(src, bytes):
-            with open(dst, "wb") as f:
-                f.write(src)
-        elif storage.is_gcs(src):
-            storage.copy(src, dst)
-        else:
-            shutil.copyfile(src, dst)  # no fsync: the staging directory is renamed as a whole
-    side = [CONFIG_FILE, *tokenizer_files]
-    files = {**w.files, **hash_files(out, side)}
-    return write_manifest(out, files, w.tensors, dtype=dtype, parameters=sum(
-        _numel(s.shape) for s in specs), weight_bytes=total, **provenance)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def save_fused(model: torch.nn.Module, output: str, tokenizer, dtype: str = "fp32",
-               max_shard_bytes: int = 2 << 30, **provenance: Any) -> dict[str, Any]:
-    """Write an in-memory (single-device) ``GPT`` and its ``Tokenizer`` as a fused model
-    directory (local or gs://); returns the manifest. What ``MegatronLM.save`` uses."""
-    sd = model.state_dict()
-    names = list(expected_tensors(model))
-    shapes = {k: tuple(sd[k].shape) for k in names}
-    tok = {"tokenizer.model": tokenizer.model_bytes,
-           "tokenizer.json": (json.dumps(tokenizer.metadata(), indent=2) + "\n").encode()}
-    with staged_output(output) as out:
-        manifest = write_model_dir(out, model.cfg, names, shapes, lambda k: sd[k].detach().cpu(), dtype, tok,
-                                   max_shard_bytes, source="in-memory model", **provenance)
-    return manifest
-
-
 # --------------------------------------------------------------------------- checkpoint
-
-
-@contextlib.contextmanager
-def staged_output(output: str) -> Iterator[str]:
-    """A local directory that becomes ``output`` only if the body succeeds: a failed fuse
-    leaves no half-written model behind (locally: ``OUTPUT.partial`` renamed at the end;
-    gs://: uploaded at the end)."""
-    if storage.is_gcs(output):
-        with storage.local_dir_for_output(output) as out:
-            yield out
-        return
-    final = os.path.abspath(output)
-    partial = final.rstrip("/") + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
-    try:
-        yield partial
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if os.path.isdir(final):
-        shutil.rmtree(final)
-    os.replace(partial, final)
 
 
 def _checkpoint_model_config(ckpt: str, state: dict[str, Any]) -> tuple[ModelConfig, int]:
@@ -181,7 +95,7 @@ def _checkpoint_model_config(ckpt: str, state: dict[str, Any]) -> tuple[ModelCon
     import yaml
 
     model = state.get("model")
-    cfg_path = storage.join(ckpt, "config.yaml")
+    cfg_path = storage.join(ckpt, RUN_CONFIG)
     run: dict[str, Any] = {}
     if storage.exists(cfg_path):
         run = yaml.safe_load(storage.read_text(cfg_path)) or {}
@@ -205,13 +119,13 @@ def fused_config(cfg: ModelConfig, tp: int, embedding_rows: int) -> ModelConfig:
 def _tokenizer_sources(ckpt: str, state: dict[str, Any]) -> dict[str, str]:
     """Tokenizer files: those saved in the checkpoint, else the tokenized data directory's."""
     found = {n: storage.join(ckpt, n) for n in TOKENIZER_FILES if storage.exists(storage.join(ckpt, n))}
-    if "tokenizer.model" in found:
+    if TOKENIZER_MODEL in found:
         return found
     ref = state.get("tokenizer")
     if ref:
         data_dir = ref.rsplit("/", 1)[0] if ref.endswith(".model") else ref
         found = {n: storage.join(data_dir, n) for n in TOKENIZER_FILES if storage.exists(storage.join(data_dir, n))}
-        if "tokenizer.model" in found:
+        if TOKENIZER_MODEL in found:
             return found
     raise FileNotFoundError(f"{ckpt}: no tokenizer.model in the checkpoint, nor at the tokenizer it "
                             f"references ({ref!r})")
@@ -219,8 +133,8 @@ def _tokenizer_sources(ckpt: str, state: dict[str, Any]) -> dict[str, str]:
 
 def reference_logits(ckpt: str, cfg: ModelConfig, tokens: torch.Tensor) -> torch.Tensor:
     """Logits of the checkpoint loaded by the trainer's DCP loader (fp32, one process)."""
-    from mtnlg.model.gpt import GPT
     from mtnlg.formats.checkpoint import load_checkpoint
+    from mtnlg.model.gpt import GPT
 
     model = GPT(cfg)
     with warnings.catch_warnings():  # "no process group: loading in a single process" is the point
@@ -235,9 +149,9 @@ def fuse_checkpoint(checkpoint: str, output: str, dtype: str = "fp32", hf: bool 
                     max_shard_bytes: int = 2 << 30, verify: bool | None = None) -> dict[str, Any]:
     """Fuse ``checkpoint`` (a run dir, a checkpoints dir with ``latest``, or a checkpoint)
     into ``output``; returns a summary. ``verify=None`` verifies models up to 2B parameters."""
+    from mtnlg.formats.checkpoint import resolve_checkpoint
     from mtnlg.formats.dcp_reader import MODEL_PREFIX, CheckpointReader
     from mtnlg.model.gpt import GPT
-    from mtnlg.formats.checkpoint import resolve_checkpoint
 
     _dtype(dtype)
     t0 = time.perf_counter()
@@ -261,7 +175,7 @@ def fuse_checkpoint(checkpoint: str, output: str, dtype: str = "fp32", hf: bool 
         if extra:
             raise ValueError(f"{ckpt}: unexpected tensor {MODEL_PREFIX + extra[0]!r} for this model config")
         names = list(expected)
-        n_params = sum(_numel(s) for s in expected.values())
+        n_params = sum(numel(s) for s in expected.values())
         if verify is None:
             verify = n_params <= VERIFY_MAX_PARAMS
             if not verify:

@@ -37,6 +37,7 @@ from typing import Callable, Iterator
 import torch
 
 from mtnlg import storage
+from mtnlg.formats.rundir import MANIFEST, TOKENIZER_META, TOKENIZER_MODEL
 from mtnlg.model.config import ModelConfig
 from mtnlg.progress import Progress, get_logger
 
@@ -241,7 +242,7 @@ def export_hf(fused_dir: str, output: str, max_shard_bytes: int = 2 << 30, verif
     from safetensors import safe_open
 
     from mtnlg.formats.fused import load_fused, read_model_config, weight_files
-    from mtnlg.formats.manifest import MANIFEST_FILE, hash_files, read_manifest, verify_files, write_manifest
+    from mtnlg.formats.manifest import hash_files, read_manifest, verify_files, write_manifest
     from mtnlg.formats.sharded_safetensors import ShardedSafetensorsWriter, TensorSpec
 
     with storage.local_copy(fused_dir) as src, storage.local_dir_for_output(output) as out:
@@ -271,11 +272,11 @@ def export_hf(fused_dir: str, output: str, max_shard_bytes: int = 2 << 30, verif
         hf_config(config).save_pretrained(out)
         # The SentencePiece model travels with the weights; an exact HF tokenizer is
         # written beside it when the conversion reproduces SentencePiece's ids.
-        for name in ("tokenizer.model", "tokenizer.json"):
+        for name in (TOKENIZER_MODEL, TOKENIZER_META):
             if os.path.exists(os.path.join(src, name)):
                 shutil.copy(os.path.join(src, name), os.path.join(out, "mtnlg_" + name))
         hf_tokenizer = _export_tokenizer(src, out)
-        side = [n for n in sorted(os.listdir(out)) if n not in w.files and n != MANIFEST_FILE]
+        side = [n for n in sorted(os.listdir(out)) if n not in w.files and n != MANIFEST]
         all_files = {**w.files, **hash_files(out, side)}
         result = {"architecture": config["architectures"][0], "tensors": len(rules),
                   "weight_bytes": sum(s.nbytes for s in specs), "tokenizer": hf_tokenizer}
@@ -301,7 +302,7 @@ def _export_tokenizer(src: str, out: str) -> str:
     from mtnlg.formats.tokenizer import Tokenizer
     from mtnlg.fuse.hf_tokenizer import write_hf_tokenizer
 
-    model = os.path.join(src, "tokenizer.model")
+    model = os.path.join(src, TOKENIZER_MODEL)
     if not os.path.exists(model):
         return "none (no tokenizer.model in the fused directory)"
     try:
@@ -310,11 +311,11 @@ def _export_tokenizer(src: str, out: str) -> str:
         log.warning("HF export: no Hugging Face tokenizer files written: %s; use mtnlg_tokenizer.model "
                     "with sentencepiece", e)
         return f"sentencepiece only ({e})"
-    return "tokenizer.json"
+    return TOKENIZER_META
 
 
 def _eod_id(directory: str) -> int | None:
-    path = os.path.join(directory, "tokenizer.json")
+    path = os.path.join(directory, TOKENIZER_META)
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             return json.load(f).get("eod_id")

@@ -17,8 +17,8 @@ rewrites:
   stored one: the original value if it already gives that size (so TP=2 -> TP=1 -> TP=2
   restores the original config), else ``rows / tp``. Only when the new degree does not
   divide the rows are zero rows appended (weights and Adam moments), with a warning;
-* ``trainer_state.json``: the layout, the model config; step, consumed samples and the
-  scheduler position are kept, so the data stream and the LR schedule continue exactly;
+* ``trainer_state.json``: the layout, the model config; step and consumed samples
+  are kept, so the data stream and the LR schedule (a function of the step) continue exactly;
 * the per-rank RNG states are dropped (they belong to the old ranks; the trainer says so
   when it resumes and reseeds).
 
@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
 from mtnlg import storage
+from mtnlg.formats.rundir import LATEST, RUN_CONFIG, TOKENIZER_META, TOKENIZER_MODEL, TRAINER_STATE
 from mtnlg.progress import Progress, get_logger
 
 log = get_logger("mtnlg.fuse.reshard")
@@ -101,11 +102,11 @@ def reshard_checkpoint(checkpoint: str, output: str, tp: int, pp: int = 1) -> di
     import yaml
 
     from mtnlg.config import ConfigError, from_dict, to_dict
+    from mtnlg.formats.checkpoint import FORMAT, resolve_checkpoint, step_dirname
     from mtnlg.formats.dcp_reader import CheckpointReader
     from mtnlg.model.config import ModelConfig
     from mtnlg.parallel.config import ParallelConfig
     from mtnlg.parallel.dims import ParallelDims
-    from mtnlg.formats.checkpoint import FORMAT, LATEST, STATE_FILE, resolve_checkpoint, step_dirname
 
     if tp < 1 or pp < 1:
         raise ConfigError(f"--tp and --pp must be >= 1, got tp={tp}, pp={pp}")
@@ -114,7 +115,7 @@ def reshard_checkpoint(checkpoint: str, output: str, tp: int, pp: int = 1) -> di
         state = dict(reader.trainer_state)
         if state.get("format") != FORMAT:
             raise ValueError(f"{src}: unknown checkpoint format {state.get('format')!r} (expected {FORMAT})")
-        cfg_path = storage.join(src, "config.yaml")
+        cfg_path = storage.join(src, RUN_CONFIG)
         if not storage.exists(cfg_path):
             raise FileNotFoundError(f"{cfg_path} is missing: the checkpoint does not record its run config")
         run = yaml.safe_load(storage.read_text(cfg_path)) or {}
@@ -162,9 +163,9 @@ def reshard_checkpoint(checkpoint: str, output: str, tp: int, pp: int = 1) -> di
                 dcp.save(sd, storage_writer=FileSystemWriter(local, thread_count=1),
                          planner=_StreamingSavePlanner(reader, rows, new_rows, prog), no_dist=True)
             prog.close()
-            with open(os.path.join(local, "config.yaml"), "w", encoding="utf-8") as f:
+            with open(os.path.join(local, RUN_CONFIG), "w", encoding="utf-8") as f:
                 yaml.safe_dump(run, f, sort_keys=False)
-            for tok in ("tokenizer.model", "tokenizer.json"):
+            for tok in (TOKENIZER_MODEL, TOKENIZER_META):
                 if storage.exists(storage.join(src, tok)):
                     storage.copy(storage.join(src, tok), os.path.join(local, tok))
             target = storage.join(output, name)
@@ -172,7 +173,7 @@ def reshard_checkpoint(checkpoint: str, output: str, tp: int, pp: int = 1) -> di
                 storage.remove(target)
             storage.copy_tree(local, target)
             # last: the state file marks the checkpoint complete, then latest points at it
-            storage.write_text(storage.join(target, STATE_FILE), json.dumps(new_state, indent=2, sort_keys=True))
+            storage.write_text(storage.join(target, TRAINER_STATE), json.dumps(new_state, indent=2, sort_keys=True))
             storage.write_text(storage.join(output, LATEST), name + "\n")
     overrides = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"checkpoint.load={target}"]
     if m != model.make_vocab_size_divisible_by:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mtnlg.config import ConfigError
+from mtnlg.config import Config, ConfigError
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -19,7 +19,7 @@ def round_up(n: int, multiple: int) -> int:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Config):
     num_layers: int = field(default=2, metadata={"min": 1})
     hidden_size: int = field(default=64, metadata={"min": 1})
     num_heads: int = field(default=4, metadata={"min": 1})
@@ -69,17 +69,14 @@ class ModelConfig:
         return round_up(self.vocab_size, self.make_vocab_size_divisible_by * tp)
 
     def validate(self) -> None:
-        """Cross-field rules; each message names the numbers involved."""
-        for name in ("num_layers", "hidden_size", "num_heads", "seq_length", "vocab_size",
-                     "make_vocab_size_divisible_by"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        """Cross-field rules (each field's own range is in its metadata); each message names
+        the numbers involved."""
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} is not divisible by "
                 f"model.num_heads={self.num_heads}")
         if self.num_kv_heads is not None:
-            if self.num_kv_heads < 1 or self.num_kv_heads > self.num_heads:
+            if self.num_kv_heads > self.num_heads:
                 raise ConfigError(
                     f"model.num_kv_heads={self.num_kv_heads} must be between 1 and "
                     f"model.num_heads={self.num_heads}")
@@ -88,8 +85,6 @@ class ModelConfig:
                     f"model.num_heads={self.num_heads} is not divisible by "
                     f"model.num_kv_heads={self.num_kv_heads} (each key/value head serves a "
                     f"whole group of query heads)")
-        if self.ffn_hidden_size is not None and self.ffn_hidden_size < 1:
-            raise ConfigError(f"model.ffn_hidden_size must be >= 1, got {self.ffn_hidden_size}")
         if self.position == "rotary" and self.head_dim % 2:
             raise ConfigError(
                 f"rotary positions need an even head size; model.hidden_size={self.hidden_size} "
@@ -97,14 +92,3 @@ class ModelConfig:
         if self.position == "sinusoidal" and self.hidden_size % 2:
             raise ConfigError(
                 f"sinusoidal positions need an even model.hidden_size, got {self.hidden_size}")
-        for name in ("dropout", "attention_dropout"):
-            p = getattr(self, name)
-            if not 0.0 <= p < 1.0:
-                raise ConfigError(f"model.{name} must be in [0, 1), got {p}")
-        if self.init_std <= 0 or self.norm_eps <= 0 or self.rope_theta <= 0:
-            raise ConfigError(
-                f"model.init_std, model.norm_eps and model.rope_theta must be > 0, got "
-                f"{self.init_std}, {self.norm_eps}, {self.rope_theta}")
-
-    def __post_init__(self) -> None:
-        self.validate()

@@ -201,6 +201,22 @@ class Block(nn.Module):
 # ---------------------------------------------------------------------------------------
 
 
+def embed(module: nn.Module, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Token (+ position) embeddings and dropout: tokens (B, T) at positions start.. ->
+    (B, T, H). ``module`` is a ``GPT`` or a first pipeline stage: anything holding the
+    GPT's ``cfg``, ``tok_embeddings``, ``pos_embeddings`` (learned), ``pos_table``
+    (sinusoidal) and ``drop`` under those names."""
+    cfg = module.cfg
+    T = tokens.shape[1]
+    x = module.tok_embeddings(tokens)                                            # (B, T, H)
+    if cfg.position == "learned":
+        pos = torch.arange(start, start + T, device=tokens.device)              # (T,)
+        x = x + module.pos_embeddings(pos)                                       # (B, T, H)
+    elif cfg.position == "sinusoidal":
+        x = x + module.pos_table[start:start + T].to(x.dtype)                    # (B, T, H)
+    return module.drop(x)
+
+
 class GPT(nn.Module):
     """Token ids (B, T) -> next-token logits (B, T, V_padded).
 
@@ -268,13 +284,7 @@ class GPT(nn.Module):
         if start + T > self.cfg.seq_length:
             raise ValueError(f"sequence of {start + T} tokens is longer than model.seq_length="
                              f"{self.cfg.seq_length}")
-        x = self.tok_embeddings(tokens)                                          # (B, T, H)
-        if self.cfg.position == "learned":
-            pos = torch.arange(start, start + T, device=tokens.device)          # (T,)
-            x = x + self.pos_embeddings(pos)                                     # (B, T, H)
-        elif self.cfg.position == "sinusoidal":
-            x = x + self.pos_table[start:start + T].to(x.dtype)                  # (B, T, H)
-        x = self.drop(x)
+        x = embed(self, tokens, start)                                           # (B, T, H)
         rope = self.rope[start:start + T] if self.rope is not None else None     # (T, hd/2, 2)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, cache=None if cache is None else cache.layer(i))  # (B, T, H)

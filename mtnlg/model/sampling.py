@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mtnlg.config import ConfigError
+from mtnlg.config import Config
 
 
 @dataclass
-class SamplingConfig:
+class SamplingConfig(Config):
     """How to pick tokens; the defaults are greedy decoding."""
 
     max_new_tokens: int = field(default=64, metadata={"min": 0})
@@ -27,19 +27,6 @@ class SamplingConfig:
     top_p: float = field(default=1.0, metadata={"gt": 0.0, "max": 1.0})  # 1.0 = no nucleus filter
     seed: int | None = None
     stop_at_eod: bool = True
-
-    def validate(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
-
-    def __post_init__(self) -> None:
-        self.validate()
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:

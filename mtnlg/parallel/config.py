@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mtnlg.config import ConfigError
+from mtnlg.config import Config, ConfigError
 
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(Config):
     # tensor-parallel degree: each layer's matmuls are split over this many ranks
     tp: int = field(default=1, metadata={"min": 1})
     # pipeline-parallel degree: the layers are split into this many stages (needs
@@ -33,12 +33,3 @@ class ParallelConfig:
     def validate(self) -> None:
         if self.dp != -1 and self.dp < 1:
             raise ConfigError(f"parallel.dp must be -1 (infer) or >= 1, got {self.dp}")
-        if self.tp < 1 or self.pp < 1:
-            raise ConfigError(f"parallel.tp and parallel.pp must be >= 1, got tp={self.tp}, "
-                              f"pp={self.pp}")
-        if self.pp_schedule not in ("1f1b", "gpipe"):
-            raise ConfigError(f"parallel.pp_schedule: expected one of ['1f1b', 'gpipe'], got "
-                              f"{self.pp_schedule!r}")
-        if self.activation_checkpoint not in ("none", "selective", "full"):
-            raise ConfigError("parallel.activation_checkpoint: expected one of "
-                              f"['none', 'selective', 'full'], got {self.activation_checkpoint!r}")

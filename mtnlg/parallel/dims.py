@@ -1,10 +1,10 @@
 '''``ParallelDims``: the parallel degrees of a run, checked once, before any process group.
 
-Ranks are laid out on a 2-D mesh ``(dp, tp)`` with the tensor-parallel dimension innermost,
-as in Megatron: the ranks of one tensor-parallel group are consecutive, so on a GPU cluster
+Ranks are laid out on one 3-D mesh ``(pp, dp, tp)``, every dimension present even when its
+size is 1, with the tensor-parallel dimension innermost, as in Megatron: the ranks of one tensor-parallel group are consecutive, so on a GPU cluster
 they share a node (and NVLink) while data-parallel traffic crosses nodes.
 
-Worked example: 16 ranks (2 nodes x 8 GPUs), ``tp=4``, so ``dp=4``::
+Worked example: 16 ranks (2 nodes x 8 GPUs), ``tp=4``, ``pp=1``, so ``dp=4``::
 
     mesh (dp x tp):            node 0                        node 1
                    tp=0 tp=1 tp=2 tp=3
@@ -23,15 +23,14 @@ slice 1 of each global batch; its gradients are averaged with ranks 2, 10 and 14
 hold the same quarter. ``tp_groups()`` / ``dp_groups()`` return these lists without
 starting any process.
 
-Pipeline parallelism (``pp > 1``) adds an outermost dimension: the mesh is
-``(pp, dp, tp)``, rank ``r = pp_rank * dp * tp + dp_rank * tp + tp_rank``, so each stage is
-a contiguous block of ``dp * tp`` ranks (a node, say) and only stage-boundary activations
+Pipeline parallelism (``pp > 1``) grows the outermost dimension: rank
+``r = pp_rank * dp * tp + dp_rank * tp + tp_rank``, so each stage is a contiguous block of ``dp * tp`` ranks (a node, say) and only stage-boundary activations
 cross between blocks. With 8 ranks, ``pp=2, tp=2`` (``dp=2``): stage 0 is ranks 0-3, stage 1
 ranks 4-7; pipeline groups ``[0,4] [1,5] [2,6] [3,7]`` (same dp and tp coordinates),
 tensor-parallel groups ``[0,1] [2,3] [4,5] [6,7]``, data-parallel groups ``[0,2] [1,3]
 [4,6] [5,7]``. Stage ``s`` owns layers ``s * L/pp .. (s+1) * L/pp - 1`` (``num_layers``
 must divide by ``pp``); stage 0 also holds the embeddings, the last stage the final norm
-and the output head. With ``pp == 1`` the mesh stays ``(dp, tp)``, as above.
+and the output head.
 '''
 
 from __future__ import annotations
@@ -58,8 +57,9 @@ class ParallelDims:
 
     @classmethod
     def build(cls, cfg: ParallelConfig, world_size: int, model_cfg: ModelConfig) -> "ParallelDims":
-        """Check ``cfg`` against the world size and the model; every message names numbers."""
-        cfg.validate()
+        """Check ``cfg`` against the world size and the model; every message names numbers.
+        The one place where degrees and divisibility are checked (``cfg``'s own fields were
+        checked when it was loaded)."""
         if world_size < 1:
             raise ConfigError(f"world size must be >= 1, got {world_size}")
         tp, pp = cfg.tp, cfg.pp
@@ -132,9 +132,9 @@ class ParallelDims:
 
     # ---- device mesh --------------------------------------------------------------------
     def build_mesh(self, device_type: str):
-        """The ``(dp, tp)`` DeviceMesh, or ``(pp, dp, tp)`` when ``pp > 1`` (then
-        ``mesh["dp", "tp"]`` is this stage's 2-D mesh for ``parallelize_gpt``); the default
-        process group must be initialised."""
+        """The ``(pp, dp, tp)`` DeviceMesh, every dimension present (size 1 where unused), so
+        no caller branches on the layout; ``mesh["dp", "tp"]`` is this rank's stage's 2-D
+        mesh. The default process group must be initialised."""
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -144,10 +144,7 @@ class ParallelDims:
         if dist.get_world_size() != self.world_size:
             raise ConfigError(f"the process group has {dist.get_world_size()} ranks, but the "
                               f"parallel layout was built for {self.world_size}")
-        if self.pp > 1:
-            return init_device_mesh(device_type, (self.pp, self.dp, self.tp),
-                                    mesh_dim_names=("pp", "dp", "tp"))
-        return init_device_mesh(device_type, (self.dp, self.tp), mesh_dim_names=("dp", "tp"))
+        return init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=("pp", "dp", "tp"))
 
     @staticmethod
     def dp_rank(mesh) -> int:
@@ -159,8 +156,12 @@ class ParallelDims:
 
     @staticmethod
     def pp_rank(mesh) -> int:
-        """This rank's pipeline stage (0 on a mesh without a ``"pp"`` dimension)."""
-        return mesh.get_local_rank("pp") if "pp" in (mesh.mesh_dim_names or ()) else 0
+        return mesh.get_local_rank("pp")
+
+    def as_dict(self) -> dict:
+        """The layout as plain data (checkpoints, summaries)."""
+        return {"tp": self.tp, "dp": self.dp, "pp": self.pp, "sequence_parallel": self.sequence_parallel,
+                "fsdp": self.fsdp}
 
     def describe(self) -> str:
         return (f"world {self.world_size} = dp {self.dp} x tp {self.tp} x pp {self.pp}"

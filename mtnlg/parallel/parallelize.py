@@ -43,12 +43,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     for name, block in list(model.layers.named_children()):
         if mode == "full":
             model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=True))
-        elif mode == "selective":
+        else:  # "selective" (the config allows nothing else)
             block.attention.core_attention = checkpoint_wrapper(
                 block.attention.core_attention, preserve_rng_state=True)
-        else:
-            raise ConfigError(f"parallel.activation_checkpoint: expected one of "
-                              f"['none', 'selective', 'full'], got {mode!r}")
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -72,14 +69,14 @@ def parallelize_gpt(model: nn.Module, mesh, cfg: ParallelConfig) -> nn.Module:
     """Parallelize ``model`` (a ``GPT`` or a pipeline ``GPTStage``, on the mesh's device)
     in place and return it.
 
-    ``mesh`` is the ``("dp", "tp")`` mesh of ``ParallelDims.build_mesh`` (under pipeline
-    parallelism, the stage's ``mesh["dp", "tp"]``). Build the model
+    ``mesh`` is the stage's ``("dp", "tp")`` mesh: ``mesh["dp", "tp"]`` of
+    ``ParallelDims.build_mesh`` (a ``(pp, dp, tp)`` mesh is taken for its last two dims). Build the model
     with the same seed on every rank (``set_seed_for_rank``) and with ``GPT(cfg, tp)``.
     """
     names = tuple(mesh.mesh_dim_names or ())
-    if names != ("dp", "tp"):
+    if names[-2:] != ("dp", "tp"):
         raise ValueError(f"parallelize_gpt needs a 2-D mesh named ('dp', 'tp'), got {names}")
-    tp_mesh, dp_mesh = mesh["tp"], mesh["dp"]
+    tp_mesh, dp_mesh = mesh["tp"], mesh["dp"]  # of this rank's stage
     tp, dp = tp_mesh.size(), dp_mesh.size()
     sp = cfg.sequence_parallel and tp > 1
     if cfg.compile and sp and mesh.device_type == "cpu":

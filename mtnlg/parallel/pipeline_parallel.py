@@ -12,7 +12,7 @@ mesh; only stage-boundary hidden states, (mb, T, H) (or (mb, T/tp, H) under sequ
 parallelism, each tensor-parallel rank sending its own chunk), travel between stages,
 over the ``"pp"`` mesh dimension, by ``torch.distributed.pipelining``::
 
-    pipe = Pipeline(GPT(cfg), mesh, dims, parallel_cfg, device)   # mesh: (pp, dp, tp)
+    pipe = PipelineParallel(GPT(cfg), mesh, dims, parallel_cfg, device)   # mesh: (pp, dp, tp)
     loss = pipe.forward_backward(x, y, n_micro)   # mean loss on the last stage, else None
 
 Tied embeddings cannot be split across stages (``ParallelDims.build`` refuses
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from mtnlg.model.config import ModelConfig
-from mtnlg.model.gpt import GPT
+from mtnlg.model.gpt import GPT, embed
 from mtnlg.parallel.config import ParallelConfig
 from mtnlg.parallel.loss import cross_entropy, loss_parallel_context
 from mtnlg.parallel.parallelize import parallelize_gpt
@@ -57,13 +57,7 @@ class GPTStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.first:
-            T = x.shape[1]
-            x = self.tok_embeddings(x)                                           # (B, T, H)
-            if self.cfg.position == "learned":
-                x = x + self.pos_embeddings(torch.arange(T, device=x.device))    # (B, T, H)
-            elif self.cfg.position == "sinusoidal":
-                x = x + self.pos_table[:T].to(x.dtype)
-            x = self.drop(x)
+            x = embed(self, x)                                                   # (B, T, H)
         # the whole (T, hd/2, 2) table: training sequences are model.seq_length long, and
         # under sequence parallelism a later stage sees only its chunk (B, T/tp, H) of
         # them while attention works on the gathered sequence
@@ -79,7 +73,7 @@ def split_stage(model: GPT, layers: range, first: bool, last: bool) -> GPTStage:
     return GPTStage(model, layers, first, last)
 
 
-class Pipeline:
+class PipelineParallel:
     """This rank's pipeline stage (parallelized) and its schedule.
 
     ``model`` is the whole single-device GPT (on ``device``); ``mesh`` the ``(pp, dp, tp)``

@@ -39,16 +39,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    ParallelStyle,
-    PrepareModuleInput,
-    RowwiseParallel,
-    SequenceParallel,
-    parallelize_module,
-)
+from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput, RowwiseParallel,
+                                               SequenceParallel, parallelize_module)
 
-from mtnlg.config import ConfigError
 from mtnlg.model.config import ModelConfig
 from mtnlg.parallel.utils import fork_rng_per_tp_rank
 
@@ -145,16 +138,12 @@ def _matching_modules(model: nn.Module, pattern: str) -> list[nn.Module]:
             and name.count(".") == pattern.count(".")]
 
 
-def check_divisible(cfg: ModelConfig, vocab_size_padded: int, tp: int) -> None:
-    """The sizes tensor parallelism splits must divide by ``tp``."""
-    checks = [("model.num_heads", cfg.num_heads), ("model.num_kv_heads", cfg.kv_heads),
-              ("model ffn size", cfg.ffn_size), ("padded vocabulary", vocab_size_padded)]
-    for what, n in checks:
-        if n % tp:
-            hint = (f"; build the model as GPT(cfg, tp={tp}) so the vocabulary is padded for it"
-                    if what == "padded vocabulary" else "")
-            raise ConfigError(f"{what}={n} is not divisible by the tensor-parallel degree "
-                              f"{tp}{hint}")
+def _check_vocab_padding(vocab_size_padded: int, tp: int) -> None:
+    """The model must have been built for this degree: the config's sizes were checked by
+    ``ParallelDims.build``, but only the instance knows the padding it was built with."""
+    if vocab_size_padded % tp:
+        raise ValueError(f"padded vocabulary={vocab_size_padded} is not divisible by the tensor-parallel degree "
+                         f"{tp}; build the model as GPT(cfg, tp={tp}) so the vocabulary is padded for it")
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) -> nn.Module:
@@ -162,7 +151,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
     ``tp_mesh``; plan entries naming modules the model lacks are skipped."""
     cfg: ModelConfig = model.cfg
     tp = tp_mesh.size()
-    check_divisible(cfg, model.vocab_size_padded, tp)
+    _check_vocab_padding(model.vocab_size_padded, tp)
     plan = tensor_parallel_plan(cfg, sequence_parallel)
     # a pipeline stage lacks some modules (embeddings, head, other stages' layers)
     plan = {k: v for k, v in plan.items() if _matching_modules(model, k)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mtnlg.config import ConfigError
+from mtnlg.config import Config, ConfigError
 
 # Pieces every trained model reserves, in id order: unk=0, bos=1, eos=2 (end of document), pad=3.
 SPECIAL_PIECES = ("<unk>", "<s>", "</s>", "<pad>")
@@ -14,7 +14,7 @@ NEWLINE = "\n"
 
 
 @dataclass
-class TokenizeConfig:
+class TokenizeConfig(Config):
     """How text becomes tokens.
 
     Training options apply only when ``tokenizer`` is unset; with it, the given SentencePiece

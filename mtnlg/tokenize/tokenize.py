@@ -36,15 +36,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from mtnlg import storage
-from mtnlg.config import to_dict, validate
-from mtnlg.tokenize.config import SPECIAL_PIECES, TokenizeConfig
+from mtnlg.config import to_dict
 from mtnlg.formats.indexed_dataset import IndexedDatasetBuilder, data_path, index_path, token_dtype
-from mtnlg.formats.tokenizer import META_FILE, MODEL_FILE, Tokenizer
+from mtnlg.formats.rundir import STATS_FILE, TOKENIZER_META, TOKENIZER_MODEL
+from mtnlg.formats.tokenizer import Tokenizer
 from mtnlg.progress import Progress, get_logger
+from mtnlg.tokenize.config import SPECIAL_PIECES, TokenizeConfig
 
 log = get_logger("mtnlg.tokenize.tokenize")
 
-STATS_FILE = "stats.json"
 SKIP_REASONS = ("malformed_json", "missing_text", "empty_text", "empty_encoding")
 _MAX_SENTENCE_BYTES = 1 << 14  # longer single lines are left out of tokenizer training
 
@@ -357,7 +357,6 @@ def _resolve_workers(workers: int) -> int:
 def tokenize(input_dir: str, output: str, config: TokenizeConfig | None = None) -> dict:
     """Tokenize every split of ``input_dir`` (local or gs://) into ``output``; return the stats."""
     config = config or TokenizeConfig()
-    validate(config)
     input_dir, output = str(input_dir), str(output)
     t0 = time.perf_counter()
     if not storage.exists(input_dir):
@@ -379,12 +378,12 @@ def tokenize(input_dir: str, output: str, config: TokenizeConfig | None = None) 
             if tok.vocab_size > np.iinfo(dtype).max + 1:
                 raise ValueError(f"dtype {dtype} cannot hold the ids of {tok.name} "
                                  f"(vocab size {tok.vocab_size}); use dtype=auto")
-        with open(os.path.join(stage, MODEL_FILE), "wb") as f:
+        with open(os.path.join(stage, TOKENIZER_MODEL), "wb") as f:
             f.write(tok.model_bytes)
         meta = {**tok.metadata(), "dtype": str(dtype),
                 "user_defined_symbols": [] if config.tokenizer else config.symbols(),
                 **tok_info}
-        with open(os.path.join(stage, META_FILE), "w", encoding="utf-8") as f:
+        with open(os.path.join(stage, TOKENIZER_META), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
 
         tasks = {s: [t for f in fs for t in _chunks(f, config.chunk_bytes)] for s, fs in files.items()}
@@ -420,7 +419,7 @@ def tokenize(input_dir: str, output: str, config: TokenizeConfig | None = None) 
         }
         with open(os.path.join(stage, STATS_FILE), "w", encoding="utf-8") as f:
             json.dump(stats, f, indent=2)
-        names = [MODEL_FILE, META_FILE]
+        names = [TOKENIZER_MODEL, TOKENIZER_META]
         for s in config.splits:
             names += [os.path.basename(data_path(s)), os.path.basename(index_path(s))]
         _publish(stage, output, names + [STATS_FILE])

@@ -17,7 +17,8 @@ import json
 import os
 import sys
 
-from mtnlg.train.config import load_run_config, recipe_names
+from mtnlg.config import load_config
+from mtnlg.train.config import TrainRunConfig, recipe, recipe_names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from mtnlg.config import dump_yaml
 
-    cfg = load_run_config(args.recipe, args.config, list(args.overrides) + list(args.passthrough or []))
+    cfg = load_config(TrainRunConfig, args.config, list(args.overrides) + list(args.passthrough or []),
+                      base=recipe(args.recipe))
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
@@ -64,7 +66,9 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m mtnlg.train.cli ... (what torchrun runs)
-    from mtnlg.cli import main as mtnlg_main
-
-    sys.exit(mtnlg_main(["train", *sys.argv[1:]]))
+if __name__ == "__main__":  # python -m mtnlg.train.cli ... (what torchrun runs in every process)
+    _parser = argparse.ArgumentParser(prog="mtnlg train")
+    add_arguments(_parser)
+    _args = _parser.parse_args()
+    _args.passthrough = []
+    sys.exit(main(_args))

@@ -1,13 +1,14 @@
 """``TrainRunConfig``: one typed description of a training run, built from a named recipe.
 
-A run is ``recipe YAML (mtnlg/recipes/NAME.yaml) <- --config FILE <- key=value overrides``;
-the model section starts from ``model_preset`` (a name in ``mtnlg.model.presets``) when
-one is given. Everything is type- and range-checked when loaded, and the layout rules
-that need the world size (global batch divisible by micro batch x data-parallel degree,
-heads divisible by the tensor-parallel degree, ...) are checked by :meth:`check_layout`
-before any process starts::
+A run is ``recipe YAML (mtnlg/recipes/NAME.yaml) <- --config FILE <- key=value overrides``,
+loaded by the one config loader; the model section starts from ``model_preset`` (a name in
+``mtnlg.model.presets``) when one is given. Everything is type- and range-checked when
+loaded, and the layout rules that need the world size (global batch divisible by micro
+batch x data-parallel degree, heads divisible by the tensor-parallel degree, ...) are
+checked by :meth:`check_layout` before any process starts::
 
-    cfg = load_run_config("debug", None, ["data.path=runs/tok", "output=runs/train", "parallel.tp=2"])
+    cfg = load_config(TrainRunConfig, None, ["data.path=runs/tok", "output=runs/train", "parallel.tp=2"],
+                      base=recipe("debug"))
     dims = cfg.check_layout(world_size=2)
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mtnlg.config import ConfigError, from_dict, merge, parse_overrides, read_yaml, to_dict, validate
+from mtnlg.config import Config, ConfigError, merge, read_yaml, to_dict
 from mtnlg.model.config import ModelConfig
 from mtnlg.parallel.config import ParallelConfig
 
@@ -24,7 +25,7 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
 @dataclass
-class BlendSource:
+class BlendSource(Config):
     """One weighted training stream (Megatron's ``--data-path W1 PREFIX1 W2 PREFIX2``)."""
 
     # Dataset prefix (path without .bin/.idx): gs:// or absolute, or relative to data.path
@@ -34,7 +35,7 @@ class BlendSource:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Config):
     # Tokenized directory from `mtnlg tokenize` (tokenizer.json, train.bin/.idx, ...),
     # local or gs://.
     path: str = ""
@@ -47,7 +48,7 @@ class DataConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Config):
     lr: float = field(default=3e-4, metadata={"gt": 0.0})
     min_lr: float = field(default=3e-5, metadata={"min": 0.0})
     betas: tuple[float, float] = (0.9, 0.95)
@@ -64,7 +65,7 @@ class OptimConfig:
 
 
 @dataclass
-class ScheduleConfig:
+class ScheduleConfig(Config):
     warmup_steps: int = field(default=0, metadata={"min": 0})
     decay: str = field(default="cosine", metadata={"choices": ("cosine", "linear", "constant")})
     # Step at which the LR reaches optim.min_lr; None = train.steps.
@@ -72,7 +73,7 @@ class ScheduleConfig:
 
 
 @dataclass
-class RampupConfig:
+class RampupConfig(Config):
     """MT-NLG's batch-size ramp-up: START, then +INCREMENT, reaching the full global batch
     after SAMPLES consumed samples. ``start=0`` disables it."""
 
@@ -82,7 +83,7 @@ class RampupConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Config):
     steps: int = field(default=100, metadata={"min": 1})
     global_batch_size: int = field(default=8, metadata={"min": 1})
     micro_batch_size: int = field(default=1, metadata={"min": 1})
@@ -100,7 +101,7 @@ class TrainConfig:
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Config):
     # Save every N steps (0 = only at the end of the run; one is always saved at the end).
     every: int = field(default=0, metadata={"min": 0})
     # Keep only the newest K checkpoints (0 = keep all).
@@ -111,7 +112,7 @@ class CheckpointConfig:
 
 
 @dataclass
-class TrainRunConfig:
+class TrainRunConfig(Config):
     # Name in mtnlg.model.presets that the model section starts from ("" = fields alone).
     model_preset: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -123,6 +124,22 @@ class TrainRunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     # Run directory (local or gs://): config.yaml, log.jsonl, tensorboard/, checkpoints/.
     output: str = ""
+
+    @staticmethod
+    def expand(data: dict) -> dict:
+        """Start the ``model`` section from ``model_preset`` when one is named (the loader's
+        hook; the fields given in ``model`` win, so expanding a full config changes nothing)."""
+        name = data.get("model_preset")
+        if not name:
+            return data
+        from mtnlg.model.presets import PRESETS, get_preset
+
+        if not isinstance(name, str) or name not in PRESETS:
+            raise ConfigError(f"model_preset: unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        model = data.get("model") or {}
+        if not isinstance(model, dict):
+            raise ConfigError(f"model: expected a mapping, got {model!r}")
+        return dict(data, model=merge(to_dict(get_preset(name)), model))
 
     @property
     def decay_steps(self) -> int:
@@ -201,42 +218,7 @@ def recipe_path(name: str) -> Path:
     return path
 
 
-def _resolve_preset(data: dict) -> dict:
-    """Start the ``model`` section from ``model_preset`` when one is named."""
-    name = data.get("model_preset")
-    if not name:
-        return data
-    from mtnlg.model.presets import PRESETS, get_preset
-
-    if not isinstance(name, str) or name not in PRESETS:
-        raise ConfigError(f"model_preset: unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
-    model = data.get("model") or {}
-    if not isinstance(model, dict):
-        raise ConfigError(f"model: expected a mapping, got {model!r}")
-    return dict(data, model=merge(to_dict(get_preset(name)), model))
-
-
-def load_run_config(recipe: str | None = None, config_path: str | None = None,
-                    overrides: list[str] | None = None) -> TrainRunConfig:
-    """Recipe, then a YAML file, then ``key=value`` overrides; typed and validated."""
-    data: dict = {}
-    if recipe:
-        data = merge(data, read_yaml(recipe_path(recipe)))
-    if config_path:
-        data = merge(data, read_yaml(config_path))
-    if overrides:
-        data = merge(data, parse_overrides(list(overrides)))
-    data = _resolve_preset(data)
-    cfg = from_dict(TrainRunConfig, data)
-    validate(cfg)
-    return cfg
-
-
-def with_overrides(cfg: TrainRunConfig, overrides: list[str]) -> TrainRunConfig:
-    """A validated copy of ``cfg`` with ``key=value`` overrides applied (presets not re-applied)."""
-    data = merge(to_dict(cfg), parse_overrides(overrides))
-    out = from_dict(TrainRunConfig, data)
-    validate(out)
-    return out
-
-
+def recipe(name: str | None) -> dict:
+    """The named recipe as data, the ``base`` of a ``load_config(TrainRunConfig, ...)``
+    ({} for None)."""
+    return read_yaml(recipe_path(name)) if name else {}

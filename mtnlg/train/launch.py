@@ -13,7 +13,6 @@ checked here), so every rank trains exactly what was validated before launch.
 from __future__ import annotations
 
 import abc
-import json
 import os
 import signal
 import subprocess
@@ -23,8 +22,10 @@ import threading
 
 from mtnlg import storage
 from mtnlg.config import dump_yaml
+from mtnlg.formats.rundir import RUN_CONFIG, SUMMARY_FILE
 from mtnlg.progress import get_logger
-from mtnlg.train.config import TrainRunConfig, load_run_config
+from mtnlg.formats.runlog import read_summary
+from mtnlg.train.config import TrainRunConfig
 
 log = get_logger("mtnlg.train.launch")
 
@@ -44,13 +45,6 @@ class Launcher(abc.ABC):
     @abc.abstractmethod
     def world_size(self) -> int:
         """Number of training processes the launcher starts."""
-
-
-def read_summary(output: str) -> dict | None:
-    path = storage.join(output, "summary.json")
-    if not storage.exists(path):
-        return None
-    return json.loads(storage.read_text(path))
 
 
 class LocalTorchrunLauncher(Launcher):
@@ -83,10 +77,10 @@ class LocalTorchrunLauncher(Launcher):
         return env
 
     def launch(self, cfg: TrainRunConfig) -> dict:
-        if storage.exists(storage.join(cfg.output, "summary.json")):
-            storage.remove(storage.join(cfg.output, "summary.json"))  # so a stale one is never returned
+        if storage.exists(storage.join(cfg.output, SUMMARY_FILE)):
+            storage.remove(storage.join(cfg.output, SUMMARY_FILE))  # so a stale one is never returned
         with tempfile.TemporaryDirectory(prefix="mtnlg-launch-") as d:
-            config_path = os.path.join(d, "config.yaml")
+            config_path = os.path.join(d, RUN_CONFIG)
             with open(config_path, "w", encoding="utf-8") as f:
                 f.write(dump_yaml(cfg))
             cmd = self.command(config_path)
@@ -159,12 +153,8 @@ class _SignalForwarding:
             signal.signal(sig, handler)
 
 
-def run_local(overrides: list[str], recipe: str | None = None, config_path: str | None = None,
-              nproc: int = 1) -> dict:
-    """Train locally with ``nproc`` processes (torchrun); returns ``summary.json``'s content.
-
-    Configuration errors (``ConfigError``) are raised before any process starts.
-    """
-    cfg = load_run_config(recipe, config_path, list(overrides))
+def run_local(cfg: TrainRunConfig, nproc: int = 1) -> dict:
+    """Train ``cfg`` locally with ``nproc`` processes (torchrun); returns ``summary.json``'s
+    content. Layout errors (``ConfigError``) are raised before any process starts."""
     cfg.check_layout(nproc)
     return LocalTorchrunLauncher(nproc).launch(cfg)

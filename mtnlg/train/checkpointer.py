@@ -1,0 +1,101 @@
+"""When and what a run checkpoints, and where it resumes from.
+
+The files themselves (DCP shards, RNG states, ``trainer_state.json``, ``latest``) are the
+``mtnlg.formats.checkpoint`` format; this module decides the cadence
+(``checkpoint.every``, always at the end), assembles the trainer state from the run's
+``Stateful`` pieces (:class:`~mtnlg.train.state.TrainState`, the fp16 ``GradScaler``), and
+restores them on resume (``checkpoint.load``: ``auto``, ``none`` or a path).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mtnlg import storage
+from mtnlg.config import dump_yaml, to_dict
+from mtnlg.formats import checkpoint as ckpt
+from mtnlg.formats.rundir import CHECKPOINTS_DIR, TOKENIZER_FILES, TOKENIZER_MODEL
+from mtnlg.progress import get_logger
+from mtnlg.train.state import TrainState
+
+log = get_logger("mtnlg.train")
+
+
+def tokenizer_files(data_path: str) -> dict[str, str]:
+    """The tokenizer files of a tokenized directory, to copy into every checkpoint."""
+    out = {}
+    for name in TOKENIZER_FILES:
+        p = storage.join(data_path, name)
+        if storage.exists(p):
+            out[name] = p
+    return out
+
+
+class Checkpointer:
+    """Saves and restores the model, optimizer, RNG and :class:`TrainState`. Collective:
+    every rank calls every method."""
+
+    def __init__(self, cfg, model, optimizer, state: TrainState, scaler, flatten_optimizer: bool,
+                 description: dict[str, Any], verbose: bool):
+        self.cfg = cfg
+        self.directory = storage.join(cfg.output, CHECKPOINTS_DIR)
+        self.model, self.optimizer, self.state, self.scaler = model, optimizer, state, scaler
+        self.flatten_optimizer = flatten_optimizer
+        self.description = description  # layout and parameter count, for readers of the checkpoint
+        self.verbose = verbose
+        self.resumed_from: str | None = None
+        self.last: str | None = None
+
+    def _trainer_state(self) -> dict[str, Any]:
+        seq = self.cfg.model.seq_length
+        return {
+            **self.state.state_dict(),
+            "consumed_tokens": self.state.consumed_samples * seq,
+            **self.description,
+            "tokenizer": storage.join(self.cfg.data.path, TOKENIZER_MODEL),
+            "model": to_dict(self.cfg.model),
+            # fp16 loss scale (a float and a counter), so a resumed fp16 run scales alike
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+
+    def save(self) -> str:
+        self.last = ckpt.save_checkpoint(self.directory, self.state.step, self.model, self.optimizer,
+                                         self._trainer_state(), config_text=dump_yaml(self.cfg),
+                                         extra_files=tokenizer_files(self.cfg.data.path),
+                                         keep_last=self.cfg.checkpoint.keep_last,
+                                         flatten_optimizer=self.flatten_optimizer)
+        return self.last
+
+    def maybe_save(self, step: int, last_step: bool) -> bool:
+        """Save on the ``checkpoint.every`` cadence (the last step is saved by :meth:`finish`)."""
+        every = self.cfg.checkpoint.every
+        if every and step % every == 0 and not last_step:
+            self.save()
+            return True
+        return False
+
+    def finish(self, start_step: int, stopped: str) -> str | None:
+        """The checkpoint that holds the run's end: saved now unless a resumed run did not
+        move (then the one it resumed from)."""
+        if self.state.step > start_step or self.resumed_from is None or stopped == "signal":
+            return self.save()
+        return self.last or self.resumed_from
+
+    def maybe_resume(self) -> None:
+        spec = self.cfg.checkpoint.load.strip()
+        if spec.lower() in ("none", ""):
+            return
+        if spec.lower() == "auto":
+            path = ckpt.read_latest(self.directory)
+            if path is None:
+                return
+        else:
+            path = ckpt.resolve_checkpoint(spec)
+        meta = ckpt.load_checkpoint(path, self.model, self.optimizer, flatten_optimizer=self.flatten_optimizer)
+        self.state.load_state_dict(meta)
+        if self.scaler is not None and meta.get("grad_scaler"):
+            self.scaler.load_state_dict(meta["grad_scaler"])
+        self.resumed_from = path
+        if self.verbose:
+            log.info("resumed from %s at step %d (%d samples consumed)", path, self.state.step,
+                     self.state.consumed_samples)

@@ -1,0 +1,180 @@
+"""Forward and backward over one rank's slice of a global batch, behind one interface.
+
+The trainer never asks whether the run is pipeline parallel: it hands each step's tokens to
+an :class:`Engine` and reads back a loss. Two engines implement it:
+
+* :class:`LocalEngine`: the whole model on this rank's ``(dp, tp)`` coordinates (tensor,
+  sequence and data parallelism applied by ``parallelize_gpt``); gradients are accumulated
+  over micro-batches, the data-parallel reduction running only after the last one.
+* :class:`PipelineEngine`: this rank's pipeline stage, run by a
+  ``torch.distributed.pipelining`` schedule (``mtnlg.parallel.pipeline_parallel``); only
+  the last stage computes a loss.
+
+Both report a loss the same way: every rank returns its share, and the world-wide sum
+divided by :attr:`Engine.loss_ranks` (the number of ranks that compute a loss) is the mean
+loss over the global batch.
+
+    engine = build_engine(GPT(cfg.model, tp=dims.tp), mesh, dims, cfg, device, dtype, scaler)
+    loss = engine.forward_backward(tokens)      # tokens (b_local, T+1) int64
+    grad_norm = engine.clip_grad_norm(1.0)
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+
+import numpy as np
+import torch
+from torch import nn
+
+from mtnlg.config import ConfigError
+from mtnlg.parallel.dims import ParallelDims
+from mtnlg.parallel.loss import cross_entropy, loss_parallel_context
+from mtnlg.parallel.utils import clip_grad_norm_, set_requires_gradient_sync, set_seed_for_rank
+
+
+def autocast(device_type: str, dtype: str):
+    """The mixed-precision context for ``dtype`` ("fp32" runs without one)."""
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+
+
+class Engine(abc.ABC):
+    """This rank's part of the model and how to run a batch through it."""
+
+    model: nn.Module      # what the optimizer, the checkpointer and clipping see
+    loss_ranks: int       # ranks whose losses are summed into the global mean
+    flatten_optimizer: bool  # optimizer state keyed by parameter name (see formats.checkpoint)
+
+    def __init__(self, dims: ParallelDims, device: torch.device, dtype: str, micro_batch_size: int):
+        self.dims = dims
+        self.device = device
+        self.dtype = dtype
+        self.micro_batch_size = micro_batch_size
+
+    def _autocast(self):
+        return autocast(self.device.type, self.dtype)
+
+    def _to_device(self, tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, T+1) int64 -> inputs and targets, each (b, T), on the device."""
+        chunk = torch.from_numpy(tokens).to(self.device, non_blocking=True)
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def n_micro(self, tokens: np.ndarray) -> int:
+        return tokens.shape[0] // self.micro_batch_size
+
+    @abc.abstractmethod
+    def forward_backward(self, tokens: np.ndarray) -> float:
+        """Gradients of the mean loss over this rank's rows; returns this rank's share of
+        the loss (its mean loss, or 0.0 where the rank computes none)."""
+
+    @abc.abstractmethod
+    def evaluate(self, tokens: np.ndarray) -> list[float]:
+        """Losses without gradients: one per micro-batch, or one for the whole slice
+        (0.0 where the rank computes none)."""
+
+    @abc.abstractmethod
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Clip the gradients to a global norm of ``max_norm`` (0 only measures); returns
+        the norm before clipping. Collective."""
+
+
+class LocalEngine(Engine):
+    """Every layer on this rank: gradient accumulation over micro-batches."""
+
+    flatten_optimizer = False
+
+    def __init__(self, model: nn.Module, dims: ParallelDims, device: torch.device, dtype: str,
+                 micro_batch_size: int, scaler: torch.amp.GradScaler | None):
+        super().__init__(dims, device, dtype, micro_batch_size)
+        self.model = model
+        self.scaler = scaler
+        self.loss_ranks = dims.world_size
+
+    def _micro_batches(self, tokens: np.ndarray):
+        """(b_local, T+1) -> micro-batches of (inputs, targets), each (mb, T)."""
+        mb = self.micro_batch_size
+        for i in range(0, tokens.shape[0], mb):
+            yield self._to_device(tokens[i:i + mb])
+
+    def forward_backward(self, tokens: np.ndarray) -> float:
+        n_micro = self.n_micro(tokens)
+        total = torch.zeros((), device=self.device, dtype=torch.float32)
+        for i, (x, y) in enumerate(self._micro_batches(tokens)):
+            # Data-parallel gradient reduction only after the last micro-batch.
+            set_requires_gradient_sync(self.model, i == n_micro - 1)
+            with loss_parallel_context(self.dims.tp > 1):
+                with self._autocast():
+                    logits = self.model(x)                                       # (mb, T, V_padded)
+                loss = cross_entropy(logits, y)                                  # mean over mb*T
+                scaled = loss / n_micro
+                if self.scaler is not None:
+                    scaled = self.scaler.scale(scaled)
+                scaled.backward()
+            total += loss.detach().float()
+        return float(total) / n_micro
+
+    @torch.no_grad()
+    def evaluate(self, tokens: np.ndarray) -> list[float]:
+        losses = []
+        for x, y in self._micro_batches(tokens):
+            with loss_parallel_context(self.dims.tp > 1), self._autocast():
+                losses.append(float(cross_entropy(self.model(x), y)))
+        return losses
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        return clip_grad_norm_(self.model.parameters(), max_norm)
+
+
+class PipelineEngine(Engine):
+    """This rank's pipeline stage; the schedule runs every micro-batch of the slice."""
+
+    flatten_optimizer = True  # each stage's optimizer holds different parameters
+
+    def __init__(self, model: nn.Module, mesh, dims: ParallelDims, cfg, device: torch.device, dtype: str,
+                 micro_batch_size: int):
+        from mtnlg.parallel.pipeline_parallel import PipelineParallel
+
+        if dtype == "fp16":
+            raise ConfigError("train.dtype=fp16 (loss scaling) is not supported with parallel.pp > 1; "
+                              "use bf16 or fp32")
+        super().__init__(dims, device, dtype, micro_batch_size)
+        self.pipeline = PipelineParallel(model, mesh, dims, cfg, device)
+        self.model = self.pipeline.model  # this stage only, under global parameter names
+        self.pp_group = mesh.get_group("pp")
+        self.loss_ranks = dims.world_size // dims.pp  # the last stage's ranks
+
+    def _run(self, tokens: np.ndarray, train: bool) -> float:
+        x, y = self._to_device(tokens)                                           # (b_local, T)
+        with self._autocast():
+            run = self.pipeline.forward_backward if train else self.pipeline.evaluate
+            loss = run(x, y, self.n_micro(tokens))
+        return 0.0 if loss is None else loss
+
+    def forward_backward(self, tokens: np.ndarray) -> float:
+        return self._run(tokens, train=True)
+
+    def evaluate(self, tokens: np.ndarray) -> list[float]:
+        return [self._run(tokens, train=False)]
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        # each stage holds different parameters: their squared norms are summed over stages
+        return clip_grad_norm_(self.model.parameters(), max_norm, pp_group=self.pp_group)
+
+
+def build_engine(model: nn.Module, mesh, dims: ParallelDims, cfg, device: torch.device, dtype: str,
+                 scaler: torch.amp.GradScaler | None) -> Engine:
+    """Parallelize ``model`` (the whole one-device GPT, built with the run's seed) for this
+    rank and wrap it in the engine the layout needs. ``cfg`` is the ``TrainRunConfig``;
+    ``mesh`` the ``(pp, dp, tp)`` mesh of ``ParallelDims.build_mesh``."""
+    from mtnlg.parallel.parallelize import parallelize_gpt
+
+    mb = cfg.train.micro_batch_size
+    if dims.pp == 1:
+        return LocalEngine(parallelize_gpt(model, mesh["dp", "tp"], cfg.parallel), dims, device, dtype, mb, scaler)
+    engine = PipelineEngine(model, mesh, dims, cfg.parallel, device, dtype, mb)
+    # dropout draws differ per stage (Megatron); the weights were drawn alike, before
+    set_seed_for_rank(cfg.train.seed, dims.pp_rank(mesh))
+    return engine
