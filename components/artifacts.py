@@ -11,12 +11,22 @@ from typing import Any
 def artifact_location(artifact: Any) -> str:
     """The path or URI a step should read/write for a kfp artifact.
 
-    On a cluster with a ``gs://`` pipeline root the artifact's ``uri`` is used directly
-    (through google-cloud-storage); otherwise its local ``path`` (kfp.local, or a mount).
+    With a ``gs://`` or ``s3://`` pipeline root the artifact's ``uri`` is used directly
+    (google-cloud-storage, boto3): job pods launched by the step can reach it too. KFP's
+    default MinIO root gives ``minio://BUCKET/KEY``: read as ``s3://BUCKET/KEY`` when an S3
+    endpoint is configured for the step (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL`` or
+    ``MTNLG_S3_ENDPOINT_URL``, e.g. ``http://minio-service.kubeflow:9000``, with the
+    ``mlpipeline-minio-artifact`` secret's keys as ``AWS_ACCESS_KEY_ID`` /
+    ``AWS_SECRET_ACCESS_KEY``); otherwise the local ``path`` (kfp.local, or the launcher's mount).
     """
+    import os
+
     uri = getattr(artifact, "uri", "") or ""
-    if uri.startswith("gs://"):
+    if uri.startswith(("gs://", "s3://")):
         return uri
+    endpoint = any(os.environ.get(v) for v in ("MTNLG_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"))
+    if uri.startswith("minio://") and endpoint:
+        return "s3://" + uri[len("minio://"):]
     return artifact.path
 
 

@@ -3,7 +3,7 @@
     from mtnlg import MegatronLM, load_data
 
     model = MegatronLM(num_layers=4, hidden_size=128, num_heads=4)   # or MegatronLM(preset="tiny")
-    data = load_data("notes.txt")           # a file, folder, glob, JSONL, or gs:// URI
+    data = load_data("notes.txt")           # a file, folder, glob, JSONL, gs:// or s3:// URI
     model.train(data, steps=200, tp=2, nproc=2, output="runs/notes")
     print(model.generate("The meeting", max_new_tokens=40))
     model.save("models/notes")              # a fused model directory
@@ -52,12 +52,12 @@ class Data:
 
 def load_data(path: str | list[str]) -> Data:
     """Find the training text at ``path``: a file (.txt, .jsonl, .html, optionally .gz), a
-    folder (read recursively), a glob, a gs:// URI, or a list of those. Nothing is read yet."""
+    folder (read recursively), a glob, a gs:// or s3:// URI, or a list of those. Nothing is read yet."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     found: list[str] = []
     for p in paths:
         p = str(p)
-        if storage.is_gcs(p):
+        if storage.is_remote(p):
             found.extend(storage.expand([p]))
         elif storage.has_glob(p):
             found.extend(storage.expand([os.path.abspath(p)]))
@@ -182,7 +182,7 @@ class MegatronLM:
             data = load_data(data)
         nproc = nproc or tp
         output = output or os.path.join("runs", time.strftime("megatronlm-%Y%m%d-%H%M%S"))
-        if not storage.is_gcs(output):
+        if not storage.is_remote(output):
             output = os.path.abspath(output)
         t0 = time.perf_counter()
         paths = {k: storage.join(output, k) for k in ("input", "extracted", "tokens", "train", "model")}

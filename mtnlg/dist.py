@@ -109,15 +109,15 @@ def broadcast_object(obj, src: int = 0):
 
 @contextlib.contextmanager
 def node_local_copy(paths: list[str]) -> Iterator[list[str]]:
-    """Local paths holding ``paths`` (files or directories), downloaded once per node for gs://.
+    """Local paths holding ``paths`` (files or directories), downloaded once per node for gs:// and s3://.
 
-    Local paths are used in place. ``gs://`` ones are downloaded by the node's local rank 0
+    Local paths are used in place. ``gs://`` and ``s3://`` ones are downloaded by the node's local rank 0
     into a directory every rank of the node can read, one sub-directory per parent folder,
     so that ``x.bin`` and ``x.idx`` from the same folder land side by side; every rank waits
     for the download, and the copies are removed when all ranks are done. Collective: every
     rank must call it with the same paths.
     """
-    remote = [p for p in paths if storage.is_gcs(p)]
+    remote = [p for p in paths if storage.is_remote(p)]
     if not remote:
         yield list(paths)
         return
@@ -141,7 +141,7 @@ def node_local_copy(paths: list[str]) -> Iterator[list[str]]:
                 else:
                     storage.copy(uri, local_of(uri))
         barrier()
-        yield [local_of(p) if storage.is_gcs(p) else p for p in paths]
+        yield [local_of(p) if storage.is_remote(p) else p for p in paths]
     finally:
         barrier()
         if owner:

@@ -10,7 +10,7 @@ from mtnlg import __version__
 
 REGISTRY = os.environ.get("MTNLG_IMAGE_REGISTRY", "ghcr.io/mtnlg")
 
-#: extract + tokenize: Beam, SentencePiece, google-cloud-storage (images/data/Dockerfile)
+#: extract + tokenize: Beam, SentencePiece, google-cloud-storage, boto3 (images/data/Dockerfile)
 DATA_IMAGE = f"{REGISTRY}/mtnlg-data:{__version__}"
 #: train, fuse, evaluate: PyTorch (images/train/Dockerfile)
 TRAIN_IMAGE = f"{REGISTRY}/mtnlg-train:{__version__}"

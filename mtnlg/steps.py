@@ -90,6 +90,32 @@ def train_step(inputs: str, output: str, config: TrainRunConfig, *, nproc: int =
     return StepOutput(output, run_local(cfg, nproc=nproc))
 
 
+def train_job_step(inputs: str, output: str, config: TrainRunConfig, *, job, run_id: str = "",
+                   task: str = "train", timeout_s: float | None = None, cleanup: str = "on-success",
+                   owner: dict[str, str] | None = None) -> StepOutput:
+    """Train on a Kubernetes cluster: a TrainJob or PyTorchJob (``job``, a
+    ``ClusterJobConfig``) of ``job.nodes`` x ``job.gpus_per_node`` processes runs ``config``
+    on the tokenized ``inputs`` into the run directory ``output``, both of which its pods
+    must reach (gs://, s3:// or the shared volume). The job's name, unless ``job.name`` is
+    set, comes from ``run_id`` and ``task``, so a retried step adopts the job it created;
+    ``owner`` (the launcher's pod) makes the job go when the pipeline run's pods go. Returns
+    the run's ``summary.json`` (see docs/kubeflow.md)."""
+    from mtnlg.cluster.jobs import build_job, job_name, with_owner
+    from mtnlg.cluster.launcher import JobLauncher
+    from mtnlg.formats.runlog import read_summary
+
+    cfg = dataclasses.replace(config, data=dataclasses.replace(config.data, path=inputs), output=output)
+    if not job.name:
+        job = dataclasses.replace(job, name=job_name(run_id or "local", task),
+                                  labels={**job.labels, "mtnlg.kubeflow.org/run": job_name(run_id or "local", "run")})
+    obj = with_owner(build_job(job, cfg), owner)
+    JobLauncher(job.backend).run(obj, timeout_s=timeout_s, cleanup=cleanup)
+    summary = read_summary(output)
+    if summary is None:
+        raise FileNotFoundError(f"the {job.kind.kind} succeeded but wrote no summary.json under {output}")
+    return StepOutput(output, summary)
+
+
 def fuse_step(inputs: str, output: str, config: FuseConfig) -> StepOutput:
     """Merge the latest checkpoint of the run directory ``inputs`` into one model directory
     (see docs/fuse.md)."""

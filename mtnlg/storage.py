@@ -1,14 +1,59 @@
-"""One way to read, write, list and glob local paths and ``gs://`` URIs.
+"""One way to read, write, list and glob local paths, ``gs://`` and ``s3://`` URIs.
 
 Local paths use the filesystem; ``gs://bucket/key`` uses google-cloud-storage (set
-``STORAGE_EMULATOR_HOST`` to talk to an emulator, as the tests do). Writes are atomic:
-locally a temporary file in the same directory is renamed over the final name; on GCS an
-object only becomes visible when its upload completes.
+``STORAGE_EMULATOR_HOST`` to talk to an emulator, as the tests do); ``s3://bucket/key``
+uses boto3 and works with any S3-compatible store (AWS S3, MinIO, SeaweedFS, Ceph RGW, the
+MinIO of a Kubeflow Pipelines install). Writes are atomic: locally a temporary file in the
+same directory is renamed over the final name; on GCS and S3 the content is staged in a
+local temporary file and uploaded to the final name only when complete, and an object only
+becomes visible when its upload completes (S3 PUT and multipart-complete are atomic), so no
+partial object is ever visible under a final name.
 
     from mtnlg import storage
     with storage.atomic_write("gs://bucket/out/stats.json", "w") as f:
         f.write("{}")
-    storage.read_text("gs://bucket/out/stats.json")
+    storage.read_text("s3://bucket/out/stats.json")
+
+S3 settings come from the environment, as boto3 reads them:
+
+* credentials: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, or a
+  profile (``AWS_PROFILE``, ``~/.aws/credentials`` and ``~/.aws/config``), or the pod's
+  role (IRSA, instance metadata);
+* region: ``AWS_DEFAULT_REGION`` or the profile's (S3-compatible stores: ``us-east-1``);
+* endpoint of an S3-compatible store, first set wins: ``MTNLG_S3_ENDPOINT_URL``, then
+  ``AWS_ENDPOINT_URL_S3``, then ``AWS_ENDPOINT_URL`` (the last two are boto3's own
+  variables, which ``AWS_IGNORE_CONFIGURED_ENDPOINT_URLS=true`` turns off; boto3 also reads
+  ``endpoint_url`` from a profile). None: AWS S3. The URL needs its scheme (``http://``).
+* addressing: path-style (``http://host:9000/bucket/key``, what MinIO and SeaweedFS need)
+  whenever one of those endpoint variables is set, boto3's default (virtual-hosted)
+  otherwise; ``MTNLG_S3_ADDRESSING_STYLE=path|virtual|auto`` overrides it.
+* with an endpoint set, request checksums are only sent where S3 requires them (boto3's
+  ``when_required``; many S3-compatible stores reject boto3's default CRC32 trailers)
+  unless ``AWS_REQUEST_CHECKSUM_CALCULATION`` / ``AWS_RESPONSE_CHECKSUM_VALIDATION`` say
+  otherwise. Retries are boto3's (``AWS_RETRY_MODE``, ``AWS_MAX_ATTEMPTS``); a missing
+  object, a missing bucket or a refusal (403) is never retried.
+
+MinIO, e.g. the one Kubeflow Pipelines installs (bucket ``mlpipeline``, credentials in the
+secret ``mlpipeline-minio-artifact``, keys ``accesskey``/``secretkey``)::
+
+    export AWS_ENDPOINT_URL_S3=http://minio-service.kubeflow:9000
+    export AWS_ACCESS_KEY_ID=minio AWS_SECRET_ACCESS_KEY=minio123 AWS_DEFAULT_REGION=us-east-1
+    mtnlg train ... data.path=s3://mlpipeline/tokens output=s3://mlpipeline/runs/gpt
+
+KFP's own ``minio://`` artifact URIs are not read here (the endpoint cannot be told from
+the URI); use the ``s3://`` URI of the same bucket and key with the endpoint set.
+
+Errors: a missing object raises ``FileNotFoundError`` naming the URI; a missing bucket
+raises :class:`BucketNotFoundError` (a ``FileNotFoundError``) naming the URI and the bucket;
+a refusal (403, missing credentials) raises ``PermissionError`` naming the URI and the
+store's reason; other failures of a request raise :class:`RemoteStorageError` (an
+``OSError``). ``exists`` answers False for a missing object and for a missing bucket named
+alone (``s3://bucket``), and raises ``BucketNotFoundError`` for a path inside a missing
+bucket, so that a misspelt bucket fails at the first probe rather than at the first upload.
+
+The S3 client is cached per endpoint, addressing style, profile, region, access key id and
+process; after changing anything else (a credentials file, the secret key) call
+:func:`clear_client_cache`, as the tests do.
 """
 
 from __future__ import annotations
@@ -17,6 +62,7 @@ import contextlib
 import fnmatch
 import functools
 import glob as _glob
+import io
 import os
 import shutil
 import tempfile
@@ -24,31 +70,71 @@ from pathlib import Path
 from typing import IO, Iterator
 
 GS = "gs://"
+S3 = "s3://"
+
+
+class RemoteStorageError(OSError):
+    """A request to a remote store failed (other than missing and refused, which raise
+    ``FileNotFoundError`` and ``PermissionError``); the message names the URI."""
+
+
+class BucketNotFoundError(FileNotFoundError):
+    """The bucket of a remote URI does not exist; the message names the URI and bucket."""
 
 
 def is_gcs(path: str | os.PathLike) -> bool:
     return str(path).startswith(GS)
 
 
+def is_s3(path: str | os.PathLike) -> bool:
+    return str(path).startswith(S3)
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """A ``gs://`` or ``s3://`` URI: not a local path (stage it locally, upload it)."""
+    return is_gcs(path) or is_s3(path)
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """``gs://bucket/a/b`` or ``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    for scheme in (GS, S3):
+        if uri.startswith(scheme):
+            bucket, _, key = uri[len(scheme):].partition("/")
+            if not bucket:
+                raise ValueError(f"{scheme} URI without a bucket: {uri!r}")
+            return bucket, key
+    raise ValueError(f"not a gs:// or s3:// URI: {uri!r}")
+
+
 def split_gcs(uri: str) -> tuple[str, str]:
     """``gs://bucket/a/b`` -> ``("bucket", "a/b")``."""
     if not is_gcs(uri):
         raise ValueError(f"not a gs:// URI: {uri!r}")
-    rest = uri[len(GS):]
-    bucket, _, key = rest.partition("/")
-    if not bucket:
-        raise ValueError(f"gs:// URI without a bucket: {uri!r}")
-    return bucket, key
+    return split_uri(uri)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    if not is_s3(uri):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    return split_uri(uri)
+
+
+def _scheme(uri: str) -> str:
+    return GS if is_gcs(uri) else S3
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
     base = str(base)
-    if is_gcs(base):
+    if is_remote(base):
         out = base.rstrip("/")
         for p in parts:
             out = out + "/" + str(p).strip("/")
         return out
     return os.path.join(base, *parts)
+
+
+# --------------------------------------------------------------------------- GCS
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,6 +160,264 @@ def _blob(uri: str):
     return gcs_client().bucket(bucket).blob(key)
 
 
+# --------------------------------------------------------------------------- S3
+
+_S3_CHUNK = 8 << 20      # multipart threshold and part size of uploads and downloads
+_S3_READ_BUFFER = 4 << 20  # read-ahead of open_read (larger reads go straight to a ranged GET)
+
+
+def s3_endpoint() -> str | None:
+    """The S3-compatible endpoint URL from the environment, or None (AWS S3; boto3 may
+    still take one from the profile)."""
+    names = ["MTNLG_S3_ENDPOINT_URL"]
+    if os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").strip().lower() != "true":
+        names += ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]  # boto3's own, read the same way
+    for var in names:
+        url = os.environ.get(var, "").strip()
+        if url:
+            if "://" not in url:
+                raise ValueError(f"{var}={url!r}: an S3 endpoint URL needs its scheme, e.g. http://{url}")
+            return url
+    return None
+
+
+def _s3_settings() -> tuple:
+    endpoint = s3_endpoint()
+    style = os.environ.get("MTNLG_S3_ADDRESSING_STYLE", "").strip().lower() or ("path" if endpoint else None)
+    if style not in (None, "path", "virtual", "auto"):
+        raise ValueError(f"MTNLG_S3_ADDRESSING_STYLE={style!r}: expected path, virtual or auto")
+    relaxed = bool(endpoint)
+    # boto3 reads these itself; in the key so that a changed environment gets a new client,
+    # and so does a forked process (a client's connection pool must not be shared)
+    env = tuple(os.environ.get(v) for v in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_DEFAULT_REGION",
+                                             "AWS_ACCESS_KEY_ID", "AWS_REQUEST_CHECKSUM_CALCULATION",
+                                             "AWS_RESPONSE_CHECKSUM_VALIDATION")) + (os.getpid(),)
+    return endpoint, style, relaxed, env
+
+
+@functools.lru_cache(maxsize=None)
+def _s3_client_for(endpoint: str | None, addressing_style: str | None, relaxed_checksums: bool, env: tuple):
+    import boto3
+    from botocore.config import Config
+
+    kw = {}
+    if addressing_style:
+        kw["s3"] = {"addressing_style": addressing_style}
+    if relaxed_checksums:
+        if not os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION"):
+            kw["request_checksum_calculation"] = "when_required"
+        if not os.environ.get("AWS_RESPONSE_CHECKSUM_VALIDATION"):
+            kw["response_checksum_validation"] = "when_required"
+    session = boto3.session.Session()
+    return session.client("s3", endpoint_url=endpoint, config=Config(**kw))
+
+
+def s3_client():
+    """A boto3 S3 client for the environment's endpoint and credentials (cached)."""
+    return _s3_client_for(*_s3_settings())
+
+
+def clear_client_cache() -> None:
+    """Forget the cached GCS and S3 clients (after changing the environment, in tests)."""
+    _client_for.cache_clear()
+    _s3_client_for.cache_clear()
+
+
+def _s3_key(uri: str) -> tuple[str, str]:
+    bucket, key = split_s3(uri)
+    if not key:
+        raise ValueError(f"s3:// URI names a bucket, not an object: {uri!r}")
+    return bucket, key
+
+
+def _where() -> str:
+    return s3_endpoint() or "AWS S3"
+
+
+def _s3_error(uri: str, e: Exception, missing_ok: bool = False, check_bucket: bool = True) -> Exception | None:
+    """The exception to raise for botocore's ``e`` on ``uri`` (None: a missing object and
+    ``missing_ok``). ``check_bucket=False`` skips telling a missing bucket from a missing
+    object after a bodiless 404 (when a listing, which names a missing bucket, follows)."""
+    from botocore.exceptions import (BotoCoreError, ClientError, EndpointConnectionError,
+                                     NoCredentialsError, PartialCredentialsError)
+
+    if isinstance(e, ClientError):
+        err = e.response.get("Error", {}) or {}
+        code = str(err.get("Code", ""))
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        reason = f"{code}: {err['Message']}" if err.get("Message") else (code or f"HTTP {status}")
+        bucket = split_uri(uri)[0]
+        if code == "NoSuchBucket":
+            return BucketNotFoundError(f"{uri}: bucket {bucket!r} does not exist at {_where()} ({reason})")
+        if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+            # a HEAD answer has no body: a missing bucket and a missing key both read "404"
+            if code != "NoSuchKey" and check_bucket and not _s3_bucket_exists(uri, bucket):
+                return BucketNotFoundError(f"{uri}: bucket {bucket!r} does not exist at {_where()}")
+            return None if missing_ok else FileNotFoundError(uri)
+        if code in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                    "AllAccessDisabled", "AccountProblem", "ExpiredToken", "InvalidToken") or status == 403:
+            return PermissionError(f"{uri}: access denied by {_where()} ({reason}); check the credentials "
+                                   "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and the bucket "
+                                   "policy (a missing object also reads 403 without s3:ListBucket)")
+        return RemoteStorageError(f"{uri}: S3 request to {_where()} failed ({reason})")
+    if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
+        return PermissionError(f"{uri}: no usable S3 credentials ({e}); set AWS_ACCESS_KEY_ID and "
+                               "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
+    if isinstance(e, EndpointConnectionError):
+        return RemoteStorageError(f"{uri}: cannot reach the S3 endpoint {_where()} ({e})")
+    if isinstance(e, BotoCoreError):
+        return RemoteStorageError(f"{uri}: S3 request to {_where()} failed ({type(e).__name__}: {e})")
+    return None
+
+
+def _s3_unwrap(e: Exception) -> Exception:
+    """boto3's ``S3UploadFailedError`` hides the ``ClientError`` it was raised from."""
+    from boto3.exceptions import S3UploadFailedError
+
+    if isinstance(e, S3UploadFailedError):
+        inner = e.__cause__ or e.__context__
+        if inner is not None:
+            return inner
+    return e
+
+
+@contextlib.contextmanager
+def _s3_errors(uri: str) -> Iterator[None]:
+    """Turn botocore's errors inside the block into the ones this module documents."""
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except (ClientError, BotoCoreError, Boto3Error) as e:
+        mapped = _s3_error(uri, _s3_unwrap(e))
+        if mapped is None:
+            raise
+        raise mapped from e
+
+
+def _s3_bucket_exists(uri: str, bucket: str) -> bool:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        s3_client().head_bucket(Bucket=bucket)
+        return True
+    except ClientError as e:
+        err = e.response.get("Error", {}) or {}
+        if str(err.get("Code", "")) in ("404", "NoSuchBucket", "NotFound") or \
+                e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+            return False
+        mapped = _s3_error(uri, e)
+        raise (mapped or e) from e
+    except BotoCoreError as e:
+        raise (_s3_error(uri, e) or e) from e
+
+
+def _s3_head(uri: str, check_bucket: bool = True) -> dict | None:
+    """The object's HEAD answer, or None if there is no such object (in an existing bucket,
+    unless ``check_bucket`` is False)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = _s3_key(uri)
+    try:
+        return s3_client().head_object(Bucket=bucket, Key=key)
+    except (ClientError, BotoCoreError) as e:
+        mapped = _s3_error(uri, e, missing_ok=True, check_bucket=check_bucket)
+        if mapped is None and isinstance(e, ClientError):
+            return None
+        raise (mapped or e) from e
+
+
+def _s3_keys(uri: str, prefix: str, limit: int | None = None) -> Iterator[str]:
+    """Keys under ``prefix`` in ``uri``'s bucket, in S3's (lexicographic) order."""
+    bucket = split_s3(uri)[0]
+    with _s3_errors(uri):
+        if limit is not None:
+            resp = s3_client().list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=limit)
+            yield from (o["Key"] for o in resp.get("Contents", []))
+            return
+        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            yield from (o["Key"] for o in page.get("Contents", []))
+
+
+def _transfer_config():
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=_S3_CHUNK, multipart_chunksize=_S3_CHUNK)
+
+
+def _s3_upload(local: str, uri: str) -> None:
+    """Upload a complete local file to ``uri``: the object appears only when it is whole."""
+    bucket, key = _s3_key(uri)
+    with _s3_errors(uri):
+        s3_client().upload_file(local, bucket, key, Config=_transfer_config())
+
+
+def _s3_download(uri: str, fileobj: IO) -> None:
+    bucket, key = _s3_key(uri)
+    with _s3_errors(uri):
+        s3_client().download_fileobj(bucket, key, fileobj, Config=_transfer_config())
+
+
+class _S3Reader(io.RawIOBase):
+    """A seekable read-only view of one S3 object: every read is a ranged GET, pinned to
+    the ETag seen when opened (an object replaced meanwhile fails instead of mixing)."""
+
+    def __init__(self, uri: str):
+        head = _s3_head(uri)
+        if head is None:
+            raise FileNotFoundError(uri)
+        self.uri = uri
+        self.name = uri
+        self._bucket, self._key = _s3_key(uri)
+        self._size = int(head["ContentLength"])
+        self._etag = head.get("ETag")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        pos = base + offset
+        if pos < 0:
+            raise ValueError(f"negative seek position {pos}")
+        self._pos = pos
+        return pos
+
+    def _get(self, n: int) -> bytes:
+        if n <= 0 or self._pos >= self._size:
+            return b""
+        end = min(self._size, self._pos + n) - 1
+        kw = {"IfMatch": self._etag} if self._etag else {}
+        with _s3_errors(self.uri):
+            body = s3_client().get_object(Bucket=self._bucket, Key=self._key,
+                                          Range=f"bytes={self._pos}-{end}", **kw)["Body"]
+            try:
+                data = body.read()
+            finally:
+                body.close()
+        self._pos += len(data)
+        return data
+
+    def readinto(self, b) -> int:
+        data = self._get(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def readall(self) -> bytes:
+        return self._get(self._size - self._pos)
+
+
+# --------------------------------------------------------------------------- any location
+
+
 def exists(path: str | os.PathLike) -> bool:
     path = str(path)
     if is_gcs(path):
@@ -83,28 +427,40 @@ def exists(path: str | os.PathLike) -> bool:
         if _blob(path).exists():
             return True
         return isdir(path)
+    if is_s3(path):
+        bucket, key = split_s3(path)
+        if not key:
+            return _s3_bucket_exists(path, bucket)
+        if _s3_head(path, check_bucket=False) is not None:
+            return True
+        return isdir(path)  # a missing bucket raises here
     return os.path.exists(path)
 
 
 def isdir(path: str | os.PathLike) -> bool:
-    """Local: a directory. GCS: some object lies under ``path/``."""
+    """Local: a directory. GCS, S3: some object lies under ``path/``."""
     path = str(path)
     if is_gcs(path):
         bucket, key = split_gcs(path)
         prefix = key.rstrip("/") + "/" if key else ""
         it = gcs_client().list_blobs(bucket, prefix=prefix, max_results=1)
         return any(True for _ in it)
+    if is_s3(path):
+        key = split_s3(path)[1]
+        prefix = key.rstrip("/") + "/" if key else ""
+        return any(True for _ in _s3_keys(path, prefix, limit=1))
     return os.path.isdir(path)
 
 
 def makedirs(path: str | os.PathLike) -> None:
-    """Create a local directory (and parents); a no-op for gs:// (no directories there)."""
-    if not is_gcs(path):
+    """Create a local directory (and parents); a no-op for gs:// and s3:// (no directories there)."""
+    if not is_remote(path):
         os.makedirs(str(path), exist_ok=True)
 
 
 def open_read(path: str | os.PathLike, mode: str = "rb") -> IO:
-    """Open a file for reading; ``mode`` is ``"rb"`` or ``"r"`` (UTF-8)."""
+    """Open a file for reading; ``mode`` is ``"rb"`` or ``"r"`` (UTF-8). Seekable; on
+    gs:// and s3:// reads are ranged requests."""
     path = str(path)
     if mode not in ("rb", "r"):
         raise ValueError(f"open_read mode must be 'rb' or 'r', got {mode!r}")
@@ -113,6 +469,9 @@ def open_read(path: str | os.PathLike, mode: str = "rb") -> IO:
         if mode == "r":
             return blob.open("rt", encoding="utf-8")
         return blob.open("rb")
+    if is_s3(path):
+        f = io.BufferedReader(_S3Reader(path), buffer_size=_S3_READ_BUFFER)
+        return io.TextIOWrapper(f, encoding="utf-8") if mode == "r" else f
     if mode == "r":
         return open(path, "r", encoding="utf-8")
     return open(path, "rb")
@@ -127,6 +486,14 @@ def read_bytes(path: str | os.PathLike) -> bytes:
             return _blob(path).download_as_bytes()
         except exceptions.NotFound:
             raise FileNotFoundError(path) from None
+    if is_s3(path):
+        bucket, key = _s3_key(path)
+        with _s3_errors(path):
+            body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+            try:
+                return body.read()
+            finally:
+                body.close()
     with open(path, "rb") as f:
         return f.read()
 
@@ -139,19 +506,23 @@ def read_text(path: str | os.PathLike) -> str:
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Write ``path`` so that no partial file is ever visible under its final name.
 
-    If the body raises, the temporary file is removed and ``path`` is untouched.
+    If the body raises, the temporary file is removed and ``path`` is untouched (on gs://
+    and s3:// nothing is uploaded).
     """
     path = str(path)
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_write mode must be 'wb' or 'w', got {mode!r}")
     kw = {"encoding": "utf-8", "newline": ""} if mode == "w" else {}
-    if is_gcs(path):
+    if is_remote(path):
         fd, tmp = tempfile.mkstemp(prefix=".mtnlg-upload-")
         os.close(fd)
         try:
             with open(tmp, mode, **kw) as f:
                 yield f
-            _blob(path).upload_from_filename(tmp)
+            if is_gcs(path):
+                _blob(path).upload_from_filename(tmp)
+            else:
+                _s3_upload(tmp, path)
         finally:
             os.unlink(tmp)
         return
@@ -193,6 +564,11 @@ def size(path: str | os.PathLike) -> int:
         blob = _blob(path)
         blob.reload()
         return int(blob.size)
+    if is_s3(path):
+        head = _s3_head(path)
+        if head is None:
+            raise FileNotFoundError(path)
+        return int(head["ContentLength"])
     return os.path.getsize(path)
 
 
@@ -206,6 +582,12 @@ def list_files(path: str | os.PathLike) -> list[str]:
         prefix = key.rstrip("/") + "/" if key else ""
         return sorted(f"{GS}{bucket}/{b.name}" for b in gcs_client().list_blobs(bucket, prefix=prefix)
                       if not b.name.endswith("/"))
+    if is_s3(path):
+        bucket, key = split_s3(path)
+        if key and _s3_head(path, check_bucket=False) is not None:
+            return [path]
+        prefix = key.rstrip("/") + "/" if key else ""
+        return sorted(f"{S3}{bucket}/{k}" for k in _s3_keys(path, prefix) if not k.endswith("/"))
     if os.path.isfile(path):
         return [path]
     out = []
@@ -216,14 +598,18 @@ def list_files(path: str | os.PathLike) -> list[str]:
 
 
 def glob(pattern: str) -> list[str]:
-    """Files matching a glob (``*``, ``?``, ``[...]``, ``**``), local or gs://, sorted."""
-    if is_gcs(pattern):
-        bucket, key = split_gcs(pattern)
+    """Files matching a glob (``*``, ``?``, ``[...]``, ``**``), local, gs:// or s3://, sorted."""
+    if is_remote(pattern):
+        scheme = _scheme(pattern)
+        bucket, key = split_uri(pattern)
         first_wild = min([i for i in (key.find(c) for c in "*?[") if i >= 0], default=len(key))
         prefix = key[:first_wild]
-        names = (b.name for b in gcs_client().list_blobs(bucket, prefix=prefix))
+        if scheme == GS:
+            names = (b.name for b in gcs_client().list_blobs(bucket, prefix=prefix))
+        else:
+            names = _s3_keys(pattern, prefix)
         rx = _glob_regex(key)
-        return sorted(f"{GS}{bucket}/{n}" for n in names if rx.fullmatch(n) and not n.endswith("/"))
+        return sorted(f"{scheme}{bucket}/{n}" for n in names if rx.fullmatch(n) and not n.endswith("/"))
     return sorted(p for p in _glob.glob(pattern, recursive=True) if os.path.isfile(p))
 
 
@@ -259,7 +645,7 @@ def has_glob(path: str) -> bool:
 
 
 def expand(inputs: list[str]) -> list[str]:
-    """Files named by paths, directories and globs (local or gs://), in order, deduplicated.
+    """Files named by paths, directories and globs (local, gs:// or s3://), in order, deduplicated.
 
     A name that matches nothing raises ``FileNotFoundError`` naming it.
     """
@@ -279,19 +665,45 @@ def expand(inputs: list[str]) -> list[str]:
 
 def copy(src: str, dst: str) -> None:
     """Copy one file between any two locations (atomically at the destination)."""
-    if not is_gcs(src) and not is_gcs(dst):
+    src, dst = str(src), str(dst)
+    if not is_remote(src) and not is_remote(dst):
         os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
         with open(src, "rb") as fi, atomic_write(dst) as fo:
             shutil.copyfileobj(fi, fo, 1 << 20)
         return
-    if is_gcs(dst) and not is_gcs(src):
+    if is_gcs(dst) and not is_remote(src):
         _blob(dst).upload_from_filename(src)
         return
-    if is_gcs(src) and not is_gcs(dst):
+    if is_s3(dst) and not is_remote(src):
+        with open(src, "rb"):
+            pass  # the usual FileNotFoundError / IsADirectoryError, before any request
+        _s3_upload(src, dst)
+        return
+    if is_gcs(src) and not is_remote(dst):
         with atomic_write(dst) as fo:
             _blob(src).download_to_file(fo)
         return
-    write_bytes(dst, read_bytes(src))
+    if is_s3(src) and not is_remote(dst):
+        with atomic_write(dst) as fo:
+            _s3_download(src, fo)
+        return
+    if is_s3(src) and is_s3(dst):  # server-side (multipart for big objects); atomic like a PUT
+        if _s3_head(src) is None:
+            raise FileNotFoundError(src)
+        if src == dst:
+            return  # S3 refuses to copy an object onto itself unchanged
+        (sb, sk), (db, dk) = _s3_key(src), _s3_key(dst)
+        with _s3_errors(dst):
+            s3_client().copy({"Bucket": sb, "Key": sk}, db, dk, Config=_transfer_config())
+        return
+    if is_gcs(src) and is_gcs(dst):
+        write_bytes(dst, read_bytes(src))
+        return
+    # between gs:// and s3://: through a local temporary file, uploaded once complete
+    with tempfile.TemporaryDirectory(prefix="mtnlg-copy-") as d:
+        tmp = os.path.join(d, "object")
+        copy(src, tmp)
+        copy(tmp, dst)
 
 
 def copy_tree(src: str, dst: str) -> list[str]:
@@ -307,10 +719,16 @@ def copy_tree(src: str, dst: str) -> list[str]:
 
 
 def remove(path: str) -> None:
-    """Remove a file or a whole directory / gs:// prefix."""
+    """Remove a file or a whole directory / gs:// or s3:// prefix."""
     if is_gcs(path):
         for f in list_files(path):
             _blob(f).delete()
+        return
+    if is_s3(path):
+        for f in list_files(path):
+            bucket, key = _s3_key(f)
+            with _s3_errors(f):
+                s3_client().delete_object(Bucket=bucket, Key=key)
         return
     if os.path.isdir(path):
         shutil.rmtree(path)
@@ -318,15 +736,22 @@ def remove(path: str) -> None:
         os.remove(path)
 
 
+def _is_object(path: str) -> bool:
+    if is_gcs(path):
+        return _blob(path).exists()
+    return bool(split_s3(path)[1]) and _s3_head(path) is not None
+
+
 @contextlib.contextmanager
 def local_copy(path: str) -> Iterator[str]:
-    """A local path holding ``path``'s content (a download for gs://, the path itself locally)."""
-    if not is_gcs(path):
+    """A local path holding ``path``'s content (a download for gs:// and s3://, the path
+    itself locally)."""
+    if not is_remote(path):
         yield path
         return
     with tempfile.TemporaryDirectory(prefix="mtnlg-") as d:
         local = os.path.join(d, os.path.basename(path.rstrip("/")) or "object")
-        if isdir(path) and not _blob(path).exists():
+        if isdir(path) and not _is_object(path):
             copy_tree(path, local)
         else:
             copy(path, local)
@@ -335,8 +760,8 @@ def local_copy(path: str) -> Iterator[str]:
 
 @contextlib.contextmanager
 def local_dir_for_output(path: str) -> Iterator[str]:
-    """A local directory to write into; for gs:// it is uploaded to ``path`` on success."""
-    if not is_gcs(path):
+    """A local directory to write into; for gs:// and s3:// it is uploaded to ``path`` on success."""
+    if not is_remote(path):
         os.makedirs(path, exist_ok=True)
         yield path
         return
@@ -346,6 +771,6 @@ def local_dir_for_output(path: str) -> Iterator[str]:
 
 
 def local_path(path: str | os.PathLike) -> Path:
-    if is_gcs(path):
-        raise ValueError(f"{path} is a gs:// URI, not a local path")
+    if is_remote(path):
+        raise ValueError(f"{path} is a {_scheme(str(path))} URI, not a local path")
     return Path(path)

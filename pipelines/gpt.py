@@ -1,7 +1,14 @@
 """The mtnlg pipeline: raw text -> extract -> tokenize -> train -> fuse -> evaluate, one kfp v2 DAG.
 
 The same definition is compiled for Kubeflow (``mtnlg compile``) and run locally through
-``kfp.local`` (``mtnlg run``).
+``kfp.local`` (``mtnlg run``). Where training runs is chosen when the pipeline is compiled
+(kfp.local cannot run a runtime branch over artifacts), by ``pipeline_for(train_backend)``:
+
+* ``pod``: torchrun inside the train step's own pod, on one node; the task requests
+  ``gpus`` accelerators of type ``accelerator`` (pipeline parameters). What ``mtnlg run`` runs.
+* ``trainjob`` / ``pytorchjob``: the train step is a launcher that creates a Kubeflow
+  Trainer TrainJob (or a Training Operator PyTorchJob) of ``nodes`` x ``gpus_per_node``
+  processes and follows it to its end (docs/kubeflow.md).
 """
 
 from kfp import dsl
@@ -10,12 +17,36 @@ from mtnlg.components.extract import extract
 from mtnlg.components.fuse import fuse
 from mtnlg.components.tokenize import tokenize
 from mtnlg.components.train import train
+from mtnlg.components.train_job import train as train_job
 
 PIPELINE_NAME = "mtnlg-gpt"
+DESCRIPTION = "Train a Megatron-Turing-NLG-style GPT from raw text: extract, tokenize, train, fuse, evaluate."
+TRAIN_BACKENDS = ("pod", "trainjob", "pytorchjob")
+TRAIN_RETRIES = 2  # a retried train step resumes from its latest checkpoint (and adopts its job)
 
 
-@dsl.pipeline(name=PIPELINE_NAME,
-              description="Train a Megatron-Turing-NLG-style GPT from raw text: extract, tokenize, train, fuse, evaluate.")
+def _data_steps(inputs, extract_overrides, extract_workers, beam_args, tokenize_overrides):
+    ext = extract(inputs=inputs, overrides=extract_overrides, workers=extract_workers, beam_args=beam_args)
+    ext.set_display_name("extract (Beam)")
+    # The inputs are URIs whose content can change under the same name: a cached extract
+    # would skip new data, so it always runs (the later steps are cached on its output).
+    ext.set_caching_options(False)
+    tok = tokenize(extracted=ext.outputs["dataset"], overrides=tokenize_overrides)
+    tok.set_display_name("tokenize (SentencePiece)")
+    return tok
+
+
+def _model_steps(tok, trn, fuse_overrides, evaluate_overrides):
+    trn.set_display_name("train (GPT, TP/SP/PP/DP)")
+    trn.set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2.0)
+    fus = fuse(checkpoint=trn.outputs["checkpoint"], overrides=fuse_overrides)
+    fus.set_display_name("fuse (safetensors, Hugging Face)")
+    ev = evaluate(model=fus.outputs["model"], tokens=tok.outputs["tokens"], checkpoint=trn.outputs["checkpoint"],
+                  overrides=evaluate_overrides)
+    ev.set_display_name("evaluate (perplexity, last-word accuracy, samples)")
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
 def gpt_pipeline(
     inputs: list = ["gs://YOUR-BUCKET/raw/"],
     extract_overrides: list = [],
@@ -25,20 +56,54 @@ def gpt_pipeline(
     recipe: str = "debug",
     train_overrides: list = ["parallel.tp=2"],
     nproc: int = 2,
+    gpus: int = 0,
+    accelerator: str = "nvidia.com/gpu",
     fuse_overrides: list = [],
     evaluate_overrides: list = [],
 ):
-    """Raw text to an evaluated model. Each ``*_overrides`` list holds ``key=value``
-    settings of that step's typed config (ExtractConfig, TokenizeConfig, the training
-    recipe's TrainRunConfig, FuseConfig, EvaluateConfig), checked when the step starts."""
-    ext = extract(inputs=inputs, overrides=extract_overrides, workers=extract_workers, beam_args=beam_args)
-    ext.set_display_name("extract (Beam)")
-    tok = tokenize(extracted=ext.outputs["dataset"], overrides=tokenize_overrides)
-    tok.set_display_name("tokenize (SentencePiece)")
+    """Raw text to an evaluated model, training in the train step's own pod. Each
+    ``*_overrides`` list holds ``key=value`` settings of that step's typed config
+    (ExtractConfig, TokenizeConfig, the recipe's TrainRunConfig, FuseConfig, EvaluateConfig),
+    checked when the step starts; ``gpus`` accelerators of type ``accelerator`` are
+    requested for the train step (``nproc`` processes: one per GPU)."""
+    tok = _data_steps(inputs, extract_overrides, extract_workers, beam_args, tokenize_overrides)
     trn = train(tokens=tok.outputs["tokens"], recipe=recipe, overrides=train_overrides, nproc=nproc)
-    trn.set_display_name("train (GPT, TP/SP/PP/DP)")
-    fus = fuse(checkpoint=trn.outputs["checkpoint"], overrides=fuse_overrides)
-    fus.set_display_name("fuse (safetensors, Hugging Face)")
-    ev = evaluate(model=fus.outputs["model"], tokens=tok.outputs["tokens"], checkpoint=trn.outputs["checkpoint"],
-                  overrides=evaluate_overrides)
-    ev.set_display_name("evaluate (perplexity, last-word accuracy, samples)")
+    trn.set_accelerator_type(accelerator).set_accelerator_limit(gpus)
+    _model_steps(tok, trn, fuse_overrides, evaluate_overrides)
+
+
+def _job_pipeline(backend: str):
+    @dsl.pipeline(name=PIPELINE_NAME, description=f"{DESCRIPTION} Training runs as a Kubeflow {backend}.")
+    def gpt_job_pipeline(
+        inputs: list = ["gs://YOUR-BUCKET/raw/"],
+        extract_overrides: list = [],
+        extract_workers: int = 2,
+        beam_args: list = [],
+        tokenize_overrides: list = [],
+        recipe: str = "mtnlg-1.3b",
+        train_overrides: list = ["parallel.tp=8"],
+        nodes: int = 2,
+        gpus_per_node: int = 8,
+        job_overrides: list = [],
+        train_timeout_s: int = 0,
+        job_cleanup: str = "on-success",
+        fuse_overrides: list = [],
+        evaluate_overrides: list = [],
+    ):
+        """Raw text to an evaluated model, training as a job of ``nodes`` x ``gpus_per_node``
+        processes; ``job_overrides`` are ClusterJobConfig settings (``memory=512Gi``,
+        ``image=...``, ``runtime=...``, ``node_selector={...}``, ``volume_claim=...``)."""
+        tok = _data_steps(inputs, extract_overrides, extract_workers, beam_args, tokenize_overrides)
+        trn = train_job(tokens=tok.outputs["tokens"], recipe=recipe, overrides=train_overrides, backend=backend,
+                        nodes=nodes, gpus_per_node=gpus_per_node, job_overrides=job_overrides,
+                        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, timeout_s=train_timeout_s, cleanup=job_cleanup)
+        _model_steps(tok, trn, fuse_overrides, evaluate_overrides)
+
+    return gpt_job_pipeline
+
+
+def pipeline_for(train_backend: str = "trainjob"):
+    """The pipeline function for a training backend (see the module doc)."""
+    if train_backend not in TRAIN_BACKENDS:
+        raise ValueError(f"train backend {train_backend!r}: expected one of {', '.join(TRAIN_BACKENDS)}")
+    return gpt_pipeline if train_backend == "pod" else _job_pipeline(train_backend)

@@ -66,3 +66,15 @@ def test_too_little_text_for_a_validation_split_is_a_clear_error(tmp_path):
     text.write_text(" ".join(f"word{i} is a fine word for a sentence" for i in range(12)) + "\n")
     with pytest.raises(ValueError, match="none fell into the validation split"):
         MegatronLM(preset="debug").train(load_data(str(text)), steps=1, output=str(tmp_path / "run"))
+
+
+def test_load_data_finds_s3_files(s3):
+    from mtnlg import load_data, storage
+
+    storage.write_text(f"{s3}/notes/a.txt", "x" * 100)
+    storage.write_text(f"{s3}/notes/more/b.jsonl", '{"text": "y"}\n')
+    data = load_data(f"{s3}/notes")
+    assert data.inputs == (f"{s3}/notes/a.txt", f"{s3}/notes/more/b.jsonl") and data.total_bytes == 114
+    assert load_data([f"{s3}/notes/*.txt"]).inputs == (f"{s3}/notes/a.txt",)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_data(f"{s3}/missing")

@@ -16,10 +16,16 @@ class FakeArtifact:
         self.logged[k] = v
 
 
-def test_location_prefers_gcs_uri():
+def test_location_prefers_object_storage_uris(monkeypatch):
+    for var in ("MTNLG_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(var, raising=False)
     assert artifact_location(FakeArtifact("gs://b/root/task/out", "/gcs/b/root/task/out")) == "gs://b/root/task/out"
+    assert artifact_location(FakeArtifact("s3://b/root/task/out", "/s3/b/root/task/out")) == "s3://b/root/task/out"
     assert artifact_location(FakeArtifact("/tmp/root/task/out", "/tmp/root/task/out")) == "/tmp/root/task/out"
-    assert artifact_location(FakeArtifact("minio://b/x", "/minio/b/x")) == "/minio/b/x"
+    assert artifact_location(FakeArtifact("minio://b/x", "/minio/b/x")) == "/minio/b/x"   # no endpoint: the mount
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://minio-service.kubeflow:9000")
+    assert artifact_location(FakeArtifact("minio://mlpipeline/v2/x", "/minio/mlpipeline/v2/x")) == \
+        "s3://mlpipeline/v2/x"
 
 
 def test_metrics_are_flattened_numeric_leaves():

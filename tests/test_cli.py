@@ -5,7 +5,7 @@ from mtnlg.cli import main
 
 pytestmark = pytest.mark.unit
 
-STEPS = ("extract", "tokenize", "train", "fuse", "reshard", "evaluate", "generate", "run", "compile", "pytorchjob")
+STEPS = ("extract", "tokenize", "train", "fuse", "reshard", "evaluate", "generate", "run", "compile", "job")
 
 
 def test_help_lists_every_step(capsys):

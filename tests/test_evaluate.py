@@ -153,3 +153,27 @@ def test_evaluate_refuses_data_from_another_tokenizer(tokenized, model_dir, tmp_
         meta["sha256"] = json.loads(open(os.path.join(tokenized, "tokenizer.json")).read())["sha256"]
         (other / "tokenizer.json").write_text(json.dumps(meta))
         evaluate_model(model_dir, str(other), str(tmp_path / "e"))
+
+
+def test_fused_model_and_data_on_s3(tokenized, model_dir, s3, tmp_path):
+    """A fused model saved to and loaded from s3://, evaluated on s3:// data into s3://,
+    gives exactly what the local directories give."""
+    from mtnlg import storage
+    from mtnlg.evaluate.config import EvaluateConfig
+    from mtnlg.evaluate.evaluate import evaluate_model
+    from mtnlg.formats.fused import load_fused, save_fused
+
+    model, cfg, tok = load_fused(model_dir, decode_layout=False)
+    save_fused(model, f"{s3}/model", tok)
+    assert storage.exists(f"{s3}/model/manifest.json") and not os.path.exists(f"{s3}/model")
+    back, back_cfg, back_tok = load_fused(f"{s3}/model", decode_layout=False)
+    assert back_cfg == cfg and back_tok.model_bytes == tok.model_bytes
+    for (n, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), n
+
+    storage.copy_tree(tokenized, f"{s3}/tokens")
+    c = EvaluateConfig(max_cloze_items=5, prompts=["The list"], max_new_tokens=2)
+    remote = evaluate_model(f"{s3}/model", f"{s3}/tokens", f"{s3}/eval", config=c)
+    local = evaluate_model(model_dir, tokenized, str(tmp_path / "eval"), config=c)
+    assert remote["val_loss"] == local["val_loss"] and remote["val_tokens"] == local["val_tokens"] > 0
+    assert json.loads(storage.read_text(f"{s3}/eval/metrics.json"))["val_loss"] == local["val_loss"]

@@ -142,15 +142,25 @@ def test_small_index_stays_in_memory(tmp_path):
 
 
 def test_gcs_data(tmp_path, gcs):
+    _remote_data(tmp_path, gcs)
+
+
+def test_s3_data(tmp_path, s3, monkeypatch):
+    monkeypatch.setenv("MTNLG_CACHE_DIR", str(tmp_path / "cache"))
+    _remote_data(tmp_path, s3)
+    assert os.listdir(tmp_path / "cache" / "data")  # downloaded once into the local cache
+
+
+def _remote_data(tmp_path, root: str) -> None:
     prefix, _ = _unique_tokens(tmp_path / "d")
     for ext in (".bin", ".idx"):
-        storage.copy(prefix + ext, storage.join(gcs, "tok", "train" + ext))
-    remote = GPTDataset(storage.join(gcs, "tok", "train"), SEQ, seed=2)
+        storage.copy(prefix + ext, storage.join(root, "tok", "train" + ext))
+    remote = GPTDataset(storage.join(root, "tok", "train"), SEQ, seed=2)
     local = GPTDataset(prefix, SEQ, seed=2)
     assert len(remote) == len(local)
     assert np.array_equal(remote.global_batch(4, 8, 0, 2), local.global_batch(4, 8, 0, 2))
     with pytest.raises(FileNotFoundError, match=r"nothing\.(bin|idx) does not exist"):
-        GPTDataset(storage.join(gcs, "tok", "nothing"), SEQ, seed=2)
+        GPTDataset(storage.join(root, "tok", "nothing"), SEQ, seed=2)
 
 
 def test_too_little_data(tmp_path):

@@ -1,22 +1,33 @@
-"""The compiled kfp v2 pipeline: DAG shape, images, nothing installed at run time."""
+"""The compiled kfp v2 pipeline, for each training backend: DAG shape, images, nothing
+installed at run time, the train step's resources or launcher, retries and caching."""
 
+import pytest
 import yaml
 
 from mtnlg.cli import main as cli
 from mtnlg.images import DATA_IMAGE, TRAIN_IMAGE
-import pytest
 
 pytestmark = pytest.mark.unit
 
-
-def _compile(tmp_path):
-    out = tmp_path / "pipeline.yaml"
-    assert cli(["compile", "-o", str(out)]) == 0
-    return yaml.safe_load(out.read_text())
+BACKENDS = ("pod", "trainjob", "pytorchjob")
 
 
-def test_compiled_dag(tmp_path):
-    ir = _compile(tmp_path)
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = {}
+    for backend in BACKENDS:
+        path = tmp_path_factory.mktemp("ir") / f"{backend}.yaml"
+        assert cli(["compile", "--train-backend", backend, "-o", str(path)]) == 0
+        out[backend] = yaml.safe_load(path.read_text())
+    default = tmp_path_factory.mktemp("ir") / "default.yaml"
+    assert cli(["compile", "-o", str(default)]) == 0
+    out["default"] = yaml.safe_load(default.read_text())
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_dag(compiled, backend):
+    ir = compiled[backend]
     assert ir["pipelineInfo"]["name"] == "mtnlg-gpt"
     tasks = ir["root"]["dag"]["tasks"]
     assert set(tasks) == {"extract", "tokenize", "train", "fuse", "evaluate"}
@@ -26,14 +37,46 @@ def test_compiled_dag(tmp_path):
     assert sorted(tasks["evaluate"]["dependentTasks"]) == ["fuse", "tokenize", "train"]
     tok_in = tasks["tokenize"]["inputs"]["artifacts"]["extracted"]["taskOutputArtifact"]
     assert tok_in == {"outputArtifactKey": "dataset", "producerTask": "extract"}
+    # a retried train step resumes from its checkpoint; extract always reads its inputs anew
+    assert tasks["train"]["retryPolicy"]["maxRetryCount"] == 2
+    assert not tasks["extract"]["cachingOptions"].get("enableCache", False)
+    params = ir["root"]["inputDefinitions"]["parameters"]
+    for p in ("fuse_overrides", "evaluate_overrides", "tokenize_overrides", "extract_overrides", "inputs"):
+        assert p in params, p
+
+
+def test_the_default_backend_is_trainjob(compiled):
+    assert compiled["default"] == compiled["trainjob"]
+
+
+def test_pod_backend_requests_its_gpus_from_parameters(compiled):
+    ir = compiled["pod"]
     params = ir["root"]["inputDefinitions"]["parameters"]
     assert params["train_overrides"]["defaultValue"] == ["parallel.tp=2"]
-    assert params["recipe"]["defaultValue"] == "debug"
+    assert params["recipe"]["defaultValue"] == "debug" and params["gpus"]["defaultValue"] == 0
+    res = ir["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]["accelerator"]
+    assert "pipelinechannel--gpus" in res["resourceCount"] and "pipelinechannel--accelerator" in res["resourceType"]
 
 
-def test_components_run_from_our_images_and_install_nothing(tmp_path):
-    ir = _compile(tmp_path)
-    execs = ir["deploymentSpec"]["executors"]
+@pytest.mark.parametrize("backend", ["trainjob", "pytorchjob"])
+def test_job_backends_launch_nodes_times_gpus(compiled, backend):
+    ir = compiled[backend]
+    params = ir["root"]["inputDefinitions"]["parameters"]
+    assert params["nodes"]["defaultValue"] == 2 and params["gpus_per_node"]["defaultValue"] == 8
+    train = ir["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]
+    assert train["backend"]["runtimeValue"]["constant"] == backend
+    assert train["nodes"]["componentInputParameter"] == "nodes"
+    assert train["gpus_per_node"]["componentInputParameter"] == "gpus_per_node"
+    assert train["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"   # job name per run
+    script = " ".join(ir["deploymentSpec"]["executors"]["exec-train"]["container"]["command"])
+    assert "train_job_step" in script and "pod_owner" in script
+    # the launcher pod itself needs no GPU: the job's pods do
+    assert "resources" not in ir["deploymentSpec"]["executors"]["exec-train"]["container"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_components_run_from_our_images_and_install_nothing(compiled, backend):
+    execs = compiled[backend]["deploymentSpec"]["executors"]
     images = {name: e["container"]["image"] for name, e in execs.items()}
     assert images["exec-extract"] == DATA_IMAGE and images["exec-tokenize"] == DATA_IMAGE
     assert images["exec-train"] == images["exec-fuse"] == images["exec-evaluate"] == TRAIN_IMAGE
@@ -43,9 +86,9 @@ def test_components_run_from_our_images_and_install_nothing(tmp_path):
         assert "from mtnlg.steps import" in script, name
 
 
-def test_component_outputs_are_typed_artifacts(tmp_path):
-    ir = _compile(tmp_path)
-    comps = ir["components"]
+def test_component_outputs_are_typed_artifacts(compiled):
+    comps = compiled["trainjob"]["components"]
+
     def outs(c):
         return {k: v["artifactType"]["schemaTitle"] for k, v in comps[c]["outputDefinitions"]["artifacts"].items()}
     assert outs("comp-extract") == {"dataset": "system.Dataset", "metrics": "system.Metrics"}

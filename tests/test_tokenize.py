@@ -188,10 +188,15 @@ def test_empty_or_missing_split(tmp_path, corpus, tokenized):
     assert os.listdir(out) == []  # the finished train split was not published either
 
 
-def test_gcs_input_and_output(extracted, tokenized, gcs):
-    storage.copy_tree(extracted, storage.join(gcs, "extracted"))
-    out = storage.join(gcs, "tokens")
-    stats = tokenize(storage.join(gcs, "extracted"), out, TokenizeConfig(vocab_size=VOCAB, workers=2))
+@pytest.fixture(params=["gcs", "s3"])
+def remote(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_remote_input_and_output(extracted, tokenized, remote):
+    storage.copy_tree(extracted, storage.join(remote, "extracted"))
+    out = storage.join(remote, "tokens")
+    stats = tokenize(storage.join(remote, "extracted"), out, TokenizeConfig(vocab_size=VOCAB, workers=2))
     assert stats["documents"] == tokenized[1]["documents"]
     local = tokenized[0]
     for name in ("tokenizer.model", "train.idx", "train.bin", "validation.idx", "stats.json"):
@@ -200,12 +205,12 @@ def test_gcs_input_and_output(extracted, tokenized, gcs):
         assert storage.read_bytes(storage.join(out, name)) == open(os.path.join(local, name), "rb").read(), name
     tok = Tokenizer.from_dir(out)
     assert tok.vocab_size == VOCAB
-    # reuse the gs:// tokenizer
-    stats2 = tokenize(storage.join(gcs, "extracted"), storage.join(gcs, "again"),
+    # reuse the remote tokenizer
+    stats2 = tokenize(storage.join(remote, "extracted"), storage.join(remote, "again"),
                       TokenizeConfig(tokenizer=storage.join(out, "tokenizer.model"), workers=1))
     assert stats2["tokens"] == stats["tokens"]
-    with pytest.raises(FileNotFoundError, match="input directory gs://.*/missing does not exist"):
-        tokenize(storage.join(gcs, "missing"), storage.join(gcs, "x"), TokenizeConfig(vocab_size=VOCAB))
+    with pytest.raises(FileNotFoundError, match=r"input directory (gs|s3)://.*/missing does not exist"):
+        tokenize(storage.join(remote, "missing"), storage.join(remote, "x"), TokenizeConfig(vocab_size=VOCAB))
 
 
 def test_cli(extracted, tokenized, tmp_path, capsys):

@@ -97,3 +97,26 @@ def test_engines_share_one_interface():
     assert PipelineEngine.flatten_optimizer and not LocalEngine.flatten_optimizer
     dims = SimpleNamespace(world_size=4, pp=1, tp=2)
     assert LocalEngine(None, dims, None, "fp32", 1, None).loss_ranks == 4
+
+
+def test_s3_run_directory_and_data_prefixes(s3):
+    """An s3:// run directory is written locally and uploaded (RunFiles); s3:// blend
+    prefixes are used as given, relative ones joined onto data.path."""
+    from mtnlg import storage
+    from mtnlg.train.config import BlendSource, DataConfig
+    from mtnlg.train.data import _prefixes
+    from mtnlg.train.metrics import RunFiles
+
+    storage.write_text(f"{s3}/run/log.jsonl", '{"step": 1}\n')
+    files = RunFiles(f"{s3}/run")
+    assert files.remote and not files.local.startswith("s3:")
+    files.fetch("log.jsonl")  # a resumed run's log comes back first
+    with open(files.path("log.jsonl"), "a") as f:
+        f.write('{"step": 2}\n')
+    files.sync()
+    files.close()
+    assert storage.read_text(f"{s3}/run/log.jsonl") == '{"step": 1}\n{"step": 2}\n'
+
+    d = DataConfig(path=f"{s3}/tok", blend=[BlendSource(prefix="s3://other/web/train", weight=2.0),
+                                            BlendSource(prefix="books/train")])
+    assert _prefixes(d) == (["s3://other/web/train", f"{s3}/tok/books/train"], [2.0, 1.0], f"{s3}/tok/validation")

@@ -1,63 +1,93 @@
-"""``mtnlg pytorchjob``: write (and optionally submit) the PyTorchJob for a training run.
+"""``mtnlg job``: write (and optionally run) the TrainJob or PyTorchJob of a training run.
 
-    mtnlg pytorchjob --name gpt-1b3 --image REGISTRY/mtnlg-train:0.1.0 --nodes 2 \\
-        --nproc-per-node 8 --gpus-per-node 8 --recipe mtnlg-1.3b \\
+    mtnlg job --backend trainjob --name gpt-1b3 --nodes 2 --gpus-per-node 8 --recipe mtnlg-1.3b \\
         data.path=gs://bucket/tokens output=gs://bucket/runs/gpt-1b3 parallel.tp=8 -o job.yaml
-    kubectl apply -f job.yaml          # or add --submit
+    kubectl apply -f job.yaml          # or add --submit to create it and follow it to its end
+
+The file holds every object the pipeline's launcher would create (today: the one job; the
+run config travels inside it), after the same checks: the layout against nodes x GPUs, the
+data and run directory reachable from the pods, the backend's webhook rules and, with
+``--schema-dir``, the CRD schemas with unknown fields rejected.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+SCHEMA_FILES = {"trainjob": "trainer.kubeflow.org_trainjobs.yaml", "pytorchjob": "kubeflow.org_pytorchjobs.yaml"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides")
-    p.add_argument("--name", required=True, help="job name (DNS-1123 label)")
-    p.add_argument("--image", default=None, help="trainer image (default: the package's mtnlg-train image)")
+    p.add_argument("--backend", default="trainjob", choices=("trainjob", "pytorchjob"),
+                   help="Kubeflow Trainer v2 TrainJob (default) or Training Operator PyTorchJob")
+    p.add_argument("--name", required=True, help="job name (DNS-1123 label, at most 40 characters)")
     p.add_argument("--namespace", default="kubeflow")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (pods)")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one training process each")
+    p.add_argument("--nproc-per-node", type=int, default=0, help="processes per node (default: one per GPU)")
+    p.add_argument("--image", default="", help="trainer image (default: this package's mtnlg-train image)")
+    p.add_argument("--cpu", default="", help="CPU request and limit per node, e.g. 32")
+    p.add_argument("--memory", default="", help="memory request and limit per node, e.g. 512Gi")
+    p.add_argument("--runtime", default="torch-distributed", help="TrainJob: ClusterTrainingRuntime name")
+    p.add_argument("--volume-claim", default="", help="ReadWriteMany PVC mounted on every node")
+    p.add_argument("--volume-mount", default="/mnt/mtnlg", help="where the PVC is mounted (default /mnt/mtnlg)")
+    p.add_argument("--job", action="append", default=[], metavar="KEY=VALUE", dest="job_overrides",
+                   help="any other job setting (ClusterJobConfig), e.g. --job shm_size=32Gi "
+                        "--job node_selector={pool: a100}")
     p.add_argument("--recipe", default=None, help="named training recipe")
     p.add_argument("--config", default=None, help="training config YAML (local or gs://)")
-    p.add_argument("--nodes", type=int, default=1, help="pods (Master + Workers)")
-    p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) per pod")
-    p.add_argument("--gpus-per-node", type=int, default=0)
-    p.add_argument("--cpu", default=None, help="CPU limit per pod, e.g. 8")
-    p.add_argument("--memory", default=None, help="memory limit per pod, e.g. 64Gi")
-    p.add_argument("--schema", default=None, help="PyTorchJob CRD YAML to validate against as well")
-    p.add_argument("-o", "--output", default="-", help="where to write the manifests (default stdout)")
-    p.add_argument("--submit", action="store_true", help="create the objects with the Kubernetes API and wait")
+    p.add_argument("--schema-dir", default=None,
+                   help="folder with the CRD YAML files: validate strictly against them too")
+    p.add_argument("-o", "--output", default="-", help="where to write the objects (default stdout)")
+    p.add_argument("--submit", action="store_true", help="create the job with the Kubernetes API and follow it")
+    p.add_argument("--timeout", type=float, default=None, help="with --submit: seconds to wait at most")
+    p.add_argument("--cleanup", default="on-success", choices=("on-success", "on-failure", "always", "never"),
+                   help="with --submit: when to delete the job (default on-success)")
+
+
+def job_config(args: argparse.Namespace):
+    from mtnlg.cluster.jobs import ClusterJobConfig
+    from mtnlg.config import load_config
+
+    base = {"backend": args.backend, "name": args.name, "namespace": args.namespace, "nodes": args.nodes,
+            "gpus_per_node": args.gpus_per_node, "nproc_per_node": args.nproc_per_node, "image": args.image,
+            "cpu": args.cpu, "memory": args.memory, "runtime": args.runtime, "volume_claim": args.volume_claim,
+            "volume_mount": args.volume_mount}
+    return load_config(ClusterJobConfig, overrides=args.job_overrides, base=base)
 
 
 def main(args: argparse.Namespace) -> int:
     from mtnlg import storage
-    from mtnlg.cluster.pytorchjob import (PyTorchJobLauncher, PyTorchJobSpec, build_manifests, load_crd_schema, to_yaml,
-                                          validate_pytorchjob)
-    from mtnlg.config import to_dict
-    from mtnlg.images import TRAIN_IMAGE
-    from mtnlg.parallel.dims import ParallelDims
+    from mtnlg.cluster.jobs import build_job, to_yaml
+    from mtnlg.cluster.schema import load_crd_schema, validate_object
     from mtnlg.config import load_config
     from mtnlg.train.config import TrainRunConfig, recipe
 
     cfg = load_config(TrainRunConfig, args.config, list(args.overrides), base=recipe(args.recipe))
-    spec = PyTorchJobSpec(name=args.name, image=args.image or TRAIN_IMAGE, run_config=to_dict(cfg),
-                          namespace=args.namespace, nodes=args.nodes, nproc_per_node=args.nproc_per_node,
-                          gpus_per_node=args.gpus_per_node, cpu=args.cpu, memory=args.memory)
-    # The layout must fit the job's world size before anything reaches the cluster.
-    ParallelDims.build(cfg.parallel, spec.world_size, cfg.model)
-    manifests = build_manifests(spec)
-    if args.schema:
-        validate_pytorchjob(manifests[-1], load_crd_schema(args.schema))
-    text = to_yaml(manifests)
+    spec = job_config(args)
+    job = build_job(spec, cfg)
+    if args.schema_dir:
+        path = Path(args.schema_dir) / SCHEMA_FILES[spec.backend]
+        if not path.is_file():
+            raise FileNotFoundError(f"--schema-dir: {path} not found")
+        validate_object(job, load_crd_schema(path))
+    text = to_yaml([job])
     if args.output == "-":
         sys.stdout.write(text)
     else:
         storage.write_text(args.output, text)
-        print(args.output)
+        print(args.output, file=sys.stderr)
     if args.submit:
-        launcher = PyTorchJobLauncher()
-        name = launcher.submit(manifests)
-        state = launcher.wait(name, args.namespace)
-        print(f"PyTorchJob {args.namespace}/{name}: {state}")
-        return 0 if state == "Succeeded" else 1
+        from mtnlg.cluster.launcher import JobFailed, JobLauncher
+
+        try:
+            outcome = JobLauncher(spec.backend).run(job, timeout_s=args.timeout, cleanup=args.cleanup)
+        except JobFailed as e:
+            print(f"mtnlg job: {e}", file=sys.stderr)
+            return 1
+        print(f"{spec.kind.kind} {outcome.namespace}/{outcome.name}: {outcome.state} in {outcome.seconds:.0f}s",
+              file=sys.stderr)
     return 0

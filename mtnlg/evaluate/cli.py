@@ -7,7 +7,7 @@ import json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="fused model directory (from `mtnlg fuse`), local or gs://")
+    p.add_argument("model", help="fused model directory (from `mtnlg fuse`), local, gs:// or s3://")
     p.add_argument("--data", required=True, help="tokenized directory (from `mtnlg tokenize`); its validation split is used")
     p.add_argument("--output", "-o", default=None, help="report directory (default MODEL/eval)")
     p.add_argument("--train-log", default=None, help="the training run's log.jsonl, for the loss curve")

@@ -11,7 +11,7 @@ measures
 * greedy sample generations for a few fixed prompts,
 
 and writes ``metrics.json``, ``report.md``, ``report.html`` (and ``loss.png`` from the
-training log) into ``output`` (local or gs://).
+training log) into ``output`` (local, gs:// or s3://).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ MIN_CLOZE_SEQ_LENGTH = 17  # eod + 8 context tokens + a word of up to 8 tokens
 
 
 def _open_split(data_dir: str, split: str, tmp: str):
-    """The split's IndexedDataset, downloading ``.bin``/``.idx`` side by side for gs://."""
+    """The split's IndexedDataset, downloading ``.bin``/``.idx`` side by side for gs:// and s3://."""
     from mtnlg.formats.indexed_dataset import IndexedDataset
 
     prefix = storage.join(data_dir, split)
@@ -43,7 +43,7 @@ def _open_split(data_dir: str, split: str, tmp: str):
         if not storage.exists(prefix + ext):
             raise FileNotFoundError(f"{prefix + ext} does not exist: {data_dir} has no {split!r} split "
                                     "(expected the output of `mtnlg tokenize`)")
-    if storage.is_gcs(prefix):
+    if storage.is_remote(prefix):
         local = os.path.join(tmp, split)
         for ext in (".bin", ".idx"):
             storage.copy(prefix + ext, local + ext)

@@ -82,7 +82,7 @@ def write_report(output: str, metrics: dict[str, Any], samples: list[dict[str, s
                  train_records: list[dict[str, Any]] | None = None,
                  title: str = "mtnlg evaluation") -> dict[str, str]:
     """Write ``metrics.json``, ``report.md``, ``report.html`` (and ``loss.png`` from
-    ``train_records``) into ``output`` (local or gs://); returns their paths."""
+    ``train_records``) into ``output`` (local, gs:// or s3://); returns their paths."""
     paths = {"metrics": storage.join(output, "metrics.json"), "markdown": storage.join(output, "report.md"),
              "html": storage.join(output, "report.html")}
     png_bytes = None

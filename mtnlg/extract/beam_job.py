@@ -583,8 +583,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Command-line entry in the style of Beam's examples: our flags, then any Beam options."""
     parser = argparse.ArgumentParser(description="Clean, filter, deduplicate and split raw text.")
     parser.add_argument("--input", action="append", required=True,
-                        help="file, directory or glob, local or gs:// (repeatable)")
-    parser.add_argument("--output", required=True, help="output directory, local or gs://")
+                        help="file, directory or glob, local, gs:// or s3:// (repeatable)")
+    parser.add_argument("--output", required=True, help="output directory, local, gs:// or s3://")
     parser.add_argument("--config", help="YAML file with ExtractConfig fields")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--workers", type=int, default=None, help="DirectRunner worker processes")

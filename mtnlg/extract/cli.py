@@ -13,9 +13,9 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("items", nargs="+", metavar="INPUT|KEY=VALUE",
-                        help="input files, directories or globs (local or gs://), and config overrides "
+                        help="input files, directories or globs (local, gs:// or s3://), and config overrides "
                              "such as filters.min_words=20 or dedup.threshold=0.7")
-    parser.add_argument("--output", "-o", required=True, help="output directory (local or gs://)")
+    parser.add_argument("--output", "-o", required=True, help="output directory (local, gs:// or s3://)")
     parser.add_argument("--config", help="YAML file of ExtractConfig fields (overrides apply on top)")
     parser.add_argument("--workers", type=int, default=2,
                         help="DirectRunner worker processes (1 = in-process); ignored with another runner "

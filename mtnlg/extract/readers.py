@@ -70,7 +70,7 @@ def detect_format(path: str) -> str | None:
 
 
 def expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
-    """(files to read, files skipped) for paths, directories and globs, local or gs://.
+    """(files to read, files skipped) for paths, directories and globs, local, gs:// or s3://.
 
     A file named directly is read whatever its name (unknown extensions as plain text);
     files found in a directory or by a glob are read only when their extension names a

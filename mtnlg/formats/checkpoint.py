@@ -1,4 +1,4 @@
-"""Sharded training checkpoints with ``torch.distributed.checkpoint`` (DCP), local or gs://.
+"""Sharded training checkpoints with ``torch.distributed.checkpoint`` (DCP), local, gs:// or s3://.
 
 A checkpoint directory ``<dir>/step_00000020/`` holds
 
@@ -12,7 +12,7 @@ A checkpoint directory ``<dir>/step_00000020/`` holds
 * ``config.yaml`` and the tokenizer files, so a checkpoint is usable on its own.
 
 ``<dir>/latest`` names the newest complete checkpoint and is written after it. Locally a
-checkpoint is written into ``step_XXXXXXXX.tmp`` and renamed; on gs:// (no rename) each
+checkpoint is written into ``step_XXXXXXXX.tmp`` and renamed; on gs:// and s3:// (no rename) each
 rank writes into a local staging directory and uploads, and ``trainer_state.json`` and
 then ``latest`` are uploaded only after every rank finished. Either way a reader following
 ``latest`` never sees a partial checkpoint.
@@ -169,7 +169,7 @@ def read_latest(directory: str) -> str | None:
 def list_checkpoints(directory: str) -> list[tuple[int, str, bool]]:
     """``(step, path, complete)`` for every ``step_*`` entry (and ``.tmp`` leftovers), by step."""
     names: dict[str, bool] = {}
-    if storage.is_gcs(directory):
+    if storage.is_remote(directory):
         base = directory.rstrip("/") + "/"
         for f in storage.list_files(directory):
             rel = f[len(base):]
@@ -255,7 +255,7 @@ def save_checkpoint(directory: str, step: int, model: torch.nn.Module, optimizer
     meta = dict(trainer_state, step=step, world_size=world, format=FORMAT)
     rng_name = f"rank_{rank:05d}.pt"
 
-    if not storage.is_gcs(directory):
+    if not storage.is_remote(directory):
         tmp = final + ".tmp"
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)

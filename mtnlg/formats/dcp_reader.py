@@ -7,11 +7,11 @@ range where it is stored (a ``torch.save`` of that chunk). Which (tp, dp, pp) la
 the checkpoint only changes how the tensors are chunked, so one reader serves them all:
 allocate the full tensor, read each chunk's bytes, place it.
 
-    r = CheckpointReader("runs/train/checkpoints/step_00000020")   # local or gs://
+    r = CheckpointReader("runs/train/checkpoints/step_00000020")   # local, gs:// or s3://
     r.model_tensors()            # {"tok_embeddings.weight": TensorSpec(fqn, shape, dtype), ...}
     w = r.read("model.tok_embeddings.weight")     # full tensor, nothing else loaded
 
-Only the bytes of the requested tensor are read (ranged reads on gs://), so fusing never
+Only the bytes of the requested tensor are read (ranged reads on gs:// and s3://), so fusing never
 touches the optimizer state. Errors name the file and the tensor: a missing shard file,
 a truncated one, a chunk that does not unpickle as a tensor or has the wrong shape, or
 chunks that do not cover the tensor.
@@ -125,7 +125,7 @@ class CheckpointReader:
 
     def _read_range(self, path: str, offset: int, length: int) -> bytes:
         f = self._handles.get(path)
-        if f is None:  # kept open: on gs:// each open is a request
+        if f is None:  # kept open: on gs:// and s3:// each open is a request
             f = self._handles[path] = storage.open_read(path, "rb")
         f.seek(offset)
         data = f.read(length)

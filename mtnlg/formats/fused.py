@@ -145,7 +145,7 @@ def column_major_linears(model: torch.nn.Module) -> torch.nn.Module:
 
 def load_fused(directory: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                verify: bool = True, decode_layout: bool = True):
-    """``(model, cfg, tokenizer)`` from a fused model directory (local or gs://), in eval mode.
+    """``(model, cfg, tokenizer)`` from a fused model directory (local, gs:// or s3://), in eval mode.
 
     ``dtype`` defaults to the dtype the weights were written in. ``decode_layout`` stores
     linear weights column-major for fast generation (:func:`column_major_linears`).
@@ -177,7 +177,7 @@ def write_model_dir(out: str, cfg: ModelConfig, names: list[str], shapes: dict[s
     """Write a fused model directory into local ``out``; returns the manifest.
 
     ``get(name)`` produces each tensor when its turn comes (streaming); ``tokenizer_files``
-    maps a file name to its bytes or a path (local or gs://) to copy.
+    maps a file name to its bytes or a path (local, gs:// or s3://) to copy.
     """
     if dtype not in FUSE_DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(FUSE_DTYPES)}")
@@ -198,7 +198,7 @@ def write_model_dir(out: str, cfg: ModelConfig, names: list[str], shapes: dict[s
         if isinstance(src, bytes):
             with open(dst, "wb") as f:
                 f.write(src)
-        elif storage.is_gcs(src):
+        elif storage.is_remote(src):
             storage.copy(src, dst)
         else:
             shutil.copyfile(src, dst)  # no fsync: the staging directory is renamed as a whole
@@ -218,7 +218,7 @@ def numel(shape) -> int:
 def save_fused(model: torch.nn.Module, output: str, tokenizer, dtype: str = "fp32",
                max_shard_bytes: int = 2 << 30, **provenance: Any) -> dict[str, Any]:
     """Write an in-memory (single-device) ``GPT`` and its ``Tokenizer`` as a fused model
-    directory (local or gs://); returns the manifest. What ``MegatronLM.save`` uses."""
+    directory (local, gs:// or s3://); returns the manifest. What ``MegatronLM.save`` uses."""
     sd = model.state_dict()
     names = list(expected_tensors(model))
     shapes = {k: tuple(sd[k].shape) for k in names}
@@ -234,8 +234,8 @@ def save_fused(model: torch.nn.Module, output: str, tokenizer, dtype: str = "fp3
 def staged_output(output: str) -> Iterator[str]:
     """A local directory that becomes ``output`` only if the body succeeds: a failed fuse
     leaves no half-written model behind (locally: ``OUTPUT.partial`` renamed at the end;
-    gs://: uploaded at the end)."""
-    if storage.is_gcs(output):
+    gs://, s3://: uploaded at the end)."""
+    if storage.is_remote(output):
         with storage.local_dir_for_output(output) as out:
             yield out
         return

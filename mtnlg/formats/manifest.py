@@ -45,7 +45,7 @@ def write_manifest(directory: str, files: dict[str, dict[str, Any]], tensors: di
 
 def save_manifest(directory: str, manifest: dict[str, Any]) -> None:
     text = json.dumps(manifest, indent=2) + "\n"
-    if storage.is_gcs(directory):
+    if storage.is_remote(directory):
         storage.write_text(storage.join(directory, MANIFEST), text)
     else:
         # a plain write: the directory is a staging one, made visible as a whole by a

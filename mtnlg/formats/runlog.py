@@ -62,7 +62,7 @@ def read_summary(run_dir: str) -> dict[str, Any] | None:
 
 def plot_loss_curve(rows: list[dict[str, Any]], png_path: str, title: str = "training loss") -> bool:
     """Training loss (and validation loss, and the learning rate on a second axis) against
-    step, as a PNG at ``png_path`` (local or gs://). False when no row has a finite loss."""
+    step, as a PNG at ``png_path`` (local, gs:// or s3://). False when no row has a finite loss."""
     pts = [(r["step"], r["loss"]) for r in loss_rows(rows)]
     if not pts:
         return False

@@ -215,7 +215,7 @@ def read_header(path: str) -> tuple[dict[str, Any], int]:
 
 
 def sha256_file(path: str, chunk: int = 8 << 20) -> str:
-    """Hex sha256 of a local file or gs:// object, read in chunks."""
+    """Hex sha256 of a local file or gs:// or s3:// object, read in chunks."""
     from mtnlg import storage
 
     h = hashlib.sha256()

@@ -78,7 +78,7 @@ def model_info(proto: bytes) -> dict:
 
 
 class Tokenizer:
-    """A SentencePiece model (local path or gs://) with its end-of-document id."""
+    """A SentencePiece model (local path, gs:// or s3://) with its end-of-document id."""
 
     def __init__(self, model_path: str, eod_id: int | None = None):
         model_path = str(model_path)

@@ -1,7 +1,7 @@
 """``mtnlg fuse CHECKPOINT --output DIR [--dtype fp32|bf16|fp16] [--hf]``.
 
 CHECKPOINT is a training run directory (its ``checkpoints/latest`` is used), a checkpoints
-directory with ``latest``, or one ``step_XXXXXXXX`` checkpoint; local or gs://.
+directory with ``latest``, or one ``step_XXXXXXXX`` checkpoint; local, gs:// or s3://.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="run dir, checkpoints dir or step_XXXXXXXX checkpoint (local or gs://)")
-    p.add_argument("--output", "-o", required=True, help="fused model directory to write (local or gs://)")
+    p.add_argument("checkpoint", help="run dir, checkpoints dir or step_XXXXXXXX checkpoint (local, gs:// or s3://)")
+    p.add_argument("--output", "-o", required=True, help="fused model directory to write (local, gs:// or s3://)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="weights dtype (default fp32)")
     p.add_argument("--hf", action="store_true", help="also write a Hugging Face model directory to OUTPUT/hf")
     p.add_argument("--max-shard-size", default="2GB",

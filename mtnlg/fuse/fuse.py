@@ -3,7 +3,7 @@
     fuse_checkpoint("runs/train", "runs/model", dtype="bf16", hf=True)
 
 reads the checkpoint ``runs/train/checkpoints/latest`` names (or a checkpoint directory
-given directly), written at any (tp, dp) layout, local or gs://, and writes::
+given directly), written at any (tp, dp) layout, local, gs:// or s3://, and writes::
 
     runs/model/config.json          the ModelConfig (JSON)
     runs/model/model.safetensors    weights (model-0000i-of-0000n.safetensors + index when big)

@@ -97,7 +97,7 @@ def reshard_checkpoint(checkpoint: str, output: str, tp: int, pp: int = 1) -> di
     """Write ``checkpoint`` for layout (tp, pp) as ``output/step_XXXXXXXX`` + ``output/latest``.
 
     ``checkpoint`` is a run dir, a checkpoints dir with ``latest``, or a checkpoint; both
-    may be local or gs://. Returns a summary with the overrides that resume from it.
+    may be local, gs:// or s3://. Returns a summary with the overrides that resume from it.
     """
     import yaml
 

@@ -11,10 +11,10 @@ import json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="run dir, checkpoints dir or step_XXXXXXXX checkpoint (local or gs://)")
+    p.add_argument("checkpoint", help="run dir, checkpoints dir or step_XXXXXXXX checkpoint (local, gs:// or s3://)")
     p.add_argument("--tp", type=int, required=True, help="new tensor-parallel degree")
     p.add_argument("--pp", type=int, default=1, help="new pipeline-parallel degree (default 1)")
-    p.add_argument("--output", "-o", required=True, help="checkpoints directory to write (local or gs://)")
+    p.add_argument("--output", "-o", required=True, help="checkpoints directory to write (local, gs:// or s3://)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="fused model directory (from `mtnlg fuse`), local or gs://")
+    p.add_argument("model", help="fused model directory (from `mtnlg fuse`), local, gs:// or s3://")
     p.add_argument("--prompt", default=None, help="text to continue (required unless --chat)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     p.add_argument("--temperature", type=float, default=None,

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.__class__ = _IntermixedParser
     parser.add_argument("input", metavar="EXTRACTED_DIR",
                         help="output of mtnlg extract: DIR/train/*.jsonl, DIR/validation/*.jsonl "
-                             "(local or gs://)")
+                             "(local, gs:// or s3://)")
     parser.add_argument("--output", "-o", required=True, metavar="DIR",
                         help="where to write tokenizer.model, <split>.bin/.idx, stats.json")
     parser.add_argument("--vocab-size", type=int, metavar="N", help="vocabulary size to train")

@@ -42,7 +42,7 @@ class TokenizeConfig(Config):
     # rather than the machine's core count: the same config gives the same model anywhere.
     train_threads: int = field(default=8, metadata={"min": 1})
 
-    # --- reuse instead of training: a SentencePiece .model (local or gs://)
+    # --- reuse instead of training: a SentencePiece .model (local, gs:// or s3://)
     tokenizer: str | None = None
 
     # --- encoding

@@ -55,7 +55,7 @@ _MAX_SENTENCE_BYTES = 1 << 14  # longer single lines are left out of tokenizer t
 def split_files(input_dir: str, split: str, shown_as: str | None = None) -> list[str]:
     """The JSONL part files of one split of a local directory, sorted; an error if none.
 
-    ``shown_as`` is the directory's name in messages (the gs:// URI of a downloaded copy).
+    ``shown_as`` is the directory's name in messages (the gs:// or s3:// URI of a downloaded copy).
     """
     split_dir = os.path.join(input_dir, split)
     shown = storage.join(shown_as or input_dir, split)
@@ -321,7 +321,7 @@ def _encode_split(encoder: _Encoder, split: str, files: list[str], tasks: list, 
 @contextlib.contextmanager
 def _staging(output: str):
     """A local directory to build the output in (inside ``output`` when local: same disk)."""
-    if storage.is_gcs(output):
+    if storage.is_remote(output):
         stage = tempfile.mkdtemp(prefix="mtnlg-tokenize-")
     else:
         os.makedirs(output, exist_ok=True)
@@ -339,7 +339,7 @@ def _publish(stage: str, output: str, names: list[str]) -> None:
         storage.remove(stats_dst)  # the directory is incomplete until the new stats.json lands
     for name in [n for n in names if n != STATS_FILE] + [STATS_FILE]:
         src, dst = os.path.join(stage, name), storage.join(output, name)
-        if storage.is_gcs(output):
+        if storage.is_remote(output):
             storage.copy(src, dst)
         else:
             os.replace(src, dst)
@@ -355,7 +355,7 @@ def _resolve_workers(workers: int) -> int:
 
 
 def tokenize(input_dir: str, output: str, config: TokenizeConfig | None = None) -> dict:
-    """Tokenize every split of ``input_dir`` (local or gs://) into ``output``; return the stats."""
+    """Tokenize every split of ``input_dir`` (local, gs:// or s3://) into ``output``; return the stats."""
     config = config or TokenizeConfig()
     input_dir, output = str(input_dir), str(output)
     t0 = time.perf_counter()

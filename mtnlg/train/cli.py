@@ -17,8 +17,23 @@ import json
 import os
 import sys
 
-from mtnlg.config import load_config
+from mtnlg.config import ConfigError, load_config, merge
 from mtnlg.train.config import TrainRunConfig, recipe, recipe_names
+
+
+def _yaml_from_env(name: str) -> dict:
+    import yaml
+
+    text = os.environ.get(name)
+    if not text:
+        raise ConfigError(f"--config-from-env {name}: the environment variable is not set or empty")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config-from-env {name}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config-from-env {name}: expected a mapping, got {type(data).__name__}")
+    return data
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", default=None,
                         help=f"named run recipe: {', '.join(recipe_names())}")
     parser.add_argument("--config", default=None, help="YAML file applied over the recipe (local or gs://)")
+    parser.add_argument("--config-from-env", default=None, metavar="VAR",
+                        help="the run config as YAML in this environment variable (what cluster jobs pass)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved configuration and exit")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -36,8 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from mtnlg.config import dump_yaml
 
-    cfg = load_config(TrainRunConfig, args.config, list(args.overrides) + list(args.passthrough or []),
-                      base=recipe(args.recipe))
+    base = recipe(args.recipe)
+    if args.config_from_env:
+        base = merge(base, _yaml_from_env(args.config_from_env))
+    cfg = load_config(TrainRunConfig, args.config, list(args.overrides) + list(args.passthrough or []), base=base)
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0

@@ -28,7 +28,7 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 class BlendSource(Config):
     """One weighted training stream (Megatron's ``--data-path W1 PREFIX1 W2 PREFIX2``)."""
 
-    # Dataset prefix (path without .bin/.idx): gs:// or absolute, or relative to data.path
+    # Dataset prefix (path without .bin/.idx): gs://, s3:// or absolute, or relative to data.path
     # (e.g. "train", "web/train").
     prefix: str = ""
     weight: float = field(default=1.0, metadata={"gt": 0.0})
@@ -37,7 +37,7 @@ class BlendSource(Config):
 @dataclass
 class DataConfig(Config):
     # Tokenized directory from `mtnlg tokenize` (tokenizer.json, train.bin/.idx, ...),
-    # local or gs://.
+    # local, gs:// or s3://.
     path: str = ""
     train_prefix: str = "train"
     valid_prefix: str = "validation"
@@ -122,7 +122,7 @@ class TrainRunConfig(Config):
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    # Run directory (local or gs://): config.yaml, log.jsonl, tensorboard/, checkpoints/.
+    # Run directory (local, gs:// or s3://): config.yaml, log.jsonl, tensorboard/, checkpoints/.
     output: str = ""
 
     @staticmethod
@@ -190,7 +190,7 @@ class TrainRunConfig(Config):
         from mtnlg.parallel.dims import ParallelDims
 
         if not self.output:
-            raise ConfigError("output: the run directory is required (output=DIR or gs://...)")
+            raise ConfigError("output: the run directory is required (output=DIR, gs://... or s3://...)")
         if not self.data.path:
             raise ConfigError("data.path: the tokenized data directory is required (data.path=DIR)")
         dims = ParallelDims.build(self.parallel, world_size, self.model)

@@ -37,8 +37,8 @@ def with_tokenizer_vocab(cfg, verbose: bool):
 
 def _prefixes(d) -> tuple[list[str], list[float], str]:
     if d.blend:
-        prefixes = [b.prefix if (storage.is_gcs(b.prefix) or os.path.isabs(b.prefix)) else storage.join(d.path, b.prefix)
-                    for b in d.blend]
+        prefixes = [b.prefix if (storage.is_remote(b.prefix) or os.path.isabs(b.prefix))
+                    else storage.join(d.path, b.prefix) for b in d.blend]
         weights = [b.weight for b in d.blend]
     else:
         prefixes, weights = [storage.join(d.path, d.train_prefix)], [1.0]
@@ -46,7 +46,7 @@ def _prefixes(d) -> tuple[list[str], list[float], str]:
 
 
 def open_datasets(data, seq_length: int, want_valid: bool):
-    """``(train, validation or None)`` datasets for the ``DataConfig`` ``data``; gs:// data
+    """``(train, validation or None)`` datasets for the ``DataConfig`` ``data``; gs:// and s3:// data
     is fetched and cached locally by ``GPTDataset`` itself. A missing file is named."""
     from mtnlg.train.gpt_dataset import BlendedDataset, GPTDataset
 

@@ -14,7 +14,7 @@ order. Three arrays describe an epoch, as in Megatron-LM's ``GPTDataset``:
 They are built with vectorised numpy (a cumulative sum and one ``searchsorted``), once per
 (data, seq_length, seed, epoch), and cached as ``.npy`` files in ``<prefix>.index-cache/``
 beside the data, keyed by a hash of those parameters; where that directory cannot be written
-(a read-only mount, gs:// data) the cache goes to ``$MTNLG_CACHE_DIR`` (default
+(a read-only mount, gs:// or s3:// data) the cache goes to ``$MTNLG_CACHE_DIR`` (default
 ``~/.cache/mtnlg``). Indices of fewer than ``CACHE_MIN_ENTRIES`` documents and samples build
 in milliseconds and stay in memory (a tiny dataset trained for many epochs would otherwise
 leave a cache entry per epoch). Sample ``i`` for any ``i >= 0`` is window ``shuffle_idx[i % S]`` of epoch
@@ -118,7 +118,7 @@ class _SampleSource:
 
 
 class GPTDataset(_SampleSource):
-    """Samples of ``seq_length + 1`` tokens from ``<prefix>.bin/.idx`` (local or gs://)."""
+    """Samples of ``seq_length + 1`` tokens from ``<prefix>.bin/.idx`` (local, gs:// or s3://)."""
 
     def __init__(self, prefix: str, seq_length: int, seed: int, cache_dir: str | None = None):
         if seq_length < 1:
@@ -142,7 +142,7 @@ class GPTDataset(_SampleSource):
         if cache_dir is not None:
             self._cache_dirs = [cache_dir]
         else:
-            beside = [] if storage.is_gcs(self.prefix) else [local + ".index-cache"]
+            beside = [] if storage.is_remote(self.prefix) else [local + ".index-cache"]
             self._cache_dirs = beside + [
                 os.path.join(cache_root(), "gpt-index", f"{name}-{self._data_digest[:16]}")]
         self._epochs: collections.OrderedDict[int, tuple] = collections.OrderedDict()
@@ -150,8 +150,8 @@ class GPTDataset(_SampleSource):
 
     @staticmethod
     def _local_prefix(prefix: str) -> str:
-        """gs:// data is downloaded once into the local cache (reused while its size matches)."""
-        if not storage.is_gcs(prefix):
+        """gs:// and s3:// data is downloaded once into the local cache (reused while its size matches)."""
+        if not storage.is_remote(prefix):
             return prefix
         key = hashlib.sha256(prefix.encode()).hexdigest()[:16]
         local = os.path.join(cache_root(), "data", key, os.path.basename(prefix))

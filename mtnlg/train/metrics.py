@@ -2,7 +2,7 @@
 per logged step (rate, ETA), and at the end ``summary.json`` and ``loss.png``.
 
 :class:`MetricsProcessor` exists on every rank and does nothing off rank 0, so the loop
-calls it unconditionally. Locally the files are written in place; for a ``gs://`` run
+calls it unconditionally. Locally the files are written in place; for a ``gs://`` or ``s3://`` run
 directory they are written to a local folder and uploaded at every checkpoint and at the
 end (:class:`RunFiles`).
 """
@@ -40,12 +40,12 @@ def throughput(tokens: float, seconds: float, flops_per_token: float, peak_tflop
 
 
 class RunFiles:
-    """Rank 0's run directory: in place when local; for gs:// a local folder uploaded by
+    """Rank 0's run directory: in place when local; for gs:// and s3:// a local folder uploaded by
     :meth:`sync`."""
 
     def __init__(self, output: str):
         self.output = output
-        self.remote = storage.is_gcs(output)
+        self.remote = storage.is_remote(output)
         self.local = tempfile.mkdtemp(prefix="mtnlg-run-") if self.remote else output
         os.makedirs(self.local, exist_ok=True)
 
@@ -184,7 +184,7 @@ class MetricsProcessor:
         log.info(" | ".join(parts))
 
     def sync(self) -> None:
-        """Upload the run files (a gs:// run directory), e.g. after a checkpoint."""
+        """Upload the run files (a gs:// or s3:// run directory), e.g. after a checkpoint."""
         if self.enabled:
             self.files.sync()
 

@@ -1,0 +1,360 @@
+"""Run a TrainJob or PyTorchJob to the end from a pipeline step (or ``mtnlg job --submit``).
+
+What the launcher does, in order:
+
+1. **Create, or adopt.** The job's name is deterministic per pipeline run and task
+   (``jobs.job_name``), so a retried step meets the job its first attempt created: a 409
+   from the API server means *attach to it* (when its labels say it is ours), not fail.
+   The trainer in the job resumes from its latest checkpoint either way.
+2. **Watch** the job (a watch on its name, reconnected when the server closes it), log each
+   phase change; look at its pods every ``poll_s``: a pod that stays Pending has its
+   scheduling events logged (``0/4 nodes are available: 4 Insufficient nvidia.com/gpu``), and
+   node 0's log is streamed into this process's log once it runs.
+3. **Finish.** Succeeded: return. Failed: raise :class:`JobFailed` with the condition's
+   reason and message, the failing pod's last log lines and its events. Deleted while
+   waited on: :class:`JobDeleted`. Past ``timeout_s``: :class:`JobTimeout` (the job is
+   deleted). SIGTERM to the launcher (the pipeline run was stopped) deletes the job.
+4. **Clean up** by policy: ``on-success`` (default: failed jobs stay for inspection),
+   ``on-failure``, ``always`` or ``never``.
+
+The Kubernetes clients are the real ``kubernetes`` package's ``CustomObjectsApi`` and
+``CoreV1Api`` (in-cluster config in a pod, else the kubeconfig); the launcher needs create,
+get, list, watch, delete on its job kind, get/list on pods, get on pods/log and list on
+events (manifests/base/rbac.yaml), nothing more.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from mtnlg.cluster.jobs import JOB_LABEL, KINDS, JobKind
+from mtnlg.config import ConfigError
+from mtnlg.progress import fmt_time, get_logger
+
+log = get_logger("mtnlg.cluster")
+
+CLEANUP = ("on-success", "on-failure", "always", "never")
+SUCCESS_CONDITIONS = ("Succeeded", "Complete")
+
+
+class JobFailed(RuntimeError):
+    """The job ended Failed; the message holds the reason, the pod's last lines and events."""
+
+
+class JobDeleted(RuntimeError):
+    """The job was deleted while the launcher waited for it."""
+
+
+class JobTimeout(TimeoutError):
+    """The job did not finish within the launcher's timeout."""
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    name: str
+    namespace: str
+    state: str
+    adopted: bool
+    seconds: float
+
+
+def job_state(obj: dict[str, Any]) -> tuple[str, str, str]:
+    """``(state, reason, message)`` from a job's conditions: ``Succeeded``, ``Failed``, or
+    the newest true condition (``Created``, ``Running``, ``Restarting``...), else ``Pending``."""
+    conds = [c for c in ((obj.get("status") or {}).get("conditions") or []) if str(c.get("status")) == "True"]
+    for c in conds:
+        if c.get("type") == "Failed":
+            return "Failed", c.get("reason") or "", c.get("message") or ""
+    for c in conds:
+        if c.get("type") in SUCCESS_CONDITIONS:
+            return "Succeeded", c.get("reason") or "", c.get("message") or ""
+    if conds:
+        c = conds[-1]
+        return c.get("type") or "Pending", c.get("reason") or "", c.get("message") or ""
+    return "Pending", "", ""
+
+
+def _status(e: Exception) -> int | None:
+    return getattr(e, "status", None)
+
+
+class JobLauncher:
+    """Creates (or adopts) one job and follows it to its end; see the module doc."""
+
+    def __init__(self, kind: JobKind | str, custom: Any = None, core: Any = None, poll_s: float = 5.0,
+                 log_lines: int = 40, stream_logs: bool = True):
+        self.kind = KINDS[kind] if isinstance(kind, str) else kind
+        if custom is None or core is None:
+            from kubernetes import client, config
+
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                # KUBECONFIG read now: the client reads it once, when first imported
+                config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
+            custom = custom or client.CustomObjectsApi()
+            core = core or client.CoreV1Api()
+        self.custom, self.core = custom, core
+        self.poll_s = poll_s
+        self.log_lines = log_lines
+        self.stream_logs = stream_logs
+        self._seen_events: set[str] = set()
+        self._streams: dict[str, threading.Thread] = {}
+
+    # ---------------------------------------------------------------- the API, by kind
+    def _get(self, name: str, ns: str) -> dict[str, Any]:
+        k = self.kind
+        return self.custom.get_namespaced_custom_object(k.group, k.version, ns, k.plural, name)
+
+    def create_or_adopt(self, job: dict[str, Any]) -> bool:
+        """Create ``job``; True when an existing job of ours with its name was adopted."""
+        from kubernetes.client.rest import ApiException
+
+        k, meta = self.kind, job["metadata"]
+        try:
+            self.custom.create_namespaced_custom_object(k.group, k.version, meta["namespace"], k.plural, job)
+            log.info("%s %s/%s created", k.kind, meta["namespace"], meta["name"])
+            return False
+        except ApiException as e:
+            if _status(e) != 409:
+                raise
+        existing = self._get(meta["name"], meta["namespace"])
+        theirs = (existing.get("metadata") or {}).get("labels") or {}
+        if theirs.get(JOB_LABEL) != meta["name"]:
+            raise ConfigError(f"{k.kind} {meta['namespace']}/{meta['name']} exists and was not created by mtnlg "
+                              f"(no {JOB_LABEL} label): choose another name")
+        log.info("%s %s/%s exists (a retried step): adopting it, state %s", k.kind, meta["namespace"],
+                 meta["name"], job_state(existing)[0])
+        return True
+
+    def delete(self, name: str, ns: str) -> bool:
+        """Delete the job and, in the foreground, its pods; False when it was already gone."""
+        from kubernetes.client.rest import ApiException
+
+        k = self.kind
+        try:
+            self.custom.delete_namespaced_custom_object(k.group, k.version, ns, k.plural, name,
+                                                        body={"propagationPolicy": "Foreground"})
+        except ApiException as e:
+            if _status(e) == 404:
+                return False
+            raise
+        log.info("%s %s/%s deleted", k.kind, ns, name)
+        return True
+
+    # ---------------------------------------------------------------- pods
+    def pods(self, name: str, ns: str) -> list[Any]:
+        """The job's pods, node 0 first (selected client-side too: not every server filters)."""
+        k = self.kind
+        items = self.core.list_namespaced_pod(ns, label_selector=f"{JOB_LABEL}={name}").items
+
+        def labels(p):
+            return (p.metadata.labels or {}) if p.metadata else {}
+
+        mine = [p for p in items if labels(p).get(JOB_LABEL) == name or labels(p).get(k.pod_job_label) == name]
+        key, value = k.node0_label
+        return sorted(mine, key=lambda p: (labels(p).get(key) != value, p.metadata.name))
+
+    def _events(self, pod: str, ns: str) -> list[Any]:
+        items = self.core.list_namespaced_event(ns, field_selector=f"involvedObject.name={pod}").items
+        return [e for e in items if e.involved_object is None or e.involved_object.name == pod]
+
+    def _observe_pods(self, name: str, ns: str) -> None:
+        """Log scheduling trouble of pending pods once per event; start node 0's log stream."""
+        for i, pod in enumerate(self.pods(name, ns)):
+            phase = pod.status.phase if pod.status else None
+            if phase == "Pending":
+                for e in self._events(pod.metadata.name, ns):
+                    key = f"{pod.metadata.name}/{e.metadata.name if e.metadata else ''}/{e.count or 1}"
+                    if key not in self._seen_events and (e.type == "Warning" or e.reason == "FailedScheduling"):
+                        self._seen_events.add(key)
+                        log.warning("pod %s pending: %s: %s", pod.metadata.name, e.reason, e.message)
+            elif i == 0 and phase in ("Running", "Succeeded", "Failed") and self.stream_logs:
+                self._start_log_stream(pod.metadata.name, ns)
+
+    def _start_log_stream(self, pod: str, ns: str) -> None:
+        if pod in self._streams:
+            return
+
+        def follow() -> None:
+            try:
+                resp = self.core.read_namespaced_pod_log(pod, ns, follow=True, _preload_content=False)
+                buf = b""
+                for chunk in resp.stream(4096):
+                    buf += chunk
+                    *lines, buf = buf.split(b"\n")
+                    for line in lines:
+                        log.info("[%s] %s", pod, line.decode("utf-8", "replace"))
+                if buf:
+                    log.info("[%s] %s", pod, buf.decode("utf-8", "replace"))
+            except Exception as e:  # noqa: BLE001 - a lost log stream must not fail the run
+                log.warning("log stream of pod %s ended: %s", pod, e)
+
+        t = threading.Thread(target=follow, name=f"log-{pod}", daemon=True)
+        self._streams[pod] = t
+        t.start()
+
+    def _drain_logs(self, name: str, ns: str, timeout_s: float = 15.0) -> None:
+        """At the job's end: node 0's whole log reaches this log before the pods may go."""
+        try:
+            self._observe_pods(name, ns)
+        except Exception as e:  # noqa: BLE001 - the outcome matters more than the log
+            log.warning("could not read the pods of %s/%s: %s", ns, name, e)
+        deadline = time.monotonic() + timeout_s
+        for t in self._streams.values():
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def failure_report(self, name: str, ns: str, reason: str, message: str) -> str:
+        """The condition's reason and message, the failing pod's last lines and events."""
+        parts = [f"{self.kind.kind} {ns}/{name} failed: {reason or 'Failed'}: {message or '(no message)'}"]
+        pods = self.pods(name, ns)
+
+        def failed(p) -> bool:
+            statuses = (p.status.container_statuses or []) if p.status else []
+            bad = [s for s in statuses if s.state and s.state.terminated and s.state.terminated.exit_code]
+            return (p.status and p.status.phase == "Failed") or bool(bad)
+
+        culprit = next((p for p in pods if failed(p)), pods[0] if pods else None)
+        if culprit is not None:
+            pod = culprit.metadata.name
+            for s in (culprit.status.container_statuses or []) if culprit.status else []:
+                t = s.state.terminated if s.state else None
+                if t is not None and t.exit_code:
+                    parts.append(f"pod {pod} container {s.name}: exit code {t.exit_code} ({t.reason or 'Error'})")
+            try:
+                text = self.core.read_namespaced_pod_log(pod, ns, tail_lines=self.log_lines)
+                lines = [ln for ln in str(text).splitlines() if ln.strip()][-self.log_lines:]
+                if lines:
+                    parts.append(f"last {len(lines)} log lines of pod {pod}:\n  " + "\n  ".join(lines))
+            except Exception as e:  # noqa: BLE001 - the report says what it could not read
+                parts.append(f"(log of pod {pod} unavailable: {e})")
+            events = [f"{e.reason}: {e.message}" for e in self._events(pod, ns)]
+            if events:
+                parts.append(f"events of pod {pod}:\n  " + "\n  ".join(events[-10:]))
+        return "\n".join(parts)
+
+    # ---------------------------------------------------------------- waiting
+    def wait(self, name: str, ns: str, timeout_s: float | None = None) -> str:
+        """Follow the job until it succeeds (returns ``Succeeded``) or raises."""
+        from kubernetes import watch
+        from kubernetes.client.rest import ApiException
+
+        k = self.kind
+        start = time.monotonic()
+        last_state = None
+        last_pods = 0.0
+        while True:
+            remaining = None if timeout_s is None else timeout_s - (time.monotonic() - start)
+            if remaining is not None and remaining <= 0:
+                raise JobTimeout(f"{k.kind} {ns}/{name} still {last_state or 'Pending'} after "
+                                 f"{fmt_time(timeout_s)} (launcher timeout)")
+            try:
+                obj = self._get(name, ns)
+            except ApiException as e:
+                if _status(e) == 404:
+                    raise JobDeleted(f"{k.kind} {ns}/{name} was deleted while the launcher waited for it") from None
+                raise
+            state, reason, message = job_state(obj)
+            if state != last_state:
+                log.info("%s %s/%s: %s%s (%s)", k.kind, ns, name, state, f" ({reason})" if reason else "",
+                         fmt_time(time.monotonic() - start))
+                last_state = state
+            if state == "Succeeded":
+                self._drain_logs(name, ns)
+                return state
+            if state == "Failed":
+                self._drain_logs(name, ns, timeout_s=5.0)
+                raise JobFailed(self.failure_report(name, ns, reason, message))
+            if time.monotonic() - last_pods >= self.poll_s:
+                self._observe_pods(name, ns)
+                last_pods = time.monotonic()
+            # Block on a watch until something changes, the pod check is due, or the server
+            # ends the watch; then look again (a reconnect costs one GET).
+            wait_s = max(1, int(min(self.poll_s, remaining if remaining is not None else self.poll_s)))
+            w = watch.Watch()
+            try:
+                for ev in w.stream(self.custom.list_namespaced_custom_object, k.group, k.version, ns, k.plural,
+                                   field_selector=f"metadata.name={name}", timeout_seconds=wait_s):
+                    obj = ev.get("object") or {}
+                    if (obj.get("metadata") or {}).get("name") != name:
+                        continue  # servers that ignore the field selector
+                    if ev.get("type") == "DELETED":
+                        raise JobDeleted(f"{k.kind} {ns}/{name} was deleted while the launcher waited for it")
+                    if job_state(obj)[0] != last_state:
+                        break
+            except ApiException as e:
+                if _status(e) not in (404, 410, 500, 503, 504):
+                    raise
+                time.sleep(min(1.0, self.poll_s))  # the watch broke: reconnect
+            finally:
+                w.stop()
+
+    # ---------------------------------------------------------------- the whole run
+    def run(self, job: dict[str, Any], timeout_s: float | None = None, cleanup: str = "on-success") -> JobOutcome:
+        """Create or adopt ``job``, follow it to its end, clean up by policy."""
+        if cleanup not in CLEANUP:
+            raise ConfigError(f"cleanup: expected one of {list(CLEANUP)}, got {cleanup!r}")
+        name, ns = job["metadata"]["name"], job["metadata"]["namespace"]
+        start = time.monotonic()
+        old = None
+        if threading.current_thread() is threading.main_thread():
+            def on_sigterm(signum, frame):  # noqa: ARG001
+                log.warning("launcher received SIGTERM: deleting %s %s/%s", self.kind.kind, ns, name)
+                self.delete(name, ns)
+                raise SystemExit(143)
+
+            old = signal.signal(signal.SIGTERM, on_sigterm)
+        try:
+            adopted = self.create_or_adopt(job)
+            try:
+                state = self.wait(name, ns, timeout_s)
+            except JobTimeout:
+                self.delete(name, ns)
+                raise
+            except JobFailed:
+                if cleanup in ("on-failure", "always"):
+                    self.delete(name, ns)
+                raise
+            if cleanup in ("on-success", "always"):
+                self.delete(name, ns)
+            return JobOutcome(name, ns, state, adopted, time.monotonic() - start)
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
+
+
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def pod_namespace(default: str = "kubeflow") -> str:
+    """The namespace this pod runs in (a pipeline step's: the user's profile namespace on
+    multi-user Kubeflow), else ``default``."""
+    try:
+        with open(SERVICE_ACCOUNT_NAMESPACE, encoding="utf-8") as f:
+            return f.read().strip() or default
+    except OSError:
+        return default
+
+
+def pod_owner(core: Any = None, namespace: str | None = None) -> dict[str, str] | None:
+    """An ownerReference to this pod (the launcher's), or None when not running in a pod: a
+    job owned by it is garbage-collected when the pipeline run's pods are deleted."""
+    name = os.environ.get("HOSTNAME")
+    if not name or not os.path.exists(SERVICE_ACCOUNT_NAMESPACE):
+        return None
+    if core is None:
+        from kubernetes import client, config
+
+        config.load_incluster_config()
+        core = client.CoreV1Api()
+    try:
+        pod = core.read_namespaced_pod(name, namespace or pod_namespace())
+    except Exception as e:  # noqa: BLE001 - without an owner the job is still cleaned up by policy
+        log.warning("could not read the launcher's own pod %s (%s): the job will have no owner", name, e)
+        return None
+    return {"apiVersion": "v1", "kind": "Pod", "name": pod.metadata.name, "uid": pod.metadata.uid}

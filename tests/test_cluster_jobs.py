@@ -1,0 +1,184 @@
+"""The cluster job objects: both backends built from one spec, checked strictly against the
+real CRD schemas (unknown fields rejected) and the operators' webhook rules, before launch."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mtnlg.cluster.jobs import (BACKENDS, CONFIG_ENV, JOB_LABEL, ClusterJobConfig, build_job, check_webhook_rules,
+                                job_name, run_config_of)
+from mtnlg.cluster.schema import load_crd_schema, strict_schema, validate_object
+from mtnlg.config import ConfigError, load_config
+from mtnlg.train.config import TrainRunConfig, recipe
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMAS = ROOT.parent / "shared" / "schemas"
+CRDS = {"trainjob": SCHEMAS / "trainer.kubeflow.org_trainjobs.yaml",
+        "pytorchjob": SCHEMAS / "kubeflow.org_pytorchjobs.yaml"}
+
+
+def schema(backend: str) -> dict:
+    if not CRDS[backend].exists():
+        pytest.skip(f"CRD schema not found at {CRDS[backend]}")
+    return load_crd_schema(CRDS[backend])
+
+
+def run_config(*overrides: str, recipe_name: str = "debug") -> TrainRunConfig:
+    return load_config(TrainRunConfig, None, ["data.path=gs://b/tokens", "output=s3://b/runs/x",
+                                              "train.global_batch_size=64", "train.micro_batch_size=1", *overrides],
+                       base=recipe(recipe_name))
+
+
+def job(backend: str, nodes: int = 2, gpus: int = 8, **kw) -> dict:
+    spec = ClusterJobConfig(name="gpt-test", backend=backend, nodes=nodes, gpus_per_node=gpus, memory="64Gi", **kw)
+    return build_job(spec, run_config(f"parallel.tp={2 if spec.world_size % 2 == 0 else 1}"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("nodes, gpus", [(1, 0), (2, 8), (4, 4)])
+def test_generated_jobs_pass_the_strict_crd_schema(backend, nodes, gpus):
+    validate_object(job(backend, nodes, gpus), schema(backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_misspelt_field_is_rejected_not_pruned(backend):
+    s = schema(backend)
+    j = copy.deepcopy(job(backend))
+    if backend == "pytorchjob":
+        j["spec"]["nprocPerNod"] = j["spec"].pop("nprocPerNode")
+        where = "spec"
+    else:
+        j["spec"]["trainer"]["numProcsPerNode"] = 8
+        where = "spec.trainer"
+    with pytest.raises(ConfigError, match=rf"at {where}: Additional properties are not allowed"):
+        validate_object(j, s)
+    j = copy.deepcopy(job(backend))
+    j["metadata"]["lables"] = {"a": "b"}
+    with pytest.raises(ConfigError, match="metadata: unknown field 'lables'"):
+        validate_object(j, s)
+
+
+def test_strict_schema_keeps_int_or_string_and_open_maps():
+    s = strict_schema({"type": "object", "properties": {
+        "q": {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]},
+        "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {"a": {}}},
+        "m": {"type": "object", "additionalProperties": {"type": "string"}}}})
+    assert s["additionalProperties"] is False and "additionalProperties" not in s["properties"]["free"]
+    assert s["properties"]["m"]["additionalProperties"] == {"type": "string"}
+
+
+def test_trainjob_shape():
+    j = job("trainjob", nodes=2, gpus=8)
+    assert j["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and j["kind"] == "TrainJob"
+    t = j["spec"]["trainer"]
+    assert (t["numNodes"], t["numProcPerNode"]) == (2, 8)
+    assert t["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 8
+    assert t["command"][:3] == ["torchrun", "-m", "mtnlg.train.cli"]
+    assert j["spec"]["runtimeRef"]["name"] == "torch-distributed"
+    names = {e["name"] for e in t["env"]}
+    assert not names & {"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"}
+    pod = j["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+        "template"]["spec"]["template"]
+    assert pod["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    assert pod["metadata"]["labels"][JOB_LABEL] == "gpt-test"
+    assert pod["spec"]["terminationGracePeriodSeconds"] >= 300
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["spec"]["tolerations"]
+    shm = next(v for v in pod["spec"]["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    assert pod["spec"]["containers"][0]["name"] == "node"
+
+
+def test_pytorchjob_shape():
+    j = job("pytorchjob", nodes=4, gpus=4)
+    reps = j["spec"]["pytorchReplicaSpecs"]
+    assert reps["Master"]["replicas"] == 1 and reps["Worker"]["replicas"] == 3 and j["spec"]["nprocPerNode"] == "4"
+    c = reps["Worker"]["template"]["spec"]["containers"][0]
+    assert c["name"] == "pytorch" and c["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert reps["Master"]["template"]["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    assert list(job("pytorchjob", nodes=1, gpus=0)["spec"]["pytorchReplicaSpecs"]) == ["Master"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_run_config_travels_whole_in_the_job(backend):
+    cfg = run_config("parallel.tp=4", "train.steps=77")
+    j = build_job(ClusterJobConfig(name="gpt", backend=backend, nodes=2, gpus_per_node=4), cfg)
+    again = load_config(TrainRunConfig, base=yaml.safe_load(run_config_of(j)))
+    assert again == cfg
+    assert "configMap" not in yaml.safe_dump(j)  # no ConfigMap to create, or leak
+
+
+@pytest.mark.parametrize("kw, overrides, message", [
+    ({"name": "Bad_Name"}, [], "DNS-1123"),
+    ({"name": "x" * 41}, [], "at most 40"),
+    ({"nproc_per_node": 8, "gpus_per_node": 4}, [], "nproc_per_node=8 must equal gpus_per_node=4"),
+    ({"env": {"PET_NNODES": "2"}}, [], "PET_NNODES is set by the operator"),
+    ({"gpus_per_node": 4, "nodes": 1}, ["parallel.tp=8"], "not divisible by parallel.tp"),
+    ({}, ["output=/home/me/run"], "output='/home/me/run' is not reachable from the job's pods"),
+    ({"volume_claim": "shared"}, ["output=/mnt/mtnlg/run"], None),
+    ({}, ["data.path=runs/tokens"], "data.path='runs/tokens' is not reachable"),
+])
+def test_bad_specs_are_refused_before_anything_is_built(kw, overrides, message):
+    base = {"name": "gpt", "backend": "trainjob", "gpus_per_node": 2, "nodes": 1, **kw}
+    if message is None:
+        assert build_job(ClusterJobConfig(**base), run_config(*overrides))["kind"] == "TrainJob"
+        return
+    with pytest.raises(ConfigError, match=message):
+        build_job(ClusterJobConfig(**base), run_config(*overrides))
+
+
+def test_webhook_rules_of_both_operators():
+    j = copy.deepcopy(job("pytorchjob"))
+    j["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = 2
+    with pytest.raises(ConfigError, match="Master.replicas must be 1"):
+        check_webhook_rules(j)
+    j = copy.deepcopy(job("pytorchjob"))
+    j["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["name"] = "main"
+    with pytest.raises(ConfigError, match="container named 'pytorch'"):
+        check_webhook_rules(j)
+    j = copy.deepcopy(job("trainjob"))
+    j["spec"]["trainer"]["env"].append({"name": "PET_MASTER_PORT", "value": "1"})
+    with pytest.raises(ConfigError, match="PET_MASTER_PORT is reserved"):
+        check_webhook_rules(j)
+
+
+def test_job_names_are_deterministic_per_run_and_task():
+    a, b = job_name("run-1", "train"), job_name("run-1", "train")
+    assert a == b and a != job_name("run-2", "train") and len(a) <= 40
+    ClusterJobConfig(name=job_name("8b0e3c1a-" * 6, "train-with-a-long-task-name"))  # always a valid name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cli_writes_a_valid_job_and_refuses_a_bad_layout(tmp_path, backend):
+    from mtnlg.cli import main
+
+    out = tmp_path / "job.yaml"
+    args = ["job", "--backend", backend, "--name", "gpt", "--nodes", "2", "--gpus-per-node", "4",
+            "--recipe", "debug", "data.path=gs://b/t", "output=gs://b/r", "train.micro_batch_size=1",
+            "-o", str(out), "--job", "shm_size=32Gi"]
+    if CRDS[backend].exists():
+        args += ["--schema-dir", str(SCHEMAS)]
+    assert main(args) == 0
+    (j,) = list(yaml.safe_load_all(out.read_text()))
+    assert j["kind"] == {"trainjob": "TrainJob", "pytorchjob": "PyTorchJob"}[backend]
+    assert yaml.safe_load(run_config_of(j))["parallel"]["tp"] == 2 and "32Gi" in out.read_text()
+    assert CONFIG_ENV in out.read_text()
+    # debug's tp=2 cannot fit 3 processes: refused before anything is written.
+    assert main(["job", "--backend", backend, "--name", "gpt", "--nodes", "3", "--recipe", "debug",
+                 "data.path=gs://b/t", "output=gs://b/r", "-o", str(tmp_path / "bad.yaml")]) == 2
+    assert not (tmp_path / "bad.yaml").exists()
+
+
+def test_bundled_base_manifest_is_valid_and_fits_its_run_config():
+    j = yaml.safe_load((ROOT / "manifests" / "base" / "pytorchjob.yaml").read_text())
+    validate_object(j, schema("pytorchjob"))
+    check_webhook_rules(j)
+    cfg = load_config(TrainRunConfig, ROOT / "manifests" / "base" / "config.yaml")
+    reps = j["spec"]["pytorchReplicaSpecs"]
+    world = (reps["Master"]["replicas"] + reps["Worker"]["replicas"]) * int(j["spec"]["nprocPerNode"])
+    assert cfg.check_layout(world).world_size == 16

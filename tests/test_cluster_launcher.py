@@ -1,0 +1,245 @@
+"""The job launcher with the real ``kubernetes`` client against the in-process API emulator
+(tests/kube_emulator.py), for both backends; a test-side operator plays the Training
+Operator / Kubeflow Trainer: it creates the job's pods, writes their logs and events, and
+sets the job's conditions.
+
+What the emulator does not check (so neither do these tests): RBAC, admission webhooks
+(the webhook rules are checked in test_cluster_jobs.py instead), scheduling, and the real
+operators' timing and condition sequences beyond the condition types they document."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+import pytest
+from kube_emulator import PYTORCHJOBS, TRAINJOBS, KubeEmulator
+
+from mtnlg.cluster.jobs import JOB_LABEL, KINDS, ClusterJobConfig, build_job
+from mtnlg.cluster.launcher import JobDeleted, JobFailed, JobLauncher, JobTimeout, job_state
+from mtnlg.config import ConfigError, load_config
+from mtnlg.train.config import TrainRunConfig, recipe
+
+pytestmark = pytest.mark.unit
+
+NS = "team-a"
+RESOURCES = {"trainjob": TRAINJOBS, "pytorchjob": PYTORCHJOBS}
+DONE = {"trainjob": "Complete", "pytorchjob": "Succeeded"}  # each operator's success condition
+
+
+@pytest.fixture
+def kube():
+    with KubeEmulator() as emulator:
+        yield emulator
+        assert emulator.server_errors == []
+
+
+@pytest.fixture
+def logs():
+    """Records of the launcher's logger (mtnlg's loggers do not propagate to pytest's)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("mtnlg.cluster")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    yield lambda: "\n".join(r.getMessage() for r in records)
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def make_job(backend: str, name: str = "gpt") -> dict:
+    cfg = load_config(TrainRunConfig, None, ["data.path=gs://b/tokens", "output=gs://b/run",
+                                             "train.micro_batch_size=1"], base=recipe("debug"))
+    return build_job(ClusterJobConfig(name=name, namespace=NS, backend=backend, nodes=2, gpus_per_node=1), cfg)
+
+
+def launcher(kube, backend: str) -> JobLauncher:
+    return JobLauncher(backend, kube.custom_objects, kube.core_v1, poll_s=0.05)
+
+
+def node_pods(backend: str, name: str) -> list[tuple[str, dict]]:
+    """The pods each operator creates for a 2-node job, with its labels."""
+    k = KINDS[backend]
+    key, value = k.node0_label
+    if backend == "trainjob":
+        names = [f"{name}-node-0-0-abcde", f"{name}-node-0-1-fghij"]
+        others = ["0", "1"]
+    else:
+        names = [f"{name}-master-0", f"{name}-worker-0"]
+        others = ["master", "worker"]
+    return [(n, {JOB_LABEL: name, k.pod_job_label: name, key: v}) for n, v in zip(names, others)]
+
+
+def operator(kube, backend: str, script):
+    """On a new job: create its pods and run ``script(job_name, pods)``."""
+    res = RESOURCES[backend]
+
+    def on_added(event, job):
+        name = job["metadata"]["name"]
+        pods = node_pods(backend, name)
+        for pod, labels in pods:
+            kube.create_pod(NS, pod, labels=labels, phase="Pending", owner=job)
+        kube.set_condition(*res, NS, name, "Created")
+        script(name, [p for p, _ in pods])
+
+    kube.on(*res, on_added)
+
+
+def later(seconds: float, fn) -> None:
+    threading.Timer(seconds, fn).start()
+
+
+@pytest.mark.parametrize("backend", ["trainjob", "pytorchjob"])
+def test_success_streams_node0_log_and_cleans_up(kube, logs, backend):
+    res = RESOURCES[backend]
+
+    def script(name, pods):
+        for p in pods:
+            kube.set_pod_phase(NS, p, "Running")
+        kube.set_pod_log(NS, pods[0], "step 1/4 | loss 8.30\n", finished=False)
+        kube.set_pod_log(NS, pods[1], "worker line that is not streamed\n")
+        kube.set_condition(*res, NS, name, "Running")
+
+        def finish():
+            kube.append_pod_log(NS, pods[0], "step 4/4 | loss 5.10\n")
+            kube.finish_pod_log(NS, pods[0])
+            kube.set_condition(*res, NS, name, DONE[backend], reason="JobSucceeded")
+        later(0.6, finish)
+
+    operator(kube, backend, script)
+    out = launcher(kube, backend).run(make_job(backend), timeout_s=20)
+    assert (out.state, out.adopted) == ("Succeeded", False)
+    assert kube.get_object(*res, NS, "gpt") is None                     # cleanup=on-success
+    kube.wait_for(lambda: "loss 5.10" in logs(), timeout=5)
+    text = logs()
+    assert "step 1/4 | loss 8.30" in text and "worker line" not in text
+    assert "Running" in text and "Succeeded" in text
+
+
+@pytest.mark.parametrize("backend", ["trainjob", "pytorchjob"])
+def test_failure_names_reason_exit_code_last_lines_and_events(kube, backend):
+    res = RESOURCES[backend]
+
+    def script(name, pods):
+        kube.set_pod_phase(NS, pods[1], "Running")
+        kube.set_pod_log(NS, pods[0], "".join(f"step {i}\n" for i in range(100)) +
+                         "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n")
+        kube.set_pod_phase(NS, pods[0], "Failed", exit_code=137, reason="OOMKilled")
+        kube.create_event(NS, pods[0], reason="BackOff", message="Back-off restarting failed container",
+                          type="Warning")
+        kube.set_condition(*res, NS, name, "Failed", reason="OOMKilled",
+                           message=f"pod {pods[0]} exited with code 137")
+
+    operator(kube, backend, script)
+    with pytest.raises(JobFailed) as e:
+        launcher(kube, backend).run(make_job(backend), timeout_s=20)
+    msg = str(e.value)
+    pod = node_pods(backend, "gpt")[0][0]
+    assert f"failed: OOMKilled: pod {pod} exited with code 137" in msg
+    assert "exit code 137 (OOMKilled)" in msg
+    assert "CUDA out of memory" in msg and "step 99" in msg and "step 10\n" not in msg  # the last lines only
+    assert "BackOff: Back-off restarting failed container" in msg
+    assert kube.get_object(*res, NS, "gpt") is not None                 # failed jobs stay for inspection
+
+
+@pytest.mark.parametrize("backend", ["trainjob", "pytorchjob"])
+def test_unschedulable_pods_show_their_events_then_the_job_runs(kube, logs, backend):
+    res = RESOURCES[backend]
+
+    def script(name, pods):
+        kube.create_event(NS, pods[0], reason="FailedScheduling", type="Warning",
+                          message="0/4 nodes are available: 4 Insufficient nvidia.com/gpu.")
+
+        def scheduled():
+            for p in pods:
+                kube.set_pod_phase(NS, p, "Succeeded")
+            kube.set_condition(*res, NS, name, DONE[backend])
+        later(2.5, scheduled)  # the launcher looks at pending pods at least once a second here
+
+    operator(kube, backend, script)
+    out = launcher(kube, backend).run(make_job(backend), timeout_s=20)
+    assert out.state == "Succeeded"
+    text = logs()
+    assert "pending: FailedScheduling: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu." in text
+    assert text.count("Insufficient nvidia.com/gpu") == 1                # each event once
+
+
+@pytest.mark.parametrize("backend", ["trainjob", "pytorchjob"])
+def test_timeout_deletes_the_job(kube, backend):
+    res = RESOURCES[backend]
+    operator(kube, backend, lambda name, pods: kube.set_condition(*res, NS, name, "Running"))
+    with pytest.raises(JobTimeout, match=r"still (Running|Created|Pending) after"):
+        launcher(kube, backend).run(make_job(backend), timeout_s=1.5)
+    assert kube.get_object(*res, NS, "gpt") is None
+
+
+@pytest.mark.parametrize("backend", ["trainjob", "pytorchjob"])
+def test_a_retried_step_adopts_its_job(kube, logs, backend):
+    res = RESOURCES[backend]
+    job = make_job(backend)
+    kube.create_object(*res, NS, job)                          # the first attempt's job, still running
+    kube.set_condition(*res, NS, "gpt", "Running")
+    later(0.8, lambda: kube.set_condition(*res, NS, "gpt", DONE[backend]))
+    out = launcher(kube, backend).run(job, timeout_s=20)
+    assert out.adopted and out.state == "Succeeded"
+    assert "exists (a retried step): adopting it" in logs()
+    assert len(kube.list_objects(*res, NS)) == 0               # one job all along, cleaned up at the end
+
+
+@pytest.mark.parametrize("backend", ["trainjob", "pytorchjob"])
+def test_a_foreign_object_of_the_same_name_is_not_adopted(kube, backend):
+    res = RESOURCES[backend]
+    foreign = make_job(backend)
+    foreign["metadata"]["labels"] = {"team": "other"}
+    kube.create_object(*res, NS, foreign)
+    with pytest.raises(ConfigError, match="exists and was not created by mtnlg"):
+        launcher(kube, backend).run(make_job(backend), timeout_s=5)
+    assert kube.get_object(*res, NS, "gpt")["metadata"]["labels"] == {"team": "other"}  # left alone
+
+
+@pytest.mark.parametrize("backend", ["trainjob", "pytorchjob"])
+def test_the_job_deleted_mid_wait_is_a_clear_error(kube, backend):
+    res = RESOURCES[backend]
+
+    def script(name, pods):
+        kube.set_condition(*res, NS, name, "Running")
+        later(0.5, lambda: kube.delete_object(*res, NS, name))
+
+    operator(kube, backend, script)
+    with pytest.raises(JobDeleted, match="was deleted while the launcher waited for it"):
+        launcher(kube, backend).run(make_job(backend), timeout_s=20)
+
+
+@pytest.mark.parametrize("backend", ["trainjob", "pytorchjob"])
+def test_sigterm_to_the_launcher_deletes_the_job(kube, logs, backend):
+    res = RESOURCES[backend]
+
+    def script(name, pods):
+        kube.set_condition(*res, NS, name, "Running")
+        later(0.5, lambda: os.kill(os.getpid(), signal.SIGTERM))
+
+    operator(kube, backend, script)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        launcher(kube, backend).run(make_job(backend), timeout_s=20)
+    assert e.value.code == 143
+    assert kube.get_object(*res, NS, "gpt") is None
+    assert "received SIGTERM: deleting" in logs()
+    assert signal.getsignal(signal.SIGTERM) is before          # the handler is restored
+
+
+def test_job_state_reads_both_operators_conditions():
+    def obj(*conds):
+        return {"status": {"conditions": [{"type": t, "status": s, "reason": r, "message": m}
+                                          for t, s, r, m in conds]}}
+
+    assert job_state({}) == ("Pending", "", "")
+    assert job_state(obj(("Created", "True", "", ""), ("Running", "True", "", "")))[0] == "Running"
+    assert job_state(obj(("Running", "False", "", ""), ("Complete", "True", "Done", "ok"))) == \
+        ("Succeeded", "Done", "ok")
+    assert job_state(obj(("Running", "True", "", ""), ("Failed", "True", "DeadlineExceeded", "late"))) == \
+        ("Failed", "DeadlineExceeded", "late")
