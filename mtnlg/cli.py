@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "job": ("mtnlg.cluster.cli", "write or run the Kubeflow TrainJob / PyTorchJob of a training run"),
     "run": ("mtnlg.pipelines.local", "run the whole pipeline locally through kfp.local"),
     "compile": ("mtnlg.pipelines.compile", "compile the Kubeflow pipeline to IR YAML"),
+    "submit": ("mtnlg.pipelines.submit", "upload the pipeline to Kubeflow and start a (recurring) run"),
 }
 
 

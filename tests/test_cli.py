@@ -5,7 +5,8 @@ from mtnlg.cli import main
 
 pytestmark = pytest.mark.unit
 
-STEPS = ("extract", "tokenize", "train", "fuse", "reshard", "evaluate", "generate", "run", "compile", "job")
+STEPS = ("extract", "tokenize", "train", "fuse", "reshard", "evaluate", "generate", "run", "compile", "job",
+         "submit")
 
 
 def test_help_lists_every_step(capsys):

@@ -174,11 +174,9 @@ def test_cli_writes_a_valid_job_and_refuses_a_bad_layout(tmp_path, backend):
     assert not (tmp_path / "bad.yaml").exists()
 
 
-def test_bundled_base_manifest_is_valid_and_fits_its_run_config():
-    j = yaml.safe_load((ROOT / "manifests" / "base" / "pytorchjob.yaml").read_text())
-    validate_object(j, schema("pytorchjob"))
-    check_webhook_rules(j)
-    cfg = load_config(TrainRunConfig, ROOT / "manifests" / "base" / "config.yaml")
-    reps = j["spec"]["pytorchReplicaSpecs"]
-    world = (reps["Master"]["replicas"] + reps["Worker"]["replicas"]) * int(j["spec"]["nprocPerNode"])
-    assert cfg.check_layout(world).world_size == 16
+def test_the_example_jobs_carry_the_example_run_config_and_it_fits_them():
+    cfg = load_config(TrainRunConfig, ROOT / "manifests" / "run-config.yaml")
+    assert cfg.check_layout(16).world_size == 16                        # 2 nodes x 8 GPUs
+    for backend in BACKENDS:
+        j = yaml.safe_load((ROOT / "manifests" / "overlays" / backend / f"{backend}.yaml").read_text())
+        assert load_config(TrainRunConfig, base=yaml.safe_load(run_config_of(j))) == cfg

@@ -243,3 +243,26 @@ def test_job_state_reads_both_operators_conditions():
         ("Succeeded", "Done", "ok")
     assert job_state(obj(("Running", "True", "", ""), ("Failed", "True", "DeadlineExceeded", "late"))) == \
         ("Failed", "DeadlineExceeded", "late")
+
+
+def test_the_job_is_owned_by_the_launchers_pod_and_goes_with_it(kube, tmp_path, monkeypatch):
+    import mtnlg.cluster.launcher as launcher_mod
+    from mtnlg.cluster.jobs import with_owner
+
+    ns_file = tmp_path / "namespace"
+    ns_file.write_text(NS)
+    monkeypatch.setattr(launcher_mod, "SERVICE_ACCOUNT_NAMESPACE", str(ns_file))
+    monkeypatch.setenv("HOSTNAME", "mtnlg-gpt-train-launcher")
+    assert launcher_mod.pod_namespace() == NS
+    kube.create_pod(NS, "mtnlg-gpt-train-launcher", phase="Running")
+    owner = launcher_mod.pod_owner(core=kube.core_v1)
+    pod = kube.get_object("", "v1", "pods", NS, "mtnlg-gpt-train-launcher")
+    assert owner == {"apiVersion": "v1", "kind": "Pod", "name": "mtnlg-gpt-train-launcher",
+                     "uid": pod["metadata"]["uid"]}
+    job = with_owner(make_job("trainjob"), owner)
+    assert launcher(kube, "trainjob").create_or_adopt(job) is False
+    assert kube.get_object(*TRAINJOBS, NS, "gpt")["metadata"]["ownerReferences"][0]["uid"] == pod["metadata"]["uid"]
+    kube.delete_object("", "v1", "pods", NS, "mtnlg-gpt-train-launcher")   # the pipeline run's pods go ...
+    kube.wait_for(lambda: kube.get_object(*TRAINJOBS, NS, "gpt") is None)  # ... and the job with them
+    monkeypatch.delenv("HOSTNAME")
+    assert launcher_mod.pod_owner(core=kube.core_v1) is None              # outside a pod: no owner

