@@ -7,23 +7,29 @@ from mtnlg.images import TRAIN_IMAGE
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
-def train(tokens: Input[Dataset], recipe: str, overrides: list, nproc: int,
+def train(tokens: Input[Dataset], recipe: str, model_preset: str, num_layers: int, hidden_size: int, num_heads: int,
+          seq_length: int, tp: int, pp: int, steps: int, global_batch_size: int, overrides: list, nproc: int,
           checkpoint: Output[Model], metrics: Output[Metrics]):
     """Train a GPT (tensor/sequence/pipeline/data parallel) on the tokenized dataset.
 
     Args:
         tokens: the tokenize step's .bin/.idx files and tokenizer.
         recipe: named training recipe (debug, local, small-20m, mtnlg-1.3b, mtnlg-530b).
-        overrides: TrainRunConfig settings over the recipe, key=value (e.g. "parallel.tp=2", "train.steps=1000").
+        model_preset: model preset over the recipe's ("" = the recipe's), e.g. "gpt-125m".
+        num_layers: transformer layers (0 = the recipe's). hidden_size, num_heads, seq_length likewise.
+        tp: tensor-parallel degree (0 = the recipe's). pp: pipeline-parallel degree likewise.
+        steps: training steps (0 = the recipe's). global_batch_size likewise.
+        overrides: TrainRunConfig settings applied last, key=value (e.g. "optim.lr=3e-4").
         nproc: training processes in this step's pod (torchrun).
     """
     from mtnlg.components.artifacts import artifact_location, log_metrics
-    from mtnlg.config import load_config
+    from mtnlg.config import load_config, merge
     from mtnlg.steps import train_step
-    from mtnlg.train.config import TrainRunConfig
+    from mtnlg.train.config import TrainRunConfig, run_settings
     from mtnlg.train.config import recipe as recipe_data
 
-    config = load_config(TrainRunConfig, overrides=overrides, base=recipe_data(recipe))
+    named = run_settings(model_preset, num_layers, hidden_size, num_heads, seq_length, tp, pp, steps, global_batch_size)
+    config = load_config(TrainRunConfig, overrides=overrides, base=merge(recipe_data(recipe), named))
     result = train_step(artifact_location(tokens), artifact_location(checkpoint), config, nproc=nproc)
     checkpoint.metadata["recipe"] = recipe
     log_metrics(metrics, result)

@@ -7,16 +7,21 @@ from mtnlg.images import TRAIN_IMAGE
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
-def train(tokens: Input[Dataset], recipe: str, overrides: list, backend: str, nodes: int, gpus_per_node: int,
-              job_overrides: list, run_id: str, timeout_s: int, cleanup: str,
-              checkpoint: Output[Model], metrics: Output[Metrics]):
+def train(tokens: Input[Dataset], recipe: str, model_preset: str, num_layers: int, hidden_size: int, num_heads: int,
+          seq_length: int, tp: int, pp: int, steps: int, global_batch_size: int, overrides: list, backend: str,
+          nodes: int, gpus_per_node: int, job_overrides: list, run_id: str, timeout_s: int, cleanup: str,
+          checkpoint: Output[Model], metrics: Output[Metrics]):
     """Train a GPT on nodes x GPUs as a Kubeflow TrainJob (Trainer v2) or PyTorchJob; this step
     creates the job, streams its node-0 log, and ends when the job does.
 
     Args:
         tokens: the tokenize step's .bin/.idx files and tokenizer (gs:// or s3://: the job's pods read them).
         recipe: named training recipe (debug, local, small-20m, mtnlg-1.3b, mtnlg-530b).
-        overrides: TrainRunConfig settings over the recipe, key=value (e.g. "parallel.tp=8").
+        model_preset: model preset over the recipe's ("" = the recipe's), e.g. "mtnlg-8.3b".
+        num_layers: transformer layers (0 = the recipe's). hidden_size, num_heads, seq_length likewise.
+        tp: tensor-parallel degree (0 = the recipe's). pp: pipeline-parallel degree likewise.
+        steps: training steps (0 = the recipe's). global_batch_size likewise.
+        overrides: TrainRunConfig settings applied last, key=value (e.g. "optim.lr=1.5e-4").
         backend: "trainjob" or "pytorchjob".
         nodes: nodes (pods) of the job.
         gpus_per_node: GPUs per node, one training process each (0 = CPU nodes).
@@ -28,12 +33,13 @@ def train(tokens: Input[Dataset], recipe: str, overrides: list, backend: str, no
     from mtnlg.cluster.jobs import ClusterJobConfig
     from mtnlg.cluster.launcher import pod_namespace, pod_owner
     from mtnlg.components.artifacts import artifact_location, log_metrics
-    from mtnlg.config import load_config
+    from mtnlg.config import load_config, merge
     from mtnlg.steps import train_job_step
-    from mtnlg.train.config import TrainRunConfig
+    from mtnlg.train.config import TrainRunConfig, run_settings
     from mtnlg.train.config import recipe as recipe_data
 
-    config = load_config(TrainRunConfig, overrides=overrides, base=recipe_data(recipe))
+    named = run_settings(model_preset, num_layers, hidden_size, num_heads, seq_length, tp, pp, steps, global_batch_size)
+    config = load_config(TrainRunConfig, overrides=overrides, base=merge(recipe_data(recipe), named))
     job = load_config(ClusterJobConfig, overrides=job_overrides, base={
         "backend": backend, "nodes": nodes, "gpus_per_node": gpus_per_node, "namespace": pod_namespace()})
     result = train_job_step(artifact_location(tokens), artifact_location(checkpoint), config, job=job, run_id=run_id,

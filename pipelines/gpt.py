@@ -25,13 +25,13 @@ TRAIN_BACKENDS = ("pod", "trainjob", "pytorchjob")
 TRAIN_RETRIES = 2  # a retried train step resumes from its latest checkpoint (and adopts its job)
 
 
-def _data_steps(inputs, extract_overrides, extract_workers, beam_args, tokenize_overrides):
+def _data_steps(inputs, extract_overrides, extract_workers, beam_args, vocab_size, tokenize_overrides):
     ext = extract(inputs=inputs, overrides=extract_overrides, workers=extract_workers, beam_args=beam_args)
     ext.set_display_name("extract (Beam)")
     # The inputs are URIs whose content can change under the same name: a cached extract
     # would skip new data, so it always runs (the later steps are cached on its output).
     ext.set_caching_options(False)
-    tok = tokenize(extracted=ext.outputs["dataset"], overrides=tokenize_overrides)
+    tok = tokenize(extracted=ext.outputs["dataset"], vocab_size=vocab_size, overrides=tokenize_overrides)
     tok.set_display_name("tokenize (SentencePiece)")
     return tok
 
@@ -52,22 +52,36 @@ def gpt_pipeline(
     extract_overrides: list = [],
     extract_workers: int = 2,
     beam_args: list = [],
+    vocab_size: int = 0,
     tokenize_overrides: list = [],
     recipe: str = "debug",
-    train_overrides: list = ["parallel.tp=2"],
+    model_preset: str = "",
+    num_layers: int = 0,
+    hidden_size: int = 0,
+    num_heads: int = 0,
+    seq_length: int = 0,
+    tp: int = 2,
+    pp: int = 0,
+    steps: int = 0,
+    global_batch_size: int = 0,
+    train_overrides: list = [],
     nproc: int = 2,
     gpus: int = 0,
     accelerator: str = "nvidia.com/gpu",
     fuse_overrides: list = [],
     evaluate_overrides: list = [],
 ):
-    """Raw text to an evaluated model, training in the train step's own pod. Each
-    ``*_overrides`` list holds ``key=value`` settings of that step's typed config
-    (ExtractConfig, TokenizeConfig, the recipe's TrainRunConfig, FuseConfig, EvaluateConfig),
-    checked when the step starts; ``gpus`` accelerators of type ``accelerator`` are
-    requested for the train step (``nproc`` processes: one per GPU)."""
-    tok = _data_steps(inputs, extract_overrides, extract_workers, beam_args, tokenize_overrides)
-    trn = train(tokens=tok.outputs["tokens"], recipe=recipe, overrides=train_overrides, nproc=nproc)
+    """Raw text to an evaluated model, training in the train step's own pod. The named
+    training parameters (``model_preset``, sizes, ``tp``, ``pp``, ``steps``, ...; 0 or ""
+    keeps the recipe's) go over the ``recipe``; each ``*_overrides`` list holds ``key=value``
+    settings of that step's typed config (ExtractConfig, TokenizeConfig, TrainRunConfig,
+    FuseConfig, EvaluateConfig), applied last and checked when the step starts. ``gpus``
+    accelerators of type ``accelerator`` are requested for the train step (``nproc``
+    processes: one per GPU)."""
+    tok = _data_steps(inputs, extract_overrides, extract_workers, beam_args, vocab_size, tokenize_overrides)
+    trn = train(tokens=tok.outputs["tokens"], recipe=recipe, model_preset=model_preset, num_layers=num_layers,
+                hidden_size=hidden_size, num_heads=num_heads, seq_length=seq_length, tp=tp, pp=pp, steps=steps,
+                global_batch_size=global_batch_size, overrides=train_overrides, nproc=nproc)
     trn.set_accelerator_type(accelerator).set_accelerator_limit(gpus)
     _model_steps(tok, trn, fuse_overrides, evaluate_overrides)
 
@@ -79,9 +93,19 @@ def _job_pipeline(backend: str):
         extract_overrides: list = [],
         extract_workers: int = 2,
         beam_args: list = [],
+        vocab_size: int = 0,
         tokenize_overrides: list = [],
         recipe: str = "mtnlg-1.3b",
-        train_overrides: list = ["parallel.tp=8"],
+        model_preset: str = "",
+        num_layers: int = 0,
+        hidden_size: int = 0,
+        num_heads: int = 0,
+        seq_length: int = 0,
+        tp: int = 8,
+        pp: int = 0,
+        steps: int = 0,
+        global_batch_size: int = 0,
+        train_overrides: list = [],
         nodes: int = 2,
         gpus_per_node: int = 8,
         job_overrides: list = [],
@@ -93,8 +117,10 @@ def _job_pipeline(backend: str):
         """Raw text to an evaluated model, training as a job of ``nodes`` x ``gpus_per_node``
         processes; ``job_overrides`` are ClusterJobConfig settings (``memory=512Gi``,
         ``image=...``, ``runtime=...``, ``node_selector={...}``, ``volume_claim=...``)."""
-        tok = _data_steps(inputs, extract_overrides, extract_workers, beam_args, tokenize_overrides)
-        trn = train_job(tokens=tok.outputs["tokens"], recipe=recipe, overrides=train_overrides, backend=backend,
+        tok = _data_steps(inputs, extract_overrides, extract_workers, beam_args, vocab_size, tokenize_overrides)
+        trn = train_job(tokens=tok.outputs["tokens"], recipe=recipe, model_preset=model_preset, num_layers=num_layers,
+                        hidden_size=hidden_size, num_heads=num_heads, seq_length=seq_length, tp=tp, pp=pp,
+                        steps=steps, global_batch_size=global_batch_size, overrides=train_overrides, backend=backend,
                         nodes=nodes, gpus_per_node=gpus_per_node, job_overrides=job_overrides,
                         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, timeout_s=train_timeout_s, cleanup=job_cleanup)
         _model_steps(tok, trn, fuse_overrides, evaluate_overrides)

@@ -41,8 +41,12 @@ def test_compiled_dag(compiled, backend):
     assert tasks["train"]["retryPolicy"]["maxRetryCount"] == 2
     assert not tasks["extract"]["cachingOptions"].get("enableCache", False)
     params = ir["root"]["inputDefinitions"]["parameters"]
-    for p in ("fuse_overrides", "evaluate_overrides", "tokenize_overrides", "extract_overrides", "inputs"):
+    for p in ("fuse_overrides", "evaluate_overrides", "tokenize_overrides", "extract_overrides", "inputs",
+              "vocab_size", "model_preset", "num_layers", "hidden_size", "num_heads", "tp", "pp", "steps"):
         assert p in params, p
+    named = tasks["train"]["inputs"]["parameters"]
+    assert named["tp"]["componentInputParameter"] == "tp" and named["steps"]["componentInputParameter"] == "steps"
+    assert tasks["tokenize"]["inputs"]["parameters"]["vocab_size"]["componentInputParameter"] == "vocab_size"
 
 
 def test_the_default_backend_is_trainjob(compiled):
@@ -52,7 +56,7 @@ def test_the_default_backend_is_trainjob(compiled):
 def test_pod_backend_requests_its_gpus_from_parameters(compiled):
     ir = compiled["pod"]
     params = ir["root"]["inputDefinitions"]["parameters"]
-    assert params["train_overrides"]["defaultValue"] == ["parallel.tp=2"]
+    assert params["tp"]["defaultValue"] == 2 and params["train_overrides"]["defaultValue"] == []
     assert params["recipe"]["defaultValue"] == "debug" and params["gpus"]["defaultValue"] == 0
     res = ir["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]["accelerator"]
     assert "pipelinechannel--gpus" in res["resourceCount"] and "pipelinechannel--accelerator" in res["resourceType"]

@@ -188,3 +188,15 @@ def test_dtype_resolution_and_peaks():
     assert resolve_dtype("bf16", "cpu") == "bf16"
     assert PEAK_TFLOPS["H200"]["bf16"] == 989.0 and PEAK_TFLOPS["A100"]["bf16"] == 312.0
     assert math.isfinite(PEAK_TFLOPS["H100"]["fp32"])
+
+
+def test_named_pipeline_settings_go_over_the_recipe_and_under_the_overrides():
+    from mtnlg.config import merge
+    from mtnlg.train.config import run_settings
+
+    assert run_settings() == {}                                           # 0 / "" keep the recipe's
+    base = merge(recipe("debug"), run_settings(model_preset="tiny", num_layers=3, tp=2, steps=7))
+    cfg = load_config(TrainRunConfig, None, REQUIRED + ["train.steps=9"], base=base)
+    tiny = load_config(TrainRunConfig, None, REQUIRED + ["model_preset=tiny"], base=recipe("debug"))
+    assert cfg.model.num_layers == 3 and cfg.model.hidden_size == tiny.model.hidden_size  # preset, then sizes
+    assert cfg.parallel.tp == 2 and cfg.train.steps == 9                  # the overrides come last

@@ -222,3 +222,25 @@ def recipe(name: str | None) -> dict:
     """The named recipe as data, the ``base`` of a ``load_config(TrainRunConfig, ...)``
     ({} for None)."""
     return read_yaml(recipe_path(name)) if name else {}
+
+
+def run_settings(model_preset: str = "", num_layers: int = 0, hidden_size: int = 0, num_heads: int = 0,
+                 seq_length: int = 0, tp: int = 0, pp: int = 0, steps: int = 0,
+                 global_batch_size: int = 0) -> dict:
+    """The run settings a pipeline exposes as named parameters, as config data to merge over
+    a recipe; 0 or "" leaves the recipe's value (the ``*_overrides`` lists still come last)::
+
+        load_config(TrainRunConfig, overrides=overrides,
+                    base=merge(recipe("mtnlg-1.3b"), run_settings(tp=8, steps=1000)))
+    """
+    out: dict = {}
+    if model_preset:
+        out["model_preset"] = model_preset
+    model = {k: v for k, v in (("num_layers", num_layers), ("hidden_size", hidden_size), ("num_heads", num_heads),
+                               ("seq_length", seq_length)) if v}
+    parallel = {k: v for k, v in (("tp", tp), ("pp", pp)) if v}
+    train = {k: v for k, v in (("steps", steps), ("global_batch_size", global_batch_size)) if v}
+    for key, section in (("model", model), ("parallel", parallel), ("train", train)):
+        if section:
+            out[key] = section
+    return out
