@@ -10,7 +10,7 @@ from mtnlg.images import TRAIN_IMAGE
 def train(tokens: Input[Dataset], recipe: str, model_preset: str, num_layers: int, hidden_size: int, num_heads: int,
           seq_length: int, tp: int, pp: int, steps: int, global_batch_size: int, overrides: list, backend: str,
           nodes: int, gpus_per_node: int, job_overrides: list, run_id: str, timeout_s: int, cleanup: str,
-          checkpoint: Output[Model], metrics: Output[Metrics]):
+          volume_claim: str, volume_mount: str, checkpoint: Output[Model], metrics: Output[Metrics]):
     """Train a GPT on nodes x GPUs as a Kubeflow TrainJob (Trainer v2) or PyTorchJob; this step
     creates the job, streams its node-0 log, and ends when the job does.
 
@@ -29,6 +29,9 @@ def train(tokens: Input[Dataset], recipe: str, model_preset: str, num_layers: in
         run_id: the pipeline run's id: the job's name derives from it, so a retried step adopts its job.
         timeout_s: the step gives up (and deletes the job) after this many seconds (0 = never).
         cleanup: when to delete the finished job: on-success, on-failure, always, never.
+        volume_claim: a ReadWriteMany PVC mounted here and on every node at volume_mount ("" = none): where
+            the tokens and the run are staged when the pipeline root is not object storage the pods reach.
+        volume_mount: where that PVC is mounted.
     """
     from mtnlg.cluster.jobs import ClusterJobConfig
     from mtnlg.cluster.launcher import pod_namespace, pod_owner
@@ -41,7 +44,8 @@ def train(tokens: Input[Dataset], recipe: str, model_preset: str, num_layers: in
     named = run_settings(model_preset, num_layers, hidden_size, num_heads, seq_length, tp, pp, steps, global_batch_size)
     config = load_config(TrainRunConfig, overrides=overrides, base=merge(recipe_data(recipe), named))
     job = load_config(ClusterJobConfig, overrides=job_overrides, base={
-        "backend": backend, "nodes": nodes, "gpus_per_node": gpus_per_node, "namespace": pod_namespace()})
+        "backend": backend, "nodes": nodes, "gpus_per_node": gpus_per_node, "namespace": pod_namespace(),
+        "volume_claim": volume_claim, "volume_mount": volume_mount})
     result = train_job_step(artifact_location(tokens), artifact_location(checkpoint), config, job=job, run_id=run_id,
                             timeout_s=timeout_s or None, cleanup=cleanup, owner=pod_owner(namespace=job.namespace))
     checkpoint.metadata["recipe"] = recipe

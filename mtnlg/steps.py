@@ -100,19 +100,32 @@ def train_job_step(inputs: str, output: str, config: TrainRunConfig, *, job, run
     set, comes from ``run_id`` and ``task``, so a retried step adopts the job it created;
     ``owner`` (the launcher's pod) makes the job go when the pipeline run's pods go. Returns
     the run's ``summary.json`` (see docs/kubeflow.md)."""
-    from mtnlg.cluster.jobs import build_job, job_name, with_owner
+    from mtnlg import storage
+    from mtnlg.cluster.jobs import build_job, job_name, reachable, with_owner
     from mtnlg.cluster.launcher import JobLauncher
     from mtnlg.formats.runlog import read_summary
 
-    cfg = dataclasses.replace(config, data=dataclasses.replace(config.data, path=inputs), output=output)
     if not job.name:
         job = dataclasses.replace(job, name=job_name(run_id or "local", task),
                                   labels={**job.labels, "mtnlg.kubeflow.org/run": job_name(run_id or "local", "run")})
+    # Locations the pods cannot reach are staged on the shared volume (mounted here too):
+    # the tokens copied there, the run trained there and copied back when it succeeds.
+    stage = storage.join(job.volume_mount, "mtnlg", job.name)
+    job_inputs, job_output = inputs, output
+    if job.volume_claim and not reachable(inputs, job):
+        job_inputs = storage.join(stage, "tokens")
+        if not storage.exists(storage.join(job_inputs, "train.idx")):
+            storage.copy_tree(inputs, job_inputs)
+    if job.volume_claim and not reachable(output, job):
+        job_output = storage.join(stage, "run")
+    cfg = dataclasses.replace(config, data=dataclasses.replace(config.data, path=job_inputs), output=job_output)
     obj = with_owner(build_job(job, cfg), owner)
     JobLauncher(job.backend).run(obj, timeout_s=timeout_s, cleanup=cleanup)
+    if job_output != output:
+        storage.copy_tree(job_output, output)
     summary = read_summary(output)
     if summary is None:
-        raise FileNotFoundError(f"the {job.kind.kind} succeeded but wrote no summary.json under {output}")
+        raise FileNotFoundError(f"the {job.kind.kind} succeeded but wrote no summary.json under {job_output}")
     return StepOutput(output, summary)
 
 

@@ -12,16 +12,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-backend", default="trainjob", choices=BACKENDS,
                    help="where the train step trains: a Kubeflow Trainer TrainJob (default), a Training Operator "
                         "PyTorchJob, or torchrun in the step's own pod (one node)")
+    p.add_argument("--volume-claim", default="", help="job backends: a ReadWriteMany PVC the launcher and the "
+                   "job's nodes mount, for tokens and runs when the pipeline root is not gs:// or s3://")
+    p.add_argument("--volume-mount", default="/mnt/mtnlg", help="where that PVC is mounted (default /mnt/mtnlg)")
 
 
-def compile_pipeline(path: str, train_backend: str = "trainjob") -> str:
+def compile_pipeline(path: str, train_backend: str = "trainjob", volume_claim: str = "",
+                     volume_mount: str = "/mnt/mtnlg") -> str:
     from kfp import compiler
     from mtnlg.pipelines.gpt import pipeline_for
 
-    compiler.Compiler().compile(pipeline_for(train_backend), package_path=path)
+    compiler.Compiler().compile(pipeline_for(train_backend, volume_claim, volume_mount), package_path=path)
     return path
 
 
 def main(args: argparse.Namespace) -> int:
-    print(compile_pipeline(args.output, args.train_backend))
+    print(compile_pipeline(args.output, args.train_backend, args.volume_claim, args.volume_mount))
     return 0

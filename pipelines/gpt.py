@@ -86,7 +86,7 @@ def gpt_pipeline(
     _model_steps(tok, trn, fuse_overrides, evaluate_overrides)
 
 
-def _job_pipeline(backend: str):
+def _job_pipeline(backend: str, volume_claim: str = "", volume_mount: str = "/mnt/mtnlg"):
     @dsl.pipeline(name=PIPELINE_NAME, description=f"{DESCRIPTION} Training runs as a Kubeflow {backend}.")
     def gpt_job_pipeline(
         inputs: list = ["gs://YOUR-BUCKET/raw/"],
@@ -122,14 +122,25 @@ def _job_pipeline(backend: str):
                         hidden_size=hidden_size, num_heads=num_heads, seq_length=seq_length, tp=tp, pp=pp,
                         steps=steps, global_batch_size=global_batch_size, overrides=train_overrides, backend=backend,
                         nodes=nodes, gpus_per_node=gpus_per_node, job_overrides=job_overrides,
-                        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, timeout_s=train_timeout_s, cleanup=job_cleanup)
+                        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, timeout_s=train_timeout_s, cleanup=job_cleanup,
+                        volume_claim=volume_claim, volume_mount=volume_mount)
+        if volume_claim:  # the launcher stages tokens and the run on the volume the job's nodes share
+            from kfp import kubernetes
+
+            kubernetes.mount_pvc(trn, pvc_name=volume_claim, mount_path=volume_mount)
         _model_steps(tok, trn, fuse_overrides, evaluate_overrides)
 
     return gpt_job_pipeline
 
 
-def pipeline_for(train_backend: str = "trainjob"):
-    """The pipeline function for a training backend (see the module doc)."""
+def pipeline_for(train_backend: str = "trainjob", volume_claim: str = "", volume_mount: str = "/mnt/mtnlg"):
+    """The pipeline function for a training backend (see the module doc); with a
+    ``volume_claim`` (a ReadWriteMany PVC), the job backends' launcher and nodes mount it at
+    ``volume_mount`` and stage there what object storage does not give the nodes."""
     if train_backend not in TRAIN_BACKENDS:
         raise ValueError(f"train backend {train_backend!r}: expected one of {', '.join(TRAIN_BACKENDS)}")
-    return gpt_pipeline if train_backend == "pod" else _job_pipeline(train_backend)
+    if train_backend == "pod":
+        if volume_claim:
+            raise ValueError("--volume-claim: only the trainjob and pytorchjob backends use a shared volume")
+        return gpt_pipeline
+    return _job_pipeline(train_backend, volume_claim, volume_mount)

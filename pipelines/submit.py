@@ -90,6 +90,17 @@ def failed_tasks(run) -> list[str]:
             and not str(t.display_name).startswith(("mtnlg-gpt", "root"))]
 
 
+def _version_names(client, pipeline_id: str) -> set[str]:
+    """Every version name of the pipeline, page by page."""
+    names, token = set(), ""
+    while True:
+        page = client.list_pipeline_versions(pipeline_id, page_token=token, page_size=100)
+        names |= {v.display_name for v in (page.pipeline_versions or [])}
+        token = page.next_page_token or ""
+        if not token:
+            return names
+
+
 def submit(args: argparse.Namespace, client=None) -> int:
     import kfp
 
@@ -119,8 +130,7 @@ def submit(args: argparse.Namespace, client=None) -> int:
             print(f"pipeline {args.pipeline_name} created ({pipeline_id})", file=sys.stderr)
         else:
             name = version
-            existing = client.list_pipeline_versions(pipeline_id, page_size=100).pipeline_versions or []
-            if any(v.display_name == name for v in existing):
+            if name in _version_names(client, pipeline_id):
                 name = f"{version}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
             v = client.upload_pipeline_version(package, pipeline_version_name=name, pipeline_id=pipeline_id)
             version_id = v.pipeline_version_id

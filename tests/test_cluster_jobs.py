@@ -180,3 +180,40 @@ def test_the_example_jobs_carry_the_example_run_config_and_it_fits_them():
     for backend in BACKENDS:
         j = yaml.safe_load((ROOT / "manifests" / "overlays" / backend / f"{backend}.yaml").read_text())
         assert load_config(TrainRunConfig, base=yaml.safe_load(run_config_of(j))) == cfg
+
+
+def test_a_shared_volume_stages_what_the_pods_cannot_reach(tmp_path, monkeypatch):
+    """Pipeline root on the launcher's local mount, a ReadWriteMany PVC at /mnt/...: the
+    tokens are copied onto the volume, the job trains there, the run comes back."""
+    import json
+
+    import mtnlg.cluster.launcher as launcher_mod
+    from mtnlg.steps import train_job_step
+
+    tokens, output, mount = tmp_path / "artifacts" / "tokens", tmp_path / "artifacts" / "checkpoint", tmp_path / "mnt"
+    tokens.mkdir(parents=True)
+    (tokens / "train.idx").write_bytes(b"idx")
+    seen = {}
+
+    class FakeLauncher:  # the job "runs": it writes what a trainer writes into the run directory
+        def __init__(self, backend):
+            seen["backend"] = backend
+
+        def run(self, job, timeout_s=None, cleanup="on-success"):
+            cfg = yaml.safe_load(run_config_of(job))
+            seen["data"], seen["output"] = cfg["data"]["path"], cfg["output"]
+            assert (Path(cfg["data"]["path"]) / "train.idx").read_bytes() == b"idx"
+            Path(cfg["output"]).mkdir(parents=True)
+            (Path(cfg["output"]) / "summary.json").write_text(json.dumps({"steps": 3}))
+
+    monkeypatch.setattr(launcher_mod, "JobLauncher", FakeLauncher)
+    job = ClusterJobConfig(backend="pytorchjob", nodes=2, gpus_per_node=0, volume_claim="shared",
+                           volume_mount=str(mount))
+    result = train_job_step(str(tokens), str(output), run_config("parallel.tp=2"), job=job, run_id="r1")
+    stage = mount / "mtnlg" / job_name("r1", "train")
+    assert seen == {"backend": "pytorchjob", "data": str(stage / "tokens"), "output": str(stage / "run")}
+    assert result.stats == {"steps": 3} and json.loads((output / "summary.json").read_text()) == {"steps": 3}
+    # without a volume the same locations are refused, naming the fix
+    with pytest.raises(ConfigError, match="not reachable from the job's pods"):
+        train_job_step(str(tokens), str(output), run_config("parallel.tp=2"),
+                       job=ClusterJobConfig(backend="pytorchjob", nodes=2), run_id="r1")

@@ -82,7 +82,8 @@ def operator(kube, backend: str, script):
         name = job["metadata"]["name"]
         pods = node_pods(backend, name)
         for pod, labels in pods:
-            kube.create_pod(NS, pod, labels=labels, phase="Pending", owner=job)
+            kube.create_pod(NS, pod, labels=labels, phase="Pending", owner=job,
+                            containers=(KINDS[backend].container, "sidecar"))
         kube.set_condition(*res, NS, name, "Created")
         script(name, [p for p, _ in pods])
 
@@ -266,3 +267,50 @@ def test_the_job_is_owned_by_the_launchers_pod_and_goes_with_it(kube, tmp_path, 
     kube.wait_for(lambda: kube.get_object(*TRAINJOBS, NS, "gpt") is None)  # ... and the job with them
     monkeypatch.delenv("HOSTNAME")
     assert launcher_mod.pod_owner(core=kube.core_v1) is None              # outside a pod: no owner
+
+
+@pytest.mark.parametrize("backend", ["trainjob", "pytorchjob"])
+def test_a_retry_replaces_a_failed_job_of_its_own_instead_of_adopting_it(kube, logs, backend):
+    res = RESOURCES[backend]
+    job = make_job(backend)
+    kube.create_object(*res, NS, job)                          # the first attempt's job, which failed
+    kube.set_condition(*res, NS, "gpt", "Failed", reason="BackoffLimitExceeded")
+    first_uid = kube.get_object(*res, NS, "gpt")["metadata"]["uid"]
+    operator(kube, backend, lambda name, pods: later(0.3, lambda: kube.set_condition(*res, NS, name, DONE[backend])))
+    out = launcher(kube, backend).run(job, timeout_s=20, cleanup="never")
+    assert out.state == "Succeeded" and not out.adopted
+    assert kube.get_object(*res, NS, "gpt")["metadata"]["uid"] != first_uid   # a new job
+    assert "exists but failed: deleting it and creating it again" in logs()
+
+
+def test_a_job_being_deleted_is_waited_out_and_created_again(kube, logs):
+    res = RESOURCES["trainjob"]
+    job = make_job("trainjob")
+    kube.create_object(*res, NS, dict(job, metadata={**job["metadata"], "finalizers": ["test/hold"]}))
+    kube.delete_object(*res, NS, "gpt")                        # held by the finalizer: terminating
+    assert kube.get_object(*res, NS, "gpt")["metadata"].get("deletionTimestamp")
+    later(0.5, lambda: kube.patch_object(*res, NS, "gpt", {"metadata": {"finalizers": None}}))
+    operator(kube, "trainjob", lambda name, pods: kube.set_condition(*res, NS, name, DONE["trainjob"]))
+    out = launcher(kube, "trainjob").run(job, timeout_s=20)
+    assert out.state == "Succeeded" and not out.adopted
+    assert "is being deleted: deleting it and creating it again" in logs()
+
+
+def test_transient_api_trouble_is_retried_not_fatal(kube, logs, monkeypatch):
+    import urllib3
+
+    res = RESOURCES["trainjob"]
+    operator(kube, "trainjob", lambda name, pods: later(0.5, lambda: kube.set_condition(*res, NS, name,
+                                                                                       DONE["trainjob"])))
+    lau = launcher(kube, "trainjob")
+    real_get, calls = lau._get, {"n": 0}
+
+    def flaky_get(name, ns):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise urllib3.exceptions.ProtocolError("Connection broken: IncompleteRead")
+        return real_get(name, ns)
+
+    monkeypatch.setattr(lau, "_get", flaky_get)
+    assert lau.run(make_job("trainjob"), timeout_s=20).state == "Succeeded"
+    assert "Kubernetes API trouble while following TrainJob" in logs() and calls["n"] >= 3

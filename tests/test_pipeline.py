@@ -18,7 +18,7 @@ def compiled(tmp_path_factory):
     for backend in BACKENDS:
         path = tmp_path_factory.mktemp("ir") / f"{backend}.yaml"
         assert cli(["compile", "--train-backend", backend, "-o", str(path)]) == 0
-        out[backend] = yaml.safe_load(path.read_text())
+        out[backend] = yaml.safe_load(path.read_text())   # one document: no platform config
     default = tmp_path_factory.mktemp("ir") / "default.yaml"
     assert cli(["compile", "-o", str(default)]) == 0
     out["default"] = yaml.safe_load(default.read_text())
@@ -102,3 +102,15 @@ def test_component_outputs_are_typed_artifacts(compiled):
     assert outs("comp-fuse") == {"model": "system.Model", "metrics": "system.Metrics"}
     assert outs("comp-evaluate") == {"metrics": "system.Metrics", "report": "system.HTML",
                                      "summary": "system.Markdown"}
+
+
+def test_a_shared_volume_is_mounted_on_the_launcher(tmp_path):
+    path = tmp_path / "pvc.yaml"
+    assert cli(["compile", "--volume-claim", "shared-rwx", "--volume-mount", "/mnt/shared", "-o", str(path)]) == 0
+    ir_docs = list(yaml.safe_load_all(path.read_text()))
+    platform = ir_docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
+    assert platform["pvcMount"][0]["mountPath"] == "/mnt/shared"
+    assert platform["pvcMount"][0]["constant"] == "shared-rwx"
+    train = ir_docs[0]["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]
+    assert train["volume_claim"]["runtimeValue"]["constant"] == "shared-rwx"
+    assert cli(["compile", "--train-backend", "pod", "--volume-claim", "x", "-o", str(path)]) == 1

@@ -45,9 +45,11 @@ PART_OF = {"app.kubernetes.io/name": "mtnlg-train", "app.kubernetes.io/part-of":
 POD_ANNOTATIONS = {"sidecar.istio.io/inject": "false"}
 # Pods are named <job>-node-0-0-<5> (JobSet) or <job>-master-0: keep room under 63 characters.
 MAX_NAME = 40
+PYTORCHJOB_PORT = 23456
+
+
 PYTORCHJOB_CONTAINER = "pytorch"   # the Training Operator's default; its webhook requires it
 TRAINJOB_CONTAINER = "node"        # the torch-distributed runtime's container
-PYTORCHJOB_PORT = 23456
 
 
 @dataclass(frozen=True)
@@ -62,13 +64,16 @@ class JobKind:
     # pod labels the operator sets: the job's name, and the marker of node 0
     pod_job_label: str
     node0_label: tuple[str, str]
+    container: str  # the training container (others, e.g. an injected sidecar, may sit beside it)
 
 
 KINDS = {
     "trainjob": JobKind("trainjob", "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob",
-                        "jobset.sigs.k8s.io/jobset-name", ("batch.kubernetes.io/job-completion-index", "0")),
+                        "jobset.sigs.k8s.io/jobset-name", ("batch.kubernetes.io/job-completion-index", "0"),
+                        TRAINJOB_CONTAINER),
     "pytorchjob": JobKind("pytorchjob", "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob",
-                          "training.kubeflow.org/job-name", ("training.kubeflow.org/replica-type", "master")),
+                          "training.kubeflow.org/job-name", ("training.kubeflow.org/replica-type", "master"),
+                          PYTORCHJOB_CONTAINER),
 }
 
 
@@ -146,7 +151,8 @@ def job_name(run_id: str, task: str, prefix: str = "mtnlg") -> str:
     return f"{head[:MAX_NAME - 11]}-{digest}".strip("-")
 
 
-def _reachable(path: str, spec: ClusterJobConfig) -> bool:
+def reachable(path: str, spec: ClusterJobConfig) -> bool:
+    """Whether the job's pods can reach ``path``: object storage, or the shared volume."""
     return storage.is_remote(path) or bool(
         spec.volume_claim and path.startswith(spec.volume_mount.rstrip("/") + "/"))
 
@@ -155,7 +161,7 @@ def check_reachable(run_config, spec: ClusterJobConfig) -> None:
     """The job's pods must reach the data and the run directory: object storage (gs://,
     s3://) or the shared volume. A path local to the launcher is named, with the fix."""
     for key, path in (("data.path", run_config.data.path), ("output", run_config.output)):
-        if not _reachable(str(path), spec):
+        if not reachable(str(path), spec):
             raise ConfigError(
                 f"{key}={path!r} is not reachable from the job's pods: use a gs:// or s3:// location, or "
                 f"mount a ReadWriteMany volume on every node (volume_claim=CLAIM, volume_mount={spec.volume_mount}) "

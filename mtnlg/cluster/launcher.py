@@ -83,6 +83,20 @@ def _status(e: Exception) -> int | None:
     return getattr(e, "status", None)
 
 
+def _transient(e: Exception) -> bool:
+    """API trouble worth retrying: 429/5xx, and connection errors (urllib3, sockets)."""
+    import urllib3
+
+    status = _status(e)
+    if status is not None:
+        return status == 429 or status >= 500
+    return isinstance(e, (urllib3.exceptions.HTTPError, OSError))
+
+
+class _Terminated(BaseException):
+    """SIGTERM reached the launcher: unwound to :meth:`JobLauncher.run`, which deletes the job."""
+
+
 class JobLauncher:
     """Creates (or adopts) one job and follows it to its end; see the module doc."""
 
@@ -104,33 +118,61 @@ class JobLauncher:
         self.log_lines = log_lines
         self.stream_logs = stream_logs
         self._seen_events: set[str] = set()
+        self._last_pods = 0.0
+        self._last_state: str | None = None
+        self._terminated = False
         self._streams: dict[str, threading.Thread] = {}
+        self._stream_ended: dict[str, float] = {}
 
     # ---------------------------------------------------------------- the API, by kind
     def _get(self, name: str, ns: str) -> dict[str, Any]:
         k = self.kind
         return self.custom.get_namespaced_custom_object(k.group, k.version, ns, k.plural, name)
 
-    def create_or_adopt(self, job: dict[str, Any]) -> bool:
-        """Create ``job``; True when an existing job of ours with its name was adopted."""
+    def create_or_adopt(self, job: dict[str, Any], gone_timeout_s: float = 300.0) -> bool:
+        """Create ``job``; True when a live job of ours with its name was adopted. A job of
+        ours that failed or is being deleted (an earlier attempt's) is removed and created
+        anew: the trainer resumes from its latest checkpoint."""
         from kubernetes.client.rest import ApiException
 
         k, meta = self.kind, job["metadata"]
-        try:
-            self.custom.create_namespaced_custom_object(k.group, k.version, meta["namespace"], k.plural, job)
-            log.info("%s %s/%s created", k.kind, meta["namespace"], meta["name"])
-            return False
-        except ApiException as e:
-            if _status(e) != 409:
+        name, ns = meta["name"], meta["namespace"]
+        for _ in range(2):
+            try:
+                self.custom.create_namespaced_custom_object(k.group, k.version, ns, k.plural, job)
+                log.info("%s %s/%s created", k.kind, ns, name)
+                return False
+            except ApiException as e:
+                if _status(e) != 409:
+                    raise
+            existing = self._get(name, ns)
+            theirs = (existing.get("metadata") or {}).get("labels") or {}
+            if theirs.get(JOB_LABEL) != name:
+                raise ConfigError(f"{k.kind} {ns}/{name} exists and was not created by mtnlg "
+                                  f"(no {JOB_LABEL} label): choose another name")
+            state = job_state(existing)[0]
+            if state != "Failed" and not (existing.get("metadata") or {}).get("deletionTimestamp"):
+                log.info("%s %s/%s exists (a retried step): adopting it, state %s", k.kind, ns, name, state)
+                return True
+            log.info("%s %s/%s exists but %s: deleting it and creating it again", k.kind, ns, name,
+                     "failed" if state == "Failed" else "is being deleted")
+            self.delete(name, ns)
+            self._wait_gone(name, ns, gone_timeout_s)
+        raise RuntimeError(f"{k.kind} {ns}/{name} could not be created again")
+
+    def _wait_gone(self, name: str, ns: str, timeout_s: float) -> None:
+        from kubernetes.client.rest import ApiException
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                self._get(name, ns)
+            except ApiException as e:
+                if _status(e) == 404:
+                    return
                 raise
-        existing = self._get(meta["name"], meta["namespace"])
-        theirs = (existing.get("metadata") or {}).get("labels") or {}
-        if theirs.get(JOB_LABEL) != meta["name"]:
-            raise ConfigError(f"{k.kind} {meta['namespace']}/{meta['name']} exists and was not created by mtnlg "
-                              f"(no {JOB_LABEL} label): choose another name")
-        log.info("%s %s/%s exists (a retried step): adopting it, state %s", k.kind, meta["namespace"],
-                 meta["name"], job_state(existing)[0])
-        return True
+            time.sleep(min(1.0, self.poll_s))
+        raise JobTimeout(f"{self.kind.kind} {ns}/{name} still exists {timeout_s:.0f}s after its deletion")
 
     def delete(self, name: str, ns: str) -> bool:
         """Delete the job and, in the foreground, its pods; False when it was already gone."""
@@ -178,12 +220,17 @@ class JobLauncher:
                 self._start_log_stream(pod.metadata.name, ns)
 
     def _start_log_stream(self, pod: str, ns: str) -> None:
-        if pod in self._streams:
+        """Follow ``pod``'s log; again, from where it stopped, after a container restart."""
+        t = self._streams.get(pod)
+        if t is not None and t.is_alive():
             return
+        since = int(time.monotonic() - self._stream_ended[pod]) + 1 if pod in self._stream_ended else 0
 
         def follow() -> None:
             try:
-                resp = self.core.read_namespaced_pod_log(pod, ns, follow=True, _preload_content=False)
+                extra = {"since_seconds": since} if since else {}
+                resp = self.core.read_namespaced_pod_log(pod, ns, container=self.kind.container, follow=True,
+                                                         _preload_content=False, **extra)
                 buf = b""
                 for chunk in resp.stream(4096):
                     buf += chunk
@@ -194,6 +241,8 @@ class JobLauncher:
                     log.info("[%s] %s", pod, buf.decode("utf-8", "replace"))
             except Exception as e:  # noqa: BLE001 - a lost log stream must not fail the run
                 log.warning("log stream of pod %s ended: %s", pod, e)
+            finally:
+                self._stream_ended[pod] = time.monotonic()
 
         t = threading.Thread(target=follow, name=f"log-{pod}", daemon=True)
         self._streams[pod] = t
@@ -212,87 +261,130 @@ class JobLauncher:
     def failure_report(self, name: str, ns: str, reason: str, message: str) -> str:
         """The condition's reason and message, the failing pod's last lines and events."""
         parts = [f"{self.kind.kind} {ns}/{name} failed: {reason or 'Failed'}: {message or '(no message)'}"]
-        pods = self.pods(name, ns)
+        try:
+            pods = self.pods(name, ns)
+        except Exception as e:  # noqa: BLE001 - the condition's reason is reported whatever happens
+            return "\n".join(parts + [f"(pods unavailable: {e})"])
+
+        def terminated(s):
+            """The container's failed termination: now, or before its restart (CrashLoopBackOff)."""
+            for st in (s.state, s.last_state):
+                t = st.terminated if st is not None else None
+                if t is not None and t.exit_code:
+                    return t
+            return None
 
         def failed(p) -> bool:
             statuses = (p.status.container_statuses or []) if p.status else []
-            bad = [s for s in statuses if s.state and s.state.terminated and s.state.terminated.exit_code]
-            return (p.status and p.status.phase == "Failed") or bool(bad)
+            return bool((p.status and p.status.phase == "Failed") or any(terminated(s) for s in statuses))
 
         culprit = next((p for p in pods if failed(p)), pods[0] if pods else None)
         if culprit is not None:
             pod = culprit.metadata.name
             for s in (culprit.status.container_statuses or []) if culprit.status else []:
-                t = s.state.terminated if s.state else None
-                if t is not None and t.exit_code:
+                t = terminated(s)
+                if t is not None:
                     parts.append(f"pod {pod} container {s.name}: exit code {t.exit_code} ({t.reason or 'Error'})")
             try:
-                text = self.core.read_namespaced_pod_log(pod, ns, tail_lines=self.log_lines)
+                text = self.core.read_namespaced_pod_log(pod, ns, container=self.kind.container,
+                                                         tail_lines=self.log_lines)
                 lines = [ln for ln in str(text).splitlines() if ln.strip()][-self.log_lines:]
                 if lines:
                     parts.append(f"last {len(lines)} log lines of pod {pod}:\n  " + "\n  ".join(lines))
             except Exception as e:  # noqa: BLE001 - the report says what it could not read
                 parts.append(f"(log of pod {pod} unavailable: {e})")
-            events = [f"{e.reason}: {e.message}" for e in self._events(pod, ns)]
+            try:
+                events = [f"{e.reason}: {e.message}" for e in self._events(pod, ns)]
+            except Exception as e:  # noqa: BLE001
+                events = [f"(events unavailable: {e})"]
             if events:
                 parts.append(f"events of pod {pod}:\n  " + "\n  ".join(events[-10:]))
         return "\n".join(parts)
 
     # ---------------------------------------------------------------- waiting
     def wait(self, name: str, ns: str, timeout_s: float | None = None) -> str:
-        """Follow the job until it succeeds (returns ``Succeeded``) or raises."""
+        """Follow the job until it succeeds (returns ``Succeeded``) or raises. Transient API
+        trouble (a restarting API server, a dropped connection, 429/5xx) is logged and
+        retried with back-off; 401, 403 and a deleted job are not."""
+        k = self.kind
+        start = time.monotonic()
+        self._last_state: str | None = None
+        backoff = 0.0
+        while True:
+            remaining = None if timeout_s is None else timeout_s - (time.monotonic() - start)
+            if remaining is not None and remaining <= 0:
+                raise JobTimeout(f"{k.kind} {ns}/{name} still {self._last_state or 'Pending'} after "
+                                 f"{fmt_time(timeout_s)} (launcher timeout)")
+            if self._terminated:
+                raise _Terminated()
+            try:
+                done = self._wait_once(name, ns, start, remaining)
+                backoff = 0.0
+            except (JobDeleted, JobFailed, _Terminated):
+                raise
+            except Exception as e:  # noqa: BLE001 - sorted below: transient or not
+                status = _status(e)
+                if status in (401, 403) or not _transient(e):
+                    raise
+                backoff = min(30.0, max(1.0, 2 * backoff))
+                log.warning("Kubernetes API trouble while following %s %s/%s (%s): retrying in %.0fs",
+                            k.kind, ns, name, status or type(e).__name__, backoff)
+                time.sleep(backoff)
+                continue
+            if done:
+                return "Succeeded"
+
+    def _wait_once(self, name: str, ns: str, start: float, remaining: float | None) -> bool:
+        """One look at the job, its pods, and a watch until it changes; True when it succeeded."""
         from kubernetes import watch
         from kubernetes.client.rest import ApiException
 
         k = self.kind
-        start = time.monotonic()
-        last_state = None
-        last_pods = 0.0
-        while True:
-            remaining = None if timeout_s is None else timeout_s - (time.monotonic() - start)
-            if remaining is not None and remaining <= 0:
-                raise JobTimeout(f"{k.kind} {ns}/{name} still {last_state or 'Pending'} after "
-                                 f"{fmt_time(timeout_s)} (launcher timeout)")
+        try:
+            obj = self._get(name, ns)
+        except ApiException as e:
+            if _status(e) == 404:
+                raise JobDeleted(f"{k.kind} {ns}/{name} was deleted while the launcher waited for it") from None
+            raise
+        state, reason, message = job_state(obj)
+        if state != self._last_state:
+            log.info("%s %s/%s: %s%s (%s)", k.kind, ns, name, state, f" ({reason})" if reason else "",
+                     fmt_time(time.monotonic() - start))
+            self._last_state = state
+        if state == "Succeeded":
+            self._drain_logs(name, ns)
+            return True
+        if state == "Failed":
+            self._drain_logs(name, ns, timeout_s=5.0)
+            raise JobFailed(self.failure_report(name, ns, reason, message))
+        if time.monotonic() - self._last_pods >= self.poll_s:
             try:
-                obj = self._get(name, ns)
-            except ApiException as e:
-                if _status(e) == 404:
-                    raise JobDeleted(f"{k.kind} {ns}/{name} was deleted while the launcher waited for it") from None
-                raise
-            state, reason, message = job_state(obj)
-            if state != last_state:
-                log.info("%s %s/%s: %s%s (%s)", k.kind, ns, name, state, f" ({reason})" if reason else "",
-                         fmt_time(time.monotonic() - start))
-                last_state = state
-            if state == "Succeeded":
-                self._drain_logs(name, ns)
-                return state
-            if state == "Failed":
-                self._drain_logs(name, ns, timeout_s=5.0)
-                raise JobFailed(self.failure_report(name, ns, reason, message))
-            if time.monotonic() - last_pods >= self.poll_s:
                 self._observe_pods(name, ns)
-                last_pods = time.monotonic()
-            # Block on a watch until something changes, the pod check is due, or the server
-            # ends the watch; then look again (a reconnect costs one GET).
-            wait_s = max(1, int(min(self.poll_s, remaining if remaining is not None else self.poll_s)))
-            w = watch.Watch()
-            try:
-                for ev in w.stream(self.custom.list_namespaced_custom_object, k.group, k.version, ns, k.plural,
-                                   field_selector=f"metadata.name={name}", timeout_seconds=wait_s):
-                    obj = ev.get("object") or {}
-                    if (obj.get("metadata") or {}).get("name") != name:
-                        continue  # servers that ignore the field selector
-                    if ev.get("type") == "DELETED":
-                        raise JobDeleted(f"{k.kind} {ns}/{name} was deleted while the launcher waited for it")
-                    if job_state(obj)[0] != last_state:
-                        break
-            except ApiException as e:
-                if _status(e) not in (404, 410, 500, 503, 504):
-                    raise
-                time.sleep(min(1.0, self.poll_s))  # the watch broke: reconnect
-            finally:
-                w.stop()
+            except Exception as e:  # noqa: BLE001 - pods are for the log; the job's state decides
+                log.warning("could not look at the pods of %s/%s: %s", ns, name, e)
+            self._last_pods = time.monotonic()
+        # Block on a watch until something changes, the pod check is due, or the server ends
+        # the watch; then look again (a reconnect costs one GET). The client-side read timeout
+        # bounds a connection that goes silent.
+        wait_s = max(1, int(min(self.poll_s, remaining if remaining is not None else self.poll_s)))
+        w = watch.Watch()
+        try:
+            for ev in w.stream(self.custom.list_namespaced_custom_object, k.group, k.version, ns, k.plural,
+                               field_selector=f"metadata.name={name}", timeout_seconds=wait_s,
+                               _request_timeout=wait_s + 30):
+                obj = ev.get("object") or {}
+                if (obj.get("metadata") or {}).get("name") != name:
+                    continue  # servers that ignore the field selector
+                if ev.get("type") == "DELETED":
+                    raise JobDeleted(f"{k.kind} {ns}/{name} was deleted while the launcher waited for it")
+                if job_state(obj)[0] != self._last_state or self._terminated:
+                    break
+        except ApiException as e:
+            if _status(e) != 410:  # 410: the watch's version expired; the next GET starts afresh
+                raise
+        finally:
+            w.stop()
+        return False
 
     # ---------------------------------------------------------------- the whole run
     def run(self, job: dict[str, Any], timeout_s: float | None = None, cleanup: str = "on-success") -> JobOutcome:
@@ -304,9 +396,10 @@ class JobLauncher:
         old = None
         if threading.current_thread() is threading.main_thread():
             def on_sigterm(signum, frame):  # noqa: ARG001
-                log.warning("launcher received SIGTERM: deleting %s %s/%s", self.kind.kind, ns, name)
-                self.delete(name, ns)
-                raise SystemExit(143)
+                # Only a flag and an unwind: the deletion happens in run(), outside whatever
+                # the main thread was in the middle of (an HTTP request holding a pool lock).
+                self._terminated = True
+                raise _Terminated()
 
             old = signal.signal(signal.SIGTERM, on_sigterm)
         try:
@@ -323,6 +416,15 @@ class JobLauncher:
             if cleanup in ("on-success", "always"):
                 self.delete(name, ns)
             return JobOutcome(name, ns, state, adopted, time.monotonic() - start)
+        except _Terminated:
+            if old is not None:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one deletion, whatever else arrives
+            log.warning("launcher received SIGTERM: deleting %s %s/%s", self.kind.kind, ns, name)
+            try:
+                self.delete(name, ns)
+            except Exception as e:  # noqa: BLE001 - exit as asked; the owner reference collects the job
+                log.warning("could not delete %s %s/%s: %s", self.kind.kind, ns, name, e)
+            raise SystemExit(143) from None
         finally:
             if old is not None:
                 signal.signal(signal.SIGTERM, old)
