@@ -111,18 +111,32 @@ def _default_vocab_size(total_bytes: int) -> int:
 class MegatronLM:
     """A GPT you can train on your text, generate with, save and load.
 
-    Sizes come from keyword arguments (any ``ModelConfig`` field: ``num_layers``,
-    ``hidden_size``, ``num_heads``, ``num_kv_heads``, ``seq_length``, ``position``,
-    ``norm``, ``activation``, ...) applied over a named ``preset`` ("debug" when no sizes
-    are given). ``vocab_size`` is taken from the tokenizer trained on your data.
+        MegatronLM(24, 1024)                     # layers, hidden size (16 heads of 64)
+        MegatronLM(num_layers=4, hidden_size=128, num_heads=4, seq_length=256)
+        MegatronLM(preset="tiny")
+
+    Sizes come from the two positional arguments and keyword arguments (any ``ModelConfig``
+    field: ``num_layers``, ``hidden_size``, ``num_heads``, ``num_kv_heads``, ``seq_length``,
+    ``position``, ``norm``, ``activation``, ...) applied over a named ``preset`` ("debug"
+    when no sizes are given). Without ``num_heads``, a given ``hidden_size`` gets heads of
+    64 (Megatron's GPT shapes). The model exists, with its parameters, as soon as it is
+    built; its vocabulary is ``ModelConfig``'s default (512) until :meth:`train` sets it
+    from the tokenizer trained on your data (or pass ``vocab_size=``).
 
     The object is not itself a ``torch.nn.Module`` (so ``train`` means one thing: train on
     data); the GPT is :attr:`module`, and calling the object runs it.
     """
 
-    def __init__(self, preset: str | None = None, **model_fields: Any):
+    def __init__(self, num_layers: int | None = None, hidden_size: int | None = None, *, preset: str | None = None,
+                 **model_fields: Any):
         from mtnlg.model.presets import get_preset
 
+        if num_layers is not None:
+            model_fields["num_layers"] = num_layers
+        if hidden_size is not None:
+            model_fields["hidden_size"] = hidden_size
+        if "hidden_size" in model_fields and "num_heads" not in model_fields:
+            model_fields["num_heads"] = max(1, int(model_fields["hidden_size"]) // 64)
         base = get_preset(preset or "debug") if preset or not model_fields else ModelConfig()
         names = {f.name for f in dataclasses.fields(ModelConfig)}
         unknown = sorted(set(model_fields) - names)
@@ -146,6 +160,9 @@ class MegatronLM:
 
     def parameters(self):
         return self.module.parameters()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
 
     def __call__(self, token_ids) -> torch.Tensor:
         """Logits for token ids: a (B, T) or (T,) tensor or nested lists -> (B, T, V_padded)

@@ -78,3 +78,16 @@ def test_load_data_finds_s3_files(s3):
     assert load_data([f"{s3}/notes/*.txt"]).inputs == (f"{s3}/notes/a.txt",)
     with pytest.raises(FileNotFoundError, match="missing"):
         load_data(f"{s3}/missing")
+
+
+def test_the_seeds_positional_form_and_parameters_from_the_start():
+    from mtnlg import MegatronLM
+    from mtnlg.model.flops import count_parameters
+
+    big = MegatronLM(24, 1024)                                    # the seed's example: not built until used
+    assert (big.cfg.num_layers, big.cfg.hidden_size, big.cfg.num_heads) == (24, 1024, 16)
+    small = MegatronLM(2, 128, seq_length=64)
+    assert small.cfg.num_heads == 2 and small.cfg.vocab_size == 512           # default vocabulary until data
+    assert small.num_parameters() == count_parameters(small.cfg) > 0          # parameters before training
+    assert small(torch.tensor([[1, 2, 3]])).shape == (1, 3, small.cfg.padded_vocab_size(1))
+    assert MegatronLM(2, 128, num_heads=8).cfg.num_heads == 8
