@@ -124,6 +124,10 @@ def test_evaluate_end_to_end_writes_report(tokenized, model_dir, tmp_path):
     val = IndexedDataset(os.path.join(tokenized, "validation"))
     assert m["val_tokens"] == val.num_tokens  # the whole split, every token once
     assert m["val_perplexity"] == pytest.approx(math.exp(m["val_loss"]), rel=1e-9)
+    lo, hi = m["val_perplexity_ci95"]
+    assert lo < m["val_perplexity"] < hi and m["val_loss_ci95"][0] < m["val_loss"] < m["val_loss_ci95"][1]
+    clo, chi = m["cloze_accuracy_ci95"]
+    assert clo <= m["cloze_accuracy"] <= chi
     # an untrained model: close to uniform over the padded vocabulary
     assert 0.5 * math.log(384) < m["val_loss"] < 2 * math.log(384)
     assert 0.0 <= m["cloze_accuracy"] <= 1.0 and m["cloze_items"] > 0
@@ -177,3 +181,21 @@ def test_fused_model_and_data_on_s3(tokenized, model_dir, s3, tmp_path):
     local = evaluate_model(model_dir, tokenized, str(tmp_path / "eval"), config=c)
     assert remote["val_loss"] == local["val_loss"] and remote["val_tokens"] == local["val_tokens"] > 0
     assert json.loads(storage.read_text(f"{s3}/eval/metrics.json"))["val_loss"] == local["val_loss"]
+
+
+def test_confidence_intervals_of_accuracy_and_loss():
+    from mtnlg.evaluate.metrics import ratio_interval, wilson_interval
+    from mtnlg.evaluate.report import _rows
+
+    lo, hi = wilson_interval(1, 18)                       # make run's cloze: 1 right of 18
+    assert lo == pytest.approx(0.00988, abs=1e-4) and hi == pytest.approx(0.2576, abs=1e-3)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert wilson_interval(500, 1000)[1] - wilson_interval(500, 1000)[0] < 0.07   # narrows with n
+    # equal windows: the ratio interval is the mean's normal interval
+    sums, counts = [1.0, 2.0, 3.0, 4.0], [1, 1, 1, 1]
+    lo, hi = ratio_interval(sums, counts)
+    assert (lo + hi) / 2 == pytest.approx(2.5) and hi - lo == pytest.approx(2 * 1.96 * 1.2910 / 2, rel=1e-3)
+    rows = dict(_rows({"cloze_accuracy": 1 / 18, "cloze_accuracy_ci95": [0.0099, 0.2576], "cloze_items": 18,
+                       "val_perplexity": 270.7, "val_perplexity_ci95": [260.1, 281.9]}))
+    assert rows["validation perplexity"] == "270.7 (95% CI 260.1-281.9)"
+    assert "only 18 items: too few to conclude" in rows["last-word accuracy"]

@@ -93,7 +93,8 @@ def evaluate_model(model_dir: str, data_dir: str, output: str, train_log: str | 
                                             dtype=np.int64)])
         res = stream_loss(model, stream, cfg.seq_length, batch_size)
         metrics.update(val_loss=res.loss, val_perplexity=res.perplexity, val_tokens=res.tokens,
-                       val_windows=res.windows, val_documents=len(ds))
+                       val_windows=res.windows, val_documents=len(ds), val_loss_ci95=list(res.loss_ci95),
+                       val_perplexity_ci95=list(res.perplexity_ci95))
         log.info("validation: loss %.4f, perplexity %.2f over %d tokens", res.loss, res.perplexity, res.tokens)
 
         if max_cloze_items > 0 and cfg.seq_length >= MIN_CLOZE_SEQ_LENGTH:

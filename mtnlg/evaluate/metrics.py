@@ -7,6 +7,11 @@ first document starts the way every document does in training. The stream is cut
 non-overlapping windows of ``seq_length`` predictions (the last one shorter), so each
 token is predicted exactly once, from the context inside its window (Megatron's
 evaluation). Perplexity is ``exp(loss)``.
+
+Every figure comes with a 95% confidence interval: for the loss, the normal interval of a
+ratio estimator with the windows as the sampled units (tokens inside a window are not
+independent; windows nearly are), mapped through ``exp`` for perplexity; for accuracy,
+Wilson's score interval, which stays inside [0, 1] and is honest for a handful of items.
 """
 
 from __future__ import annotations
@@ -23,12 +28,45 @@ from mtnlg.model.decode import device_of
 from mtnlg.progress import Progress
 
 
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
 @dataclass
 class LossResult:
     loss: float          # mean nats per predicted token
     perplexity: float    # exp(loss)
     tokens: int          # predicted tokens
     windows: int         # forward windows
+    loss_ci95: tuple[float, float] = (math.nan, math.nan)
+    perplexity_ci95: tuple[float, float] = (math.nan, math.nan)
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """95% (by default) Wilson score interval of a proportion k/n."""
+    if n <= 0:
+        return (math.nan, math.nan)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def ratio_interval(sums: list[float], counts: list[int], z: float = Z95) -> tuple[float, float]:
+    """Normal interval of ``sum(sums) / sum(counts)`` with the (sum, count) pairs as the
+    sampled units (the ratio estimator's linearised variance)."""
+    n = len(sums)
+    if n < 2:
+        return (math.nan, math.nan)
+    s, c = np.asarray(sums, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+    r = s.sum() / c.sum()
+    var = n / (n - 1) * float(((s - r * c) ** 2).sum()) / float(c.sum()) ** 2
+    half = z * math.sqrt(var)
+    return (r - half, r + half)
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 700 else float("inf")
 
 
 @torch.no_grad()
@@ -43,6 +81,7 @@ def stream_loss(model: torch.nn.Module, stream: np.ndarray, seq_length: int, bat
     device = device_of(model)
     starts = list(range(0, n_pred, seq_length))
     total_nll, total_tok = 0.0, 0
+    window_nll: list[float] = []
     model.eval()
     prog = Progress(progress_desc, total=n_pred, unit="tokens")
     for b in range(0, len(starts), batch_size):
@@ -60,12 +99,16 @@ def stream_loss(model: torch.nn.Module, stream: np.ndarray, seq_length: int, bat
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(device).reshape(-1),
                               ignore_index=-100, reduction="sum")
         total_nll += float(nll)
+        per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(device).reshape(-1),
+                                    ignore_index=-100, reduction="none").view(len(group), T)   # (b, T)
+        window_nll += per_token.sum(dim=1).tolist()
         total_tok += sum(lengths)
         prog.update(sum(lengths))
     prog.close()
     loss = total_nll / total_tok
-    return LossResult(loss=loss, perplexity=math.exp(loss) if loss < 700 else float("inf"),
-                      tokens=total_tok, windows=len(starts))
+    lo, hi = ratio_interval(window_nll, [min(seq_length, n_pred - s) for s in starts])
+    return LossResult(loss=loss, perplexity=_exp(loss), tokens=total_tok, windows=len(starts),
+                      loss_ci95=(lo, hi), perplexity_ci95=(_exp(lo), _exp(hi)))
 
 
 @torch.no_grad()
@@ -74,7 +117,8 @@ def cloze_accuracy(model: torch.nn.Module, items: list[ClozeItem], batch_size: i
     of the target word is that word's token (the word is predicted whole, not just its
     first piece). Also returns the mean loss of the target tokens."""
     if not items:
-        return {"cloze_items": 0, "cloze_correct": 0, "cloze_accuracy": None, "cloze_target_loss": None}
+        return {"cloze_items": 0, "cloze_correct": 0, "cloze_accuracy": None, "cloze_target_loss": None,
+                "cloze_accuracy_ci95": None}
     device = device_of(model)
     model.eval()
     correct, nll, ntok = 0, 0.0, 0
@@ -98,4 +142,4 @@ def cloze_accuracy(model: torch.nn.Module, items: list[ClozeItem], batch_size: i
         prog.update(len(group))
     prog.close()
     return {"cloze_items": len(items), "cloze_correct": correct, "cloze_accuracy": correct / len(items),
-            "cloze_target_loss": nll / ntok}
+            "cloze_accuracy_ci95": list(wilson_interval(correct, len(items))), "cloze_target_loss": nll / ntok}

@@ -22,12 +22,30 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+# Fewer cloze items than this and the accuracy's interval is too wide to conclude anything.
+FEW_CLOZE_ITEMS = 100
+
+
+def _with_ci(metrics: dict[str, Any], key: str) -> str:
+    """``value (95% CI lo-hi)`` when the metric has an interval."""
+    text = _fmt(metrics[key])
+    ci = metrics.get(f"{key}_ci95")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, float) and v == v for v in ci):
+        text += f" (95% CI {_fmt(ci[0])}-{_fmt(ci[1])})"
+    return text
+
+
 def _rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     keys = [("validation loss (nats/token)", "val_loss"), ("validation perplexity", "val_perplexity"),
             ("validation tokens", "val_tokens"), ("last-word accuracy", "cloze_accuracy"),
             ("cloze items", "cloze_items"), ("parameters", "parameters"),
             ("training steps", "train_steps"), ("final training loss", "train_final_loss")]
-    return [(label, _fmt(metrics[k])) for label, k in keys if k in metrics]
+    rows = [(label, _with_ci(metrics, k)) for label, k in keys if k in metrics]
+    n = metrics.get("cloze_items")
+    if isinstance(n, int) and 0 < n < FEW_CLOZE_ITEMS:
+        rows = [(a, b + f" (only {n} items: too few to conclude)" if a == "last-word accuracy" else b)
+                for a, b in rows]
+    return rows
 
 
 def render_markdown(metrics: dict[str, Any], samples: list[dict[str, str]], png_name: str | None,
