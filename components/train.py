@@ -23,13 +23,12 @@ def train(tokens: Input[Dataset], recipe: str, model_preset: str, num_layers: in
         nproc: training processes in this step's pod (torchrun).
     """
     from mtnlg.components.artifacts import artifact_location, log_metrics
-    from mtnlg.config import load_config, merge
     from mtnlg.steps import train_step
-    from mtnlg.train.config import TrainRunConfig, run_settings
-    from mtnlg.train.config import recipe as recipe_data
+    from mtnlg.train.config import pipeline_run_config
 
-    named = run_settings(model_preset, num_layers, hidden_size, num_heads, seq_length, tp, pp, steps, global_batch_size)
-    config = load_config(TrainRunConfig, overrides=overrides, base=merge(recipe_data(recipe), named))
+    config = pipeline_run_config(recipe, overrides, model_preset=model_preset, num_layers=num_layers,
+                                 hidden_size=hidden_size, num_heads=num_heads, seq_length=seq_length, tp=tp, pp=pp,
+                                 steps=steps, global_batch_size=global_batch_size)
     result = train_step(artifact_location(tokens), artifact_location(checkpoint), config, nproc=nproc)
     checkpoint.metadata["recipe"] = recipe
     log_metrics(metrics, result)

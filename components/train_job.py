@@ -36,13 +36,13 @@ def train(tokens: Input[Dataset], recipe: str, model_preset: str, num_layers: in
     from mtnlg.cluster.jobs import ClusterJobConfig
     from mtnlg.cluster.launcher import pod_namespace, pod_owner
     from mtnlg.components.artifacts import artifact_location, log_metrics
-    from mtnlg.config import load_config, merge
+    from mtnlg.config import load_config
     from mtnlg.steps import train_job_step
-    from mtnlg.train.config import TrainRunConfig, run_settings
-    from mtnlg.train.config import recipe as recipe_data
+    from mtnlg.train.config import pipeline_run_config
 
-    named = run_settings(model_preset, num_layers, hidden_size, num_heads, seq_length, tp, pp, steps, global_batch_size)
-    config = load_config(TrainRunConfig, overrides=overrides, base=merge(recipe_data(recipe), named))
+    config = pipeline_run_config(recipe, overrides, model_preset=model_preset, num_layers=num_layers,
+                                 hidden_size=hidden_size, num_heads=num_heads, seq_length=seq_length, tp=tp, pp=pp,
+                                 steps=steps, global_batch_size=global_batch_size)
     job = load_config(ClusterJobConfig, overrides=job_overrides, base={
         "backend": backend, "nodes": nodes, "gpus_per_node": gpus_per_node, "namespace": pod_namespace(),
         "volume_claim": volume_claim, "volume_mount": volume_mount})

@@ -200,3 +200,8 @@ def test_named_pipeline_settings_go_over_the_recipe_and_under_the_overrides():
     tiny = load_config(TrainRunConfig, None, REQUIRED + ["model_preset=tiny"], base=recipe("debug"))
     assert cfg.model.num_layers == 3 and cfg.model.hidden_size == tiny.model.hidden_size  # preset, then sizes
     assert cfg.parallel.tp == 2 and cfg.train.steps == 9                  # the overrides come last
+    from mtnlg.train.config import pipeline_run_config
+
+    same = pipeline_run_config("debug", REQUIRED + ["train.steps=9"], model_preset="tiny", num_layers=3, tp=2,
+                               steps=7)
+    assert same == cfg                                                    # what the train components load

@@ -244,3 +244,11 @@ def run_settings(model_preset: str = "", num_layers: int = 0, hidden_size: int =
         if section:
             out[key] = section
     return out
+
+
+def pipeline_run_config(recipe_name: str, overrides: list[str], **named) -> TrainRunConfig:
+    """The train components' run config: the recipe, the named pipeline settings over it
+    (:func:`run_settings`), then the ``key=value`` overrides; checked as any load is."""
+    from mtnlg.config import load_config
+
+    return load_config(TrainRunConfig, overrides=overrides, base=merge(recipe(recipe_name), run_settings(**named)))
