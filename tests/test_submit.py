@@ -3,7 +3,6 @@ every request: a new pipeline, a new version, parameters, runs, recurring runs, 
 
 from __future__ import annotations
 
-
 import pytest
 import yaml
 from fake_kfp import FakeKFP
