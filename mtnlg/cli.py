@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reshard": ("mtnlg.fuse.reshard_cli", "rewrite a training checkpoint for another parallel layout"),
     "evaluate": ("mtnlg.evaluate.cli", "perplexity, last-word accuracy and sample generations"),
     "generate": ("mtnlg.generate.cli", "generate text from a fused model"),
+    "serve": ("mtnlg.serve.cli", "serve a fused model over HTTP with the OpenAI API"),
     "job": ("mtnlg.cluster.cli", "write or run the Kubeflow TrainJob / PyTorchJob of a training run"),
     "run": ("mtnlg.pipelines.local", "run the whole pipeline locally through kfp.local"),
     "compile": ("mtnlg.pipelines.compile", "compile the Kubeflow pipeline to IR YAML"),

@@ -23,7 +23,7 @@ FLOORS: list[set[str]] = [
     {"parallel"},
     {"formats"},
     {"extract", "tokenize", "train", "fuse", "generate", "evaluate"},           # the steps' rooms
-    {"cluster"},                                             # launchers of train's run config
+    {"cluster", "serve"},                                    # launchers; the HTTP server
     {"steps"},
     {"api"},
     {"cli", "__init__"},

@@ -11,9 +11,9 @@ import torch
 from mtnlg.config import ConfigError
 from mtnlg.generate.chat import _cut_at_turn, chat, chat_reply, format_chat
 from mtnlg.model.config import ModelConfig
-from mtnlg.model.decode import generate, generate_ids, stream_tokens
+from mtnlg.model.decode import BatchDecoder, generate, generate_ids, stream_tokens
 from mtnlg.model.gpt import GPT, KVCache
-from mtnlg.model.sampling import SamplingConfig, sample_next_token, top_k_filter, top_p_filter
+from mtnlg.model.sampling import SamplingConfig, adjust_logits, sample_next_token, top_k_filter, top_p_filter
 
 pytestmark = pytest.mark.unit
 
@@ -158,6 +158,87 @@ def test_stops_at_end_of_document():
     assert out == [7, 7, 7]
     out = generate_ids(m, [3, 3], SamplingConfig(max_new_tokens=6, stop_at_eod=False), eod_id=1, use_cache=False)
     assert out[:3] == [7, 7, 7] and out[3] == 1
+
+
+def test_min_new_tokens_and_repetition_penalty():
+    logits = torch.tensor([2.0, -1.0, 3.0, 0.5])
+    s = SamplingConfig(max_new_tokens=8, min_new_tokens=2, repetition_penalty=2.0)
+    out = adjust_logits(logits, [0, 1], generated=1, sampling=s, eod_id=2)
+    # seen tokens: positive halved, negative doubled; eod (2) forbidden before 2 new tokens
+    assert out.tolist() == [1.0, -2.0, float("-inf"), 0.5]
+    assert adjust_logits(logits, [0, 1], generated=2, sampling=s, eod_id=2)[2] == 3.0
+    assert logits.tolist() == [2.0, -1.0, 3.0, 0.5]  # the input is left alone
+    with pytest.raises(ConfigError, match="min_new_tokens=9 exceeds max_new_tokens=8"):
+        SamplingConfig(max_new_tokens=8, min_new_tokens=9)
+    # in generation: a model that always prefers end-of-document still writes min_new_tokens
+    model = EodFirst(tiny_model().cfg)
+    assert generate_ids(model, [3, 4, 5], SamplingConfig(max_new_tokens=10), eod_id=1) == []
+    ids = generate_ids(model, [3, 4, 5], SamplingConfig(max_new_tokens=10, min_new_tokens=6), eod_id=1)
+    assert len(ids) == 6 and 1 not in ids
+
+
+class EodFirst(torch.nn.Module):
+    """Logits that rank end-of-document (1) first and token 7 second, at every position."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, x, cache=None):
+        if cache is not None:
+            cache.length += x.shape[1]
+        logits = torch.zeros(*x.shape, self.cfg.vocab_size)
+        logits[..., 1], logits[..., 7] = 10.0, 5.0
+        return logits
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_batch_decoder_rows_equal_single_sequence_decoding(variant):
+    """Prompts of different lengths in one left-padded batch give each row the tokens it
+    gets alone: greedy ids equal, and seeded sampling draws the same tokens."""
+    model = tiny_model(**VARIANTS[variant])
+    prompts = [[5, 9, 11, 3, 7, 2, 8], [4], [10, 20, 30, 40]]
+    samplings = [SamplingConfig(max_new_tokens=12, stop_at_eod=False),
+                 SamplingConfig(max_new_tokens=20, temperature=0.9, top_p=0.9, seed=3, stop_at_eod=False),
+                 SamplingConfig(max_new_tokens=5, repetition_penalty=1.3, stop_at_eod=False)]
+    dec = BatchDecoder(model, prompts, samplings, vocab_size=120, eod_id=1)
+    rows: list[list[int]] = [[] for _ in prompts]
+    steps = 0
+    while not dec.done:
+        for r, t in enumerate(dec.step()):
+            if t is not None:
+                rows[r].append(t)
+        steps += 1
+    assert steps == 20
+    for p, s, got in zip(prompts, samplings, rows):
+        assert got == generate_ids(model, p, s, vocab_size=120, eod_id=1)
+    assert dec.finish_reason == ["length"] * 3
+
+
+def test_batch_decoder_logits_match_and_padding_is_not_read():
+    model = tiny_model(position="rotary", norm="rmsnorm", tie_embeddings=False)
+    a, b = [5, 9, 11, 3, 7], [4, 6]
+    cache = KVCache.for_model(model, batch_size=2, pad=torch.tensor([0, 3]))
+    with torch.no_grad():
+        batch = model(torch.tensor([a, [99, 98, 97] + b]), cache=cache)        # padding ids are arbitrary
+        alone = model(torch.tensor([b]))
+    assert torch.allclose(batch[1, 3:], alone[0], atol=1e-5)
+    assert torch.allclose(batch[0], model(torch.tensor([a]))[0], atol=1e-5)
+
+
+def test_batch_decoder_stops_rows_and_rejects_what_does_not_fit():
+    model = tiny_model()
+    dec = BatchDecoder(model, [[3, 4], [5]], [SamplingConfig(max_new_tokens=10)] * 2, vocab_size=120, eod_id=1)
+    dec.step()
+    dec.finish(0)
+    assert dec.step()[0] is None and dec.finish_reason[0] == "stop"
+    with pytest.raises(ValueError, match="prompt 0: 40 tokens \\+ max_new_tokens=10 exceed the model's window of 48"):
+        BatchDecoder(model, [[3] * 40], [SamplingConfig(max_new_tokens=10)], vocab_size=120)
+    with pytest.raises(ValueError, match="cannot share a batch"):
+        BatchDecoder(model, [[3] * 40, [4]], [SamplingConfig(max_new_tokens=8), SamplingConfig(max_new_tokens=40)],
+                     vocab_size=120)
+    with pytest.raises(ValueError, match="prompt 1 has no tokens"):
+        BatchDecoder(model, [[3], []], [SamplingConfig(max_new_tokens=4)] * 2, vocab_size=120)
 
 
 def test_generate_text_streams_what_it_returns(tokenizer):

@@ -28,7 +28,8 @@ from mtnlg.model.decode import prompt_ids_for, stream_tokens
 from mtnlg.model.sampling import SamplingConfig
 
 ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
-_TURN_STARTS = tuple(f"\n{tag}:" for tag in ROLES.values())
+# where a reply ends: the start of any next turn
+TURN_STARTS = tuple(f"\n{tag}:" for tag in ROLES.values())
 
 
 def format_chat(messages: list[dict]) -> str:
@@ -48,7 +49,7 @@ def format_chat(messages: list[dict]) -> str:
 
 def _cut_at_turn(text: str) -> tuple[str, bool]:
     """``text`` up to the first new-turn marker, and whether one was found."""
-    cut = min((i for i in (text.find(t) for t in _TURN_STARTS) if i >= 0), default=-1)
+    cut = min((i for i in (text.find(t) for t in TURN_STARTS) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
@@ -67,7 +68,7 @@ def chat_reply(model: torch.nn.Module, tokenizer, messages: list[dict], max_new_
         text, done = _cut_at_turn(tokenizer.decode(ids))
         if on_text is not None:
             # hold back a possible partial marker ("\nUs") until it is decided
-            safe = text if done else text[: max(len(shown), len(text) - max(map(len, _TURN_STARTS)))]
+            safe = text if done else text[: max(len(shown), len(text) - max(map(len, TURN_STARTS)))]
             if len(safe) > len(shown) and safe.startswith(shown):
                 on_text(safe[len(shown):])
                 shown = safe

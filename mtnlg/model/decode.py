@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from mtnlg.model.sampling import SamplingConfig, sample_next_token
+from mtnlg.model.sampling import SamplingConfig, adjust_logits, sample_next_token
 from mtnlg.progress import get_logger
 
 log = get_logger("mtnlg.generate")
@@ -64,6 +64,8 @@ def stream_tokens(model: torch.nn.Module, prompt_ids: list[int], sampling: Sampl
         gen = torch.Generator(device=device)
         gen.manual_seed(int(sampling.seed))
     context = list(prompt_ids)[-window:]                                        # the model's view
+    history = list(context)                                                      # for the repetition penalty
+    generated = 0
     was_training = model.training
     model.eval()
     try:
@@ -80,11 +82,14 @@ def stream_tokens(model: torch.nn.Module, prompt_ids: list[int], sampling: Sampl
                 pending = context
             x = torch.tensor([pending], dtype=torch.long, device=device)         # (1, t)
             logits = model(x, cache=cache) if use_cache else model(x)            # (1, t, V_padded)
-            last = _mask_padding(logits[:, -1, :].float(), vocab_size)           # (1, V_padded)
-            nxt = int(sample_next_token(last, sampling.temperature, sampling.top_k, sampling.top_p, gen)[0])
+            last = _mask_padding(logits[:, -1, :].float(), vocab_size)[0]        # (V_padded,)
+            last = adjust_logits(last, history, generated, sampling, eod_id)
+            nxt = int(sample_next_token(last[None], sampling.temperature, sampling.top_k, sampling.top_p, gen)[0])
             if sampling.stop_at_eod and eod_id is not None and nxt == eod_id:
                 return
             yield nxt
+            generated += 1
+            history.append(nxt)
             context.append(nxt)
             pending = [nxt]
     finally:
@@ -132,3 +137,102 @@ def generate(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int
     if on_token is not None and len(text) > len(shown) and text.startswith(shown):
         on_token(text[len(shown):])
     return text
+
+
+class BatchDecoder:
+    """Several prompts decoded together, one forward pass per step for the whole batch.
+
+        dec = BatchDecoder(model, [ids_a, ids_b], [SamplingConfig(...), SamplingConfig(...)],
+                           tokenizer.vocab_size, tokenizer.eod_id)
+        while not dec.done:
+            for row, token in enumerate(dec.step()):   # None: that row has finished
+                ...
+        dec.finish_reason[row]                         # "stop" (end of document, or finish()) | "length"
+
+    The prompts are left-padded to the longest and share one ``KVCache`` (its ``pad``
+    keeps each sequence's positions and attention its own), so a row's tokens are those
+    :func:`stream_tokens` gives it alone (greedy: the same ids; sampled: the same draws
+    from the row's own seeded generator, up to rounding of the logits). Each row must fit
+    the window: ``len(prompt) + max_new_tokens <= seq_length`` (no sliding window here;
+    servers reject longer requests up front). ``finish(row)`` stops a row early (a stop
+    string, a client gone); the batch ends when every row has finished.
+    """
+
+    def __init__(self, model: torch.nn.Module, prompts: list[list[int]], samplings: list[SamplingConfig],
+                 vocab_size: int, eod_id: int | None = None):
+        from mtnlg.model.gpt import KVCache
+
+        if not prompts or len(prompts) != len(samplings):
+            raise ValueError(f"{len(prompts)} prompts but {len(samplings)} sampling configs")
+        window = model.cfg.seq_length
+        for i, (p, s) in enumerate(zip(prompts, samplings)):
+            if not p:
+                raise ValueError(f"prompt {i} has no tokens")
+            if len(p) + s.max_new_tokens > window:
+                raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens={s.max_new_tokens} exceed the "
+                                 f"model's window of {window} positions")
+        self.model, self.samplings, self.vocab_size, self.eod_id = model, samplings, vocab_size, eod_id
+        self.device = device_of(model)
+        longest = max(map(len, prompts))
+        # room for the longest prompt and the most new tokens any row asks for
+        self.steps_left = max(s.max_new_tokens for s in samplings)
+        if longest + self.steps_left > window:
+            raise ValueError(f"these prompts cannot share a batch: the longest ({longest} tokens) plus "
+                             f"{self.steps_left} new tokens exceed {window} positions")
+        pad = torch.tensor([longest - len(p) for p in prompts], dtype=torch.long, device=self.device)
+        self.cache = KVCache.for_model(model, batch_size=len(prompts), pad=pad)
+        filler = eod_id if eod_id is not None else 0
+        self._pending = torch.tensor([[filler] * (longest - len(p)) + list(p) for p in prompts],
+                                     dtype=torch.long, device=self.device)                    # (B, longest)
+        self.history = [list(p) for p in prompts]
+        self.generated = [0] * len(prompts)
+        self.finish_reason: list[str | None] = [None if s.max_new_tokens > 0 else "length" for s in samplings]
+        self.generators: list[torch.Generator | None] = []
+        for s in samplings:
+            g = None
+            if s.seed is not None and s.temperature > 0:
+                g = torch.Generator(device=self.device)
+                g.manual_seed(int(s.seed))
+            self.generators.append(g)
+
+    @property
+    def done(self) -> bool:
+        return all(r is not None for r in self.finish_reason)
+
+    def finish(self, row: int, reason: str = "stop") -> None:
+        if self.finish_reason[row] is None:
+            self.finish_reason[row] = reason
+
+    @torch.no_grad()
+    def step(self) -> list[int | None]:
+        """One new token for every row still running (None for the others)."""
+        if self.done:
+            return [None] * len(self.finish_reason)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            logits = self.model(self._pending, cache=self.cache)                               # (B, t, V_padded)
+        finally:
+            self.model.train(was_training)
+        last = _mask_padding(logits[:, -1, :].float(), self.vocab_size)                        # (B, V_padded)
+        out: list[int | None] = []
+        feed = []
+        for row, s in enumerate(self.samplings):
+            if self.finish_reason[row] is not None:
+                out.append(None)
+                feed.append(self.eod_id if self.eod_id is not None else 0)
+                continue
+            row_logits = adjust_logits(last[row], self.history[row], self.generated[row], s, self.eod_id)
+            nxt = int(sample_next_token(row_logits[None], s.temperature, s.top_k, s.top_p, self.generators[row])[0])
+            feed.append(nxt)
+            if s.stop_at_eod and self.eod_id is not None and nxt == self.eod_id:
+                self.finish_reason[row] = "stop"
+                out.append(None)
+                continue
+            out.append(nxt)
+            self.generated[row] += 1
+            self.history[row].append(nxt)
+            if self.generated[row] >= s.max_new_tokens:
+                self.finish_reason[row] = "length"
+        self._pending = torch.tensor(feed, dtype=torch.long, device=self.device)[:, None]      # (B, 1)
+        return out

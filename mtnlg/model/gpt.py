@@ -65,10 +65,13 @@ def rope_table(seq_length: int, head_dim: int, theta: float) -> torch.Tensor:
 def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate each head's two halves (x1, x2) by the position's angle (the GPT-NeoX /
     Hugging Face Llama layout, so exported weights need no permutation).
-    x: (B, T, n, hd), rope: (T, hd/2, 2) -> (B, T, n, hd)."""
+    x: (B, T, n, hd), rope: (T, hd/2, 2), or (B, T, hd/2, 2) when each sequence has
+    positions of its own (a left-padded batch) -> (B, T, n, hd)."""
     half = x.shape[-1] // 2
-    cos = rope[None, :, None, :, 0].to(x.dtype)                                  # (1, T, 1, hd/2)
-    sin = rope[None, :, None, :, 1].to(x.dtype)
+    if rope.dim() == 3:
+        rope = rope[None]                                                        # (1, T, hd/2, 2)
+    cos = rope[:, :, None, :, 0].to(x.dtype)                                     # (B|1, T, 1, hd/2)
+    sin = rope[:, :, None, :, 1].to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]                                        # (B, T, n, hd/2)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
@@ -96,9 +99,12 @@ class CoreAttention(nn.Module):
         super().__init__()
         self.dropout = dropout
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                pad: torch.Tensor | None = None) -> torch.Tensor:
         # q: (B, T, nh, hd); k, v: (B, S, nkv, hd) with S = T, or S > T when the keys
-        # include cached earlier positions (the T queries are then the last T positions)
+        # include cached earlier positions (the T queries are then the last T positions).
+        # pad (B,): the first pad[b] key slots of sequence b are left padding, never read
+        # (a padding query reads only itself, so no row of the softmax is empty).
         B, T, nh, hd = q.shape
         S = k.shape[1]
         n_rep = nh // k.shape[2]
@@ -110,7 +116,14 @@ class CoreAttention(nn.Module):
             k = k.repeat_interleave(n_rep, dim=1)                                # (B, nh, S, hd)
             v = v.repeat_interleave(n_rep, dim=1)
         p = self.dropout if self.training else 0.0
-        if S == T:
+        if pad is not None:
+            slots = torch.arange(S, device=q.device)                             # (S,)
+            qslot = slots[S - T:, None]                                          # (T, 1)
+            causal = slots[None, :] <= qslot                                     # (T, S)
+            real = slots[None, None, :] >= pad[:, None, None]                    # (B, 1, S)
+            mask = causal[None] & (real | (slots[None, :] == qslot)[None])       # (B, T, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=p)
+        elif S == T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         else:  # query i sits at position S - T + i and sees keys 0 .. S - T + i
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
@@ -148,9 +161,11 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, -1, self.head_dim)                             # (B, T, nkv, hd)
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        pad = None
         if cache is not None:
             k, v = cache.append(k, v)                                            # (B, S, nkv, hd)
-        y = self.core_attention(q, k, v)                                         # (B, T, nh*hd)
+            pad = cache.cache.pad
+        y = self.core_attention(q, k, v) if pad is None else self.core_attention(q, k, v, pad)  # (B, T, nh*hd)
         return self.dropout(self.wo(y))                                          # (B, T, H)
 
 
@@ -201,19 +216,28 @@ class Block(nn.Module):
 # ---------------------------------------------------------------------------------------
 
 
-def embed(module: nn.Module, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
-    """Token (+ position) embeddings and dropout: tokens (B, T) at positions start.. ->
-    (B, T, H). ``module`` is a ``GPT`` or a first pipeline stage: anything holding the
-    GPT's ``cfg``, ``tok_embeddings``, ``pos_embeddings`` (learned), ``pos_table``
-    (sinusoidal) and ``drop`` under those names."""
+def positions(start: int, T: int, pad: torch.Tensor | None, device) -> torch.Tensor:
+    """Positions of slots start .. start+T-1: (T,), or (B, T) for a left-padded batch, whose
+    sequence b starts at slot pad[b] (padding slots get position 0)."""
+    pos = torch.arange(start, start + T, device=device)                          # (T,)
+    if pad is None:
+        return pos
+    return (pos[None, :] - pad[:, None]).clamp(min=0)                            # (B, T)
+
+
+def embed(module: nn.Module, tokens: torch.Tensor, start: int = 0,
+          pad: torch.Tensor | None = None) -> torch.Tensor:
+    """Token (+ position) embeddings and dropout: tokens (B, T) at slots start.. ->
+    (B, T, H); ``pad`` as in :func:`positions`. ``module`` is a ``GPT`` or a first
+    pipeline stage: anything holding the GPT's ``cfg``, ``tok_embeddings``,
+    ``pos_embeddings`` (learned), ``pos_table`` (sinusoidal) and ``drop`` under those names."""
     cfg = module.cfg
     T = tokens.shape[1]
     x = module.tok_embeddings(tokens)                                            # (B, T, H)
     if cfg.position == "learned":
-        pos = torch.arange(start, start + T, device=tokens.device)              # (T,)
-        x = x + module.pos_embeddings(pos)                                       # (B, T, H)
+        x = x + module.pos_embeddings(positions(start, T, pad, tokens.device))  # (B, T, H)
     elif cfg.position == "sinusoidal":
-        x = x + module.pos_table[start:start + T].to(x.dtype)                    # (B, T, H)
+        x = x + module.pos_table[positions(start, T, pad, tokens.device)].to(x.dtype)  # (B, T, H)
     return module.drop(x)
 
 
@@ -284,8 +308,11 @@ class GPT(nn.Module):
         if start + T > self.cfg.seq_length:
             raise ValueError(f"sequence of {start + T} tokens is longer than model.seq_length="
                              f"{self.cfg.seq_length}")
-        x = embed(self, tokens, start)                                           # (B, T, H)
-        rope = self.rope[start:start + T] if self.rope is not None else None     # (T, hd/2, 2)
+        pad = None if cache is None else cache.pad
+        x = embed(self, tokens, start, pad)                                      # (B, T, H)
+        rope = None
+        if self.rope is not None:                                                # (T | B,T, hd/2, 2)
+            rope = self.rope[start:start + T] if pad is None else self.rope[positions(start, T, pad, tokens.device)]
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, cache=None if cache is None else cache.layer(i))  # (B, T, H)
         if cache is not None:
@@ -309,18 +336,26 @@ class KVCache:
 
     Storage (B, seq_length, nkv, hd) per layer is allocated on first use, in the dtype and
     device of the keys (so autocast works). ``reset()`` starts a new sequence.
+
+    Prompts of different lengths run as one batch left-padded to the longest: ``pad``
+    (B,) says how many leading slots of each sequence are padding. Those slots are never
+    attended to and positions count from each sequence's first real token, so each
+    sequence's logits are those it would get alone (to rounding).
     """
 
-    def __init__(self, num_layers: int, batch_size: int, max_length: int):
+    def __init__(self, num_layers: int, batch_size: int, max_length: int, pad: torch.Tensor | None = None):
+        if pad is not None and tuple(pad.shape) != (batch_size,):
+            raise ValueError(f"pad must have shape ({batch_size},), got {tuple(pad.shape)}")
         self.batch_size = batch_size
         self.max_length = max_length
         self.length = 0
+        self.pad = pad
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
 
     @classmethod
-    def for_model(cls, model: GPT, batch_size: int) -> KVCache:
-        return cls(model.cfg.num_layers, batch_size, model.cfg.seq_length)
+    def for_model(cls, model: GPT, batch_size: int, pad: torch.Tensor | None = None) -> KVCache:
+        return cls(model.cfg.num_layers, batch_size, model.cfg.seq_length, pad)
 
     def reset(self) -> None:
         self.length = 0

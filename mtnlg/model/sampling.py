@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mtnlg.config import Config
+from mtnlg.config import Config, ConfigError
 
 
 @dataclass
@@ -27,6 +27,32 @@ class SamplingConfig(Config):
     top_p: float = field(default=1.0, metadata={"gt": 0.0, "max": 1.0})  # 1.0 = no nucleus filter
     seed: int | None = None
     stop_at_eod: bool = True
+    # the end-of-document token cannot be drawn before this many new tokens
+    min_new_tokens: int = field(default=0, metadata={"min": 0})
+    # > 1 discourages tokens already in the prompt or the output (the CTRL / Hugging Face
+    # rule: a positive logit is divided by it, a negative one multiplied); 1 = off
+    repetition_penalty: float = field(default=1.0, metadata={"gt": 0.0})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ConfigError(f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}")
+
+
+def adjust_logits(logits: torch.Tensor, history: list[int], generated: int, sampling: SamplingConfig,
+                  eod_id: int | None) -> torch.Tensor:
+    """``logits`` (V,) of one sequence after the repetition penalty over ``history`` (the
+    prompt and the tokens so far) and, before ``min_new_tokens``, with end-of-document
+    forbidden. Returns a new tensor when anything changes."""
+    if sampling.repetition_penalty != 1.0 and history:
+        seen = torch.tensor(sorted(set(history)), dtype=torch.long, device=logits.device)
+        vals = logits[seen]
+        logits = logits.clone()
+        logits[seen] = torch.where(vals > 0, vals / sampling.repetition_penalty, vals * sampling.repetition_penalty)
+    if eod_id is not None and generated < sampling.min_new_tokens:
+        logits = logits.clone()
+        logits[eod_id] = float("-inf")
+    return logits
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:

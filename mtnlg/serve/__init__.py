@@ -1,0 +1,1 @@
+"""Serving a fused model over HTTP with the OpenAI API (``mtnlg serve``)."""

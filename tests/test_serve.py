@@ -1,0 +1,296 @@
+"""``mtnlg serve``: the OpenAI-compatible server, talked to with the official ``openai``
+client on 127.0.0.1 (completions, chat, streaming, errors, the bounded queue, batching,
+graceful shutdown)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from corpus_data import tokenized_dir
+
+from mtnlg.model.config import ModelConfig
+from mtnlg.model.decode import generate, prompt_ids_for
+from mtnlg.model.gpt import GPT
+
+pytestmark = pytest.mark.e2e
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+WORDS = ("list dict tuple set append insert pop sort key value function module package class method "
+         "return yield import raise except").split()
+NAME = "tiny-gpt"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    from mtnlg.formats.fused import save_fused
+    from mtnlg.formats.tokenizer import Tokenizer
+
+    rng = np.random.default_rng(0)
+    docs = [" ".join(rng.choice(WORDS, size=30)) + "." for _ in range(120)]
+    tok_dir = tokenized_dir(tmp_path_factory.mktemp("servedata"), docs[:100], docs[100:], vocab_size=400)
+    tok = Tokenizer.from_dir(tok_dir)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(num_layers=2, hidden_size=32, num_heads=4, seq_length=128, vocab_size=tok.vocab_size))
+    out = str(tmp_path_factory.mktemp("model") / NAME)
+    save_fused(model, out, tok)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """The app under uvicorn in a thread of this process, on a free 127.0.0.1 port."""
+
+    def __init__(self, model_dir: str, **engine_config):
+        from mtnlg.serve.server import build_app
+
+        self.app = build_app(model_dir, NAME, **engine_config)
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    timeout_graceful_shutdown=10))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    with ServerThread(model_dir, max_batch_size=8, max_queue=64, batch_wait_ms=20) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def local_model(model_dir):
+    from mtnlg.formats.fused import load_fused
+
+    model, _, tok = load_fused(model_dir)
+    return model, tok
+
+
+def test_models_and_health(client, server):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [NAME]
+    r = httpx.get(server.url + "/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["model"] == NAME
+
+
+def test_completion_equals_local_greedy_generation(client, local_model):
+    model, tok = local_model
+    prompt = "append the key"
+    want = generate(model, tok, prompt, max_new_tokens=12, temperature=0.0)
+    got = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0)
+    choice = got.choices[0]
+    # the server keeps the space between prompt and continuation; generate() decodes the new ids alone
+    assert choice.text.strip() == want.strip() and choice.text
+    assert 1 <= got.usage.completion_tokens <= 12
+    assert got.usage.prompt_tokens == len(prompt_ids_for(tok, prompt))
+    assert choice.finish_reason in ("length", "stop")
+    echo = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0, echo=True)
+    assert echo.choices[0].text == prompt + choice.text
+
+
+def test_seeded_sampling_is_reproducible_and_streaming_matches(client):
+    kw = dict(model=NAME, prompt="sort the list", max_tokens=20, temperature=0.9, top_p=0.95, seed=7)
+    a = client.completions.create(**kw).choices[0].text
+    b = client.completions.create(**kw).choices[0].text
+    assert a == b
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == a
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    assert len(chunks) >= 3  # the text came in pieces, not at once
+
+
+def test_stop_sequences_cut_the_text(client):
+    full = client.completions.create(model=NAME, prompt="import the module", max_tokens=30, temperature=0,
+                                     extra_body={"min_tokens": 30}).choices[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert len(stop) == 3
+    got = client.completions.create(model=NAME, prompt="import the module", max_tokens=30, temperature=0,
+                                    extra_body={"min_tokens": 30}, stop=[stop])
+    assert got.choices[0].text == full[:full.find(stop)]
+    assert got.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=NAME, prompt="import the module", max_tokens=30, temperature=0, extra_body={"min_tokens": 30}, stop=stop, stream=True))
+    assert streamed == got.choices[0].text
+
+
+def test_chat_completion_and_streaming(client):
+    messages = [{"role": "system", "content": "You answer about the list."},
+                {"role": "user", "content": "What does pop return"}]
+    r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=16, temperature=0.8, seed=3)
+    msg = r.choices[0].message
+    assert msg.role == "assistant" and isinstance(msg.content, str)
+    assert "\nUser:" not in msg.content and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=16, temperature=0.8,
+                                                 seed=3, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed.strip() == msg.content
+    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(model="other", prompt="x"), "model 'other' is not served here"),
+    (dict(model=NAME, prompt="   "), "prompt: must not be empty"),
+    (dict(model=NAME, prompt="list", max_tokens=200), "maximum context length is 128 tokens"),
+    (dict(model=NAME, prompt="list", extra_body={"temperature": "hot"}), "temperature"),
+    (dict(model=NAME, prompt="list", extra_body={"colour": "blue"}), "colour: unknown field"),
+    (dict(model=NAME, prompt="list", n=2), "only n=1"),
+    (dict(model=NAME, prompt=["a", "b"]), "one prompt per request"),
+    (dict(model=NAME, prompt="list", max_tokens=4, extra_body={"min_tokens": 9}), "min_tokens=9 exceeds"),
+])
+def test_bad_requests_get_400_with_a_message(client, kwargs, match):
+    with pytest.raises(openai.BadRequestError, match=match) as e:
+        client.completions.create(**kwargs)
+    assert e.value.status_code == 400 and e.value.body["message"]
+
+
+def test_bad_chat_requests(client, server):
+    with pytest.raises(openai.BadRequestError, match="messages.0.role"):
+        client.chat.completions.create(model=NAME, messages=[{"role": "robot", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="at least one message"):
+        client.chat.completions.create(model=NAME, messages=[])
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(client, server, local_model):
+    model, tok = local_model
+    prompts = [f"{w} the {v}" for w, v in zip(WORDS[:8], WORDS[8:16])]
+    want = [generate(model, tok, p, max_new_tokens=10).strip() for p in prompts]
+    before = httpx.get(server.url + "/health").json()
+    results: dict[int, str] = {}
+
+    def ask(i):
+        results[i] = client.completions.create(model=NAME, prompt=prompts[i], max_tokens=10,
+                                               temperature=0).choices[0].text.strip()
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [results[i] for i in range(8)] == want
+    after = httpx.get(server.url + "/health").json()
+    batches = after["batches"] - before["batches"]
+    assert after["batched_requests"] - before["batched_requests"] == 8
+    assert batches < 8, f"8 concurrent requests ran in {batches} batches: nothing was batched"
+
+
+def test_full_queue_answers_429(model_dir, local_model):
+    """A queue of 1 behind a batch of 1: the third concurrent request is refused."""
+    with ServerThread(model_dir, max_batch_size=1, max_queue=1, batch_wait_ms=0) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        codes: list[int] = []
+        lock = threading.Lock()
+
+        def ask():
+            try:
+                c.completions.create(model=NAME, prompt="list", max_tokens=40, extra_body={"min_tokens": 40}, temperature=0)
+                code = 200
+            except openai.RateLimitError as e:
+                code = e.status_code
+            with lock:
+                codes.append(code)
+
+        threads = [threading.Thread(target=ask) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(codes)[0] == 200 and 429 in codes, codes
+        assert httpx.get(s.url + "/health").json()["rejected"] == codes.count(429)
+
+
+def test_mtnlg_serve_command_and_graceful_shutdown(model_dir):
+    """`mtnlg serve` as a user starts it; SIGTERM during a streamed reply lets it finish, then exits 0."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MTNLG_LOG_LEVEL": "INFO"}
+    proc = subprocess.Popen([sys.executable, "-m", "mtnlg.cli", "serve", model_dir, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, "server did not come up"
+            time.sleep(0.2)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        stream = c.completions.create(model=NAME, prompt="sort the dict", max_tokens=50, extra_body={"min_tokens": 50},
+                                      temperature=0, stream=True)
+        first = next(iter(stream))
+        proc.send_signal(signal.SIGTERM)
+        rest = list(stream)
+        assert rest[-1].choices[0].finish_reason == "length"
+        text = first.choices[0].text + "".join(ch.choices[0].text for ch in rest)
+        assert text.strip()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out = proc.stdout.read()
+    assert "engine stopped" in out, out[-2000:]
+    with pytest.raises(httpx.TransportError):
+        httpx.get(url + "/health")
+
+
+def test_engine_text_stream_holds_back_partial_stop_strings():
+    from mtnlg.serve.engine import TextStream
+
+    class CharTok:
+        eod_id = 0
+
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids if i)
+
+    ts = TextStream(CharTok(), [ord(":")], stop=["\nUser:"])
+    out = []
+    for ch in " hi\nUs":
+        out.append(ts.push(ord(ch))[0])
+    assert "".join(out) == " hi"          # "\nUs" may begin the stop string: held back
+    delta, stopped = ts.push(ord("e"))
+    assert not stopped
+    assert "".join(out) + delta + ts.flush() == " hi\nUse"
+    ts2 = TextStream(CharTok(), [ord(":")], stop=["\nUser:"])
+    text = "".join(ts2.push(ord(c))[0] for c in " ok\nUser:")
+    assert text == " ok" and ts2.stopped
