@@ -83,12 +83,32 @@ def test_cloze_items_count_every_document(tokenized):
     tok = Tokenizer.from_dir(tokenized)
     ds = IndexedDataset(os.path.join(tokenized, "validation"))
     items, stats = make_cloze_items(ds, tok, seq_length=64, max_items=30)
-    assert stats.documents == stats.items + sum(stats.skipped.values())
+    assert stats.passages == stats.items + sum(stats.skipped.values())
     assert 0 < len(items) == stats.items <= 30
     for it in items:
-        assert it.context[0] == tok.eod_id
+        # a document's first passage starts as documents do in training; later ones mid-document
+        assert (it.context[0] == tok.eod_id) == (it.start == 0)
         assert tok.decode(it.target).strip() == it.word
         assert len(it.context) + len(it.target) - 1 <= 64
+        assert tok.decode(it.context[1:] if it.start == 0 else it.context) in tok.decode(ds[it.doc])
+
+
+def test_cloze_items_are_cut_from_every_part_of_every_document(tokenized):
+    """Long documents give several passages each, and a cap spreads the items over all the
+    documents instead of taking the first few."""
+    from mtnlg.formats.indexed_dataset import IndexedDataset
+    from mtnlg.formats.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tokenized)
+    ds = IndexedDataset(os.path.join(tokenized, "validation"))
+    everything, st = make_cloze_items(ds, tok, seq_length=64, max_items=10_000)
+    assert st.passages > len(ds) and st.documents == len(ds)
+    assert len({(it.doc, it.start) for it in everything}) == len(everything)
+    assert max(sum(it.doc == d for it in everything) for d in range(len(ds))) > 1
+    capped, cst = make_cloze_items(ds, tok, seq_length=64, max_items=20)
+    assert 10 <= len(capped) <= 20 and cst.passages == cst.items + sum(cst.skipped.values())
+    docs = sorted({it.doc for it in capped})
+    assert docs[-1] >= len(ds) - 5 and len(docs) >= 10  # spread over the split, not its first documents
 
 
 def test_cloze_accuracy_counts_whole_words():
@@ -131,7 +151,7 @@ def test_evaluate_end_to_end_writes_report(tokenized, model_dir, tmp_path):
     # an untrained model: close to uniform over the padded vocabulary
     assert 0.5 * math.log(384) < m["val_loss"] < 2 * math.log(384)
     assert 0.0 <= m["cloze_accuracy"] <= 1.0 and m["cloze_items"] > 0
-    assert m["cloze_documents"] == m["cloze_items"] + sum(m["cloze_skipped"].values())
+    assert m["cloze_passages"] == m["cloze_items"] + sum(m["cloze_skipped"].values())
     assert m["train_steps"] == 10 and m["train_log_skipped"] == 1
     assert m["train_final_loss"] == pytest.approx(3.0)
     assert len(m["samples"]) == 5 and all(isinstance(s["completion"], str) for s in m["samples"])

@@ -6,7 +6,7 @@
 measures
 
 * validation loss and perplexity over the whole validation split (``metrics.stream_loss``);
-* last-word accuracy on LAMBADA-style cloze items made from the validation documents
+* last-word accuracy on LAMBADA-style cloze items cut from the validation documents
   (``cloze.make_cloze_items``, ``metrics.cloze_accuracy``);
 * greedy sample generations for a few fixed prompts,
 
@@ -100,11 +100,12 @@ def evaluate_model(model_dir: str, data_dir: str, output: str, train_log: str | 
         if max_cloze_items > 0 and cfg.seq_length >= MIN_CLOZE_SEQ_LENGTH:
             items, stats = make_cloze_items(ds, tok, cfg.seq_length, max_items=max_cloze_items)
             metrics["cloze_documents"] = stats.documents
+            metrics["cloze_passages"] = stats.passages
             metrics["cloze_skipped"] = dict(stats.skipped)
             metrics.update(cloze_accuracy(model, items, batch_size))
-            log.info("last-word accuracy: %s on %d items (%d documents read, skipped %s)",
-                     f"{metrics['cloze_accuracy']:.3f}" if items else "n/a", len(items), stats.documents,
-                     stats.skipped)
+            log.info("last-word accuracy: %s on %d items (%d passages of %d documents read, skipped %s)",
+                     f"{metrics['cloze_accuracy']:.3f}" if items else "n/a", len(items), stats.passages,
+                     stats.documents, stats.skipped)
         else:
             log.warning("last-word accuracy skipped (max_cloze_items=%d, seq_length=%d; needs >= %d)",
                         max_cloze_items, cfg.seq_length, MIN_CLOZE_SEQ_LENGTH)
