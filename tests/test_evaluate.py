@@ -219,3 +219,4 @@ def test_confidence_intervals_of_accuracy_and_loss():
                        "val_perplexity": 270.7, "val_perplexity_ci95": [260.1, 281.9]}))
     assert rows["validation perplexity"] == "270.7 (95% CI 260.1-281.9)"
     assert "only 18 items: too few to conclude" in rows["last-word accuracy"]
+

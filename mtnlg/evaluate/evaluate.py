@@ -17,6 +17,7 @@ training log) into ``output`` (local, gs:// or s3://).
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -26,7 +27,7 @@ import torch
 
 from mtnlg import storage
 from mtnlg.evaluate.config import EvaluateConfig
-from mtnlg.formats.rundir import TOKENIZER_META
+from mtnlg.formats.rundir import HF_DIR, LM_EVAL_DIR, TOKENIZER_META
 from mtnlg.progress import get_logger
 
 log = get_logger("mtnlg.evaluate")
@@ -63,6 +64,31 @@ def _check_same_tokenizer(data_dir: str, tokenizer) -> None:
                          f"than the model's ({ours[:12]}...)")
 
 
+def _lm_eval(items, tok, model_dir: str, data_dir: str, output: str, c: EvaluateConfig) -> dict[str, Any]:
+    """Write the cloze items as an lm-evaluation-harness task under OUTPUT/lm_eval and, with
+    ``run_lm_eval``, run the harness on MODEL/hf with it."""
+    from mtnlg.evaluate.harness import TASK_NAME, run_lm_eval, write_lm_eval_task
+
+    out: dict[str, Any] = {"lm_eval_task": storage.join(output, LM_EVAL_DIR, f"{TASK_NAME}.yaml")}
+    with storage.local_dir_for_output(storage.join(output, LM_EVAL_DIR)) as d:
+        write_lm_eval_task(items, tok, d, data=data_dir, relative=storage.is_remote(output))
+    if not c.run_lm_eval:
+        return out
+    with tempfile.TemporaryDirectory(prefix="mtnlg-lm-eval-") as task_dir, \
+            storage.local_copy(storage.join(model_dir, HF_DIR)) as hf_dir:
+        write_lm_eval_task(items, tok, task_dir, data=data_dir)
+        t0 = time.perf_counter()
+        res = run_lm_eval(hf_dir, task_dir, batch_size=c.batch_size, device=c.device)
+    from mtnlg.evaluate.metrics import wilson_interval
+
+    out.update(lm_eval_cloze_accuracy=res["accuracy"], lm_eval_cloze_items=res["items"],
+               lm_eval_cloze_accuracy_ci95=list(wilson_interval(round(res["accuracy"] * res["items"]), res["items"])),
+               lm_eval_cloze_perplexity=res["perplexity"], lm_eval_version=res["version"])
+    log.info("lm-evaluation-harness %s: last-word accuracy %.4f on %d items (%.1fs)", res["version"],
+             res["accuracy"], res["items"], time.perf_counter() - t0)
+    return out
+
+
 def evaluate_model(model_dir: str, data_dir: str, output: str, train_log: str | None = None,
                    config: EvaluateConfig | None = None) -> dict[str, Any]:
     """Evaluate the fused model in ``model_dir`` on ``data_dir``'s validation split (with
@@ -92,10 +118,15 @@ def evaluate_model(model_dir: str, data_dir: str, output: str, train_log: str | 
                                  np.asarray(ds.tokens[:max_eval_tokens] if max_eval_tokens else ds.tokens,
                                             dtype=np.int64)])
         res = stream_loss(model, stream, cfg.seq_length, batch_size)
+        # bits per UTF-8 byte of the text predicted: unlike perplexity, comparable across
+        # tokenizers (a smaller vocabulary makes more, easier tokens of the same text)
+        text_bytes = len(tok.decode(stream[1:]).encode("utf-8"))
         metrics.update(val_loss=res.loss, val_perplexity=res.perplexity, val_tokens=res.tokens,
                        val_windows=res.windows, val_documents=len(ds), val_loss_ci95=list(res.loss_ci95),
-                       val_perplexity_ci95=list(res.perplexity_ci95))
-        log.info("validation: loss %.4f, perplexity %.2f over %d tokens", res.loss, res.perplexity, res.tokens)
+                       val_perplexity_ci95=list(res.perplexity_ci95), val_bytes=text_bytes,
+                       val_bits_per_byte=res.loss * res.tokens / math.log(2) / max(text_bytes, 1))
+        log.info("validation: loss %.4f, perplexity %.2f over %d tokens (%.3f bits per byte)", res.loss,
+                 res.perplexity, res.tokens, metrics["val_bits_per_byte"])
 
         if max_cloze_items > 0 and cfg.seq_length >= MIN_CLOZE_SEQ_LENGTH:
             items, stats = make_cloze_items(ds, tok, cfg.seq_length, max_items=max_cloze_items)
@@ -106,15 +137,21 @@ def evaluate_model(model_dir: str, data_dir: str, output: str, train_log: str | 
             log.info("last-word accuracy: %s on %d items (%d passages of %d documents read, skipped %s)",
                      f"{metrics['cloze_accuracy']:.3f}" if items else "n/a", len(items), stats.passages,
                      stats.documents, stats.skipped)
+            if c.lm_eval_task and items:
+                metrics.update(_lm_eval(items, tok, model_dir, data_dir, output, c))
         else:
             log.warning("last-word accuracy skipped (max_cloze_items=%d, seq_length=%d; needs >= %d)",
                         max_cloze_items, cfg.seq_length, MIN_CLOZE_SEQ_LENGTH)
         del ds
 
     samples = []
+    sc = c.sampling()
     for p in c.prompts:
         with torch.no_grad():
-            samples.append({"prompt": p, "completion": generate(model, tok, p, max_new_tokens=c.max_new_tokens)})
+            samples.append({"prompt": p, "completion": generate(
+                model, tok, p, max_new_tokens=sc.max_new_tokens, temperature=sc.temperature, top_p=sc.top_p,
+                seed=sc.seed, min_new_tokens=sc.min_new_tokens, repetition_penalty=sc.repetition_penalty)})
+    metrics["samples_decoding"] = c.describe_sampling()
     records: list[dict] = []
     if train_log:
         rows, skipped = read_log(train_log)

@@ -37,8 +37,11 @@ def _with_ci(metrics: dict[str, Any], key: str) -> str:
 
 def _rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     keys = [("validation loss (nats/token)", "val_loss"), ("validation perplexity", "val_perplexity"),
+            ("validation bits per byte", "val_bits_per_byte"),
             ("validation tokens", "val_tokens"), ("last-word accuracy", "cloze_accuracy"),
-            ("cloze items", "cloze_items"), ("parameters", "parameters"),
+            ("cloze items", "cloze_items"),
+            ("last-word accuracy (lm-evaluation-harness)", "lm_eval_cloze_accuracy"),
+            ("parameters", "parameters"),
             ("training steps", "train_steps"), ("final training loss", "train_final_loss")]
     rows = [(label, _with_ci(metrics, k)) for label, k in keys if k in metrics]
     n = metrics.get("cloze_items")
@@ -48,6 +51,10 @@ def _rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _decoding(metrics: dict[str, Any]) -> str:
+    return str(metrics.get("samples_decoding") or "greedy")
+
+
 def render_markdown(metrics: dict[str, Any], samples: list[dict[str, str]], png_name: str | None,
                     title: str) -> str:
     out = [f"# {title}", "", "| metric | value |", "|---|---|"]
@@ -55,10 +62,11 @@ def render_markdown(metrics: dict[str, Any], samples: list[dict[str, str]], png_
     if png_name:
         out += ["", "## Training loss", "", f"![training loss]({png_name})"]
     if samples:
-        out += ["", "## Sample generations (greedy)", ""]
+        out += ["", f"## Sample generations ({_decoding(metrics)})", ""]
         for s in samples:
-            cont = s["completion"].replace("\n", " ").strip() or "(end of document)"
-            out += [f"- **{s['prompt']}** → {cont}"]
+            cont = " ".join(s["completion"].split()) or "(end of document)"
+            sep = " " if s["completion"][:1].isspace() or not s["completion"] else ""
+            out += [f"- **{s['prompt']}**{sep}{cont}"]
     out += ["", "The full metrics are in `metrics.json`.", ""]
     return "\n".join(out)
 
@@ -71,7 +79,8 @@ def render_html(metrics: dict[str, Any], samples: list[dict[str, str]], png_byte
         "<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">", f"<title>{e(title)}</title>",
         "<style>body{font-family:sans-serif;max-width:56em;margin:1em auto;padding:0 1em}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}"
-        ".prompt{font-weight:bold}pre{white-space:pre-wrap;background:#f6f6f6;padding:6px}</style>",
+        "ol.samples{padding-left:1.5em}ol.samples li{margin:0 0 .5em;line-height:1.4}"
+        ".prompt{font-weight:bold}.completion{color:#1a4e8a}.note{color:#666;font-size:90%}</style>",
         "</head><body>", f"<h1>{e(title)}</h1>",
         f"<table><tr><th>metric</th><th>value</th></tr>\n{rows}\n</table>",
     ]
@@ -79,9 +88,15 @@ def render_html(metrics: dict[str, Any], samples: list[dict[str, str]], png_byte
         b64 = base64.b64encode(png_bytes).decode("ascii")
         parts += ["<h2>Training loss</h2>", f"<img alt=\"training loss\" src=\"data:image/png;base64,{b64}\">"]
     if samples:
-        parts.append("<h2>Sample generations (greedy)</h2>")
+        parts.append(f"<h2>Sample generations</h2><p class=\"note\">{e(_decoding(metrics))}; "
+                     "the prompt in bold, the model's continuation after it</p><ol class=\"samples\">")
         for s in samples:
-            parts.append(f"<p class=\"prompt\">{e(s['prompt'])}</p><pre>{e(s['prompt'])}{e(s['completion'])}</pre>")
+            cont = " ".join(s["completion"].split())
+            shown = e(cont) if cont else "<i>(end of document)</i>"
+            sep = " " if s["completion"][:1].isspace() or not cont else ""  # as the text reads
+            parts.append(f"<li><span class=\"prompt\">{e(s['prompt'])}</span>{sep}"
+                         f"<span class=\"completion\">{shown}</span></li>")
+        parts.append("</ol>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -44,3 +44,5 @@ SINGLE_WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 MANIFEST = "manifest.json"
 HF_DIR = "hf"
+# the evaluate step's lm-evaluation-harness task (inside its output)
+LM_EVAL_DIR = "lm_eval"

@@ -109,31 +109,46 @@ def prompt_ids_for(tokenizer, prompt: str) -> list[int]:
     return [tokenizer.eod_id] + tokenizer.encode(prompt)
 
 
+def continuation_text(tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
+    """The text of new ``ids`` as it reads after the prompt: decoded after the prompt's
+    last token, so the space between prompt and continuation is kept (SentencePiece drops
+    a leading space when a piece is decoded alone)."""
+    anchor = [i for i in prompt_ids[-1:] if i != tokenizer.eod_id]
+    if not anchor:
+        return tokenizer.decode(ids)
+    base, full = tokenizer.decode(anchor), tokenizer.decode(anchor + list(ids))
+    return full[len(base):] if full.startswith(base) else tokenizer.decode(ids)
+
+
 def generate(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_at_eod: bool = True,
-             on_token: Callable[[str], None] | None = None) -> str:
-    """The continuation of ``prompt`` (without the prompt).
+             on_token: Callable[[str], None] | None = None, min_new_tokens: int = 0,
+             repetition_penalty: float = 1.0) -> str:
+    """The continuation of ``prompt`` (without the prompt; ``prompt + result`` reads as one text).
 
     ``temperature=0`` is greedy decoding; otherwise tokens are sampled after top-k / top-p
-    filtering, reproducibly for a given ``seed``. ``on_token`` receives the text as it
-    grows (each call gets the newly decoded piece), for streaming to a terminal.
+    filtering, reproducibly for a given ``seed``. ``min_new_tokens`` keeps the end of
+    document away that long; ``repetition_penalty > 1`` discourages repeats. ``on_token``
+    receives the text as it grows (each call gets the newly decoded piece), for streaming
+    to a terminal.
     """
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                              top_p=top_p, seed=seed, stop_at_eod=stop_at_eod)
+                              top_p=top_p, seed=seed, stop_at_eod=stop_at_eod, min_new_tokens=min_new_tokens,
+                              repetition_penalty=repetition_penalty)
+    prompt_ids = prompt_ids_for(tokenizer, prompt)
     ids: list[int] = []
     shown = ""
     t0 = time.perf_counter()
-    for tok in stream_tokens(model, prompt_ids_for(tokenizer, prompt), sampling, tokenizer.vocab_size,
-                             tokenizer.eod_id):
+    for tok in stream_tokens(model, prompt_ids, sampling, tokenizer.vocab_size, tokenizer.eod_id):
         ids.append(tok)
         if on_token is not None:
-            text = tokenizer.decode(ids)
+            text = continuation_text(tokenizer, prompt_ids, ids)
             if len(text) > len(shown) and text.startswith(shown):
                 on_token(text[len(shown):])
                 shown = text
     dt = time.perf_counter() - t0
     log.debug("generated %d tokens in %.2fs (%.1f tokens/s)", len(ids), dt, len(ids) / max(dt, 1e-9))
-    text = tokenizer.decode(ids)
+    text = continuation_text(tokenizer, prompt_ids, ids)
     if on_token is not None and len(text) > len(shown) and text.startswith(shown):
         on_token(text[len(shown):])
     return text

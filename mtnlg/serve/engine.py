@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 from mtnlg.config import Config
-from mtnlg.model.decode import BatchDecoder
+from mtnlg.model.decode import BatchDecoder, continuation_text
 from mtnlg.model.sampling import SamplingConfig
 from mtnlg.progress import get_logger
 
@@ -71,9 +71,7 @@ class TextStream:
     """
 
     def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str] | None = None):
-        self.tokenizer = tokenizer
-        self.anchor = [i for i in prompt_ids[-1:] if i != tokenizer.eod_id]
-        self.base = tokenizer.decode(self.anchor) if self.anchor else ""
+        self.tokenizer, self.prompt_ids = tokenizer, prompt_ids
         self.stop = [s for s in (stop or []) if s]
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.ids: list[int] = []
@@ -82,8 +80,7 @@ class TextStream:
         self.stopped = False
 
     def _decode(self) -> str:
-        full = self.tokenizer.decode(self.anchor + self.ids)
-        return full[len(self.base):] if full.startswith(self.base) else self.tokenizer.decode(self.ids)
+        return continuation_text(self.tokenizer, self.prompt_ids, self.ids)
 
     def _emit(self, upto: str) -> str:
         if len(upto) > len(self.shown) and upto.startswith(self.shown):
