@@ -1,0 +1,360 @@
+"""Deploying the fused model on Kubeflow: a KServe ``InferenceService``, behind a gate.
+
+    cfg = DeployConfig(name="gpt-docs", storage_uri="gs://bucket/run/model/hf", max_val_perplexity=300)
+    decision = deploy_model(cfg, metrics)     # gate, then create or update, then wait until Ready
+
+The service runs KServe's ``kserve-huggingfaceserver`` runtime on the Hugging Face export
+the fuse step writes (``MODEL/hf``), which answers with an OpenAI-compatible API under
+``/openai/v1`` (completions, chat completions), as ``mtnlg serve`` does locally.
+
+**The gate** decides before anything is created or changed:
+
+* ``max_val_perplexity``: deploy only at or below this validation perplexity;
+* ``no_worse_than_deployed`` (default on): a service of ours already running with recorded
+  metrics (its ``mtnlg.kubeflow.org/metrics`` annotation) is replaced only by a model no
+  worse than it, within ``max_regression`` (relative). Models with different tokenizers
+  cannot be compared by perplexity, so bits per byte is compared when both have it.
+
+**Create or update.** A missing service is created; one of ours is replaced (its spec and
+annotations, keeping its ``resourceVersion``); one that is not ours (no
+``app.kubernetes.io/managed-by: mtnlg`` label) is an error, never overwritten. Then the
+deployer watches it until ``Ready`` for the new generation, and fails with KServe's own
+reason (``FailedToLoad`` and its message, the last conditions) or at ``timeout_s``.
+
+The deploying pod needs get, list, watch, create and update on ``inferenceservices``
+(manifests/overlays/*/role.yaml).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from mtnlg.config import Config, ConfigError
+from mtnlg.progress import fmt_time, get_logger
+
+log = get_logger("mtnlg.cluster")
+
+GROUP, VERSION, PLURAL, KIND = "serving.kserve.io", "v1beta1", "inferenceservices", "InferenceService"
+MANAGED_BY = "app.kubernetes.io/managed-by"
+METRICS_ANNOTATION = "mtnlg.kubeflow.org/metrics"
+MODEL_ANNOTATION = "mtnlg.kubeflow.org/model"
+RUN_ANNOTATION = "mtnlg.kubeflow.org/pipeline-run"
+GATED_METRICS = ("val_perplexity", "val_loss", "val_bits_per_byte", "cloze_accuracy", "cloze_items",
+                 "parameters", "train_steps")
+_DNS1123 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+class DeployRejected(RuntimeError):
+    """The gate refused the model (with ``fail_on_gate``)."""
+
+
+class DeployFailed(RuntimeError):
+    """The InferenceService did not become Ready: KServe's reason and message."""
+
+
+@dataclass
+class DeployConfig(Config):
+    # InferenceService name (DNS-1123 label: lowercase letters, digits, '-'; at most 45
+    # characters, KServe's limit with its suffixes)
+    name: str = "mtnlg-gpt"
+    namespace: str = "kubeflow"
+    # the Hugging Face model directory: gs://, s3:// or pvc://CLAIM/PATH (fuse writes MODEL/hf)
+    storage_uri: str = ""
+    runtime: str = "kserve-huggingfaceserver"
+    # the model id clients ask for (default: the service name)
+    model_name: str = ""
+    # the runtime's backend: "" (its default: vLLM on GPUs), or "huggingface" (transformers, any device)
+    backend: str = ""
+    max_model_len: int = field(default=0, metadata={"min": 0})  # 0 = the model's context
+    args: list[str] = field(default_factory=list)               # more runtime arguments
+    gpus: int = field(default=0, metadata={"min": 0})
+    gpu_resource: str = "nvidia.com/gpu"
+    cpu: str = "1"
+    memory: str = "4Gi"
+    min_replicas: int = field(default=1, metadata={"min": 0})
+    max_replicas: int = field(default=1, metadata={"min": 1})
+    # the service account whose secrets give the storage initializer access to storage_uri
+    service_account: str = ""
+    node_selector: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    # the gate
+    max_val_perplexity: float | None = field(default=None, metadata={"gt": 0.0})
+    no_worse_than_deployed: bool = True
+    max_regression: float = field(default=0.0, metadata={"min": 0.0})
+    fail_on_gate: bool = False   # a refused model fails the step (default: it is recorded and skipped)
+    # waiting
+    timeout_s: float = field(default=1800.0, metadata={"gt": 0.0})
+    poll_s: float = field(default=10.0, metadata={"gt": 0.0})
+
+    def validate(self) -> None:
+        if not _DNS1123.match(self.name) or len(self.name) > 45:
+            raise ConfigError(f"name: {self.name!r} is not a DNS-1123 label of at most 45 characters "
+                              "(lowercase letters, digits and '-', starting with a letter)")
+        if not self.namespace:
+            raise ConfigError("namespace: must be set")
+        if self.storage_uri and not re.match(r"^(gs|s3|pvc|hf|https?)://", self.storage_uri):
+            raise ConfigError(f"storage_uri: {self.storage_uri!r} must be gs://, s3://, pvc:// (or hf://, https://): "
+                              "the KServe storage initializer downloads it into the pod")
+        if self.min_replicas > self.max_replicas:
+            raise ConfigError(f"min_replicas={self.min_replicas} exceeds max_replicas={self.max_replicas}")
+        if self.backend not in ("", "huggingface", "vllm"):
+            raise ConfigError(f"backend: expected '', 'huggingface' or 'vllm', got {self.backend!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# the object
+# ---------------------------------------------------------------------------------------
+
+
+def _number(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def recorded_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The evaluation figures the service records (and the gate compares)."""
+    return {k: _number(metrics[k]) for k in GATED_METRICS if _number(metrics.get(k)) is not None}
+
+
+def inference_service(c: DeployConfig, metrics: dict[str, Any] | None = None, model_uri: str = "",
+                      run_id: str = "") -> dict[str, Any]:
+    """The InferenceService for ``c`` (``serving.kserve.io/v1beta1``), recording ``metrics``
+    and the lineage (the fused model's URI, the pipeline run) in annotations."""
+    if not c.storage_uri:
+        raise ConfigError("storage_uri: the Hugging Face model directory to serve must be set")
+    args = [f"--model_name={c.model_name or c.name}"]
+    if c.backend:
+        args.append(f"--backend={c.backend}")
+    if c.max_model_len:
+        args.append(f"--max_model_len={c.max_model_len}")
+    args += list(c.args)
+    requests: dict[str, str] = {"cpu": c.cpu, "memory": c.memory}
+    limits: dict[str, str] = {"cpu": c.cpu, "memory": c.memory}
+    if c.gpus:
+        requests[c.gpu_resource] = limits[c.gpu_resource] = str(c.gpus)
+    predictor: dict[str, Any] = {
+        "minReplicas": c.min_replicas, "maxReplicas": c.max_replicas,
+        "model": {"modelFormat": {"name": "huggingface"}, "runtime": c.runtime, "storageUri": c.storage_uri,
+                  "args": args, "resources": {"requests": requests, "limits": limits}},
+    }
+    if c.service_account:
+        predictor["serviceAccountName"] = c.service_account
+    if c.node_selector:
+        predictor["nodeSelector"] = dict(c.node_selector)
+    annotations = {METRICS_ANNOTATION: json.dumps(recorded_metrics(metrics or {}), sort_keys=True)}
+    if model_uri:
+        annotations[MODEL_ANNOTATION] = model_uri
+    if run_id:
+        annotations[RUN_ANNOTATION] = run_id
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
+            "metadata": {"name": c.name, "namespace": c.namespace,
+                         "labels": {**c.labels, MANAGED_BY: "mtnlg"}, "annotations": annotations},
+            "spec": {"predictor": predictor}}
+
+
+# ---------------------------------------------------------------------------------------
+# the gate
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    deploy: bool
+    reason: str
+
+
+def gate(c: DeployConfig, metrics: dict[str, Any], deployed: dict[str, Any] | None) -> GateDecision:
+    """Whether the model with ``metrics`` may replace what is ``deployed`` (the current
+    InferenceService, or None)."""
+    ppl = _number(metrics.get("val_perplexity"))
+    if c.max_val_perplexity is not None:
+        if ppl is None:
+            return GateDecision(False, "the evaluation has no validation perplexity to compare with "
+                                       f"max_val_perplexity={c.max_val_perplexity:g}")
+        if ppl > c.max_val_perplexity:
+            return GateDecision(False, f"validation perplexity {ppl:.4g} is above max_val_perplexity="
+                                       f"{c.max_val_perplexity:g}")
+    if c.no_worse_than_deployed and deployed is not None:
+        try:
+            theirs = json.loads(((deployed.get("metadata") or {}).get("annotations") or {}).get(METRICS_ANNOTATION)
+                                or "{}")
+        except json.JSONDecodeError:
+            theirs = {}
+        ours = recorded_metrics(metrics)
+        key = next((k for k in ("val_bits_per_byte", "val_perplexity") if k in ours and _number(theirs.get(k))), None)
+        if key is None:
+            return GateDecision(True, "the deployed model has no comparable recorded metrics")
+        old, new = float(theirs[key]), ours[key]
+        allowed = old * (1 + c.max_regression)
+        if new > allowed:
+            return GateDecision(False, f"{key} {new:.4g} is worse than the deployed model's {old:.4g}"
+                                       + (f" (allowed up to {allowed:.4g})" if c.max_regression else ""))
+        return GateDecision(True, f"{key} {new:.4g} is no worse than the deployed model's {old:.4g}")
+    if c.max_val_perplexity is not None:
+        return GateDecision(True, f"validation perplexity {ppl:.4g} is within max_val_perplexity="
+                                  f"{c.max_val_perplexity:g}")
+    return GateDecision(True, "no gate configured, or nothing deployed to compare with")
+
+
+# ---------------------------------------------------------------------------------------
+# create or update, and wait
+# ---------------------------------------------------------------------------------------
+
+
+def service_state(obj: dict[str, Any]) -> tuple[str, str, str]:
+    """``(state, reason, message)``: ``Ready``; ``Failed`` when the model failed to load;
+    else ``NotReady`` with the first false condition's reason (or ``Pending``)."""
+    status = obj.get("status") or {}
+    gen, seen = (obj.get("metadata") or {}).get("generation"), status.get("observedGeneration")
+    conds = status.get("conditions") or []
+    model = status.get("modelStatus") or {}
+    if (model.get("states") or {}).get("targetModelState") == "FailedToLoad" or \
+            (model.get("transitionStatus") == "BlockedByFailedLoad"):
+        info = model.get("lastFailureInfo") or {}
+        return "Failed", info.get("reason") or "FailedToLoad", info.get("message") or "the model failed to load"
+    stale = gen is not None and seen is not None and int(seen) < int(gen)
+    ready = next((c for c in conds if c.get("type") == "Ready"), None)
+    if ready is not None and str(ready.get("status")) == "True" and not stale:
+        return "Ready", ready.get("reason") or "", ready.get("message") or ""
+    bad = next((c for c in conds if str(c.get("status")) == "False"), None)
+    if bad is not None:
+        return "NotReady", bad.get("reason") or bad.get("type") or "", bad.get("message") or ""
+    return "Pending", "", ""
+
+
+class ServingDeployer:
+    """Creates or updates one InferenceService and waits until it is Ready."""
+
+    def __init__(self, custom: Any = None):
+        if custom is None:
+            import os
+
+            from kubernetes import client, config
+
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
+            custom = client.CustomObjectsApi()
+        self.custom = custom
+
+    def get(self, name: str, ns: str) -> dict[str, Any] | None:
+        from kubernetes.client.rest import ApiException
+
+        try:
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def apply(self, obj: dict[str, Any], current: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+        """Create ``obj``, or replace the service of ours of that name: ``("created" |
+        "updated", the object as stored)``."""
+        from kubernetes.client.rest import ApiException
+
+        name, ns = obj["metadata"]["name"], obj["metadata"]["namespace"]
+        for _ in range(5):  # another writer between our GET and PUT: read again and retry
+            cur = current if current is not None else self.get(name, ns)
+            current = None
+            if cur is None:
+                try:
+                    return "created", self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, obj)
+                except ApiException as e:
+                    if e.status == 409:
+                        continue
+                    raise
+            labels = (cur.get("metadata") or {}).get("labels") or {}
+            if labels.get(MANAGED_BY) != "mtnlg":
+                raise DeployFailed(f"InferenceService {ns}/{name} exists and is not managed by mtnlg "
+                                   f"(label {MANAGED_BY}={labels.get(MANAGED_BY)!r}): refusing to overwrite it; "
+                                   "choose another name or delete it")
+            new = dict(obj)
+            meta = dict(cur.get("metadata") or {})
+            meta["labels"] = {**(meta.get("labels") or {}), **obj["metadata"]["labels"]}
+            meta["annotations"] = {**(meta.get("annotations") or {}), **obj["metadata"]["annotations"]}
+            new["metadata"] = meta
+            try:
+                return "updated", self.custom.replace_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, new)
+            except ApiException as e:
+                if e.status == 409:
+                    continue
+                raise
+        raise DeployFailed(f"InferenceService {ns}/{name} kept changing under us: gave up after 5 tries")
+
+    def wait_ready(self, name: str, ns: str, timeout_s: float, poll_s: float = 10.0) -> dict[str, Any]:
+        """Watch the service until Ready for its current generation; raise DeployFailed on a
+        failed load or at ``timeout_s`` (with the last conditions)."""
+        from kubernetes import watch
+        from kubernetes.client.rest import ApiException
+
+        start = time.monotonic()
+        last = None
+        while True:
+            obj = self.get(name, ns)
+            if obj is None:
+                raise DeployFailed(f"InferenceService {ns}/{name} was deleted while waiting for it")
+            state, reason, message = service_state(obj)
+            if (state, reason) != last:
+                log.info("InferenceService %s/%s: %s%s%s (%s)", ns, name, state, f" ({reason})" if reason else "",
+                         f": {message}" if message else "", fmt_time(time.monotonic() - start))
+                last = (state, reason)
+            if state == "Ready":
+                return obj
+            if state == "Failed":
+                raise DeployFailed(f"InferenceService {ns}/{name} failed: {reason}: {message}")
+            remaining = timeout_s - (time.monotonic() - start)
+            if remaining <= 0:
+                conds = "; ".join(f"{c.get('type')}={c.get('status')} {c.get('reason') or ''} {c.get('message') or ''}"
+                                  .strip() for c in ((obj.get("status") or {}).get("conditions") or []))
+                raise DeployFailed(f"InferenceService {ns}/{name} not Ready after {fmt_time(timeout_s)}: "
+                                   f"{state} {reason} {message}".strip() + (f" [{conds}]" if conds else ""))
+            wait_s = max(1, int(min(poll_s, remaining)))
+            w = watch.Watch()
+            try:
+                for ev in w.stream(self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL,
+                                   field_selector=f"metadata.name={name}", timeout_seconds=wait_s,
+                                   _request_timeout=wait_s + 30):
+                    o = ev.get("object") or {}
+                    if (o.get("metadata") or {}).get("name") == name and \
+                            (ev.get("type") == "DELETED" or service_state(o)[:2] != last):
+                        break
+            except ApiException as e:
+                if e.status != 410:
+                    raise
+            finally:
+                w.stop()
+
+
+def deploy_model(c: DeployConfig, metrics: dict[str, Any], model_uri: str = "", run_id: str = "",
+                 custom: Any = None) -> dict[str, Any]:
+    """Gate, then create or update the InferenceService and wait until it is Ready. Returns
+    the decision: ``{"deployed", "reason", "action", "name", "namespace", "url", ...}``."""
+    deployer = ServingDeployer(custom)
+    current = deployer.get(c.name, c.namespace)
+    decision = gate(c, metrics, current if current is not None and
+                    ((current.get("metadata") or {}).get("labels") or {}).get(MANAGED_BY) == "mtnlg" else None)
+    out: dict[str, Any] = {"deployed": False, "reason": decision.reason, "name": c.name, "namespace": c.namespace,
+                           "storage_uri": c.storage_uri, "metrics": recorded_metrics(metrics)}
+    if not decision.deploy:
+        log.warning("not deploying %s/%s: %s", c.namespace, c.name, decision.reason)
+        if c.fail_on_gate:
+            raise DeployRejected(f"the gate refused the model: {decision.reason}")
+        return {**out, "action": "skipped"}
+    log.info("deploying %s as InferenceService %s/%s: %s", c.storage_uri, c.namespace, c.name, decision.reason)
+    obj = inference_service(c, metrics, model_uri=model_uri, run_id=run_id)
+    action, _ = deployer.apply(obj, current)
+    log.info("InferenceService %s/%s %s; waiting until it is Ready (timeout %s)", c.namespace, c.name, action,
+             fmt_time(c.timeout_s))
+    ready = deployer.wait_ready(c.name, c.namespace, c.timeout_s, c.poll_s)
+    url = (ready.get("status") or {}).get("url") or ""
+    return {**out, "deployed": True, "action": action, "url": url,
+            "openai_base_url": f"{url}/openai/v1" if url else ""}
