@@ -144,3 +144,80 @@ def evaluate_step(inputs: EvaluateInputs, output: str, config: EvaluateConfig) -
 
     return StepOutput(output, evaluate_model(inputs.model, inputs.tokens, output, train_log=inputs.train_log,
                                              config=config))
+
+
+@dataclass(frozen=True)
+class DeployInputs:
+    """What the deploy step reads: the fused model directory and the evaluate step's output
+    (its ``metrics.json``)."""
+
+    model: str
+    evaluation: str
+
+
+def evaluation_metrics(evaluation: str) -> dict[str, Any]:
+    """The evaluate step's ``metrics.json`` in the directory ``evaluation``."""
+    import json
+
+    from mtnlg import storage
+
+    path = storage.join(evaluation, "metrics.json")
+    if not storage.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: expected the evaluate step's output directory")
+    return json.loads(storage.read_text(path))
+
+
+def deploy_step(inputs: DeployInputs, output: str, config, *, run_id: str = "", registry=None,
+                lineage: dict[str, str] | None = None, custom: Any = None) -> StepOutput:
+    """Serve the fused model on KServe when its evaluation passes the gate, and optionally
+    register it in the Kubeflow Model Registry (``registry``, a ``RegistryConfig`` with a
+    ``url``); ``config`` is a ``DeployConfig`` (``storage_uri`` defaults to MODEL/hf).
+    Writes ``decision.json`` and ``decision.md`` into ``output`` (see docs/kubeflow.md)."""
+    import json
+
+    from mtnlg import storage
+    from mtnlg.cluster.serving import deploy_model
+    from mtnlg.formats.rundir import HF_DIR
+
+    metrics = evaluation_metrics(inputs.evaluation)
+    if not config.storage_uri:
+        if not storage.is_remote(inputs.model):
+            raise ValueError(f"the fused model is at the local path {inputs.model}: KServe's storage initializer "
+                             "needs gs://, s3:// or pvc:// (run with a gs:// or s3:// pipeline root, or set "
+                             "storage_uri=pvc://CLAIM/PATH)")
+        config = dataclasses.replace(config, storage_uri=storage.join(inputs.model, HF_DIR))
+    lineage = {"model": inputs.model, "evaluation": inputs.evaluation, **({"pipeline_run": run_id} if run_id else {}),
+               **(lineage or {})}
+    decision = deploy_model(config, metrics, model_uri=inputs.model, run_id=run_id, custom=custom)
+    if registry is not None and registry.url:
+        from mtnlg.cluster.registry import register_model
+
+        decision["registry"] = register_model(
+            registry, name=registry.model_name or config.name, uri=config.storage_uri,
+            version=registry.version or run_id or time_version(), metrics=metrics, lineage=lineage)
+    storage.write_text(storage.join(output, "decision.json"), json.dumps(decision, indent=2, sort_keys=True) + "\n")
+    storage.write_text(storage.join(output, "decision.md"), render_decision(decision))
+    return StepOutput(output, decision)
+
+
+def time_version() -> str:
+    import time
+
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+
+def render_decision(d: dict[str, Any]) -> str:
+    """The deploy decision as Markdown (the step's Markdown artifact in the Kubeflow UI)."""
+    head = "Deployed" if d.get("deployed") else "Not deployed"
+    lines = [f"# {head}: InferenceService {d.get('namespace')}/{d.get('name')}", "",
+             f"**Why:** {d.get('reason')}", "", f"**Model:** `{d.get('storage_uri')}`", ""]
+    if d.get("deployed"):
+        lines += [f"**Action:** {d.get('action')}", "", f"**URL:** {d.get('url') or '(not reported)'}", "",
+                  f"**OpenAI API:** `{d.get('openai_base_url') or '(no URL yet)'}`", ""]
+    if d.get("metrics"):
+        lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.6g} |" for k, v in sorted(d["metrics"].items())]
+    if d.get("registry"):
+        r = d["registry"]
+        lines += ["", f"**Model Registry:** {r.get('name')} version {r.get('version')} "
+                      f"(registered model {r.get('registered_model_id')}, version {r.get('model_version_id')})"]
+    return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""``mtnlg compile [--train-backend pod|trainjob|pytorchjob] -o FILE``: the pipeline's kfp v2 IR YAML."""
+"""``mtnlg compile [--train-backend pod|trainjob|pytorchjob] [--deploy] -o FILE``: the pipeline's kfp v2 IR YAML."""
 
 from __future__ import annotations
 
@@ -15,17 +15,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--volume-claim", default="", help="job backends: a ReadWriteMany PVC the launcher and the "
                    "job's nodes mount, for tokens and runs when the pipeline root is not gs:// or s3://")
     p.add_argument("--volume-mount", default="/mnt/mtnlg", help="where that PVC is mounted (default /mnt/mtnlg)")
+    p.add_argument("--deploy", action="store_true", help="add a deploy step: serve the model on KServe when the "
+                   "evaluation passes the gate (deploy_overrides), optionally register it (registry_overrides)")
 
 
 def compile_pipeline(path: str, train_backend: str = "trainjob", volume_claim: str = "",
-                     volume_mount: str = "/mnt/mtnlg") -> str:
+                     volume_mount: str = "/mnt/mtnlg", deploy: bool = False) -> str:
     from kfp import compiler
     from mtnlg.pipelines.gpt import pipeline_for
 
-    compiler.Compiler().compile(pipeline_for(train_backend, volume_claim, volume_mount), package_path=path)
+    compiler.Compiler().compile(pipeline_for(train_backend, volume_claim, volume_mount, deploy), package_path=path)
     return path
 
 
 def main(args: argparse.Namespace) -> int:
-    print(compile_pipeline(args.output, args.train_backend, args.volume_claim, args.volume_mount))
+    print(compile_pipeline(args.output, args.train_backend, args.volume_claim, args.volume_mount, args.deploy))
     return 0

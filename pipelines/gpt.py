@@ -1,4 +1,4 @@
-"""The mtnlg pipeline: raw text -> extract -> tokenize -> train -> fuse -> evaluate, one kfp v2 DAG.
+"""The mtnlg pipeline: raw text -> extract -> tokenize -> train -> fuse -> evaluate [-> deploy], one kfp v2 DAG.
 
 The same definition is compiled for Kubeflow (``mtnlg compile``) and run locally through
 ``kfp.local`` (``mtnlg run``). Where training runs is chosen when the pipeline is compiled
@@ -9,9 +9,14 @@ The same definition is compiled for Kubeflow (``mtnlg compile``) and run locally
 * ``trainjob`` / ``pytorchjob``: the train step is a launcher that creates a Kubeflow
   Trainer TrainJob (or a Training Operator PyTorchJob) of ``nodes`` x ``gpus_per_node``
   processes and follows it to its end (docs/kubeflow.md).
+
+``pipeline_for(..., deploy=True)`` adds a deploy step: a KServe InferenceService for the
+fused model, created or updated only when the evaluation passes a gate, and optionally
+registered in the Kubeflow Model Registry.
 """
 
 from kfp import dsl
+from mtnlg.components.deploy import deploy as deploy_step
 from mtnlg.components.evaluate import evaluate
 from mtnlg.components.extract import extract
 from mtnlg.components.fuse import fuse
@@ -36,7 +41,7 @@ def _data_steps(inputs, extract_overrides, extract_workers, beam_args, vocab_siz
     return tok
 
 
-def _model_steps(tok, trn, fuse_overrides, evaluate_overrides):
+def _model_steps(tok, trn, fuse_overrides, evaluate_overrides, deploy=None):
     trn.set_display_name("train (GPT, TP/SP/PP/DP)")
     trn.set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s", backoff_factor=2.0)
     fus = fuse(checkpoint=trn.outputs["checkpoint"], overrides=fuse_overrides)
@@ -44,50 +49,68 @@ def _model_steps(tok, trn, fuse_overrides, evaluate_overrides):
     ev = evaluate(model=fus.outputs["model"], tokens=tok.outputs["tokens"], checkpoint=trn.outputs["checkpoint"],
                   overrides=evaluate_overrides)
     ev.set_display_name("evaluate (perplexity, last-word accuracy, samples)")
+    if deploy is not None:  # (name, overrides, registry_overrides), when compiled with deploy
+        name, overrides, registry_overrides = deploy
+        dep = deploy_step(model=fus.outputs["model"], report=ev.outputs["report"], name=name, overrides=overrides,
+                          registry_overrides=registry_overrides, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        dep.set_display_name("deploy (KServe, gated on the evaluation)")
+        dep.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2.0)
 
 
-@dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
-def gpt_pipeline(
-    inputs: list = ["gs://YOUR-BUCKET/raw/"],
-    extract_overrides: list = [],
-    extract_workers: int = 2,
-    beam_args: list = [],
-    vocab_size: int = 0,
-    tokenize_overrides: list = [],
-    recipe: str = "debug",
-    model_preset: str = "",
-    num_layers: int = 0,
-    hidden_size: int = 0,
-    num_heads: int = 0,
-    seq_length: int = 0,
-    tp: int = 2,
-    pp: int = 0,
-    steps: int = 0,
-    global_batch_size: int = 0,
-    train_overrides: list = [],
-    nproc: int = 2,
-    gpus: int = 0,
-    accelerator: str = "nvidia.com/gpu",
-    fuse_overrides: list = [],
-    evaluate_overrides: list = [],
-):
-    """Raw text to an evaluated model, training in the train step's own pod. The named
-    training parameters (``model_preset``, sizes, ``tp``, ``pp``, ``steps``, ...; 0 or ""
-    keeps the recipe's) go over the ``recipe``; each ``*_overrides`` list holds ``key=value``
-    settings of that step's typed config (ExtractConfig, TokenizeConfig, TrainRunConfig,
-    FuseConfig, EvaluateConfig), applied last and checked when the step starts. ``gpus``
-    accelerators of type ``accelerator`` are requested for the train step (``nproc``
-    processes: one per GPU)."""
-    tok = _data_steps(inputs, extract_overrides, extract_workers, beam_args, vocab_size, tokenize_overrides)
-    trn = train(tokens=tok.outputs["tokens"], recipe=recipe, model_preset=model_preset, num_layers=num_layers,
-                hidden_size=hidden_size, num_heads=num_heads, seq_length=seq_length, tp=tp, pp=pp, steps=steps,
-                global_batch_size=global_batch_size, overrides=train_overrides, nproc=nproc)
-    trn.set_accelerator_type(accelerator).set_accelerator_limit(gpus)
-    _model_steps(tok, trn, fuse_overrides, evaluate_overrides)
+def _pod_pipeline(deploy: bool = False):
+    @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION + (" Then deploy on KServe." if deploy else ""))
+    def gpt_pipeline(
+        inputs: list = ["gs://YOUR-BUCKET/raw/"],
+        extract_overrides: list = [],
+        extract_workers: int = 2,
+        beam_args: list = [],
+        vocab_size: int = 0,
+        tokenize_overrides: list = [],
+        recipe: str = "debug",
+        model_preset: str = "",
+        num_layers: int = 0,
+        hidden_size: int = 0,
+        num_heads: int = 0,
+        seq_length: int = 0,
+        tp: int = 2,
+        pp: int = 0,
+        steps: int = 0,
+        global_batch_size: int = 0,
+        train_overrides: list = [],
+        nproc: int = 2,
+        gpus: int = 0,
+        accelerator: str = "nvidia.com/gpu",
+        fuse_overrides: list = [],
+        evaluate_overrides: list = [],
+        deploy_name: str = "mtnlg-gpt",
+        deploy_overrides: list = [],
+        registry_overrides: list = [],
+    ):
+        """Raw text to an evaluated model, training in the train step's own pod. The named
+        training parameters (``model_preset``, sizes, ``tp``, ``pp``, ``steps``, ...; 0 or ""
+        keeps the recipe's) go over the ``recipe``; each ``*_overrides`` list holds ``key=value``
+        settings of that step's typed config (ExtractConfig, TokenizeConfig, TrainRunConfig,
+        FuseConfig, EvaluateConfig), applied last and checked when the step starts. ``gpus``
+        accelerators of type ``accelerator`` are requested for the train step (``nproc``
+        processes: one per GPU). The deploy parameters take effect in a pipeline compiled with
+        a deploy step (``mtnlg compile --deploy``): DeployConfig and RegistryConfig settings."""
+        tok = _data_steps(inputs, extract_overrides, extract_workers, beam_args, vocab_size, tokenize_overrides)
+        trn = train(tokens=tok.outputs["tokens"], recipe=recipe, model_preset=model_preset, num_layers=num_layers,
+                    hidden_size=hidden_size, num_heads=num_heads, seq_length=seq_length, tp=tp, pp=pp, steps=steps,
+                    global_batch_size=global_batch_size, overrides=train_overrides, nproc=nproc)
+        trn.set_accelerator_type(accelerator).set_accelerator_limit(gpus)
+        _model_steps(tok, trn, fuse_overrides, evaluate_overrides,
+                     (deploy_name, deploy_overrides, registry_overrides) if deploy else None)
+
+    return gpt_pipeline
 
 
-def _job_pipeline(backend: str, volume_claim: str = "", volume_mount: str = "/mnt/mtnlg"):
-    @dsl.pipeline(name=PIPELINE_NAME, description=f"{DESCRIPTION} Training runs as a Kubeflow {backend}.")
+gpt_pipeline = _pod_pipeline()  # what `mtnlg run` runs (no cluster, so no deploy step)
+
+
+def _job_pipeline(backend: str, volume_claim: str = "", volume_mount: str = "/mnt/mtnlg", deploy: bool = False):
+    @dsl.pipeline(name=PIPELINE_NAME, description=f"{DESCRIPTION} Training runs as a Kubeflow {backend}."
+                  + (" Then deploy on KServe." if deploy else ""))
     def gpt_job_pipeline(
         inputs: list = ["gs://YOUR-BUCKET/raw/"],
         extract_overrides: list = [],
@@ -113,10 +136,14 @@ def _job_pipeline(backend: str, volume_claim: str = "", volume_mount: str = "/mn
         job_cleanup: str = "on-success",
         fuse_overrides: list = [],
         evaluate_overrides: list = [],
+        deploy_name: str = "mtnlg-gpt",
+        deploy_overrides: list = [],
+        registry_overrides: list = [],
     ):
         """Raw text to an evaluated model, training as a job of ``nodes`` x ``gpus_per_node``
         processes; ``job_overrides`` are ClusterJobConfig settings (``memory=512Gi``,
-        ``image=...``, ``runtime=...``, ``node_selector={...}``, ``volume_claim=...``)."""
+        ``image=...``, ``runtime=...``, ``node_selector={...}``, ``volume_claim=...``). The deploy
+        parameters take effect when compiled with a deploy step (``mtnlg compile --deploy``)."""
         tok = _data_steps(inputs, extract_overrides, extract_workers, beam_args, vocab_size, tokenize_overrides)
         trn = train_job(tokens=tok.outputs["tokens"], recipe=recipe, model_preset=model_preset, num_layers=num_layers,
                         hidden_size=hidden_size, num_heads=num_heads, seq_length=seq_length, tp=tp, pp=pp,
@@ -128,19 +155,22 @@ def _job_pipeline(backend: str, volume_claim: str = "", volume_mount: str = "/mn
             from kfp import kubernetes
 
             kubernetes.mount_pvc(trn, pvc_name=volume_claim, mount_path=volume_mount)
-        _model_steps(tok, trn, fuse_overrides, evaluate_overrides)
+        _model_steps(tok, trn, fuse_overrides, evaluate_overrides,
+                     (deploy_name, deploy_overrides, registry_overrides) if deploy else None)
 
     return gpt_job_pipeline
 
 
-def pipeline_for(train_backend: str = "trainjob", volume_claim: str = "", volume_mount: str = "/mnt/mtnlg"):
+def pipeline_for(train_backend: str = "trainjob", volume_claim: str = "", volume_mount: str = "/mnt/mtnlg",
+                 deploy: bool = False):
     """The pipeline function for a training backend (see the module doc); with a
     ``volume_claim`` (a ReadWriteMany PVC), the job backends' launcher and nodes mount it at
-    ``volume_mount`` and stage there what object storage does not give the nodes."""
+    ``volume_mount`` and stage there what object storage does not give the nodes. With
+    ``deploy``, a last step serves the model on KServe when the evaluation passes the gate."""
     if train_backend not in TRAIN_BACKENDS:
         raise ValueError(f"train backend {train_backend!r}: expected one of {', '.join(TRAIN_BACKENDS)}")
     if train_backend == "pod":
         if volume_claim:
             raise ValueError("--volume-claim: only the trainjob and pytorchjob backends use a shared volume")
-        return gpt_pipeline
-    return _job_pipeline(train_backend, volume_claim, volume_mount)
+        return _pod_pipeline(deploy) if deploy else gpt_pipeline
+    return _job_pipeline(train_backend, volume_claim, volume_mount, deploy)

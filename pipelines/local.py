@@ -90,13 +90,31 @@ def main(args: argparse.Namespace) -> int:
             print(f"  {task}.{name}: {path}")
     metrics_file = Path(outputs.get("evaluate", {}).get("report.d", "")) / "metrics.json"
     if metrics_file.is_file():
-        m = json.loads(metrics_file.read_text())
-        print("\nEvaluation:")
-        for key in ("train_steps", "train_first_loss", "train_final_loss", "val_loss", "val_perplexity",
-                    "cloze_accuracy", "cloze_items", "parameters"):
-            if key in m:
-                v = m[key]
-                print(f"  {key}: {v:.4g}" if isinstance(v, float) else f"  {key}: {v}")
+        print()
+        print(evaluation_summary(json.loads(metrics_file.read_text())))
         print(f"\nModel (safetensors + Hugging Face export): {outputs['fuse']['model']}")
         print(f"Report: {metrics_file.parent / 'report.html'}")
     return 0
+
+
+def _fig(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def evaluation_summary(m: dict) -> str:
+    """What ``mtnlg run`` prints of the evaluation (README.md quotes it; the e2e test compares)."""
+    lines = ["Evaluation:"]
+    for key in ("parameters", "train_steps", "train_first_loss", "train_final_loss", "val_loss", "val_perplexity",
+                "val_bits_per_byte", "cloze_accuracy", "cloze_items"):
+        if key in m:
+            ci = m.get(f"{key}_ci95")
+            extra = f" (95% CI {_fig(ci[0])}-{_fig(ci[1])})" if isinstance(ci, list) and len(ci) == 2 else ""
+            lines.append(f"  {key}: {_fig(m[key])}{extra}")
+    samples = m.get("samples") or []
+    if samples:
+        lines.append(f"Samples ({m.get('samples_decoding', 'greedy')}):")
+        for smp in samples:
+            cont = " ".join(smp["completion"].split())
+            sep = " " if smp["completion"][:1].isspace() else ""
+            lines.append(f"  [{smp['prompt']}]{sep}{cont}")
+    return "\n".join(lines)

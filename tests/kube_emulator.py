@@ -34,7 +34,8 @@ what the Kubernetes client relies on and kmock lacks:
   lost between the initial state and the live stream;
 * PATCH as a JSON merge patch (dict body; also what strategic merge patches become) or a
   JSON patch (list body); the ``status`` subresource changes only ``.status``;
-  PUT (replace) with the optimistic-concurrency 409 on a stale ``resourceVersion``;
+  PUT (replace) with the optimistic-concurrency 409 on a stale ``resourceVersion``, keeping
+  ``.status`` as it was (as for resources with a status subresource);
 * DELETE honours finalizers (``deletionTimestamp`` first, gone when the last finalizer
   goes), cascades to objects whose ``ownerReferences`` name the deleted uid (unless
   ``propagationPolicy: Orphan``; Foreground is done at once, like Background);
@@ -536,6 +537,10 @@ class _Emulator(kmock.KubernetesEmulator):
             new = copy.deepcopy(body)
             if subresource == "status":
                 new = dict(copy.deepcopy(old), status=new.get("status"))
+            else:  # the main resource: .status is the status subresource's, kept as it is
+                new.pop("status", None)
+                if "status" in old:
+                    new["status"] = copy.deepcopy(old["status"])
             return await self._store(kres, (kres, ns, name), obj, new, old, subresource != "status")
 
     async def op_delete(self, kres: kmock.resource, ns: str | None, name: str,

@@ -176,6 +176,8 @@ def test_deploy_creates_then_updates_and_waits_until_ready(kube):
         "gs://bucket/run2/")
     with pytest.raises(DeployRejected, match="worse"):
         deploy_model(config(fail_on_gate=True), worse, custom=kube.custom_objects)
+    # only what the Role grants: get/list/watch (GET), create (POST), update (PUT); no patch, no delete
+    assert {r.method for r in kube.requests if "inferenceservices" in str(r.url)} == {"GET", "POST", "PUT"}
 
 
 def test_deploy_does_not_overwrite_a_service_it_does_not_own(kube):

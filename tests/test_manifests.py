@@ -62,7 +62,8 @@ def test_overlay_renders_and_grants_exactly_what_the_launcher_needs(backend):
     granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
                for v in rule["verbs"]}
     needed = {(group, plural, v) for v in ("create", "get", "list", "watch", "delete")} | {
-        ("", "pods", "get"), ("", "pods", "list"), ("", "pods/log", "get"), ("", "events", "list")}
+        ("", "pods", "get"), ("", "pods", "list"), ("", "pods/log", "get"), ("", "events", "list")} | {
+        ("serving.kserve.io", "inferenceservices", v) for v in ("create", "get", "list", "watch", "update")}
     assert granted == needed                                             # nothing more: no patch, no status
     trainer_sa = next(o for o in objects if o["kind"] == "ServiceAccount" and o["metadata"]["name"] == "mtnlg-trainer")
     assert trainer_sa["automountServiceAccountToken"] is False           # the job's pods hold no API token

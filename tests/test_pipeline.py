@@ -114,3 +114,30 @@ def test_a_shared_volume_is_mounted_on_the_launcher(tmp_path):
     train = ir_docs[0]["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]
     assert train["volume_claim"]["runtimeValue"]["constant"] == "shared-rwx"
     assert cli(["compile", "--train-backend", "pod", "--volume-claim", "x", "-o", str(path)]) == 1
+
+
+@pytest.mark.parametrize("backend", ["pod", "trainjob"])
+def test_deploy_step_when_compiled_with_deploy(tmp_path, backend):
+    """--deploy adds the gated KServe step after evaluate, fed by fuse's model and evaluate's
+    report, from our image; without it there is none."""
+    path = tmp_path / f"{backend}.yaml"
+    assert cli(["compile", "--train-backend", backend, "--deploy", "-o", str(path)]) == 0
+    ir = yaml.safe_load(path.read_text())
+    tasks = ir["root"]["dag"]["tasks"]
+    assert set(tasks) == {"extract", "tokenize", "train", "fuse", "evaluate", "deploy"}
+    dep = tasks["deploy"]
+    assert sorted(dep["dependentTasks"]) == ["evaluate", "fuse"]
+    arts = dep["inputs"]["artifacts"]
+    assert arts["model"]["taskOutputArtifact"] == {"outputArtifactKey": "model", "producerTask": "fuse"}
+    assert arts["report"]["taskOutputArtifact"] == {"outputArtifactKey": "report", "producerTask": "evaluate"}
+    params = dep["inputs"]["parameters"]
+    assert params["overrides"]["componentInputParameter"] == "deploy_overrides"
+    assert params["registry_overrides"]["componentInputParameter"] == "registry_overrides"
+    assert params["name"]["componentInputParameter"] == "deploy_name"
+    assert params["run_id"] == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
+    execs = ir["deploymentSpec"]["executors"]
+    assert execs["exec-deploy"]["container"]["image"] == TRAIN_IMAGE
+    assert "pip install" not in " ".join(execs["exec-deploy"]["container"]["command"])
+    outs = ir["components"]["comp-deploy"]["outputDefinitions"]["artifacts"]
+    assert {k: v["artifactType"]["schemaTitle"] for k, v in outs.items()} == {"decision": "system.Markdown",
+                                                                               "metrics": "system.Metrics"}

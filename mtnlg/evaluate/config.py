@@ -56,7 +56,7 @@ class EvaluateConfig(Config):
         if self.temperature == 0:
             how = "greedy"
         else:
-            how = f"sampled: temperature {self.temperature:g}, top-p {self.top_p:g}, seed {self.seed}"
+            how = f"sampled: temperature {self.temperature:g}, top-p {self.top_p:g}, seeds {self.seed}+i"
         if self.repetition_penalty != 1.0:
             how += f", repetition penalty {self.repetition_penalty:g}"
         return f"{how}; {min(self.min_new_tokens, self.max_new_tokens)}-{self.max_new_tokens} new tokens"

@@ -146,11 +146,11 @@ def evaluate_model(model_dir: str, data_dir: str, output: str, train_log: str | 
 
     samples = []
     sc = c.sampling()
-    for p in c.prompts:
+    for i, p in enumerate(c.prompts):  # sample i draws with seed + i: the same draws for every prompt would echo
         with torch.no_grad():
             samples.append({"prompt": p, "completion": generate(
                 model, tok, p, max_new_tokens=sc.max_new_tokens, temperature=sc.temperature, top_p=sc.top_p,
-                seed=sc.seed, min_new_tokens=sc.min_new_tokens, repetition_penalty=sc.repetition_penalty)})
+                seed=sc.seed + i, min_new_tokens=sc.min_new_tokens, repetition_penalty=sc.repetition_penalty)})
     metrics["samples_decoding"] = c.describe_sampling()
     records: list[dict] = []
     if train_log:
