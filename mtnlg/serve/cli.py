@@ -20,8 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the model id clients ask for (default: the model directory's name)")
     p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default 64)")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="how long a batch's first request waits for others (default 5 ms)")
+    p.add_argument("--batch-wait-ms", type=float, default=20.0,
+                   help="how long a batch's first request waits for others (default 20 ms)")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds to let requests in flight finish on shutdown (default 30)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")

@@ -56,7 +56,7 @@ class EngineConfig(Config):
     # requests waiting for a batch; more are refused (HTTP 429)
     max_queue: int = field(default=64, metadata={"min": 1})
     # how long the first request of a batch waits for company
-    batch_wait_ms: float = field(default=5.0, metadata={"min": 0.0})
+    batch_wait_ms: float = field(default=20.0, metadata={"min": 0.0})
 
 
 class TextStream:
