@@ -140,6 +140,13 @@ def test_loading_refuses_unsafe_pickles(tmp_path):
         pickle.dump({"x": _Evil()}, f)
     if os.path.exists("/tmp/mtnlg-pwned"):
         os.remove("/tmp/mtnlg-pwned")
+    # the checksums already refuse the altered file, before anything is unpickled
+    with pytest.raises(ckpt.CheckpointDamaged, match=".metadata: .* bytes, expected"):
+        ckpt.load_checkpoint(path, model, opt)
+    # and with the checksums rewritten to match (as an attacker could), the unpickler refuses it
+    import shutil
+
+    shutil.rmtree(os.path.join(path, ckpt.CHECKSUMS_DIR))
     with pytest.raises(ValueError, match="posix.system, which is not allowed"):
         ckpt.load_checkpoint(path, model, opt)
     assert not os.path.exists("/tmp/mtnlg-pwned")

@@ -9,7 +9,14 @@ A checkpoint directory ``<dir>/step_00000020/`` holds
 * ``rng/rank_00003.pt``: every rank's RNG states (dropout differs across ranks);
 * ``trainer_state.json``: step, consumed samples (the LR schedule follows from the step),
   layout, tokenizer reference; written last, it marks the checkpoint complete;
-* ``config.yaml`` and the tokenizer files, so a checkpoint is usable on its own.
+* ``config.yaml`` and the tokenizer files, so a checkpoint is usable on its own;
+* ``checksums/rank_00003.json``: the size and sha256 of every file a rank wrote, computed by
+  that rank right after writing them (rank 0's also lists ``.metadata`` and the side files).
+
+Loading verifies them first (:func:`verify_checkpoint`): a missing, truncated or altered
+file, or unreadable metadata, is :class:`CheckpointDamaged` naming the file. Resuming from
+``latest`` or ``auto`` (:func:`latest_good`) skips a damaged newest checkpoint for the
+newest complete and intact one, with a warning; a checkpoint named explicitly must be intact.
 
 ``<dir>/latest`` names the newest complete checkpoint and is written after it. Locally a
 checkpoint is written into ``step_XXXXXXXX.tmp`` and renamed; on gs:// and s3:// (no rename) each
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import io
 import json
 import os
@@ -56,6 +64,119 @@ log = get_logger("mtnlg.formats.checkpoint")
 
 FORMAT = "mtnlg-dcp-1"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
+CHECKSUMS_DIR = "checksums"
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint whose files do not match its checksums (or are missing, or unreadable)."""
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+def file_digest(path: str, chunk: int = 1 << 20) -> dict[str, Any]:
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+            n += len(b)
+    return {"sha256": h.hexdigest(), "size": n}
+
+
+def _write_checksums(root: str, names: list[str], rank: int, suffix: str = "") -> None:
+    """``root/checksums/rank_XXXXX{suffix}.json`` for the files ``names`` (relative to a local ``root``)."""
+    os.makedirs(os.path.join(root, CHECKSUMS_DIR), exist_ok=True)
+    sums = {n: file_digest(os.path.join(root, n)) for n in sorted(names)}
+    with open(os.path.join(root, CHECKSUMS_DIR, f"rank_{rank:05d}{suffix}.json"), "w", encoding="utf-8") as f:
+        json.dump(sums, f, indent=1, sort_keys=True)
+
+
+def _rank_files(root: str, rank: int) -> list[str]:
+    """The files rank ``rank`` wrote into the local checkpoint directory ``root``."""
+    names = [n for n in os.listdir(root) if n.startswith(f"__{rank}_") and n.endswith(".distcp")]
+    names.append(f"rng/rank_{rank:05d}.pt")
+    if rank == 0 and os.path.exists(os.path.join(root, ".metadata")):
+        names.append(".metadata")
+    return names
+
+
+def _safe_name(name: str, where: str) -> str:
+    parts = name.replace("\\", "/").split("/")
+    if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise CheckpointDamaged(f"{where}: file name {name!r} would leave the checkpoint directory")
+    return name
+
+
+def verify_checkpoint(path: str) -> list[str]:
+    """What is wrong with the local checkpoint directory ``path`` (empty: nothing): each
+    problem names its file. A checkpoint from before checksums were written is checked for
+    completeness only."""
+    problems: list[str] = []
+    state_path = os.path.join(path, TRAINER_STATE)
+    if not os.path.exists(state_path):
+        return [f"{TRAINER_STATE}: missing (the checkpoint is incomplete)"]
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        return [f"{TRAINER_STATE}: unreadable ({e})"]
+    if meta.get("format") != FORMAT:
+        return [f"{TRAINER_STATE}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})"]
+    sums_dir = os.path.join(path, CHECKSUMS_DIR)
+    world = int(meta.get("world_size") or 0)
+    if os.path.isdir(sums_dir):
+        listed: dict[str, dict] = {}
+        for r in range(world):
+            f = os.path.join(sums_dir, f"rank_{r:05d}.json")
+            if not os.path.exists(f):
+                problems.append(f"{CHECKSUMS_DIR}/rank_{r:05d}.json: missing (rank {r}'s files are unverified)")
+                continue
+            try:
+                with open(f, encoding="utf-8") as fh:
+                    listed.update(json.load(fh))
+            except (OSError, ValueError) as e:
+                problems.append(f"{CHECKSUMS_DIR}/rank_{r:05d}.json: unreadable ({e})")
+        side = os.path.join(sums_dir, "rank_00000-side.json")
+        if os.path.exists(side):
+            with open(side, encoding="utf-8") as fh:
+                listed.update(json.load(fh))
+        for name, want in sorted(listed.items()):
+            try:
+                full = os.path.join(path, _safe_name(name, CHECKSUMS_DIR))
+            except CheckpointDamaged as e:
+                problems.append(str(e))
+                continue
+            if not os.path.exists(full):
+                problems.append(f"{name}: missing")
+                continue
+            size = os.path.getsize(full)
+            if size != want.get("size"):
+                problems.append(f"{name}: {size} bytes, expected {want.get('size')} (truncated or overwritten)")
+                continue
+            if file_digest(full)["sha256"] != want.get("sha256"):
+                problems.append(f"{name}: sha256 mismatch (the file's content changed after it was written)")
+    else:
+        log.warning("%s has no %s/ (written before checkpoints carried checksums): checking completeness only",
+                    path, CHECKSUMS_DIR)
+        for r in range(world):
+            if not any(n.startswith(f"__{r}_") for n in os.listdir(path)):
+                problems.append(f"__{r}_0.distcp: missing (rank {r}'s shards)")
+    if not problems:
+        try:
+            check_metadata(os.path.join(path, ".metadata"))
+        except Exception as e:  # noqa: BLE001 - reported as the checkpoint's problem
+            problems.append(f".metadata: unreadable ({e})")
+    return problems
+
+
+def verify_or_raise(path: str, local: str | None = None) -> None:
+    problems = verify_checkpoint(local or path)
+    if problems:
+        raise CheckpointDamaged(f"checkpoint {path} is damaged: " + "; ".join(problems))
 
 
 def step_dirname(step: int) -> str:
@@ -190,6 +311,33 @@ def list_checkpoints(directory: str) -> list[tuple[int, str, bool]]:
     return sorted(out, key=lambda t: (t[0], t[1]))
 
 
+def latest_good(directory: str) -> str | None:
+    """The checkpoint to resume from in ``directory``: the one ``latest`` names when it is
+    intact, else the newest complete and intact one (a warning names what was skipped and
+    why); None when there is no checkpoint at all. Raises CheckpointDamaged when there are
+    checkpoints but none is intact."""
+    named = read_latest(directory)
+    candidates = [p for _, p, ok in reversed(list_checkpoints(directory)) if ok]
+    if named in candidates:
+        candidates.remove(named)
+        candidates.insert(0, named)
+    elif named is not None:
+        log.warning("%s/latest names %s, which is not a complete checkpoint: looking for an older one",
+                    directory, named)
+    skipped = []
+    for cand in candidates:
+        with node_local_copy([cand]) as (local,):
+            problems = verify_checkpoint(local)
+        if not problems:
+            if skipped:
+                log.warning("resuming from %s: skipped damaged %s", cand, "; ".join(skipped))
+            return cand
+        skipped.append(f"{cand} ({'; '.join(problems)})")
+    if skipped:
+        raise CheckpointDamaged(f"no intact checkpoint in {directory}: " + "; ".join(skipped))
+    return None
+
+
 def prune_checkpoints(directory: str, keep_last: int) -> list[str]:
     """Delete all but the newest ``keep_last`` complete checkpoints (0 keeps all) and any
     incomplete leftovers; the one ``latest`` names is always kept. Returns what was removed."""
@@ -226,10 +374,18 @@ def resolve_checkpoint(spec: str) -> str:
 
 def _write_side_files(target: str, trainer_state: dict, config_text: str | None,
                       extra_files: dict[str, str] | None) -> None:
-    if config_text is not None:
-        storage.write_text(storage.join(target, RUN_CONFIG), config_text)
-    for name, src in (extra_files or {}).items():
-        storage.copy(src, storage.join(target, name))
+    with tempfile.TemporaryDirectory(prefix="mtnlg-side-") as d:
+        names = []
+        if config_text is not None:
+            with open(os.path.join(d, RUN_CONFIG), "w", encoding="utf-8") as f:
+                f.write(config_text)
+            names.append(RUN_CONFIG)
+        for name, src in (extra_files or {}).items():
+            storage.copy(src, os.path.join(d, name))
+            names.append(name)
+        _write_checksums(d, names, 0, suffix="-side")
+        for name in names + [f"{CHECKSUMS_DIR}/rank_00000-side.json"]:
+            storage.copy(os.path.join(d, name), storage.join(target, name))
     # Last: its presence marks the checkpoint complete.
     storage.write_text(storage.join(target, TRAINER_STATE), json.dumps(trainer_state, indent=2, sort_keys=True))
 
@@ -263,6 +419,8 @@ def save_checkpoint(directory: str, step: int, model: torch.nn.Module, optimizer
         barrier()
         dcp.save(state, storage_writer=FileSystemWriter(tmp))
         torch.save(rng_state(), os.path.join(tmp, "rng", rng_name))
+        barrier()  # .metadata is written once every rank's shards are
+        _write_checksums(tmp, _rank_files(tmp, rank), rank)
         barrier()
         if rank == 0:
             _write_side_files(tmp, meta, config_text, extra_files)
@@ -278,7 +436,8 @@ def save_checkpoint(directory: str, step: int, model: torch.nn.Module, optimizer
             os.makedirs(os.path.join(staging, "rng"))
             dcp.save(state, storage_writer=FileSystemWriter(staging))
             torch.save(rng_state(), os.path.join(staging, "rng", rng_name))
-            storage.copy_tree(staging, final)  # this rank's shards (rank 0 also .metadata)
+            _write_checksums(staging, _rank_files(staging, rank), rank)
+            storage.copy_tree(staging, final)  # this rank's shards and checksums (rank 0 also .metadata)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         barrier()
@@ -307,7 +466,7 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
             meta = json.load(f)
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})")
-        check_metadata(os.path.join(local, ".metadata"))  # a clear error before DCP wraps it
+        verify_or_raise(path, local)  # checksums and metadata: a clear error before DCP reads anything
         if optimizer is not None:
             model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
             state = {"model": model_sd, "optim": optim_sd}

@@ -85,8 +85,8 @@ class Checkpointer:
         spec = self.cfg.checkpoint.load.strip()
         if spec.lower() in ("none", ""):
             return
-        if spec.lower() == "auto":
-            path = ckpt.read_latest(self.directory)
+        if spec.lower() in ("auto", "latest"):
+            path = ckpt.latest_good(self.directory)  # a damaged newest checkpoint is skipped, with a warning
             if path is None:
                 return
         else:
