@@ -248,13 +248,21 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
 
 
-def check_metadata(path: str) -> None:
-    """Raise ValueError unless DCP metadata file ``path`` holds only checkpoint classes."""
+def check_metadata(path: str) -> Any:
+    """DCP metadata file ``path``, unpickled with the allow-list; ValueError unless it holds
+    only checkpoint classes."""
     with open(path, "rb") as f:
-        try:
-            _MetadataUnpickler(f).load()
-        except (pickle.UnpicklingError, EOFError) as e:
-            raise ValueError(f"{path}: refusing to load: {e}") from None
+        return load_metadata_bytes(f.read(), path)
+
+
+def load_metadata_bytes(raw: bytes, where: str) -> Any:
+    """DCP metadata from its bytes, through the allow-listed unpickler (never plain pickle)."""
+    try:
+        return _MetadataUnpickler(io.BytesIO(raw)).load()
+    except (pickle.UnpicklingError, EOFError) as e:
+        raise ValueError(f"{where}: refusing to load: {e}") from None
+    except (AttributeError, ValueError, TypeError, IndexError) as e:
+        raise ValueError(f"{where} is corrupt: {e}") from None
 
 
 class _SafeReader(FileSystemReader):

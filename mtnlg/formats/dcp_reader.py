@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import pickle
-import tempfile
 from typing import Any
 
 import torch
@@ -38,25 +35,14 @@ MODEL_PREFIX = "model."
 
 
 def _load_metadata(path: str):
-    """DCP's ``.metadata`` pickle, after the checkpoint module's allow-list check of it."""
-    from mtnlg.formats.checkpoint import check_metadata
+    """DCP's ``.metadata``, through the checkpoint module's allow-listed unpickler."""
+    from mtnlg.formats.checkpoint import load_metadata_bytes
 
     try:
         raw = storage.read_bytes(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is missing: not a DCP checkpoint (or an incomplete one)") from None
-    with tempfile.TemporaryDirectory(prefix="mtnlg-meta-") as tmp:
-        local = os.path.join(tmp, METADATA_FILE)
-        with open(local, "wb") as f:
-            f.write(raw)
-        try:
-            check_metadata(local)  # ValueError unless it holds only checkpoint classes
-        except ValueError as e:
-            raise ValueError(str(e).replace(local, path)) from None
-    try:
-        return pickle.loads(raw)  # the same bytes, now known to hold only allowed classes
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
-        raise ValueError(f"{path} is corrupt: {e}") from None
+    return load_metadata_bytes(raw, path)
 
 
 class CheckpointReader:
