@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import random
 
@@ -133,6 +134,31 @@ def test_read_jsonl_lines(tmp_path):
     assert recs[-1].reason == "corrupt_gzip" and all(isinstance(r, Document) for r in recs[:-1])
     assert 1000 < len(recs) < 30000
     assert list(read_file(_write(f"{tmp_path}/blank.jsonl", b"\n\n  \n")))[0].reason == "empty"
+
+
+def test_a_small_gzip_cut_short_keeps_what_zcat_gives_back(tmp_path):
+    """A .jsonl.gz cut mid-stream (smaller than one read) keeps every whole record before
+    the cut, as zcat would, and counts the cut once; a cut whole-file document is a failure."""
+    import zlib
+
+    lines = [b'{"text": "record %d about lists and dicts"}' % i for i in range(200)]
+    whole = gzip.compress(b"\n".join(lines) + b"\n")
+    cut = whole[: len(whole) * 2 // 3]
+    decoded = zlib.decompressobj(31).decompress(cut)           # what zcat prints before its error
+    expected = [json.loads(ln)["text"] for ln in decoded.split(b"\n")[:-1]]
+    assert 20 < len(expected) < 200
+    recs = list(read_file(_write(f"{tmp_path}/cut.jsonl.gz", cut)))
+    docs = [r for r in recs if isinstance(r, Document)]
+    fails = [r for r in recs if isinstance(r, Failure)]
+    assert [d.text for d in docs] == expected
+    assert [f.reason for f in fails] == ["corrupt_gzip"] and fails[0].source.endswith(f":{len(expected) + 1}")
+    # several gzip members one after another (as `cat a.gz b.gz`) read as one stream
+    two = gzip.compress(b"\n".join(lines[:3]) + b"\n") + gzip.compress(b"\n".join(lines[3:6]) + b"\n")
+    assert len([r for r in read_file(_write(f"{tmp_path}/two.jsonl.gz", two)) if isinstance(r, Document)]) == 6
+    # a text file cut short is one failure, not half a document
+    text = gzip.compress(b"A paragraph about lists. " * 400)
+    (only,) = list(read_file(_write(f"{tmp_path}/cut.txt.gz", text[: len(text) // 2])))
+    assert isinstance(only, Failure) and only.reason == "corrupt_gzip"
 
 
 def test_expand_inputs_skips_unknown_formats_in_directories(tmp_path):

@@ -7,7 +7,8 @@ caller can count it. The reasons:
 
 ==================== ====================================================================
 ``unreadable``       the file cannot be opened or read (permissions, vanished, I/O error)
-``corrupt_gzip``     a ``.gz`` file that is not gzip, or is truncated/damaged part-way
+``corrupt_gzip``     a ``.gz`` file that is not gzip, or is truncated/damaged part-way (a
+                     JSONL file keeps its records before the cut; the cut is one failure)
 ``binary``           more than ``max_binary_fraction`` control bytes / invalid UTF-8
 ``nul_byte``         text holding a NUL byte (a sign of corruption in a text file)
 ``too_large``        a document (file, or JSONL line) over ``max_doc_bytes``
@@ -155,6 +156,58 @@ class _Prefixed(io.RawIOBase):
         return len(data)
 
 
+class _TolerantGzip(io.RawIOBase):
+    """A gzip stream that hands out everything it decoded before a cut or damage, as ``zcat`` does.
+
+    ``gzip.GzipFile`` raises as soon as it meets the end of a truncated file or a corrupt
+    block, dropping what it had decoded in that call (and a line reader's buffer with it).
+    This one decodes with ``zlib`` (``wbits=31``; gzip members one after another), returns
+    the decoded bytes first and raises on the read after (EOFError for a cut,
+    ``BadGzipFile`` for damage), so the records before the cut are kept and the cut is
+    counted once."""
+
+    def __init__(self, raw: IO[bytes], chunk: int = 1 << 16):
+        self._raw, self._chunk = raw, chunk
+        self._z = zlib.decompressobj(31)
+        self._out = b""
+        self._error: BaseException | None = None
+        self._done = self._started = False
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self) -> None:
+        while not self._out and self._error is None and not self._done:
+            data = self._raw.read(self._chunk)
+            if not data:
+                if self._started and not self._z.eof:
+                    self._error = EOFError("Compressed file ended before the end-of-stream marker was reached")
+                else:
+                    self._done = True
+                return
+            self._started = True
+            try:
+                while data:
+                    if self._z.eof:  # the next gzip member
+                        self._z = zlib.decompressobj(31)
+                    self._out += self._z.decompress(data)
+                    data = self._z.unused_data if self._z.eof else b""
+            except zlib.error as e:
+                self._error = gzip.BadGzipFile(f"corrupt gzip data: {e}")
+
+    def readinto(self, buf) -> int:
+        self._fill()
+        if not self._out:
+            if self._error is not None:
+                err, self._error, self._done = self._error, None, True
+                raise err
+            return 0
+        n = min(len(buf), len(self._out))
+        buf[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+
 def _classify(exc: BaseException, gz: bool) -> str:
     if gz and isinstance(exc, (gzip.BadGzipFile, EOFError, zlib.error)):
         return "corrupt_gzip"
@@ -174,10 +227,11 @@ def read_file(path: str, text_field: str = "text", max_doc_bytes: int = 8 << 20,
         yield Failure("unreadable", path, 0, f"{type(e).__name__}: {e}")
         return
     try:
-        stream = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw
-        if fmt == "jsonl":
+        if fmt == "jsonl":  # line by line: the records before a cut are kept
+            stream = _TolerantGzip(raw) if gz else raw
             yield from _read_jsonl(stream, path, gz, text_field, max_doc_bytes, max_binary_fraction, name or path)
-        else:
+        else:  # one document: a cut one is a failure, not half a document
+            stream = io.BufferedReader(_TolerantGzip(raw), 1 << 20) if gz else raw
             yield _read_whole(stream, path, gz, fmt, max_doc_bytes, max_binary_fraction, name or path)
     finally:
         try:
