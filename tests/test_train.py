@@ -206,3 +206,16 @@ def test_diverging_run_aborts_with_a_clear_message(tokenized, tmp_path, capsys):
     s = _summary(out)
     assert s["stopped"] == "diverged" and s["skipped_steps"] == 3 and s["steps"] < 50
     assert "Lower optim.lr" in s["error"]
+
+
+def test_training_starts_from_a_directory_holding_a_folder_named_mtnlg(tokenized, tmp_path, monkeypatch):
+    """A clone (or any `mtnlg/` folder) in the current directory must not shadow the
+    installed package in the training processes: they start in Python's safe-path mode."""
+    fake = tmp_path / "cwd" / "mtnlg"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('the shadowing folder was imported')\n")
+    monkeypatch.chdir(tmp_path / "cwd")
+    out = str(tmp_path / "run")
+    assert _train("--nproc", "1", "--recipe", "debug", f"data.path={tokenized}", f"output={out}",
+                  "train.steps=2", "train.eval_iters=0", "parallel.tp=1") == 0
+    assert _summary(out)["steps"] == 2

@@ -74,6 +74,10 @@ class LocalTorchrunLauncher(Launcher):
         # torchrun would pin every process to 1 thread; share the cores out instead.
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.nproc)))
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # Python's safe-path mode: `-m` does not put the current directory first on sys.path,
+        # so a folder named `mtnlg` (a clone, say) where training is started cannot shadow
+        # the installed package in torchrun or its children.
+        env["PYTHONSAFEPATH"] = "1"
         return env
 
     def launch(self, cfg: TrainRunConfig) -> dict:
