@@ -219,3 +219,23 @@ def test_training_starts_from_a_directory_holding_a_folder_named_mtnlg(tokenized
     assert _train("--nproc", "1", "--recipe", "debug", f"data.path={tokenized}", f"output={out}",
                   "train.steps=2", "train.eval_iters=0", "parallel.tp=1") == 0
     assert _summary(out)["steps"] == 2
+
+
+def test_a_wrong_data_path_is_one_message_before_any_process_starts(tmp_path, capsys, monkeypatch):
+    """The launching process checks the data, its tokenizer, the output and the checkpoint
+    to resume from, and names every problem at once; torchrun is never started."""
+    from mtnlg.train import launch
+
+    started = []
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: started.append(a))
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    rc = _train("--nproc", "2", "--recipe", "debug", f"data.path={tmp_path / 'nowhere'}",
+                f"output={tmp_path / 'ro' / 'run'}", f"checkpoint.load={tmp_path / 'no-ckpt'}")
+    err = capsys.readouterr().err
+    assert rc != 0 and started == []
+    assert "cannot start training" in err
+    assert f"training data {tmp_path / 'nowhere' / 'train'}.bin" in err
+    assert "tokenizer file" in err and "checkpoint.load=" in err
+    if os.geteuid() != 0:  # root writes anywhere
+        assert "is not writable" in err

@@ -62,3 +62,48 @@ def open_datasets(data, seq_length: int, want_valid: bool):
     trains = [GPTDataset(p, seq_length, data.seed) for p in train_prefixes]
     train = trains[0] if len(trains) == 1 else BlendedDataset(trains, weights, data.seed)
     return train, (GPTDataset(valid_prefix, seq_length, data.seed) if want_valid else None)
+
+
+def preflight_problems(cfg) -> list[str]:
+    """What would stop a run before its processes start, all at once: the data files, the
+    tokenizer, the output's writability, the checkpoint to resume from. Empty: go."""
+    from mtnlg.formats import checkpoint as ckpt
+    from mtnlg.formats.rundir import TOKENIZER_MODEL
+
+    problems: list[str] = []
+    d = cfg.data
+    if not d.path:
+        return ["data.path is not set (the output of `mtnlg tokenize`)"]
+    train_prefixes, _, valid_prefix = _prefixes(d)
+    want_valid = cfg.train.eval_iters > 0
+    try:
+        for prefix in train_prefixes + ([valid_prefix] if want_valid else []):
+            missing = [prefix + ext for ext in (".bin", ".idx") if not storage.exists(prefix + ext)]
+            if missing:
+                what = "validation data" if prefix == valid_prefix else "training data"
+                hint = " (or train.eval_iters=0 to skip validation)" if prefix == valid_prefix else ""
+                problems.append(f"{what} {', '.join(missing)} not found (data.path={d.path!r}){hint}")
+        for name in (TOKENIZER_META, TOKENIZER_MODEL):
+            if not storage.exists(storage.join(d.path, name)):
+                problems.append(f"tokenizer file {storage.join(d.path, name)} not found: data.path must be "
+                                "a directory written by `mtnlg tokenize`")
+    except Exception as e:  # noqa: BLE001 - unreachable storage is a problem to report, not a crash
+        problems.append(f"data.path={d.path!r} cannot be read: {type(e).__name__}: {e}")
+    if cfg.output:
+        probe = storage.join(cfg.output, ".mtnlg-write-probe")
+        try:
+            storage.write_text(probe, "ok\n")
+            storage.remove(probe)
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"output={cfg.output!r} is not writable: {type(e).__name__}: {e}")
+    spec = cfg.checkpoint.load.strip()
+    if spec.lower() not in ("", "none", "auto", "latest"):  # auto/latest: the ranks pick an intact one
+        try:
+            path = ckpt.resolve_checkpoint(spec)
+            if not storage.is_remote(path):  # a remote one is verified where it is downloaded anyway
+                damage = ckpt.verify_checkpoint(path)
+                if damage:
+                    problems.append(f"checkpoint.load={spec!r}: {path} is damaged: {'; '.join(damage)}")
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"checkpoint.load={spec!r}: {e}")
+    return problems

@@ -21,6 +21,7 @@ import tempfile
 import threading
 
 from mtnlg import storage
+from mtnlg.config import ConfigError
 from mtnlg.config import dump_yaml
 from mtnlg.formats.rundir import RUN_CONFIG, SUMMARY_FILE
 from mtnlg.progress import get_logger
@@ -81,6 +82,11 @@ class LocalTorchrunLauncher(Launcher):
         return env
 
     def launch(self, cfg: TrainRunConfig) -> dict:
+        from mtnlg.train.data import preflight_problems
+
+        problems = preflight_problems(cfg)
+        if problems:  # one message, before any training process starts
+            raise ConfigError("cannot start training:\n  - " + "\n  - ".join(problems))
         if storage.exists(storage.join(cfg.output, SUMMARY_FILE)):
             storage.remove(storage.join(cfg.output, SUMMARY_FILE))  # so a stale one is never returned
         with tempfile.TemporaryDirectory(prefix="mtnlg-launch-") as d:
