@@ -774,3 +774,29 @@ def local_path(path: str | os.PathLike) -> Path:
     if is_remote(path):
         raise ValueError(f"{path} is a {_scheme(str(path))} URI, not a local path")
     return Path(path)
+
+
+def write_failure_hint(path: str, exc: BaseException) -> str:
+    """Why a write under local ``path`` may have failed, in facts: the free space left and any
+    file-size limit of this process (a full disk shows up as ENOSPC or EFBIG, or inside a
+    library as a short write)."""
+    import errno
+    import resource
+
+    parts = []
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        parts.append(f"{os.strerror(code)}")
+    if not is_remote(path):
+        probe = path
+        while probe and not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        try:
+            free = shutil.disk_usage(probe or ".").free
+            parts.append(f"{free / 1e9:.2f} GB free on {probe or '.'}")
+        except OSError:
+            pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        parts.append(f"file-size limit {soft} bytes (ulimit -f)")
+    return "; ".join(parts) or "no disk-space cause found"

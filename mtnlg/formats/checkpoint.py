@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
@@ -69,6 +70,10 @@ CHECKSUMS_DIR = "checksums"
 
 class CheckpointDamaged(ValueError):
     """A checkpoint whose files do not match its checksums (or are missing, or unreadable)."""
+
+
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed (a full disk, a file-size limit, an I/O error)."""
 
 
 # --------------------------------------------------------------------------- checksums
@@ -425,8 +430,16 @@ def save_checkpoint(directory: str, step: int, model: torch.nn.Module, optimizer
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(os.path.join(tmp, "rng"))
         barrier()
-        dcp.save(state, storage_writer=FileSystemWriter(tmp))
-        torch.save(rng_state(), os.path.join(tmp, "rng", rng_name))
+        try:
+            dcp.save(state, storage_writer=FileSystemWriter(tmp))
+            torch.save(rng_state(), os.path.join(tmp, "rng", rng_name))
+        except (Exception, CheckpointException) as e:  # a full disk: ENOSPC/EFBIG, or a short write in torch
+            cause = next(iter(getattr(e, "failures", {}).values()), e)  # DCP wraps each rank's error
+            cause = cause[0] if isinstance(cause, tuple) else cause
+            raise CheckpointSaveError(f"saving checkpoint {final} failed on rank {rank}: "
+                                      f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''} "
+                                      f"({storage.write_failure_hint(tmp, e)}); the previous checkpoint "
+                                      "is untouched and `latest` still names it") from e
         barrier()  # .metadata is written once every rank's shards are
         _write_checksums(tmp, _rank_files(tmp, rank), rank)
         barrier()
