@@ -31,29 +31,10 @@ def _run(root: Path, name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
-    return _run(root, "first"), _run(root, "second")
-
-
-@pytest.fixture(scope="module")
-def pipeline_run(runs):
-    return runs[0]
-
-
-def _figures(outputs: dict) -> dict:
-    """Every number the evaluation reports (timings aside) and the logged training losses."""
-    m = json.loads((Path(outputs["evaluate"]["report.d"]) / "metrics.json").read_text())
-    run = Path(outputs["train"]["checkpoint"])
-    losses = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
-    figures = {k: v for k, v in m.items() if isinstance(v, (int, float)) and k != "seconds"}
-    return {**figures, "samples": m["samples"], "train_losses": losses}
-
-
-def test_two_runs_print_the_same_figures(runs):
-    first, second = (_figures(r) for r in runs)
-    assert first["val_tokens"] > 0 and len(first["train_losses"]) >= 2
-    assert first == second
+def pipeline_run(tmp_path_factory):
+    # One run: that a run is deterministic is checked by tests/test_make_run.py, whose full
+    # `make run` must print exactly the figures README.md recorded from an earlier run.
+    return _run(tmp_path_factory.mktemp("run"), "first")
 
 
 def test_every_step_produced_its_outputs(pipeline_run):
