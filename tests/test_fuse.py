@@ -300,3 +300,28 @@ def test_hf_export_carries_an_exact_tokenizer(fused, monkeypatch):
         assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids, text
         assert hf_tok.decode(ids) == text
     assert hf_tok.eos_token_id == ours.eod_id
+
+
+def test_names_in_a_fused_models_manifest_and_index_cannot_leave_it(fused, tmp_path):
+    from mtnlg.formats.fused import load_fused, weight_files
+    from mtnlg.formats.manifest import safe_relative
+
+    d = tmp_path / "m"
+    shutil.copytree(fused, d, ignore=shutil.ignore_patterns("hf"))
+    manifest = json.load(open(d / "manifest.json"))
+    manifest["files"]["../outside.txt"] = {"sha256": "0" * 64, "bytes": 1}
+    json.dump(manifest, open(d / "manifest.json", "w"))
+    with pytest.raises(ValueError, match=r"'\.\./outside\.txt' would leave the model directory"):
+        load_fused(str(d))
+    index = next(iter(d.glob("*.index.json")), None)
+    if index is not None:
+        data = json.load(open(index))
+        first = next(iter(data["weight_map"]))
+        data["weight_map"][first] = "/etc/passwd"
+        json.dump(data, open(index, "w"))
+        with pytest.raises(ValueError, match="would leave the model directory"):
+            weight_files(str(d))
+    for bad in ("", "/abs", "a/../../b", "./x", 3):
+        with pytest.raises(ValueError):
+            safe_relative(bad, "m")
+    assert safe_relative("model-00001-of-00002.safetensors", "m") == "model-00001-of-00002.safetensors"

@@ -49,8 +49,11 @@ def weight_files(directory: str) -> dict[str, str]:
 
     index = os.path.join(directory, WEIGHTS_INDEX)
     if os.path.exists(index):
+        from mtnlg.formats.manifest import safe_relative
+
         with open(index, encoding="utf-8") as f:
-            return dict(json.load(f)["weight_map"])
+            weight_map = dict(json.load(f)["weight_map"])
+        return {k: safe_relative(v, index) for k, v in weight_map.items()}
     single = os.path.join(directory, SINGLE_WEIGHTS)
     if not os.path.exists(single):
         raise FileNotFoundError(f"{directory} holds neither {SINGLE_WEIGHTS} nor {WEIGHTS_INDEX}")

@@ -95,12 +95,24 @@ def _damaged_tensor(path: str, names: list[str], tensors: dict[str, dict[str, An
     return "no single tensor is damaged (header or padding bytes changed)"
 
 
+def safe_relative(name: Any, where: str) -> str:
+    """``name`` if it is a plain relative path inside its directory; ValueError for an
+    absolute path, ``..``, empty parts or a non-string (a manifest or index naming a file
+    outside the model directory)."""
+    if not isinstance(name, str):
+        raise ValueError(f"{where}: file name {name!r} is not a string")
+    parts = name.replace("\\", "/").split("/")
+    if not name or name.startswith("/") or ":" in parts[0] or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"{where}: file name {name!r} would leave the model directory")
+    return name
+
+
 def verify_files(directory: str, manifest: dict[str, Any]) -> None:
     """Check that every listed file exists with its recorded size and sha256; a mismatch
     in a weights file names the damaged tensor."""
     tensors = manifest.get("tensors", {})
     for name, info in manifest["files"].items():
-        path = storage.join(directory, name)
+        path = storage.join(directory, safe_relative(name, storage.join(directory, MANIFEST)))
         held = info.get("tensors") or []
         what = f" (holds {len(held)} tensors, first {held[0]!r})" if held else ""
         if not storage.exists(path):
