@@ -206,11 +206,7 @@ def create_app(engine: Engine, model_name: str, default_chat_max_tokens: int = C
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(text: str, finish: str | None, usage: dict | None = None) -> dict:
-            out = {"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                   "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
-            if usage is not None:
-                out["usage"] = usage
-            return out
+            return _envelope(rid, "text_completion", now, model_name, {"text": text}, finish, usage)
 
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
@@ -247,11 +243,7 @@ def create_app(engine: Engine, model_name: str, default_chat_max_tokens: int = C
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(delta: dict, finish: str | None, usage: dict | None = None) -> dict:
-            out = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                   "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-            if usage is not None:
-                out["usage"] = usage
-            return out
+            return _envelope(rid, "chat.completion.chunk", now, model_name, {"delta": delta}, finish, usage)
 
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
@@ -274,12 +266,21 @@ def create_app(engine: Engine, model_name: str, default_chat_max_tokens: int = C
             return StreamingResponse(body(), media_type="text/event-stream")
 
         text, info = await _collect(events)
-        return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text.strip()},
-                             "logprobs": None, "finish_reason": info["finish_reason"]}],
-                "usage": _usage(info)}
+        return _envelope(rid, "chat.completion", now, model_name,
+                         {"message": {"role": "assistant", "content": text.strip()}}, info["finish_reason"],
+                         _usage(info))
 
     return app
+
+
+def _envelope(rid: str, obj: str, created: int, model: str, choice: dict, finish: str | None,
+              usage: dict | None = None) -> dict:
+    """One response or stream chunk in OpenAI's shape, with its single choice."""
+    out = {"id": rid, "object": obj, "created": created, "model": model,
+           "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": finish}]}
+    if usage is not None:
+        out["usage"] = usage
+    return out
 
 
 async def _collect(events) -> tuple[str, dict]:
