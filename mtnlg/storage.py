@@ -30,8 +30,7 @@ S3 settings come from the environment, as boto3 reads them:
 * with an endpoint set, request checksums are only sent where S3 requires them (boto3's
   ``when_required``; many S3-compatible stores reject boto3's default CRC32 trailers)
   unless ``AWS_REQUEST_CHECKSUM_CALCULATION`` / ``AWS_RESPONSE_CHECKSUM_VALIDATION`` say
-  otherwise. Retries are boto3's (``AWS_RETRY_MODE``, ``AWS_MAX_ATTEMPTS``); a missing
-  object, a missing bucket or a refusal (403) is never retried.
+  otherwise.
 
 MinIO, e.g. the one Kubeflow Pipelines installs (bucket ``mlpipeline``, credentials in the
 secret ``mlpipeline-minio-artifact``, keys ``accesskey``/``secretkey``)::
@@ -42,6 +41,22 @@ secret ``mlpipeline-minio-artifact``, keys ``accesskey``/``secretkey``)::
 
 KFP's own ``minio://`` artifact URIs are not read here (the endpoint cannot be told from
 the URI); use the ``s3://`` URI of the same bucket and key with the endpoint set.
+
+Retries: every request to a store (GCS and S3 alike) that fails in a way that may pass
+(HTTP 408, 429, 500, 502, 503, 504, S3's ``SlowDown``, a reset or refused connection, a
+timeout, an answer cut short or failing its checksum) is retried with bounded exponential
+backoff and jitter: attempt *n* waits a random time between half and all of
+``min(MTNLG_STORAGE_BACKOFF_MAX_S, MTNLG_STORAGE_BACKOFF_S * 2**(n-1))`` (defaults 0.5 s
+and 30 s), up to ``MTNLG_STORAGE_ATTEMPTS`` attempts (default 8; about 30 s of waiting in
+all), each retry logged as a warning on the ``mtnlg.storage`` logger with the URI, the
+operation and the reason. ``MTNLG_STORAGE_TIMEOUT_S`` (default 120) bounds each request.
+The client libraries' own retries are turned off, so that this is the one policy; and
+since those libraries draw from Python's global ``random`` (multipart boundaries, temporary
+names), whose state training checkpoints save, every operation here leaves that state as
+it found it. Every retried operation is idempotent: an upload sends the whole
+object again, a read asks again for the same byte range of the same object generation
+(GCS) or ETag (S3), a delete of something already gone succeeds. A permanent error (a
+refusal, a missing bucket or object, a bad request) is never retried.
 
 Errors: a missing object raises ``FileNotFoundError`` naming the URI; a missing bucket
 raises :class:`BucketNotFoundError` (a ``FileNotFoundError``) naming the URI and the bucket;
@@ -63,14 +78,21 @@ import fnmatch
 import functools
 import glob as _glob
 import io
+import logging
 import os
+import random
 import shutil
 import tempfile
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
 
 GS = "gs://"
 S3 = "s3://"
+
+log = logging.getLogger("mtnlg.storage")
 
 
 class RemoteStorageError(OSError):
@@ -134,6 +156,169 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
+# --------------------------------------------------------------------------- retries
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How requests to a store are retried (read from the environment by :func:`retry_policy`)."""
+
+    attempts: int = 8          # MTNLG_STORAGE_ATTEMPTS: tries of one request, the first included
+    backoff_s: float = 0.5     # MTNLG_STORAGE_BACKOFF_S: the wait before the first retry (at most)
+    backoff_max_s: float = 30.0  # MTNLG_STORAGE_BACKOFF_MAX_S: no wait is longer
+    timeout_s: float = 120.0   # MTNLG_STORAGE_TIMEOUT_S: connect and read timeout of a request
+
+    def delay(self, retry: int, rng: random.Random) -> float:
+        """The wait before retry number ``retry`` (1, 2, ...): exponential, capped, jittered
+        between half and all of it."""
+        cap = min(self.backoff_max_s, self.backoff_s * 2 ** (retry - 1))
+        return cap / 2 + rng.uniform(0, cap / 2)
+
+
+_ENV_POLICY = {"MTNLG_STORAGE_ATTEMPTS": ("attempts", int, 1), "MTNLG_STORAGE_BACKOFF_S": ("backoff_s", float, 0.0),
+               "MTNLG_STORAGE_BACKOFF_MAX_S": ("backoff_max_s", float, 0.0),
+               "MTNLG_STORAGE_TIMEOUT_S": ("timeout_s", float, 0.001)}
+
+
+def retry_policy() -> RetryPolicy:
+    """The retry policy the environment sets (``MTNLG_STORAGE_ATTEMPTS``, ``..._BACKOFF_S``,
+    ``..._BACKOFF_MAX_S``, ``..._TIMEOUT_S``); a malformed value is an error naming it."""
+    kw = {}
+    for var, (field, kind, least) in _ENV_POLICY.items():
+        raw = os.environ.get(var, "").strip()
+        if not raw:
+            continue
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise ValueError(f"{var}={raw!r}: expected {'an integer' if kind is int else 'a number'}") from None
+        if not value >= least:  # also refuses nan
+            raise ValueError(f"{var}={raw!r}: must be at least {least}")
+        kw[field] = value
+    return RetryPolicy(**kw)
+
+
+_jitter = random.Random()  # never the global generator: its state is part of a training checkpoint
+_retry_lock = threading.Lock()
+_retries: dict[str, int] = {}
+
+
+def retry_counts() -> dict[str, int]:
+    """Retries made by this process so far, by reason (``HTTP 503``, ``ConnectionResetError``...)."""
+    with _retry_lock:
+        return dict(_retries)
+
+
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_TRANSIENT_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
+                              "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequestsException",
+                              "BandwidthLimitExceeded", "RequestTimeoutException", "backendError", "rateLimitExceeded"})
+
+
+class _ShortRead(OSError):
+    """A store answered with fewer bytes than it said it would (the connection was cut)."""
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """The error a transfer library's own wrapper hides (boto3's upload and download failures)."""
+    for _ in range(4):
+        name = type(e).__name__
+        inner = None
+        if name == "S3UploadFailedError":
+            inner = e.__cause__ or e.__context__
+        elif name == "RetriesExceededError":  # s3transfer's, after its own streaming retries
+            inner = getattr(e, "last_exception", None)
+        if inner is None:
+            return e
+        e = inner
+    return e
+
+
+def _transient(e: BaseException) -> str | None:
+    """Why ``e`` may pass if the request is sent again, or None if it will not (a refusal,
+    something missing, a bad request, a bug)."""
+    e = _unwrap(e)
+    status = None
+    code = ""
+    resp = getattr(e, "response", None)
+    if isinstance(resp, dict):  # botocore ClientError
+        status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        code = str((resp.get("Error") or {}).get("Code", ""))
+    elif resp is not None and isinstance(getattr(resp, "status_code", None), int):  # resumable-media InvalidResponse
+        status = resp.status_code
+    if isinstance(getattr(e, "code", None), int) and type(e).__module__.startswith("google.api_core"):
+        status = e.code
+    if code in _TRANSIENT_CODES:
+        return code
+    if status in _TRANSIENT_STATUS:
+        return f"HTTP {status}"
+    if status is not None:
+        return None
+    import http.client
+
+    if isinstance(e, (ConnectionError, TimeoutError, http.client.IncompleteRead, http.client.RemoteDisconnected,
+                      _ShortRead)):
+        return type(e).__name__
+    mod, name = type(e).__module__, type(e).__name__
+    if mod.startswith("requests") and name in ("ConnectionError", "ChunkedEncodingError", "Timeout", "ReadTimeout",
+                                               "ConnectTimeout", "ContentDecodingError"):
+        return name
+    if mod.startswith("urllib3") and name in ("ProtocolError", "ReadTimeoutError", "ConnectTimeoutError",
+                                              "NewConnectionError", "IncompleteRead", "SSLError", "PoolError"):
+        return name
+    if mod.startswith("botocore"):
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError, IncompleteReadError, ResponseStreamingError
+
+        if isinstance(e, (BotoConnectionError, HTTPClientError, IncompleteReadError, ResponseStreamingError)):
+            return name
+    if name == "DataCorruption":  # google-cloud-storage: a download failed its checksum
+        return "checksum mismatch"
+    if mod.startswith("google.auth") and name == "TransportError":
+        return name
+    return None
+
+
+def _with_retries(what: str, uri: str, fn, reset=None):
+    """``fn()``, sent again after a transient failure as the policy says; ``reset()`` runs
+    before each retry (to rewind a file being downloaded into). Gives up with
+    :class:`RemoteStorageError` naming the URI, the attempts and the last reason."""
+    policy = retry_policy()
+    attempt = 1
+    state = random.getstate()
+    while True:
+        try:
+            return fn()
+        except Exception as e:
+            reason = _transient(e)
+            if reason is None:
+                raise
+            if attempt >= policy.attempts:
+                raise RemoteStorageError(f"{uri}: {what} failed {attempt} times, the last with {reason} ({e}); "
+                                         f"gave up (MTNLG_STORAGE_ATTEMPTS={policy.attempts})") from e
+            wait = policy.delay(attempt, _jitter)
+            with _retry_lock:
+                _retries[reason] = _retries.get(reason, 0) + 1
+            log.warning("%s: %s failed (%s), attempt %d of %d; retrying in %.2f s", uri, what, reason, attempt,
+                        policy.attempts, wait)
+            if reset is not None:
+                reset()
+            time.sleep(wait)
+            attempt += 1
+        finally:
+            # the client libraries draw multipart boundaries and temporary names from the
+            # global generator; a training checkpoint saves its state, which must not depend
+            # on how many requests were sent
+            random.setstate(state)
+
+
+def _rewind(f: IO):
+    def reset() -> None:
+        f.seek(0)
+        f.truncate()
+    return reset
+
+
 # --------------------------------------------------------------------------- GCS
 
 
@@ -158,6 +343,104 @@ def _blob(uri: str):
     if not key:
         raise ValueError(f"gs:// URI names a bucket, not an object: {uri!r}")
     return gcs_client().bucket(bucket).blob(key)
+
+
+def _gcs_error(uri: str, e: Exception) -> Exception | None:
+    """The exception to raise for google-cloud-storage's ``e`` on ``uri`` (None: leave it)."""
+    from google.api_core import exceptions as gexc
+
+    if isinstance(e, gexc.NotFound):
+        bucket = split_uri(uri)[0]
+        try:
+            there = _with_retries("bucket lookup", uri, lambda: gcs_client().bucket(bucket).exists(
+                retry=None, timeout=retry_policy().timeout_s))
+        except Exception:  # noqa: BLE001 - the lookup only refines the message
+            there = True
+        if not there:
+            return BucketNotFoundError(f"{uri}: bucket {bucket!r} does not exist")
+        return FileNotFoundError(uri)
+    if isinstance(e, (gexc.Forbidden, gexc.Unauthorized)):
+        return PermissionError(f"{uri}: access denied by GCS ({e.code} {e.message}); check the credentials "
+                               "(GOOGLE_APPLICATION_CREDENTIALS, the pod's service account) and the bucket's IAM")
+    if isinstance(e, gexc.GoogleAPICallError):
+        return RemoteStorageError(f"{uri}: GCS request failed ({e.code} {e.message})")
+    if type(e).__name__ == "DefaultCredentialsError":
+        return PermissionError(f"{uri}: no usable GCS credentials ({e}); set GOOGLE_APPLICATION_CREDENTIALS "
+                               "or run where application-default credentials exist")
+    return None
+
+
+@contextlib.contextmanager
+def _gcs_errors(uri: str) -> Iterator[None]:
+    """Turn google-cloud-storage's errors inside the block into the ones this module documents."""
+    try:
+        yield
+    except (RemoteStorageError, FileNotFoundError, PermissionError):
+        raise
+    except Exception as e:
+        mapped = _gcs_error(uri, e)
+        if mapped is None:
+            raise
+        raise mapped from e
+
+
+def _gcs(what: str, uri: str, fn, reset=None):
+    """One GCS operation, retried, with its errors mapped."""
+    with _gcs_errors(uri):
+        return _with_retries(what, uri, fn, reset)
+
+
+def _gcs_objects(uri: str, bucket: str, prefix: str, limit: int | None = None) -> list[tuple[str, int]]:
+    """``(name, size)`` of the objects under ``prefix`` (the whole listing, fetched again if a
+    page fails)."""
+    t = retry_policy().timeout_s
+    return _gcs("list", uri, lambda: [(b.name, int(b.size or 0)) for b in gcs_client().list_blobs(
+        bucket, prefix=prefix, max_results=limit, retry=None, timeout=t)])
+
+
+def _gcs_names(uri: str, bucket: str, prefix: str, limit: int | None = None) -> list[str]:
+    return [n for n, _ in _gcs_objects(uri, bucket, prefix, limit)]
+
+
+def _t() -> float:
+    return retry_policy().timeout_s
+
+
+def _gcs_exists(uri: str) -> bool:
+    return _gcs("lookup", uri, lambda: _blob(uri).exists(retry=None, timeout=_t()))
+
+
+def _gcs_stat(uri: str) -> tuple[int, int | None]:
+    """``(size, generation)`` of an object."""
+    blob = _blob(uri)
+    _gcs("stat", uri, lambda: blob.reload(retry=None, timeout=_t()))
+    return int(blob.size), blob.generation
+
+
+def _gcs_upload(local: str, uri: str) -> None:
+    """Upload a complete local file: the object appears only when the upload completes."""
+    _gcs("upload", uri, lambda: _blob(uri).upload_from_filename(local, retry=None, timeout=_t()))
+
+
+def _gcs_download(uri: str, fileobj: IO) -> None:
+    _gcs("download", uri, lambda: _blob(uri).download_to_file(fileobj, retry=None, timeout=_t()),
+         reset=_rewind(fileobj))
+
+
+def _gcs_read(uri: str) -> bytes:
+    return _gcs("download", uri, lambda: _blob(uri).download_as_bytes(retry=None, timeout=_t()))
+
+
+def _gcs_delete(uri: str) -> None:
+    from google.api_core import exceptions as gexc
+
+    def delete() -> None:
+        try:
+            _blob(uri).delete(retry=None, timeout=_t())
+        except gexc.NotFound:
+            pass  # gone already (an earlier attempt's answer was lost)
+
+    _gcs("delete", uri, delete)
 
 
 # --------------------------------------------------------------------------- S3
@@ -192,15 +475,18 @@ def _s3_settings() -> tuple:
     env = tuple(os.environ.get(v) for v in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_DEFAULT_REGION",
                                              "AWS_ACCESS_KEY_ID", "AWS_REQUEST_CHECKSUM_CALCULATION",
                                              "AWS_RESPONSE_CHECKSUM_VALIDATION")) + (os.getpid(),)
-    return endpoint, style, relaxed, env
+    return endpoint, style, relaxed, retry_policy().timeout_s, env
 
 
 @functools.lru_cache(maxsize=None)
-def _s3_client_for(endpoint: str | None, addressing_style: str | None, relaxed_checksums: bool, env: tuple):
+def _s3_client_for(endpoint: str | None, addressing_style: str | None, relaxed_checksums: bool, timeout_s: float,
+                   env: tuple):
     import boto3
     from botocore.config import Config
 
-    kw = {}
+    # botocore's own retries off: _with_retries is the one policy (and logs each retry)
+    kw = {"retries": {"mode": "standard", "total_max_attempts": 1}, "connect_timeout": timeout_s,
+          "read_timeout": timeout_s}
     if addressing_style:
         kw["s3"] = {"addressing_style": addressing_style}
     if relaxed_checksums:
@@ -300,7 +586,7 @@ def _s3_bucket_exists(uri: str, bucket: str) -> bool:
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
-        s3_client().head_bucket(Bucket=bucket)
+        _with_retries("bucket lookup", uri, lambda: s3_client().head_bucket(Bucket=bucket))
         return True
     except ClientError as e:
         err = e.response.get("Error", {}) or {}
@@ -320,7 +606,7 @@ def _s3_head(uri: str, check_bucket: bool = True) -> dict | None:
 
     bucket, key = _s3_key(uri)
     try:
-        return s3_client().head_object(Bucket=bucket, Key=key)
+        return _with_retries("lookup", uri, lambda: s3_client().head_object(Bucket=bucket, Key=key))
     except (ClientError, BotoCoreError) as e:
         mapped = _s3_error(uri, e, missing_ok=True, check_bucket=check_bucket)
         if mapped is None and isinstance(e, ClientError):
@@ -330,14 +616,29 @@ def _s3_head(uri: str, check_bucket: bool = True) -> dict | None:
 
 def _s3_keys(uri: str, prefix: str, limit: int | None = None) -> Iterator[str]:
     """Keys under ``prefix`` in ``uri``'s bucket, in S3's (lexicographic) order."""
+    return (k for k, _ in _s3_objects(uri, prefix, limit))
+
+
+def _s3_objects(uri: str, prefix: str, limit: int | None = None) -> Iterator[tuple[str, int]]:
+    """``(key, size)`` under ``prefix`` in ``uri``'s bucket, in S3's (lexicographic) order."""
     bucket = split_s3(uri)[0]
-    with _s3_errors(uri):
+
+    def page(token: str | None) -> dict:
+        kw = {"Bucket": bucket, "Prefix": prefix}
         if limit is not None:
-            resp = s3_client().list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=limit)
-            yield from (o["Key"] for o in resp.get("Contents", []))
-            return
-        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            yield from (o["Key"] for o in page.get("Contents", []))
+            kw["MaxKeys"] = limit
+        if token:
+            kw["ContinuationToken"] = token
+        return s3_client().list_objects_v2(**kw)
+
+    token = None
+    with _s3_errors(uri):
+        while True:  # page by page, each page retried on its own
+            resp = _with_retries("list", uri, lambda: page(token))
+            yield from ((o["Key"], int(o.get("Size", 0))) for o in resp.get("Contents", []))
+            token = resp.get("NextContinuationToken")
+            if limit is not None or not resp.get("IsTruncated") or not token:
+                return
 
 
 def _transfer_config():
@@ -350,29 +651,32 @@ def _s3_upload(local: str, uri: str) -> None:
     """Upload a complete local file to ``uri``: the object appears only when it is whole."""
     bucket, key = _s3_key(uri)
     with _s3_errors(uri):
-        s3_client().upload_file(local, bucket, key, Config=_transfer_config())
+        _with_retries("upload", uri, lambda: s3_client().upload_file(local, bucket, key, Config=_transfer_config()))
 
 
 def _s3_download(uri: str, fileobj: IO) -> None:
     bucket, key = _s3_key(uri)
     with _s3_errors(uri):
-        s3_client().download_fileobj(bucket, key, fileobj, Config=_transfer_config())
+        _with_retries("download", uri, lambda: s3_client().download_fileobj(bucket, key, fileobj,
+                                                                            Config=_transfer_config()),
+                      reset=_rewind(fileobj))
 
 
-class _S3Reader(io.RawIOBase):
-    """A seekable read-only view of one S3 object: every read is a ranged GET, pinned to
-    the ETag seen when opened (an object replaced meanwhile fails instead of mixing)."""
+class _RangedReader(io.RawIOBase):
+    """A seekable read-only view of one object: every read is a ranged request for the
+    object as it was when opened (a replaced object fails instead of mixing two), retried
+    on its own; a short answer (a cut connection) is asked for again."""
 
-    def __init__(self, uri: str):
-        head = _s3_head(uri)
-        if head is None:
-            raise FileNotFoundError(uri)
+    name: str
+
+    def __init__(self, uri: str, size: int):
         self.uri = uri
         self.name = uri
-        self._bucket, self._key = _s3_key(uri)
-        self._size = int(head["ContentLength"])
-        self._etag = head.get("ETag")
+        self._size = size
         self._pos = 0
+
+    def _fetch(self, start: int, end: int) -> bytes:  # bytes start..end inclusive
+        raise NotImplementedError
 
     def readable(self) -> bool:
         return True
@@ -394,17 +698,20 @@ class _S3Reader(io.RawIOBase):
     def _get(self, n: int) -> bytes:
         if n <= 0 or self._pos >= self._size:
             return b""
-        end = min(self._size, self._pos + n) - 1
-        kw = {"IfMatch": self._etag} if self._etag else {}
-        with _s3_errors(self.uri):
-            body = s3_client().get_object(Bucket=self._bucket, Key=self._key,
-                                          Range=f"bytes={self._pos}-{end}", **kw)["Body"]
-            try:
-                data = body.read()
-            finally:
-                body.close()
+        start, end = self._pos, min(self._size, self._pos + n) - 1
+
+        def fetch() -> bytes:
+            data = self._fetch(start, end)
+            if len(data) != end - start + 1:
+                raise _ShortRead(f"{self.uri}: asked for bytes {start}-{end}, got {len(data)}")
+            return data
+
+        data = self._retrying(fetch)
         self._pos += len(data)
         return data
+
+    def _retrying(self, fn):
+        return _with_retries("read", self.uri, fn)
 
     def readinto(self, b) -> int:
         data = self._get(len(b))
@@ -415,6 +722,43 @@ class _S3Reader(io.RawIOBase):
         return self._get(self._size - self._pos)
 
 
+class _S3Reader(_RangedReader):
+    def __init__(self, uri: str):
+        head = _s3_head(uri)
+        if head is None:
+            raise FileNotFoundError(uri)
+        super().__init__(uri, int(head["ContentLength"]))
+        self._bucket, self._key = _s3_key(uri)
+        self._etag = head.get("ETag")
+
+    def _fetch(self, start: int, end: int) -> bytes:
+        kw = {"IfMatch": self._etag} if self._etag else {}
+        body = s3_client().get_object(Bucket=self._bucket, Key=self._key, Range=f"bytes={start}-{end}", **kw)["Body"]
+        try:
+            return body.read()
+        finally:
+            body.close()
+
+    def _retrying(self, fn):
+        with _s3_errors(self.uri):
+            return super()._retrying(fn)
+
+
+class _GCSReader(_RangedReader):
+    def __init__(self, uri: str):
+        size, self._generation = _gcs_stat(uri)
+        super().__init__(uri, size)
+        self._blob = _blob(uri)
+
+    def _fetch(self, start: int, end: int) -> bytes:
+        kw = {"if_generation_match": self._generation} if self._generation else {}
+        return self._blob.download_as_bytes(start=start, end=end, retry=None, timeout=_t(), checksum=None, **kw)
+
+    def _retrying(self, fn):
+        with _gcs_errors(self.uri):
+            return super()._retrying(fn)
+
+
 # --------------------------------------------------------------------------- any location
 
 
@@ -423,10 +767,10 @@ def exists(path: str | os.PathLike) -> bool:
     if is_gcs(path):
         bucket, key = split_gcs(path)
         if not key:
-            return gcs_client().bucket(bucket).exists()
-        if _blob(path).exists():
+            return _gcs("bucket lookup", path, lambda: gcs_client().bucket(bucket).exists(retry=None, timeout=_t()))
+        if _gcs_exists(path):
             return True
-        return isdir(path)
+        return isdir(path)  # a missing bucket raises here
     if is_s3(path):
         bucket, key = split_s3(path)
         if not key:
@@ -443,8 +787,7 @@ def isdir(path: str | os.PathLike) -> bool:
     if is_gcs(path):
         bucket, key = split_gcs(path)
         prefix = key.rstrip("/") + "/" if key else ""
-        it = gcs_client().list_blobs(bucket, prefix=prefix, max_results=1)
-        return any(True for _ in it)
+        return bool(_gcs_names(path, bucket, prefix, limit=1))
     if is_s3(path):
         key = split_s3(path)[1]
         prefix = key.rstrip("/") + "/" if key else ""
@@ -464,13 +807,9 @@ def open_read(path: str | os.PathLike, mode: str = "rb") -> IO:
     path = str(path)
     if mode not in ("rb", "r"):
         raise ValueError(f"open_read mode must be 'rb' or 'r', got {mode!r}")
-    if is_gcs(path):
-        blob = _blob(path)
-        if mode == "r":
-            return blob.open("rt", encoding="utf-8")
-        return blob.open("rb")
-    if is_s3(path):
-        f = io.BufferedReader(_S3Reader(path), buffer_size=_S3_READ_BUFFER)
+    if is_remote(path):
+        raw = _GCSReader(path) if is_gcs(path) else _S3Reader(path)
+        f = io.BufferedReader(raw, buffer_size=_S3_READ_BUFFER)
         return io.TextIOWrapper(f, encoding="utf-8") if mode == "r" else f
     if mode == "r":
         return open(path, "r", encoding="utf-8")
@@ -480,20 +819,23 @@ def open_read(path: str | os.PathLike, mode: str = "rb") -> IO:
 def read_bytes(path: str | os.PathLike) -> bytes:
     path = str(path)
     if is_gcs(path):
-        from google.api_core import exceptions
-
-        try:
-            return _blob(path).download_as_bytes()
-        except exceptions.NotFound:
-            raise FileNotFoundError(path) from None
+        return _gcs_read(path)
     if is_s3(path):
         bucket, key = _s3_key(path)
-        with _s3_errors(path):
-            body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+
+        def get() -> bytes:
+            resp = s3_client().get_object(Bucket=bucket, Key=key)
+            body = resp["Body"]
             try:
-                return body.read()
+                data = body.read()
             finally:
                 body.close()
+            if len(data) != resp.get("ContentLength", len(data)):
+                raise _ShortRead(f"{path}: expected {resp['ContentLength']} bytes, got {len(data)}")
+            return data
+
+        with _s3_errors(path):
+            return _with_retries("download", path, get)
     with open(path, "rb") as f:
         return f.read()
 
@@ -520,7 +862,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             with open(tmp, mode, **kw) as f:
                 yield f
             if is_gcs(path):
-                _blob(path).upload_from_filename(tmp)
+                _gcs_upload(tmp, path)
             else:
                 _s3_upload(tmp, path)
         finally:
@@ -561,9 +903,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def size(path: str | os.PathLike) -> int:
     path = str(path)
     if is_gcs(path):
-        blob = _blob(path)
-        blob.reload()
-        return int(blob.size)
+        return _gcs_stat(path)[0]
     if is_s3(path):
         head = _s3_head(path)
         if head is None:
@@ -577,11 +917,10 @@ def list_files(path: str | os.PathLike) -> list[str]:
     path = str(path)
     if is_gcs(path):
         bucket, key = split_gcs(path)
-        if key and _blob(path).exists():
+        if key and _gcs_exists(path):
             return [path]
         prefix = key.rstrip("/") + "/" if key else ""
-        return sorted(f"{GS}{bucket}/{b.name}" for b in gcs_client().list_blobs(bucket, prefix=prefix)
-                      if not b.name.endswith("/"))
+        return sorted(f"{GS}{bucket}/{n}" for n in _gcs_names(path, bucket, prefix) if not n.endswith("/"))
     if is_s3(path):
         bucket, key = split_s3(path)
         if key and _s3_head(path, check_bucket=False) is not None:
@@ -597,6 +936,23 @@ def list_files(path: str | os.PathLike) -> list[str]:
     return sorted(out)
 
 
+def file_sizes(path: str | os.PathLike) -> dict[str, int]:
+    """The size of every file under a directory (recursively), by name relative to it, from
+    one listing (no request per file on gs:// and s3://)."""
+    path = str(path)
+    if is_remote(path):
+        bucket, key = split_uri(path)
+        prefix = key.rstrip("/") + "/" if key else ""
+        objects = _gcs_objects(path, bucket, prefix) if is_gcs(path) else _s3_objects(path, prefix)
+        return {n[len(prefix):]: size for n, size in objects if not n.endswith("/")}
+    out = {}
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            full = os.path.join(root, f)
+            out[os.path.relpath(full, path).replace(os.sep, "/")] = os.path.getsize(full)
+    return out
+
+
 def glob(pattern: str) -> list[str]:
     """Files matching a glob (``*``, ``?``, ``[...]``, ``**``), local, gs:// or s3://, sorted."""
     if is_remote(pattern):
@@ -605,7 +961,7 @@ def glob(pattern: str) -> list[str]:
         first_wild = min([i for i in (key.find(c) for c in "*?[") if i >= 0], default=len(key))
         prefix = key[:first_wild]
         if scheme == GS:
-            names = (b.name for b in gcs_client().list_blobs(bucket, prefix=prefix))
+            names = _gcs_names(pattern, bucket, prefix)
         else:
             names = _s3_keys(pattern, prefix)
         rx = _glob_regex(key)
@@ -672,7 +1028,9 @@ def copy(src: str, dst: str) -> None:
             shutil.copyfileobj(fi, fo, 1 << 20)
         return
     if is_gcs(dst) and not is_remote(src):
-        _blob(dst).upload_from_filename(src)
+        with open(src, "rb"):
+            pass  # the usual FileNotFoundError / IsADirectoryError, before any request
+        _gcs_upload(src, dst)
         return
     if is_s3(dst) and not is_remote(src):
         with open(src, "rb"):
@@ -681,7 +1039,7 @@ def copy(src: str, dst: str) -> None:
         return
     if is_gcs(src) and not is_remote(dst):
         with atomic_write(dst) as fo:
-            _blob(src).download_to_file(fo)
+            _gcs_download(src, fo)
         return
     if is_s3(src) and not is_remote(dst):
         with atomic_write(dst) as fo:
@@ -694,7 +1052,8 @@ def copy(src: str, dst: str) -> None:
             return  # S3 refuses to copy an object onto itself unchanged
         (sb, sk), (db, dk) = _s3_key(src), _s3_key(dst)
         with _s3_errors(dst):
-            s3_client().copy({"Bucket": sb, "Key": sk}, db, dk, Config=_transfer_config())
+            _with_retries("copy", dst, lambda: s3_client().copy({"Bucket": sb, "Key": sk}, db, dk,
+                                                                Config=_transfer_config()))
         return
     if is_gcs(src) and is_gcs(dst):
         write_bytes(dst, read_bytes(src))
@@ -722,13 +1081,13 @@ def remove(path: str) -> None:
     """Remove a file or a whole directory / gs:// or s3:// prefix."""
     if is_gcs(path):
         for f in list_files(path):
-            _blob(f).delete()
+            _gcs_delete(f)
         return
     if is_s3(path):
         for f in list_files(path):
             bucket, key = _s3_key(f)
             with _s3_errors(f):
-                s3_client().delete_object(Bucket=bucket, Key=key)
+                _with_retries("delete", f, lambda: s3_client().delete_object(Bucket=bucket, Key=key))
         return
     if os.path.isdir(path):
         shutil.rmtree(path)
@@ -738,7 +1097,7 @@ def remove(path: str) -> None:
 
 def _is_object(path: str) -> bool:
     if is_gcs(path):
-        return _blob(path).exists()
+        return _gcs_exists(path)
     return bool(split_s3(path)[1]) and _s3_head(path) is not None
 
 

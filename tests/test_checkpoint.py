@@ -166,3 +166,33 @@ def test_metadata_may_not_call_checkpoint_functions(tmp_path):
     with pytest.raises(ValueError, match="FileSystemWriter, which is not allowed"):
         ckpt.check_metadata(str(path))
     assert not (tmp_path / "created-by-unpickling").exists()
+
+
+def test_a_checkpoint_that_does_not_read_back_whole_prunes_nothing(tmp_path, monkeypatch, caplog):
+    """keep_last=1 and the new checkpoint's shard is cut short as it lands (a disk that lost
+    the write): the previous checkpoint is the newest good one, so it stays, and `latest`
+    keeps naming it; a resume uses it."""
+    model, opt = _model_and_optimizer(0)
+    _step(model, opt)
+    d = str(tmp_path / "checkpoints")
+    ckpt.save_checkpoint(d, 1, model, opt, {}, keep_last=1)
+    real = ckpt._write_side_files
+
+    def side_files_then_damage(target, *args, **kwargs):
+        real(target, *args, **kwargs)
+        shard = os.path.join(target, "__0_0.distcp")
+        with open(shard, "r+b") as f:
+            f.truncate(os.path.getsize(shard) // 2)
+
+    monkeypatch.setattr(ckpt, "_write_side_files", side_files_then_damage)
+    _step(model, opt)
+    with caplog.at_level("ERROR", logger="mtnlg.formats.checkpoint"):
+        ckpt.save_checkpoint(d, 2, model, opt, {}, keep_last=1)
+    assert "did not read back whole (__0_0.distcp:" in caplog.text and "nothing was pruned" in caplog.text
+    assert sorted(os.listdir(d)) == ["latest", "step_00000001", "step_00000002"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+    assert ckpt.written_whole(os.path.join(d, "step_00000001")) == []
+    assert ckpt.latest_good(d) == os.path.join(d, "step_00000001")
+    monkeypatch.setattr(ckpt, "_write_side_files", real)
+    ckpt.save_checkpoint(d, 3, model, opt, {}, keep_last=1)  # a good one again: now the old ones go
+    assert sorted(os.listdir(d)) == ["latest", "step_00000003"]

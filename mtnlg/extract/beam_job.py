@@ -29,6 +29,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import time
 from typing import Any, Iterable
 
@@ -511,17 +512,23 @@ def make_pipeline(args: list[str]) -> beam.Pipeline:
 
 
 def _clear_previous(output: str) -> None:
-    """Remove shards and stats of an earlier run into ``output`` (only those files)."""
+    """Remove shards and stats of an earlier run into ``output`` (only those files), and the
+    temporary files of one that was killed while writing them."""
     for split in SPLITS:
         d = storage.join(output, split)
         if storage.exists(d):
             for f in storage.list_files(d):
                 name = f.rsplit("/", 1)[-1]
-                if name.startswith("part-") and name.endswith(".jsonl"):
+                if (name.startswith("part-") and name.endswith(".jsonl")) or \
+                        (name.startswith(".part-") and name.endswith(".tmp")):
                     storage.remove(f)
     stats = storage.join(output, STATS_FILE)
     if storage.exists(stats):
         storage.remove(stats)
+    if not storage.is_remote(output) and os.path.isdir(output):
+        for name in os.listdir(output):
+            if name.startswith(f".{STATS_FILE}.") and name.endswith(".tmp"):
+                os.remove(os.path.join(output, name))
 
 
 def build_pipeline(p: beam.Pipeline, files: list[str], skipped: list[str], inputs: list[str], output: str,

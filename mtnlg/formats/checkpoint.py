@@ -270,6 +270,21 @@ def load_metadata_bytes(raw: bytes, where: str) -> Any:
         raise ValueError(f"{where} is corrupt: {e}") from None
 
 
+class _Writer(FileSystemWriter):
+    """DCP's file writer, recording in ``.metadata`` the checkpoint's final location and
+    name instead of the staging directory and a random id, so that the same state saved
+    to the same place gives the same bytes."""
+
+    def __init__(self, path: str, final: str):
+        super().__init__(path)
+        self._final = final
+
+    def storage_meta(self):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        return StorageMeta(checkpoint_id=self._final, save_id=self._final.rstrip("/").rsplit("/", 1)[-1])
+
+
 class _SafeReader(FileSystemReader):
     def read_metadata(self, *args: Any, **kwargs: Any):
         check_metadata(str(self._get_metadata_path(kwargs.get("rank"))))
@@ -349,6 +364,39 @@ def latest_good(directory: str) -> str | None:
     if skipped:
         raise CheckpointDamaged(f"no intact checkpoint in {directory}: " + "; ".join(skipped))
     return None
+
+
+def written_whole(path: str) -> list[str]:
+    """What is missing or cut short in a checkpoint just written to ``path`` (local, gs:// or
+    s3://; empty: nothing), found from one listing and the small checksum files, without
+    reading the shards: the completion marker, one checksum file per rank, and every file
+    they list, at the size they list."""
+    sizes = storage.file_sizes(path)
+    if TRAINER_STATE not in sizes:
+        return [f"{TRAINER_STATE}: missing"]
+    try:
+        world = int(json.loads(storage.read_text(storage.join(path, TRAINER_STATE))).get("world_size") or 0)
+    except (OSError, ValueError) as e:
+        return [f"{TRAINER_STATE}: unreadable ({e})"]
+    problems = []
+    sums = [f"{CHECKSUMS_DIR}/rank_{r:05d}.json" for r in range(world)]
+    if f"{CHECKSUMS_DIR}/rank_00000-side.json" in sizes:
+        sums.append(f"{CHECKSUMS_DIR}/rank_00000-side.json")
+    for name in sums:
+        if name not in sizes:
+            problems.append(f"{name}: missing")
+            continue
+        try:
+            listed = json.loads(storage.read_text(storage.join(path, name)))
+        except (OSError, ValueError) as e:
+            problems.append(f"{name}: unreadable ({e})")
+            continue
+        for f, want in sorted(listed.items()):
+            if f not in sizes:
+                problems.append(f"{f}: missing")
+            elif sizes[f] != want.get("size"):
+                problems.append(f"{f}: {sizes[f]} bytes, expected {want.get('size')}")
+    return problems
 
 
 def prune_checkpoints(directory: str, keep_last: int) -> list[str]:
@@ -431,7 +479,7 @@ def save_checkpoint(directory: str, step: int, model: torch.nn.Module, optimizer
             os.makedirs(os.path.join(tmp, "rng"))
         barrier()
         try:
-            dcp.save(state, storage_writer=FileSystemWriter(tmp))
+            dcp.save(state, storage_writer=_Writer(tmp, final))
             torch.save(rng_state(), os.path.join(tmp, "rng", rng_name))
         except (Exception, CheckpointException) as e:  # a full disk: ENOSPC/EFBIG, or a short write in torch
             cause = next(iter(getattr(e, "failures", {}).values()), e)  # DCP wraps each rank's error
@@ -455,7 +503,7 @@ def save_checkpoint(directory: str, step: int, model: torch.nn.Module, optimizer
         staging = tempfile.mkdtemp(prefix=f"mtnlg-ckpt-r{rank}-")
         try:
             os.makedirs(os.path.join(staging, "rng"))
-            dcp.save(state, storage_writer=FileSystemWriter(staging))
+            dcp.save(state, storage_writer=_Writer(staging, final))
             torch.save(rng_state(), os.path.join(staging, "rng", rng_name))
             _write_checksums(staging, _rank_files(staging, rank), rank)
             storage.copy_tree(staging, final)  # this rank's shards and checksums (rank 0 also .metadata)
@@ -465,9 +513,17 @@ def save_checkpoint(directory: str, step: int, model: torch.nn.Module, optimizer
         if rank == 0:
             _write_side_files(final, meta, config_text, extra_files)
     if rank == 0:
-        storage.write_text(storage.join(directory, LATEST), name + "\n")
-        removed = prune_checkpoints(directory, keep_last)
-        log.info("saved checkpoint %s%s", final, f" (pruned {len(removed)})" if removed else "")
+        # Before `latest` moves and older checkpoints go, the new one must read back whole
+        # (each file there at the size its writer recorded): pruning never deletes the
+        # newest good checkpoint for one that is not.
+        problems = written_whole(final)
+        if problems:
+            log.error("checkpoint %s did not read back whole (%s): `latest` still names the previous "
+                      "checkpoint and nothing was pruned", final, "; ".join(problems))
+        else:
+            storage.write_text(storage.join(directory, LATEST), name + "\n")
+            removed = prune_checkpoints(directory, keep_last)
+            log.info("saved checkpoint %s%s", final, f" (pruned {len(removed)})" if removed else "")
     barrier()
     return final
 

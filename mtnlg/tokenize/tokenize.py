@@ -325,6 +325,9 @@ def _staging(output: str):
         stage = tempfile.mkdtemp(prefix="mtnlg-tokenize-")
     else:
         os.makedirs(output, exist_ok=True)
+        for name in os.listdir(output):  # left by a run that was killed
+            if name.startswith(".tokenize-") and name.endswith(".tmp"):
+                shutil.rmtree(os.path.join(output, name), ignore_errors=True)
         stage = tempfile.mkdtemp(prefix=".tokenize-", suffix=".tmp", dir=output)
     try:
         yield stage
@@ -380,6 +383,8 @@ def tokenize(input_dir: str, output: str, config: TokenizeConfig | None = None) 
                                  f"(vocab size {tok.vocab_size}); use dtype=auto")
         with open(os.path.join(stage, TOKENIZER_MODEL), "wb") as f:
             f.write(tok.model_bytes)
+        # tokenizer.json describes the tokenizer alone, the same bytes on every run (no times)
+        train_s = tok_info.pop("seconds", None)
         meta = {**tok.metadata(), "dtype": str(dtype),
                 "user_defined_symbols": [] if config.tokenizer else config.symbols(),
                 **tok_info}
@@ -415,7 +420,8 @@ def tokenize(input_dir: str, output: str, config: TokenizeConfig | None = None) 
             "documents_per_s": round(docs / encode_s, 1) if encode_s else 0.0,
             "tokens_per_s": round(tokens / encode_s, 1) if encode_s else 0.0,
             "seconds": round(time.perf_counter() - t0, 3),
-            "tokenizer": meta, "splits": split_stats, "config": to_dict(config),
+            "tokenizer": meta, "tokenizer_train_seconds": train_s, "splits": split_stats,
+            "config": to_dict(config),
         }
         with open(os.path.join(stage, STATS_FILE), "w", encoding="utf-8") as f:
             json.dump(stats, f, indent=2)

@@ -200,6 +200,9 @@ class MetricsProcessor:
         tps, tflops, mfu = throughput((state.consumed_samples - self.start_samples) * seq, wall,
                                       d["flops_per_token"], d["peak_tflops"], d["world_size"])
         losses = [r["loss"] for r in self.rows if r.get("loss") is not None]
+        if val_loss is None:  # a rerun that found the run finished: the loss logged at its last step
+            at_end = [r["val_loss"] for r in self.rows if r.get("step") == state.step and r.get("val_loss") is not None]
+            val_loss = at_end[-1] if at_end else None
         f = self.files
         summary = {
             "steps": state.step,
