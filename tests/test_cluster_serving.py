@@ -49,7 +49,7 @@ def test_inference_service_validates_strictly_against_the_crd():
     with pytest.raises(ConfigError, match="storageUrl"):
         validate_object(bad, schema)
     # the CRD's served, stored version is the one generated
-    crd = yaml.safe_load(CRD.read_text())
+    crd = yaml.load(CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     assert [v["name"] for v in crd["spec"]["versions"] if v.get("served") and v.get("storage")] == [VERSION]
 
 

@@ -1,7 +1,7 @@
 """The trainer through its real entry points, on CPU/gloo with the "debug" recipe.
 
-``mtnlg train --nproc N`` (torchrun, a few seconds per launch) for exact resume (local,
-gs:// and s3://), layout agreement, falling loss and SIGTERM; the per-process entry point in this
+``mtnlg train --nproc N`` (torchrun, a few seconds per launch) for exact resume (local and
+gs://; on s3:// it is tests/test_pipeline_faults.py, behind a failing proxy), layout agreement, falling loss and SIGTERM; the per-process entry point in this
 process for NaN/inf handling. Data: a 512-piece SentencePiece tokenization of the bundled
 Python "What's new" documents, built once per module by ``mtnlg.tokenize.tokenize``.
 """
@@ -81,26 +81,6 @@ def test_stop_and_resume_is_bitwise_exact_locally_and_on_gcs(tokenized, tmp_path
     run_files = storage.list_files(b)
     assert any("/tensorboard/events.out.tfevents" in f for f in run_files)
     assert f"{b}/loss.png" in run_files and f"{b}/config.yaml" in run_files
-
-
-def test_s3_data_and_run_directory_resume_exactly(tokenized, tmp_path, s3):
-    """The same through torchrun with data and run directory on s3:// (the ranks reach the
-    S3 server through the environment they inherit)."""
-    a = str(tmp_path / "uninterrupted")
-    assert _train("--nproc", "2", *RESUME, f"data.path={tokenized}", f"output={a}", "train.steps=3") == 0
-    data, b = f"{s3}/tokens", f"{s3}/resumed"
-    storage.copy_tree(tokenized, data)
-    assert _train("--nproc", "2", *RESUME, f"data.path={data}", f"output={b}", "train.steps=2") == 0
-    assert _train("--nproc", "2", *RESUME, f"data.path={data}", f"output={b}", "train.steps=3") == 0
-    full, resumed = _log(a), _log(b)
-    assert [r["step"] for r in resumed] == [1, 2, 3]
-    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
-    s = _summary(b)
-    assert s["resumed_from"] == f"{b}/checkpoints/step_00000002" and s["checkpoint"] == f"{b}/checkpoints/step_00000003"
-    assert storage.read_text(f"{b}/checkpoints/latest").strip() == "step_00000003"
-    ckpt_files = {f.rsplit("/", 1)[-1] for f in storage.list_files(f"{b}/checkpoints/step_00000003")}
-    assert {"__0_0.distcp", "__1_0.distcp", "rank_00001.pt", "trainer_state.json", "tokenizer.model"} <= ckpt_files
-    assert f"{b}/loss.png" in storage.list_files(b)
 
 
 def test_layouts_agree_and_the_loss_falls(tokenized, tmp_path):
