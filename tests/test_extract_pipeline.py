@@ -8,8 +8,9 @@ import apache_beam as beam
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from mtnlg.extract.beam_job import (DROPPED, DUPLICATES, FAILED, FILES, CleanAndFilterFn, Deduplicate, FuzzyDedup,
-                                    ReadDocuments, beam_options)
+from mtnlg.extract.beam_job import (DROPPED, DUPLICATES, FAILED, FILES, CleanAndFilterFn, ConnectedComponents,
+                                    Deduplicate, FuzzyDedup, ReadDocuments, beam_options)
+from mtnlg.config import replace
 from mtnlg.extract.clean import clean_text
 from mtnlg.extract.config import DedupConfig, ExtractConfig, FilterConfig
 from mtnlg.extract.dedup import MinHasher, band_keys, candidate_pairs, components, jaccard_estimate
@@ -128,8 +129,73 @@ def test_fuzzy_dedup_matches_single_process_reference():
 
     with runner() as p:
         sig_pc = p | beam.Create(sorted((i, s.astype("<u4").tobytes()) for i, s in sigs.items()))
-        drops = sig_pc | FuzzyDedup(cfg)
-        assert_that(drops, equal_to([(n, "fuzzy") for n in expected]))
+        for how in ("single", "distributed"):
+            fuzzy = sig_pc | how >> FuzzyDedup(replace(cfg, [f"components={how}"]))
+            assert_that(fuzzy["marks"], equal_to([(n, "fuzzy") for n in expected]), label=f"marks-{how}")
+            assert_that(fuzzy["counts"] | f"{how}-unconverged" >> beam.Filter(
+                lambda c: "fuzzy/unconverged_nodes" in c), equal_to([]), label=f"converged-{how}")
+
+
+def test_comparisons_a_huge_bucket_skips_are_counted():
+    cfg = DedupConfig(max_bucket_all_pairs=4)
+    base = prose(300, seed=11)
+    texts = {f"n{i}": mutate(base, 1, seed=i) for i in range(10)}  # ten near-copies: shared buckets
+    hasher = MinHasher(cfg.num_perm, cfg.ngram, cfg.seed)
+    sigs = {i: hasher.signature(t) for i, t in texts.items()}
+    buckets = {}
+    for i, sg in sigs.items():
+        for k in band_keys(sg, cfg.bands):
+            buckets.setdefault(k, []).append(i)
+    expected = sum(len(v) * (len(v) - 1) // 2 - (len(v) - 1) for v in buckets.values() if len(v) > 4)
+    assert expected > 0
+    with runner() as p:
+        sig_pc = p | beam.Create(sorted((i, sg.astype("<u4").tobytes()) for i, sg in sigs.items()))
+        fuzzy = sig_pc | FuzzyDedup(cfg)
+        assert_that(fuzzy["counts"] | beam.Map(lambda c: c["fuzzy/skipped_comparisons"])
+                    | beam.CombineGlobally(sum), equal_to([expected]))
+
+
+def _graph(seed: int) -> list[tuple[str, str]]:
+    """Chains (long ones too), stars, cliques and random edges over ids in random order."""
+    rng = random.Random(seed)
+    ids = [f"d{i:04d}" for i in range(600)]
+    rng.shuffle(ids)  # so that a chain's smallest id sits anywhere along it
+    edges, k = [], 0
+    for length in (2, 3, 17, 64, 200):  # chains
+        chain = ids[k:k + length]
+        k += length
+        edges += list(zip(chain, chain[1:]))
+    hub, leaves = ids[k], ids[k + 1:k + 40]  # a star
+    k += 40
+    edges += [(hub, leaf) for leaf in leaves]
+    clique = ids[k:k + 8]
+    k += 8
+    edges += [(a, b) for a in clique for b in clique if a < b]
+    rest = ids[k:]
+    edges += [(rng.choice(rest), rng.choice(rest)) for _ in range(120)]
+    return [(a, b) for a, b in edges if a != b]
+
+
+@pytest.mark.parametrize("seed", [1])
+def test_connected_components_in_beam_match_union_find(seed):
+    edges = _graph(seed)
+    expected = components(edges)
+    with runner() as p:
+        cc = p | beam.Create(edges) | ConnectedComponents(rounds=10)
+        assert_that(cc["labels"], equal_to(sorted(expected.items())), label="labels")
+        assert_that(cc["unconverged"], equal_to([]), label="converged")
+
+
+def test_too_few_rounds_are_counted_and_only_ever_keep_too_much():
+    chain = [f"n{i:03d}" for i in range(200)]  # ascending: the minimum sits at one end
+    edges = list(zip(chain, chain[1:]))
+    with runner() as p:
+        cc = p | beam.Create(edges) | ConnectedComponents(rounds=2)
+        # labels never go below the true minimum, and never leave the component
+        assert_that(cc["labels"] | "Wrong" >> beam.Filter(lambda vl: not ("n000" <= vl[1] <= vl[0])), equal_to([]),
+                    label="sound")
+        assert_that(cc["unconverged"] | beam.combiners.Count.Globally() | beam.Map(lambda n: n > 0),
+                    equal_to([True]), label="counted")
 
 
 def test_beam_options_runner_and_workers():

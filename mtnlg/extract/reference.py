@@ -73,6 +73,10 @@ def extract_reference(inputs: list[str], output: str | None = None,
                 buckets[key].append(i)
         pairs = {p for ids in buckets.values() if len(ids) > 1
                  for p in candidate_pairs(ids, d.max_bucket_all_pairs)}
+        for ids in buckets.values():
+            n = len(ids)
+            if n > d.max_bucket_all_pairs:
+                st.add(counters, {"fuzzy/skipped_comparisons": n * (n - 1) // 2 - (n - 1)})
         edges = [(a, b) for a, b in sorted(pairs) if jaccard_estimate(sigs[a], sigs[b]) >= d.threshold]
         for node, root in components(edges).items():
             if node != root:

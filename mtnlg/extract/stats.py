@@ -9,6 +9,9 @@ trivial; ``build_stats`` nests them for the file:
 ``kept``                       documents written (``splits.train.docs + splits.validation.docs``)
 ``dropped.<rule>``             documents dropped by each quality rule (all rules listed)
 ``duplicates.exact|fuzzy``     documents dropped as duplicates of a kept one
+``fuzzy.skipped_comparisons``  pairs in over-large LSH buckets not compared (star instead)
+``fuzzy.unconverged_nodes``    near-duplicates whose group was still changing after
+                               ``dedup.max_rounds`` rounds (0: every group exact)
 ``failed.<reason>``            inputs that could not become a document (all reasons listed)
 ``balanced``                   ``read == kept + dropped + duplicates + failed``
 ``bytes_in`` / ``bytes_out``   bytes read (decompressed, before cleaning) / UTF-8 text written
@@ -73,6 +76,10 @@ def build_stats(counters: dict[str, int], *, inputs: list[str], files: int, skip
         "kept": get("kept"),
         "dropped": {r: get(f"dropped/{r}") for r in RULES},
         "duplicates": {k: get(f"duplicates/{k}") for k in DUPLICATE_KINDS},
+        # comparisons huge LSH buckets left out (checked against their smallest id only), and
+        # nodes whose component label still changed in the last round (0: exact components)
+        "fuzzy": {"skipped_comparisons": get("fuzzy/skipped_comparisons"),
+                  "unconverged_nodes": get("fuzzy/unconverged_nodes")},
         "failed": {r: get(f"failed/{r}") for r in FAILURE_REASONS},
         "bytes_in": get("bytes_in"),
         "bytes_out": get("bytes_out"),
