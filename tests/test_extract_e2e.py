@@ -203,3 +203,24 @@ def test_output_files_are_byte_identical_across_worker_counts_and_locations(tmp_
     for name in files[1]:  # the same bytes, apart from the 'source' path that names the copy
         assert files[1][name].replace(str(copies[0]).encode(), b"X") == \
             files[2][name].replace(str(copies[1]).encode(), b"X"), name
+
+
+def test_the_portable_runner_writes_the_same_bytes(tmp_path):
+    """The whole extract on Beam's PortableRunner with the embedded job service and a
+    LOOPBACK environment (the portable-pipeline protocol that Flink's and Spark's job servers
+    receive) writes what the DirectRunner writes, byte for byte."""
+    src = tmp_path / "in"
+    shutil.copytree(CORPUS / "faq", src)
+    (src / "docs.jsonl").write_text(json.dumps({"text": corpus_text("whatsnew/3.5.txt.gz")[:30000]}) + "\nbad\n")
+    out = tmp_path / "out"
+
+    def run(*beam_args: str) -> dict[str, bytes]:
+        assert cli_main(["extract", str(src), "--output", str(out), "--workers", "1", "--", *beam_args]) == 0
+        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    direct = run()
+    portable = run("--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK")
+    assert sorted(portable) == sorted(direct) and "stats.json" in direct
+    assert [n for n in direct if portable[n] != direct[n]] == []
+    stats = json.loads(direct["stats.json"])
+    assert stats["read"] == 11 and stats["failed"]["invalid_json"] == 1 and stats["balanced"]
