@@ -55,15 +55,29 @@ def _steps(root: str, args) -> list[tuple[str, list[str]]]:
     ]
 
 
+# A small process that forks the step and reports its peak RSS (wait4's ru_maxrss: the
+# largest of the step's processes). Forking the step from this driver instead would count
+# the driver's own memory (the in-memory GCS emulator holds every object) in the child's
+# peak, since a forked child starts with its parent's pages resident.
+_MEASURE = ("import os, sys\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    os.execv(sys.argv[1], sys.argv[1:])\n"
+            "_, status, usage = os.wait4(pid, 0)\n"
+            "open(os.environ['MTNLG_SOAK_RSS_FILE'], 'w').write(str(usage.ru_maxrss))\n"
+            "sys.exit(os.waitstatus_to_exitcode(status))\n")
+
+
 def _run_step(cmd: list[str], env: dict[str, str], log: Path) -> tuple[int, float, float]:
     """``(exit status, seconds, peak RSS in MiB)`` of ``python -m mtnlg.cli CMD``."""
+    rss_file = log.with_suffix(".rss")
     t0 = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mtnlg.cli", *cmd], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, cwd=str(ROOT))
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, time.perf_counter() - t0, usage.ru_maxrss / 1024
+        rc = subprocess.run([sys.executable, "-S", "-c", _MEASURE, sys.executable, "-m", "mtnlg.cli", *cmd],
+                            env={**env, "MTNLG_SOAK_RSS_FILE": str(rss_file)}, stdout=out,
+                            stderr=subprocess.STDOUT, cwd=str(ROOT)).returncode
+    rss = int(rss_file.read_text()) / 1024 if rss_file.exists() else float("nan")
+    return rc, time.perf_counter() - t0, rss
 
 
 def main(argv: list[str] | None = None) -> int:
