@@ -98,6 +98,17 @@ def test_deduplicate_exact_only_and_off():
         assert_that(off[DUPLICATES], equal_to([]), label="no-dups")
 
 
+def _signatures_and_buckets(texts: dict[str, str], cfg: DedupConfig) -> tuple[dict, dict]:
+    """MinHash signatures by id, and the ids in each LSH band bucket, computed in a plain loop."""
+    hasher = MinHasher(cfg.num_perm, cfg.ngram, cfg.seed)
+    sigs = {i: hasher.signature(t) for i, t in texts.items()}
+    buckets: dict = {}
+    for i, sig in sigs.items():
+        for k in band_keys(sig, cfg.bands):
+            buckets.setdefault(k, []).append(i)
+    return sigs, buckets
+
+
 def test_fuzzy_dedup_matches_single_process_reference():
     """Clusters, a chain (a~b, b~c, a!~c) and unrelated texts: same drops as a plain loop."""
     cfg = DedupConfig(threshold=0.8, max_bucket_all_pairs=4)
@@ -114,12 +125,7 @@ def test_fuzzy_dedup_matches_single_process_reference():
     for i in range(10):
         texts[f"u{i}"] = prose(150, seed=200 + i)
 
-    hasher = MinHasher(cfg.num_perm, cfg.ngram, cfg.seed)
-    sigs = {i: hasher.signature(t) for i, t in texts.items()}
-    buckets = {}
-    for i, s in sigs.items():
-        for k in band_keys(s, cfg.bands):
-            buckets.setdefault(k, []).append(i)
+    sigs, buckets = _signatures_and_buckets(texts, cfg)
     pairs = {p for ids in buckets.values() if len(ids) > 1 for p in candidate_pairs(ids, cfg.max_bucket_all_pairs)}
     edges = [p for p in pairs if jaccard_estimate(sigs[p[0]], sigs[p[1]]) >= cfg.threshold]
     expected = sorted(n for n, root in components(edges).items() if n != root)
@@ -140,12 +146,7 @@ def test_comparisons_a_huge_bucket_skips_are_counted():
     cfg = DedupConfig(max_bucket_all_pairs=4)
     base = prose(300, seed=11)
     texts = {f"n{i}": mutate(base, 1, seed=i) for i in range(10)}  # ten near-copies: shared buckets
-    hasher = MinHasher(cfg.num_perm, cfg.ngram, cfg.seed)
-    sigs = {i: hasher.signature(t) for i, t in texts.items()}
-    buckets = {}
-    for i, sg in sigs.items():
-        for k in band_keys(sg, cfg.bands):
-            buckets.setdefault(k, []).append(i)
+    sigs, buckets = _signatures_and_buckets(texts, cfg)
     expected = sum(len(v) * (len(v) - 1) // 2 - (len(v) - 1) for v in buckets.values() if len(v) > 4)
     assert expected > 0
     with runner() as p:
