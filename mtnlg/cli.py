@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mtnlg.train.cli", "train a GPT with tensor/sequence/pipeline/data parallelism (torchrun / PyTorchJob)"),
     "fuse": ("mtnlg.fuse.cli", "merge a sharded checkpoint into one model (safetensors, Hugging Face)"),
     "reshard": ("mtnlg.fuse.reshard_cli", "rewrite a training checkpoint for another parallel layout"),
+    "plan": ("mtnlg.plan.cli", "rank the parallel layouts of a model on N GPUs by predicted memory and step time"),
     "verify": ("mtnlg.formats.verify_cli", "check that a training checkpoint or a fused model is intact"),
     "evaluate": ("mtnlg.evaluate.cli", "perplexity, last-word accuracy and sample generations"),
     "generate": ("mtnlg.generate.cli", "generate text from a fused model"),

@@ -18,10 +18,11 @@ from mtnlg.parallel.pipeline_parallel import PipelineParallel
 from mtnlg.parallel.utils import clip_grad_norm_, set_seed_for_rank
 
 PP_MODEL = dict(tie_embeddings=False, num_layers=4)
+TIED = dict(tie_embeddings=True, num_layers=4)
 
 
-def pipeline_training(pc: ParallelConfig, world: int, n_micro: int = 2) -> dict:
-    cfg = tiny(**PP_MODEL)
+def pipeline_training(pc: ParallelConfig, world: int, n_micro: int = 2, model: dict = PP_MODEL) -> dict:
+    cfg = tiny(**model)
     dims = ParallelDims.build(pc, world, cfg)
     mesh = dims.build_mesh("cpu")
     set_seed_for_rank(0)
@@ -39,11 +40,21 @@ def pipeline_training(pc: ParallelConfig, world: int, n_micro: int = 2) -> dict:
         t = torch.tensor([loss if loss is not None else 0.0])
         torch.distributed.all_reduce(t)
         losses.append(float(t) / (world // dims.pp))
-        norms.append(clip_grad_norm_(model.parameters(), MAX_NORM, pp_group=mesh.get_group("pp")))
+        norms.append(clip_grad_norm_(model.parameters(), MAX_NORM, pp_group=mesh.get_group("pp"),
+                                     duplicates=pipe.tied_copy))
         opt.step()
         opt.zero_grad(set_to_none=True)
     names = sorted(n.replace("_checkpoint_wrapped_module.", "") for n, _ in model.named_parameters())
-    return {"losses": losses, "grad_norms": norms, "names": names, "pp_rank": dims.pp_rank(mesh)}
+    tied = pipe.tied_weight()
+    if tied is not None:  # this rank's copy of the tied table, whole, to compare across stages
+        from torch.distributed.tensor import DTensor
+
+        import hashlib
+
+        whole = (tied.full_tensor() if isinstance(tied, DTensor) else tied).detach()
+        tied = hashlib.sha256(whole.contiguous().numpy().tobytes()).hexdigest()
+    return {"losses": losses, "grad_norms": norms, "names": names, "pp_rank": dims.pp_rank(mesh),
+            "chunks": [sorted(int(i) for i in c.layers) for c in pipe.chunks], "tied": tied}
 
 
 def two_process_checks(rank: int, world: int) -> dict:
@@ -51,6 +62,12 @@ def two_process_checks(rank: int, world: int) -> dict:
         "single": training(tiny(**PP_MODEL), None, world),
         "pp2-1f1b": pipeline_training(ParallelConfig(pp=2), world),
         "pp2-gpipe": pipeline_training(ParallelConfig(pp=2, pp_schedule="gpipe"), world, n_micro=4),
+        # one micro-batch for two stages: 1F1B steps of a ramp-up run fill-drain
+        "pp2-1f1b-one-micro": pipeline_training(ParallelConfig(pp=2), world, n_micro=1),
+        "single-tied": training(tiny(**TIED), None, world),
+        "pp2-tied": pipeline_training(ParallelConfig(pp=2), world, model=TIED),
+        "pp2x2-interleaved-tied": pipeline_training(ParallelConfig(pp=2, pp_virtual=2), world, n_micro=4,
+                                                    model=TIED),
     }
 
 
@@ -61,4 +78,9 @@ def four_process_checks(rank: int, world: int) -> dict:
         "pp2xdp2-fsdp": pipeline_training(ParallelConfig(pp=2, fsdp=True), world),
         "pp2xtp2+sp+full-ac": pipeline_training(ParallelConfig(
             pp=2, tp=2, sequence_parallel=True, activation_checkpoint="full"), world),
+        "single-tied": training(tiny(**TIED), None, world),
+        "pp2x2-interleaved-tied+tp2": pipeline_training(ParallelConfig(pp=2, pp_virtual=2, tp=2), world,
+                                                        n_micro=2, model=TIED),
+        "pp2x2-interleaved-tied+fsdp": pipeline_training(ParallelConfig(pp=2, pp_virtual=2, fsdp=True), world,
+                                                         n_micro=2, model=TIED),
     }

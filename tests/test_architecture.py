@@ -21,7 +21,7 @@ FLOORS: list[set[str]] = [
     {"config", "dist", "images"},                                               # ... base
     {"model"},
     {"parallel"},
-    {"formats"},
+    {"formats", "plan"},
     {"extract", "tokenize", "train", "fuse", "generate", "evaluate"},           # the steps' rooms
     {"cluster", "serve"},                                    # launchers; the HTTP server
     {"steps"},

@@ -198,7 +198,7 @@ def test_reshard_round_trip_is_bitwise_and_training_resumes(run_dir, tokenized, 
 
 def test_reshard_refuses_impossible_layouts(run_dir, tmp_path):
     assert mtnlg_main(["reshard", run_dir, "--tp", "3", "--output", str(tmp_path / "x")]) == 2  # 4 heads
-    assert mtnlg_main(["reshard", run_dir, "--tp", "1", "--pp", "2", "--output", str(tmp_path / "y")]) == 2
+    assert mtnlg_main(["reshard", run_dir, "--tp", "1", "--pp", "3", "--output", str(tmp_path / "y")]) == 2  # 2 layers
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
 
 

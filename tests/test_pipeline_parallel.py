@@ -43,7 +43,7 @@ def _same_training(got: dict, single: dict) -> None:
     assert got["grad_norms"] == pytest.approx(single["grad_norms"], rel=REL)
 
 
-@pytest.mark.parametrize("layout", ["pp2-1f1b", "pp2-gpipe"])
+@pytest.mark.parametrize("layout", ["pp2-1f1b", "pp2-gpipe", "pp2-1f1b-one-micro"])
 def test_pp2_training_matches_single_process(two, layout):
     for rank in two:
         _same_training(rank[layout], rank["single"])
@@ -53,6 +53,36 @@ def test_pp2_training_matches_single_process(two, layout):
 def test_pp2_x_tp2_and_x_fsdp_training_matches_single_process(four, layout):
     for rank in four:
         _same_training(rank[layout], rank["single"])
+
+
+def _tied_copies_equal(ranks: list[dict], layout: str) -> None:
+    first, last = ranks[0][layout], ranks[-1][layout]
+    assert first["tied"] is not None and last["tied"] is not None
+    # the first stage's tok_embeddings and the last stage's output copy, after 3 updates
+    assert first["tied"] == last["tied"]  # sha256 of the whole table
+
+
+@pytest.mark.parametrize("layout", ["pp2-tied", "pp2x2-interleaved-tied"])
+def test_tied_embeddings_and_interleaved_stages_match_single_process(two, layout):
+    for rank in two:
+        _same_training(rank[layout], rank["single-tied"])
+    _tied_copies_equal(two, layout)
+
+
+@pytest.mark.parametrize("layout", ["pp2x2-interleaved-tied+tp2", "pp2x2-interleaved-tied+fsdp"])
+def test_interleaved_tied_with_tp_and_fsdp_match_single_process(four, layout):
+    for rank in four:
+        _same_training(rank[layout], rank["single-tied"])
+    _tied_copies_equal(four, layout)
+
+
+def test_interleaved_ranks_hold_every_other_chunk(two):
+    # 4 layers in pp * v = 4 chunks: rank 0 runs chunks 0 and 2, rank 1 chunks 1 and 3
+    assert two[0]["pp2x2-interleaved-tied"]["chunks"] == [[0], [2]]
+    assert two[1]["pp2x2-interleaved-tied"]["chunks"] == [[1], [3]]
+    names0 = two[0]["pp2x2-interleaved-tied"]["names"]
+    assert "tok_embeddings.weight" in names0 and "output.weight" not in names0
+    assert {n.split(".")[1] for n in names0 if n.startswith("layers.")} == {"0", "2"}
 
 
 def test_stages_keep_global_parameter_names_and_split_the_model(two):
@@ -80,7 +110,8 @@ def test_train_pp2_entry_point_matches_pp1_and_fuses(tokenized, tmp_path, monkey
     from mtnlg.formats.fused import load_fused
     from mtnlg.fuse.fuse import fixed_batch, reference_logits
 
-    args = ["--recipe", "debug", f"data.path={tokenized}", "model.tie_embeddings=false",
+    # tied embeddings (the debug preset's), 4 layers in pp=2 x 2 virtual stages
+    args = ["--recipe", "debug", f"data.path={tokenized}", "model.num_layers=4",
             "parallel.tp=1", "train.log_every=1", "train.eval_iters=1", "checkpoint.every=0",
             "schedule.decay_steps=10"]
     runs = {}
@@ -89,11 +120,12 @@ def test_train_pp2_entry_point_matches_pp1_and_fuses(tokenized, tmp_path, monkey
     for nproc, pp, steps in ((2, 2, 2), (2, 2, 3), (1, 1, 3)):
         out = str(tmp_path / f"pp{pp}")
         assert mtnlg_main(["train", "--nproc", str(nproc), *args, f"parallel.pp={pp}", f"output={out}",
-                           f"train.steps={steps}"]) == 0
+                           f"parallel.pp_virtual={pp}", f"train.steps={steps}"]) == 0
         runs[pp] = json.loads(storage.read_text(storage.join(out, "summary.json")))
         runs[pp]["losses"] = [json.loads(line)["loss"] for line in
                               storage.read_text(storage.join(out, "log.jsonl")).splitlines() if line]
-    assert runs[2]["layout"]["pp"] == 2 and len(runs[2]["losses"]) == 3 and runs[2]["resumed_from"]
+    assert runs[2]["layout"]["pp"] == 2 and runs[2]["layout"]["pp_virtual"] == 2
+    assert len(runs[2]["losses"]) == 3 and runs[2]["resumed_from"]
     assert runs[2]["losses"] == pytest.approx(runs[1]["losses"], rel=REL)
     assert runs[2]["val_loss"] == pytest.approx(runs[1]["val_loss"], rel=REL)
 

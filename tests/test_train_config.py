@@ -53,10 +53,13 @@ def test_config_rejects_bad_values_naming_them(override, message):
     (["parallel.tp=1", "train.global_batch_size=16"], 3,
      "train.global_batch_size=16 is not divisible by train.micro_batch_size=4 x data-parallel degree 3 = 12"),
     (["parallel.tp=1", "train.rampup.start=4", "train.rampup.increment=4", "train.rampup.samples=100"], 2,
-     "train.rampup.start=4 is not divisible by train.micro_batch_size=4 x data-parallel degree 2 = 8"),
+     "train.rampup.start=4 is smaller than one micro-batch per data-parallel rank: "
+     "train.micro_batch_size=4 x data-parallel degree 2 = 8"),
     (["parallel.tp=1", "parallel.pp=2", "model.tie_embeddings=false", "train.micro_batch_size=8"], 2,
      "parallel.pp_schedule=1f1b needs at least parallel.pp=2 micro-batches per step"),
-    (["parallel.tp=1", "parallel.pp=2"], 2, "parallel.pp=2 needs model.tie_embeddings=false"),
+    (["parallel.tp=1", "parallel.pp=2", "parallel.pp_virtual=2", "model.num_layers=4",
+      "train.global_batch_size=20"], 2,
+     "parallel.pp_virtual=2: a batch of 20 gives 5 micro-batches, which interleaved 1F1B cannot run"),
     (["output="], 2, "output: the run directory is required"),
     (["data.path="], 2, "data.path: the tokenized data directory is required"),
 ])
@@ -68,7 +71,7 @@ def test_impossible_layouts_are_rejected_before_launch(overrides, world, message
 
 
 def test_every_recipe_loads_and_fits_its_intended_world():
-    worlds = {"debug": 2, "local": 2, "small-20m": 1, "mtnlg-1.3b": 8, "mtnlg-530b": 8 * 32}
+    worlds = {"debug": 2, "local": 2, "small-20m": 1, "mtnlg-1.3b": 8, "mtnlg-530b": 8 * 35 * 8}
     assert set(worlds) <= set(recipe_names())
     for name, world in worlds.items():
         cfg = _load(name, None, REQUIRED)
@@ -156,6 +159,13 @@ def test_batch_rampup_follows_megatron():
     assert r.samples_after(30) == consumed
     assert r.samples_after(5, consumed) == consumed + 5 * 128
     assert BatchRampup(64).batch_size(0) == 64  # disabled
+    # MT-NLG's ramp on 350 nodes (dp 10, micro-batch 1): sizes rounded down to a multiple of
+    # 10, as Megatron-LM's decrease_batch_size_if_needed; the full batch is kept
+    mt = BatchRampup(global_batch_size=1920, start=32, increment=32, samples=5_859_375, unit=10)
+    assert mt.batch_size(0) == 30 and mt.batch_size(5_859_375) == 1920
+    assert {mt.batch_size(c) % 10 for c in range(0, 5_859_375, 97_001)} == {0}
+    with pytest.raises(ValueError, match="unit 7 must divide"):
+        BatchRampup(global_batch_size=1920, start=32, increment=32, samples=10, unit=7)
     with pytest.raises(ValueError, match="multiple of the increment"):
         BatchRampup(global_batch_size=100, start=32, increment=32, samples=10)
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 from mtnlg.model.config import ModelConfig
 
 
-def _norm_params(cfg: ModelConfig) -> int:
+def norm_parameters(cfg: ModelConfig) -> int:
+    """Parameters of one norm (scale, and shift for LayerNorm with biases)."""
     H = cfg.hidden_size
     return 2 * H if cfg.norm == "layernorm" and cfg.bias else H
 
@@ -31,7 +32,7 @@ def layer_parameters(cfg: ModelConfig) -> int:
     biases = 0
     if cfg.bias:
         biases = q + 2 * kv + H + (2 * Fs if cfg.activation == "swiglu" else Fs) + H
-    return attn + mlp + biases + 2 * _norm_params(cfg)
+    return attn + mlp + biases + 2 * norm_parameters(cfg)
 
 
 def count_parameters(cfg: ModelConfig, tp: int = 1) -> int:
@@ -41,7 +42,7 @@ def count_parameters(cfg: ModelConfig, tp: int = 1) -> int:
     if cfg.position == "learned":
         n += cfg.seq_length * H                                # position embedding
     n += cfg.num_layers * layer_parameters(cfg)
-    n += _norm_params(cfg)                                     # final norm
+    n += norm_parameters(cfg)                                     # final norm
     if not cfg.tie_embeddings:
         n += V * H                                             # separate output head
     return n
@@ -50,7 +51,7 @@ def count_parameters(cfg: ModelConfig, tp: int = 1) -> int:
 def matmul_parameters(cfg: ModelConfig, tp: int = 1) -> int:
     """N of ``6 N``: the blocks, the final norm and the output head (V x H)."""
     H, V = cfg.hidden_size, cfg.padded_vocab_size(tp)
-    return cfg.num_layers * layer_parameters(cfg) + _norm_params(cfg) + V * H
+    return cfg.num_layers * layer_parameters(cfg) + norm_parameters(cfg) + V * H
 
 
 def flops_per_token(cfg: ModelConfig, tp: int = 1, seq_length: int | None = None) -> float:

@@ -54,6 +54,7 @@ class ParallelDims:
     sequence_parallel: bool
     fsdp: bool
     num_layers: int = 0
+    virtual_stages: int = 1
 
     @classmethod
     def build(cls, cfg: ParallelConfig, world_size: int, model_cfg: ModelConfig) -> "ParallelDims":
@@ -70,14 +71,14 @@ class ParallelDims:
         if dp * tp * pp != world_size:
             raise ConfigError(f"parallel.dp * parallel.tp * parallel.pp = {dp} * {tp} * {pp} = "
                               f"{dp * tp * pp}, but the world size is {world_size}")
-        if pp > 1:
-            if model_cfg.num_layers % pp:
-                raise ConfigError(f"model.num_layers={model_cfg.num_layers} is not divisible by "
-                                  f"parallel.pp={pp} (each pipeline stage holds an equal share)")
-            if model_cfg.tie_embeddings:
-                raise ConfigError(f"parallel.pp={pp} needs model.tie_embeddings=false: the "
-                                  f"embedding (first stage) and output head (last stage) live "
-                                  f"on different ranks and cannot share one weight")
+        v = cfg.pp_virtual
+        if v > 1 and pp == 1:
+            raise ConfigError(f"parallel.pp_virtual={v} needs parallel.pp > 1 (virtual stages "
+                              f"interleave the layers of a pipeline)")
+        if pp > 1 and model_cfg.num_layers % (pp * v):
+            raise ConfigError(f"model.num_layers={model_cfg.num_layers} is not divisible by "
+                              f"parallel.pp={pp}" + (f" x parallel.pp_virtual={v} = {pp * v}" if v > 1 else "")
+                              + " (each pipeline stage holds an equal share)")
         m = model_cfg
         if m.num_heads % tp:
             raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by parallel.tp={tp}")
@@ -101,7 +102,44 @@ class ParallelDims:
             log.warning("parallel.fsdp=true with a data-parallel degree of 1 shards nothing; "
                         "running without data parallelism")
         return cls(dp=dp, tp=tp, pp=pp, world_size=world_size, sequence_parallel=sp,
-                   fsdp=cfg.fsdp and dp > 1, num_layers=m.num_layers)
+                   fsdp=cfg.fsdp and dp > 1, num_layers=m.num_layers, virtual_stages=v if pp > 1 else 1)
+
+    def check_batches(self, pp_schedule: str, micro_batch_size: int, global_batch_size: int,
+                      ramp_batch_sizes: tuple[int, ...] = ()) -> None:
+        """The batch rules of the layout: the global batch divides into micro-batches of
+        ``micro_batch_size`` on every data-parallel rank; a batch-size ramp-up's sizes are
+        rounded down to that unit step by step (as Megatron-LM's
+        ``decrease_batch_size_if_needed``), so its start must reach one unit; the pipeline
+        schedule gets micro-batch counts it can run: 1F1B at least ``pp`` at the full batch
+        (ramp-up steps with fewer run fill-drain, as GPipe), interleaved 1F1B a count that
+        is a multiple of its rounds (``max(1, n // pp)``) at every size."""
+        unit = micro_batch_size * self.dp
+        if global_batch_size % unit:
+            raise ConfigError(f"train.global_batch_size={global_batch_size} is not divisible by "
+                              f"train.micro_batch_size={micro_batch_size} x data-parallel degree "
+                              f"{self.dp} = {unit}")
+        if ramp_batch_sizes and min(ramp_batch_sizes) < unit:
+            raise ConfigError(f"train.rampup.start={min(ramp_batch_sizes)} is smaller than one micro-batch "
+                              f"per data-parallel rank: train.micro_batch_size={micro_batch_size} x "
+                              f"data-parallel degree {self.dp} = {unit}")
+        if self.pp == 1:
+            return
+        full = global_batch_size // unit
+        if pp_schedule == "1f1b" and self.virtual_stages == 1 and full < self.pp:
+            raise ConfigError(f"parallel.pp_schedule=1f1b needs at least parallel.pp={self.pp} "
+                              f"micro-batches per step, but train.global_batch_size={global_batch_size} "
+                              f"with train.micro_batch_size={micro_batch_size} x data-parallel degree "
+                              f"{self.dp} gives {full}; use parallel.pp_schedule=gpipe or a larger batch")
+        if self.virtual_stages > 1:
+            for size in sorted({global_batch_size, *ramp_batch_sizes}):
+                n = size // unit
+                rounds = max(1, n // self.pp)
+                if n % rounds:
+                    raise ConfigError(
+                        f"parallel.pp_virtual={self.virtual_stages}: a batch of {size} gives {n} "
+                        f"micro-batches, which interleaved 1F1B cannot run with parallel.pp={self.pp} "
+                        f"(it needs a multiple of max(1, {n} // {self.pp}) = {rounds}); change "
+                        f"train.global_batch_size, train.micro_batch_size or the ramp-up")
 
     # ---- rank layout (pure arithmetic, no processes) ------------------------------------
     def tp_groups(self) -> list[list[int]]:
@@ -126,9 +164,20 @@ class ParallelDims:
         return divmod(rank % (self.dp * self.tp), self.tp)
 
     def stage_layers(self, pp_rank: int) -> range:
-        """Indices of the transformer layers pipeline stage ``pp_rank`` owns."""
+        """Indices of the transformer layers pipeline stage ``pp_rank`` owns (without
+        virtual stages)."""
         n = self.num_layers // self.pp
         return range(pp_rank * n, (pp_rank + 1) * n)
+
+    def stage_indices(self, pp_rank: int) -> list[int]:
+        """The virtual stages (model chunks) of pipeline rank ``pp_rank``: ``pp_rank``,
+        ``pp_rank + pp``, ... (``pp * virtual_stages`` chunks in all, in layer order)."""
+        return [pp_rank + k * self.pp for k in range(self.virtual_stages)]
+
+    def chunk_layers(self, stage_index: int) -> range:
+        """Indices of the layers of model chunk ``stage_index`` (of ``pp * virtual_stages``)."""
+        n = self.num_layers // (self.pp * self.virtual_stages)
+        return range(stage_index * n, (stage_index + 1) * n)
 
     # ---- device mesh --------------------------------------------------------------------
     def build_mesh(self, device_type: str):
@@ -160,11 +209,15 @@ class ParallelDims:
 
     def as_dict(self) -> dict:
         """The layout as plain data (checkpoints, summaries)."""
-        return {"tp": self.tp, "dp": self.dp, "pp": self.pp, "sequence_parallel": self.sequence_parallel,
-                "fsdp": self.fsdp}
+        out = {"tp": self.tp, "dp": self.dp, "pp": self.pp, "sequence_parallel": self.sequence_parallel,
+               "fsdp": self.fsdp}
+        if self.virtual_stages > 1:
+            out["pp_virtual"] = self.virtual_stages
+        return out
 
     def describe(self) -> str:
         return (f"world {self.world_size} = dp {self.dp} x tp {self.tp} x pp {self.pp}"
                 f"{', sequence parallel' if self.sequence_parallel else ''}"
                 f"{', FSDP' if self.fsdp else (', DDP' if self.dp > 1 else '')}"
-                f"{f', {self.num_layers // self.pp} layers per stage' if self.pp > 1 else ''}")
+                f"{f', {self.num_layers // self.pp} layers per stage' if self.pp > 1 else ''}"
+                f"{f' in {self.virtual_stages} virtual stages' if self.virtual_stages > 1 else ''}")

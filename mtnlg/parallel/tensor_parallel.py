@@ -156,9 +156,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
     # a pipeline stage lacks some modules (embeddings, head, other stages' layers)
     plan = {k: v for k, v in plan.items() if _matching_modules(model, k)}
     parallelize_module(model, tp_mesh, plan)
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and hasattr(model, "output") and hasattr(model, "tok_embeddings"):
         # parallelize_module gave the head its own copy of the shared weight; share again
-        # (both are Shard(0) over the vocabulary, so the layouts agree)
+        # (both are Shard(0) over the vocabulary, so the layouts agree; a pipeline's last
+        # stage keeps its own copy, kept in step by PipelineParallel.sync_tied_grads)
         model.output.weight = model.tok_embeddings.weight
     tp_rank = tp_mesh.get_local_rank()
     for pattern in per_rank_dropout_modules(cfg, sequence_parallel):

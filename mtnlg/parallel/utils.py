@@ -93,7 +93,7 @@ def fork_rng_per_tp_rank(module: nn.Module, tp_rank: int) -> None:
 
 @torch.no_grad()
 def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float,
-                    norm_type: float = 2.0, pp_group=None) -> float:
+                    norm_type: float = 2.0, pp_group=None, duplicates: Iterable[torch.Tensor] = ()) -> float:
     """Scale gradients so their global norm is at most ``max_norm``; returns the norm
     before clipping as a float (``inf``/``nan`` if a gradient is not finite, in which case
     nothing is scaled).
@@ -103,13 +103,18 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float,
     only over the mesh dimensions along which that parameter is sharded, so replicated
     copies are counted once. ``max_norm <= 0`` only measures. Under pipeline parallelism
     pass the ``pp_group``: each stage holds different parameters, so the stages' squared
-    norms are summed over it (every stage must call, even one without gradients)."""
+    norms are summed over it (every stage must call, even one without gradients).
+    ``duplicates`` are parameters held twice in the world (the last stage's copy of tied
+    embeddings): scaled with the rest but not counted in the norm a second time."""
     from torch.distributed.tensor import DTensor, Replicate
 
     if norm_type != 2.0:
         raise ValueError(f"only the 2-norm is supported, got norm_type={norm_type}")
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads and pp_group is None:
+    dup_ids = {id(p) for p in duplicates}
+    params = list(params)
+    grads = [p.grad for p in params if p.grad is not None and id(p) not in dup_ids]
+    extra = [p.grad for p in params if p.grad is not None and id(p) in dup_ids]
+    if not grads and not extra and pp_group is None:
         return 0.0
     # (mesh, sharded mesh dims) -> local tensors; key None = plain tensors
     buckets: dict = defaultdict(list)
@@ -142,7 +147,14 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float,
         if total_sq is None:
             total_sq = torch.zeros((), dtype=torch.float32)
         torch.distributed.all_reduce(total_sq, group=pp_group)
+    if total_sq is None:
+        total_sq = torch.zeros((), dtype=torch.float32)
     total = math.sqrt(total_sq.item())
+    for g in extra:  # scaled, not counted
+        if isinstance(g, DTensor) and any(p.is_partial() for p in g.placements):
+            partial_grads.append(g)
+        else:
+            locals_.append(g.to_local() if isinstance(g, DTensor) else g)
     if max_norm > 0 and math.isfinite(total):
         coef = max_norm / (total + 1e-6)
         if coef < 1.0:

@@ -46,6 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the run config as YAML in this environment variable (what cluster jobs pass)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved configuration and exit")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the run for --world-size processes, print the planner's estimate "
+                             "for its layout, and exit (nothing is launched; data.path and output may be unset)")
+    parser.add_argument("--world-size", type=int, default=None, metavar="N",
+                        help="with --check: the number of training processes (GPUs) to validate for")
+    parser.add_argument("--gpu", default="h100", metavar="KIND",
+                        help="with --check: the GPU kind of the estimate (a100-80g, h100, h200; default h100)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="overrides such as train.steps=20 parallel.tp=2 output=runs/x")
 
@@ -60,6 +67,10 @@ def main(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
+    if args.check:
+        return check(cfg, args.world_size if args.world_size is not None else args.nproc, args.gpu)
+    if args.world_size is not None:
+        raise ConfigError("--world-size is for --check (a launch takes its size from --nproc or torchrun)")
     if args.nproc is not None:
         from mtnlg.train.launch import LaunchError, LocalTorchrunLauncher
 
@@ -82,6 +93,46 @@ def main(args: argparse.Namespace) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"mtnlg train: training diverged: {e}", file=sys.stderr)
         return 3
+    return 0
+
+
+def check(cfg: TrainRunConfig, world_size: int | None, gpu_kind: str) -> int:
+    """``mtnlg train --check``: the layout rules for ``world_size`` processes and the planner's
+    estimate of that layout; 0 when it is valid and fits in the GPU's memory, 2 otherwise."""
+    from mtnlg.plan.cli import describe_memory
+    from mtnlg.plan.hardware import GB, get_gpu
+    from mtnlg.train.config import plan_estimate
+    from mtnlg.train.schedule import BatchRampup
+
+    if not world_size or world_size < 1:
+        raise ConfigError("--check needs --world-size N (the number of training processes), N >= 1")
+    gpu = get_gpu(gpu_kind)
+    dims = cfg.check_layout(world_size, paths=False)
+    t = cfg.train
+    print(f"valid for {world_size} processes: {dims.describe()}")
+    unit = t.micro_batch_size * dims.dp
+    print(f"global batch {t.global_batch_size} = {t.global_batch_size // unit} micro-batches of "
+          f"{t.micro_batch_size} per data-parallel rank")
+    if cfg.ramp_batch_sizes():
+        ramp = BatchRampup(t.global_batch_size, t.rampup.start, t.rampup.increment, t.rampup.samples, unit=unit)
+        first = ramp.batch_size(0)
+        n = first // unit
+        how = ("fill-drain: fewer micro-batches than stages" if dims.pp > 1 and n < dims.pp
+               and cfg.parallel.pp_schedule == "1f1b" and dims.virtual_stages == 1 else cfg.parallel.pp_schedule)
+        sizes = sorted({ramp.batch_size(c) for c in range(0, t.rampup.samples, max(1, t.rampup.samples // 4096))})
+        print(f"ramp-up: {t.rampup.start} -> {t.global_batch_size} over {t.rampup.samples:,} samples; trained "
+              f"sizes {', '.join(map(str, sizes[:4]))}, ... (multiples of {unit}); the first step has {n} "
+              f"micro-batch{'es' if n != 1 else ''} ({how})")
+    e = plan_estimate(cfg, dims, gpu)
+    print(f"estimate on {gpu.name}: {describe_memory(e)} per GPU ({'fits in' if e.fits else 'over'} "
+          f"{gpu.memory_gb:.0f} GB); step {e.time.total:.2f} s at the full batch (bubble "
+          f"{100 * e.time.bubble_fraction:.1f}%), {e.tokens_per_step / e.time.total:,.0f} tokens/s, "
+          f"{e.model_tflops_per_gpu:.0f} model / {e.hardware_tflops_per_gpu:.0f} hardware TFLOP/s per GPU, "
+          f"MFU {100 * e.mfu:.1f}%")
+    if not e.fits:
+        print(f"mtnlg train: the layout needs {e.memory.total / GB:.1f} GB per GPU, more than a "
+              f"{gpu.name}'s {gpu.memory_gb:.0f} GB; see `mtnlg plan` for layouts that fit", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -176,35 +176,44 @@ class TrainRunConfig(Config):
     def _check_batch_divisibility(self, dp: int) -> None:
         t = self.train
         unit = t.micro_batch_size * dp
-        sizes = [("train.global_batch_size", t.global_batch_size)]
-        if t.rampup.start:
-            sizes += [("train.rampup.start", t.rampup.start), ("train.rampup.increment", t.rampup.increment)]
-        for name, value in sizes:
-            if value % unit:
-                raise ConfigError(f"{name}={value} is not divisible by train.micro_batch_size="
-                                  f"{t.micro_batch_size} x data-parallel degree {dp} = {unit}")
+        if t.global_batch_size % unit:
+            raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                              f"train.micro_batch_size={t.micro_batch_size} x data-parallel degree {dp} = {unit}")
+        if t.rampup.start and t.rampup.start < unit:
+            raise ConfigError(f"train.rampup.start={t.rampup.start} is smaller than one micro-batch per "
+                              f"data-parallel rank: train.micro_batch_size={t.micro_batch_size} x "
+                              f"data-parallel degree {dp} = {unit}")
 
-    def check_layout(self, world_size: int):
+    def ramp_batch_sizes(self) -> tuple[int, ...]:
+        """The global batch sizes of the ramp-up before rounding (empty without one)."""
+        r, full = self.train.rampup, self.train.global_batch_size
+        if not r.start or r.start >= full:
+            return ()
+        return tuple(range(r.start, full, r.increment))
+
+    def check_layout(self, world_size: int, paths: bool = True):
         """Everything that needs the world size; returns the ``ParallelDims``. Raises
-        ``ConfigError`` naming the numbers, before any process group exists."""
+        ``ConfigError`` naming the numbers, before any process group exists. ``paths=False``
+        leaves out the data and output locations (a layout check for a recipe alone)."""
         from mtnlg.parallel.dims import ParallelDims
 
-        if not self.output:
+        if paths and not self.output:
             raise ConfigError("output: the run directory is required (output=DIR, gs://... or s3://...)")
-        if not self.data.path:
+        if paths and not self.data.path:
             raise ConfigError("data.path: the tokenized data directory is required (data.path=DIR)")
         dims = ParallelDims.build(self.parallel, world_size, self.model)
-        self._check_batch_divisibility(dims.dp)
-        if dims.pp > 1 and self.parallel.pp_schedule == "1f1b":
-            t = self.train
-            smallest = min(t.global_batch_size, t.rampup.start or t.global_batch_size)
-            n_micro = smallest // (t.micro_batch_size * dims.dp)
-            if n_micro < dims.pp:
-                raise ConfigError(f"parallel.pp_schedule=1f1b needs at least parallel.pp={dims.pp} "
-                                  f"micro-batches per step, but a batch of {smallest} with "
-                                  f"train.micro_batch_size={t.micro_batch_size} x data-parallel degree "
-                                  f"{dims.dp} gives {n_micro}")
+        t = self.train
+        dims.check_batches(self.parallel.pp_schedule, t.micro_batch_size, t.global_batch_size, self.ramp_batch_sizes())
         return dims
+
+
+def plan_estimate(cfg: TrainRunConfig, dims, gpu):
+    """The planner's estimate for this run's own layout on ``gpu`` (a ``plan.hardware.GPU``)."""
+    from mtnlg.plan.estimate import Workload, estimate
+    from mtnlg.plan.search import layout_of
+
+    layout = layout_of(dims, cfg.parallel, cfg.train.micro_batch_size)
+    return estimate(cfg.model, layout, Workload(cfg.train.global_batch_size, cfg.model.seq_length), gpu)
 
 
 def recipe_names() -> list[str]:

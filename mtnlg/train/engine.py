@@ -161,7 +161,8 @@ class PipelineEngine(Engine):
 
     def clip_grad_norm(self, max_norm: float) -> float:
         # each stage holds different parameters: their squared norms are summed over stages
-        return clip_grad_norm_(self.model.parameters(), max_norm, pp_group=self.pp_group)
+        return clip_grad_norm_(self.model.parameters(), max_norm, pp_group=self.pp_group,
+                               duplicates=self.pipeline.tied_copy)
 
 
 def build_engine(model: nn.Module, mesh, dims: ParallelDims, cfg, device: torch.device, dtype: str,

@@ -30,6 +30,22 @@ log = get_logger("mtnlg.train")
 _SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "batch_size", "val_loss")
 
 
+def _peak_memory() -> float | None:
+    import torch
+
+    return float(torch.cuda.max_memory_reserved()) if torch.cuda.is_available() else None
+
+
+def plan_report(estimate, measured_step_s: float, peak_bytes: float | None) -> dict[str, Any]:
+    """The planner's prediction for the run's layout next to what the run measured (the
+    measured step includes validation and checkpoint time; ramp-up steps are smaller)."""
+    return {"gpu": estimate.gpu, "predicted_step_s": estimate.time.total, "measured_step_s": measured_step_s,
+            "step_ratio": measured_step_s / estimate.time.total,
+            "predicted_memory_gb": estimate.memory.total / 1e9,
+            "measured_peak_memory_gb": None if peak_bytes is None else peak_bytes / 1e9,
+            "predicted_mfu": estimate.mfu}
+
+
 def throughput(tokens: float, seconds: float, flops_per_token: float, peak_tflops: float | None,
                world_size: int) -> tuple[float, float, float | None]:
     """``(tokens/s, TFLOP/s, MFU)`` of ``tokens`` processed by the whole job in ``seconds``;
@@ -108,6 +124,11 @@ class MetricsProcessor:
 
         self.writer = SummaryWriter(self.files.path(TENSORBOARD_DIR), purge_step=state.step + 1 if state.step else None)
         log.info(summary_line)
+        estimate = self.describe.get("plan")
+        if estimate is not None:
+            log.info("plan for this layout on %s: %.1f GB per GPU, %.3f s per full-batch step, %.1f%% bubble, "
+                     "MFU %.1f%%", estimate.gpu, estimate.memory.total / 1e9, estimate.time.total,
+                     100 * estimate.time.bubble_fraction, 100 * estimate.mfu)
 
     def _resumed_rows(self, step: int) -> list[dict]:
         """Rows of an earlier log up to the resumed step (later rows belong to a lost future)."""
@@ -233,6 +254,13 @@ class MetricsProcessor:
             "device": d["device"],
             "dtype": d["dtype"],
         }
+        if d.get("plan") is not None:
+            summary["plan"] = plan_report(d["plan"], wall / max(state.step - self.start_step, 1), _peak_memory())
+            p = summary["plan"]
+            log.info("measured %.3f s per step vs %.3f s predicted (x%.2f); peak memory %s GB vs %.1f GB predicted",
+                     p["measured_step_s"], p["predicted_step_s"], p["step_ratio"],
+                     "?" if p["measured_peak_memory_gb"] is None else f"{p['measured_peak_memory_gb']:.1f}",
+                     p["predicted_memory_gb"])
         self.writer.flush()
         self.writer.close()
         try:

@@ -10,7 +10,11 @@ object state to drift).
 * Batch size: MT-NLG (and Megatron's ``--rampup-batch-size START INCREMENT SAMPLES``)
   grew the global batch from 32 to 1920 in steps of 32 over the first 12B tokens. The
   size is a step function of consumed samples: ``start + k * increment`` with
-  ``k = floor(consumed / (samples / n_increments))``, capped at the full size.
+  ``k = floor(consumed / (samples / n_increments))``, capped at the full size, then
+  rounded down to a multiple of ``unit`` (micro-batch x data-parallel degree), as
+  Megatron-LM's ``decrease_batch_size_if_needed`` does: MT-NLG's ramp in steps of 32 on
+  350 or 420 nodes (data-parallel degree 10 or 12) trains 30 or 24 samples in the first
+  steps, and consumed samples advance by what was trained.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class BatchRampup:
     start: int = 0
     increment: int = 0
     samples: int = 0
+    unit: int = 1
 
     def __post_init__(self) -> None:
         if self.start == 0:
@@ -71,6 +76,9 @@ class BatchRampup:
                              f"positive multiple of the increment {self.increment}")
         if self.samples <= 0:
             raise ValueError(f"ramp-up samples must be > 0, got {self.samples}")
+        if self.unit < 1 or self.global_batch_size % self.unit or self.start < self.unit:
+            raise ValueError(f"ramp-up unit {self.unit} must divide the global batch {self.global_batch_size} "
+                             f"and be at most the start {self.start}")
 
     @property
     def enabled(self) -> bool:
@@ -82,7 +90,8 @@ class BatchRampup:
         n_increments = (self.global_batch_size - self.start) // self.increment
         per_increment = self.samples / n_increments
         k = int(consumed_samples / per_increment)
-        return min(self.start + k * self.increment, self.global_batch_size)
+        size = min(self.start + k * self.increment, self.global_batch_size)
+        return size // self.unit * self.unit
 
     def samples_after(self, steps: int, consumed_samples: int = 0) -> int:
         """Consumed samples after ``steps`` more steps starting at ``consumed_samples``."""

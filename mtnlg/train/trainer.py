@@ -70,14 +70,15 @@ class Trainer:
         o, t = cfg.optim, cfg.train
         self.optimizer = build_optimizer(self.engine.model, o.lr, o.betas, o.eps, o.weight_decay)
         self.lr_at = LRSchedule(o.lr, o.min_lr, cfg.schedule.warmup_steps, cfg.schedule.decay, cfg.decay_steps)
-        self.rampup = BatchRampup(t.global_batch_size, t.rampup.start, t.rampup.increment, t.rampup.samples)
+        self.rampup = BatchRampup(t.global_batch_size, t.rampup.start, t.rampup.increment, t.rampup.samples,
+                                  unit=t.micro_batch_size * dims.dp)
 
         self.state = TrainState()
         self.n_params = count_parameters(cfg.model, dims.tp)
         self.peak = device_peak_tflops(device_type, self.dtype)
         description = {"parameters": self.n_params, "flops_per_token": flops_per_token(cfg.model, dims.tp),
                        "peak_tflops": self.peak, "world_size": env.world_size, "layout": dims.as_dict(),
-                       "device": device_type, "dtype": self.dtype}
+                       "device": device_type, "dtype": self.dtype, "plan": self._plan_estimate(device_type)}
         self.checkpointer = Checkpointer(cfg, self.engine.model, self.optimizer, self.state, self.scaler,
                                          self.engine.flatten_optimizer,
                                          {"layout": dims.as_dict(), "parameters": self.n_params}, env.is_main)
@@ -85,6 +86,17 @@ class Trainer:
         self.train_ds, valid_ds = open_datasets(cfg.data, cfg.model.seq_length, want_valid=t.eval_iters > 0)
         self.validator = Validator(t, self.engine, valid_ds, self.dp_rank, dims.dp)
         self.guard = NonFiniteGuard(t.max_nan_steps, env.is_main)
+
+    def _plan_estimate(self, device_type: str):
+        """The planner's estimate for this run's layout on this GPU kind (None on CPUs and
+        GPUs the planner has no constants for)."""
+        from mtnlg.plan.hardware import gpu_for_device_name
+        from mtnlg.train.config import plan_estimate
+
+        if device_type != "cuda":
+            return None
+        gpu = gpu_for_device_name(torch.cuda.get_device_name())
+        return plan_estimate(self.cfg, self.dims, gpu) if gpu is not None else None
 
     # ------------------------------------------------------------------ one step
 
