@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -65,8 +66,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_process_group(device_type: str) -> ProcessEnv:
-    """Join the job's default process group (gloo on CPU, NCCL on GPU); idempotent."""
+def init_process_group(device_type: str, timeout_s: float | None = None) -> ProcessEnv:
+    """Join the job's default process group (gloo on CPU, NCCL on GPU); idempotent.
+    ``timeout_s`` bounds every collective (a rank that does not arrive fails the others
+    after that long, rather than hanging them; None = PyTorch's default, 10 minutes)."""
     env = process_env()
     if dist.is_initialized():
         return env
@@ -80,9 +83,72 @@ def init_process_group(device_type: str) -> ProcessEnv:
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(env.local_rank)
+    import datetime
+
     dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s) if timeout_s else None,
                             device_id=torch.device("cuda", env.local_rank) if device_type == "cuda" else None)
     return env
+
+
+# ---- host-device synchronisation -------------------------------------------------------
+
+_SYNCING = frozenset({"item", "tolist", "numpy", "nonzero", "masked_select", "__bool__", "__float__",
+                      "__int__", "__index__", "__complex__"})
+_host_reads = threading.local()
+
+
+@contextlib.contextmanager
+def host_side() -> Iterator[None]:
+    """Mark reads of host (CPU) tensors that are not synchronisations with a device (a
+    gloo flag, say), so that :class:`SyncCounter` does not count them."""
+    old = getattr(_host_reads, "on", False)
+    _host_reads.on = True
+    try:
+        yield
+    finally:
+        _host_reads.on = old
+
+
+class SyncCounter(torch.overrides.TorchFunctionMode):
+    """Counts the tensor reads that block the host until the device catches up (``.item()``,
+    ``float(t)``, ``bool(t)``, ``.tolist()``, ``.numpy()``, data-dependent shapes): on a GPU
+    each one stalls the CPU's queueing of work. It counts them on any device, so that a CPU
+    test sees what a GPU run would pay. ``calls`` names them in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.calls)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in _SYNCING and not getattr(_host_reads, "on", False):
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+class HostFlags:
+    """Agree on a few booleans across ranks (a SIGTERM received by some rank) over the CPU,
+    without a device synchronisation: a gloo group beside NCCL on GPUs, the default group
+    on CPUs."""
+
+    def __init__(self, device_type: str):
+        self.group = None
+        self.active = dist.is_initialized() and dist.get_world_size() > 1
+        if self.active and device_type != "cpu":
+            self.group = dist.new_group(backend="gloo")
+
+    def any(self, flag: bool) -> bool:
+        if not self.active:
+            return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(t, group=self.group)
+        with host_side():
+            return bool(t.item())
 
 
 def barrier() -> None:
@@ -96,6 +162,14 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return [float(x) for x in t.tolist()]
+
+
+def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over all ranks, as a new tensor on ``t``'s device (not read back)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
 
 
 def broadcast_object(obj, src: int = 0):

@@ -165,7 +165,7 @@ def training(cfg: ModelConfig, pc: ParallelConfig | None, world: int) -> dict:
             norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM))
         else:
             _, loss = forward_backward(model, tokens, mesh, dims)
-            norm = clip_grad_norm_(model.parameters(), MAX_NORM)
+            norm = float(clip_grad_norm_(model.parameters(), MAX_NORM))
             loss = loss.detach().clone()
             dist.all_reduce(loss, group=mesh["dp"].get_group())  # mean over dp ranks
             loss /= dims.dp

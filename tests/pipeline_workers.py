@@ -37,11 +37,11 @@ def pipeline_training(pc: ParallelConfig, world: int, n_micro: int = 2, model: d
         rows = tokens[r * b:(r + 1) * b]
         loss = pipe.forward_backward(rows[:, :-1], rows[:, 1:], n_micro)
         # mean over the last stage's data-parallel ranks, known everywhere
-        t = torch.tensor([loss if loss is not None else 0.0])
+        t = torch.tensor([float(loss) if loss is not None else 0.0])
         torch.distributed.all_reduce(t)
         losses.append(float(t) / (world // dims.pp))
-        norms.append(clip_grad_norm_(model.parameters(), MAX_NORM, pp_group=mesh.get_group("pp"),
-                                     duplicates=pipe.tied_copy))
+        norms.append(float(clip_grad_norm_(model.parameters(), MAX_NORM, pp_group=mesh.get_group("pp"),
+                                           duplicates=pipe.tied_copy)))
         opt.step()
         opt.zero_grad(set_to_none=True)
     names = sorted(n.replace("_checkpoint_wrapped_module.", "") for n, _ in model.named_parameters())

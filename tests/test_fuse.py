@@ -196,6 +196,33 @@ def test_reshard_round_trip_is_bitwise_and_training_resumes(run_dir, tokenized, 
     assert log[0]["consumed_samples"] == ref[-1]["consumed_samples"]
 
 
+def test_reshard_across_pipeline_degrees_round_trips_and_resumes(run_dir, tokenized, tmp_path):
+    # tp=2 pp=1 (tied embeddings, grouped optimizer state) -> tp=1 pp=2 (per-parameter
+    # hyper-parameters, the last stage's copy of the table) -> back, bit for bit
+    src = os.path.join(run_dir, "checkpoints", "step_00000002")
+    assert mtnlg_main(["reshard", src, "--tp", "1", "--pp", "2", "--output", str(tmp_path / "pp2")]) == 0
+    assert mtnlg_main(["reshard", str(tmp_path / "pp2"), "--tp", "2", "--output", str(tmp_path / "back")]) == 0
+    assert _entries_equal(src, os.path.join(tmp_path, "back", "step_00000002")) > 100
+    from mtnlg.formats.dcp_reader import CheckpointReader
+
+    with CheckpointReader(os.path.join(tmp_path, "pp2", "step_00000002")) as r:
+        e = r.entries()
+        assert "optim.param_groups.0.params" not in e and "optim.param_groups.layers.1.mlp.w_up.weight.lr" in e
+        for moment in ("exp_avg", "exp_avg_sq"):  # the last stage's copy starts from the shared one's
+            assert torch.equal(r.read(f"optim.state.output.weight.{moment}"),
+                               r.read(f"optim.state.tok_embeddings.weight.{moment}"))
+    # the pp=2 checkpoint resumes on 2 pipeline stages: step 3 as the tp=2 run's
+    out = str(tmp_path / "resumed")
+    assert mtnlg_main(["train", "--nproc", "2", "--recipe", "debug", f"data.path={tokenized}", f"output={out}",
+                       "parallel.tp=1", "parallel.pp=2", "train.steps=3", "train.log_every=1", "train.eval_iters=0",
+                       f"checkpoint.load={tmp_path / 'pp2'}"]) == 0
+    log = [json.loads(x) for x in open(os.path.join(out, "log.jsonl")) if x.strip()]
+    ref = [json.loads(x) for x in open(os.path.join(run_dir, "log.jsonl")) if x.strip()]
+    assert [r["step"] for r in log] == [3]
+    assert log[0]["loss"] == pytest.approx(ref[-1]["loss"], abs=1e-4)
+    assert log[0]["grad_norm"] == pytest.approx(ref[-1]["grad_norm"], rel=1e-4)
+
+
 def test_reshard_refuses_impossible_layouts(run_dir, tmp_path):
     assert mtnlg_main(["reshard", run_dir, "--tp", "3", "--output", str(tmp_path / "x")]) == 2  # 4 heads
     assert mtnlg_main(["reshard", run_dir, "--tp", "1", "--pp", "3", "--output", str(tmp_path / "y")]) == 2  # 2 layers

@@ -143,11 +143,11 @@ def test_clip_grad_norm_matches_torch_on_plain_tensors():
         p.grad = torch.randn_like(p)
         q.grad = p.grad.clone()
     want = float(torch.nn.utils.clip_grad_norm_(b, 0.5))
-    got = clip_grad_norm_(a, 0.5)
+    got = float(clip_grad_norm_(a, 0.5))
     assert got == pytest.approx(want, rel=1e-6) and got > 0.5
     for p, q in zip(a, b):
         torch.testing.assert_close(p.grad, q.grad)
-    assert clip_grad_norm_(a, 0.0) == pytest.approx(0.5, rel=1e-5)  # measured only
+    assert float(clip_grad_norm_(a, 0.0)) == pytest.approx(0.5, rel=1e-5)  # measured only
     a[0].grad[0, 0] = float("nan")
     before = a[1].grad.clone()
     assert math.isnan(clip_grad_norm_(a, 0.5))

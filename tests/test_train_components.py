@@ -22,7 +22,10 @@ pytestmark = pytest.mark.unit
 
 
 def _result(loss: float) -> StepResult:
-    return StepResult(loss=loss, finite=math.isfinite(loss), lr=1e-3, grad_norm=1.0, batch_size=8, stop=False)
+    import torch
+
+    return StepResult(loss=torch.tensor(loss), finite=torch.tensor(math.isfinite(loss)), lr=1e-3,
+                      grad_norm=torch.tensor(1.0), batch_size=8, stop=False)
 
 
 def test_train_state_round_trips_like_a_stateful():
@@ -34,16 +37,21 @@ def test_train_state_round_trips_like_a_stateful():
 
 def test_non_finite_guard_counts_runs_and_resets():
     g = NonFiniteGuard(max_steps=3, verbose=False)
-    g.check(1, _result(2.0))
-    g.check(2, _result(float("nan")))
-    g.check(3, _result(float("inf")))
-    assert g.in_a_row == 2
-    g.check(4, _result(1.5))                  # a finite step resets the run
+    for step, loss in ((1, 2.0), (2, float("nan")), (3, float("inf"))):
+        g.add(step, _result(loss))
+    assert g.in_a_row == 0 and g.pending  # nothing read until a sync
+    state = TrainState()
+    g.sync(state)
+    assert state.skipped_steps == 2 and g.in_a_row == 2 and not g.pending
+    g.add(4, _result(1.5))                  # a finite step resets the run
+    g.sync(state)
+    assert state.skipped_steps == 2
     assert g.in_a_row == 0 and g.last_finite == (4, 1.5)
-    for step in (5, 6):
-        g.check(step, _result(float("nan")))
+    for step in (5, 6, 7):
+        g.add(step, _result(float("nan")))
     with pytest.raises(TrainingDiverged, match=r"3 steps in a row \(steps 5-7.*last finite loss 1.5000 at step 4"):
-        g.check(7, _result(float("nan")))
+        g.sync(state)
+    assert state.skipped_steps == 5
 
 
 def _cfg(*overrides: str) -> TrainRunConfig:

@@ -20,7 +20,13 @@ rewrites:
 * ``trainer_state.json``: the layout, the model config; step and consumed samples
   are kept, so the data stream and the LR schedule (a function of the step) continue exactly;
 * the per-rank RNG states are dropped (they belong to the old ranks; the trainer says so
-  when it resumes and reseeds).
+  when it resumes and reseeds);
+* the optimizer's hyper-parameters between pp = 1 and pp > 1: a pp = 1 run saves AdamW's
+  groups as lists (``optim.param_groups.0.params`` naming the parameters), a pipeline run
+  per parameter (``optim.param_groups.<fqn>.lr``, each stage's optimizer holding other
+  parameters), so they are regrouped; with tied embeddings a pipeline's last stage holds its
+  own copy of the table and its Adam moments, written from the first stage's (pp = 1 keeps
+  the one shared parameter).
 
 Model and optimizer tensors are re-saved with DCP, one tensor at a time: the state dict
 handed to ``dcp.save`` holds meta tensors (shape and dtype only), and the save planner
@@ -61,6 +67,10 @@ def _vocab_param(fqn: str) -> str | None:
     return None
 
 
+def entries_source(fqn: str, aliases: dict[str, str]) -> str:
+    return aliases.get(fqn, fqn)
+
+
 def new_vocab_padding(vocab_size: int, rows: int, tp: int, candidates: list[int]) -> tuple[int, int]:
     """``(make_vocab_size_divisible_by, rows)`` for degree ``tp``, keeping ``rows`` if possible."""
     for m in candidates:
@@ -72,20 +82,82 @@ def new_vocab_padding(vocab_size: int, rows: int, tp: int, candidates: list[int]
     return new_rows // tp, new_rows
 
 
+_PG = "optim.param_groups."
+_TIED_COPY = "output.weight"
+_TIED_SOURCE = "tok_embeddings.weight"
+
+
+def _is_grouped_key(fqn: str) -> bool:
+    """``optim.param_groups.<group index>.<key>`` (pp = 1) rather than ``.<fqn>.<key>``."""
+    return fqn.startswith(_PG) and fqn[len(_PG):].split(".", 1)[0].isdigit()
+
+
+def regroup_optimizer(entries: dict, read_plain, to_flat: bool, decay_groups: tuple[list[str], list[str]],
+                      tied: bool) -> tuple[set[str], dict[str, Any], dict[str, str]]:
+    """What changes when the optimizer state moves between pp = 1 (grouped) and pp > 1 (per
+    parameter): ``(removed entries, new plain entries, new tensor entries -> source entry)``.
+    ``decay_groups`` are the target model's group names (``weight_decay_groups``)."""
+    removed: set[str] = set()
+    plain: dict[str, Any] = {}
+    aliases: dict[str, str] = {}
+    if to_flat:
+        groups: dict[str, dict[str, Any]] = {}
+        for fqn in entries:
+            if _is_grouped_key(fqn):
+                g, key = fqn[len(_PG):].split(".", 1)
+                groups.setdefault(g, {})[key] = read_plain(fqn)
+                removed.add(fqn)
+        for hp in groups.values():
+            for name in hp.get("params") or []:
+                for key, value in hp.items():
+                    if key != "params":
+                        plain[f"{_PG}{name}.{key}"] = value
+        if tied and f"{_PG}{_TIED_SOURCE}.lr" in plain:
+            for key, value in list(plain.items()):
+                if key.startswith(f"{_PG}{_TIED_SOURCE}."):
+                    plain[key.replace(_TIED_SOURCE, _TIED_COPY, 1)] = value
+            prefix = f"optim.state.{_TIED_SOURCE}."
+            for fqn in entries:
+                if fqn.startswith(prefix):
+                    aliases[f"optim.state.{_TIED_COPY}." + fqn[len(prefix):]] = fqn
+        return removed, plain, aliases
+    per_param: dict[str, dict[str, Any]] = {}
+    for fqn in entries:
+        if fqn.startswith(_PG) and not _is_grouped_key(fqn):
+            name, key = fqn[len(_PG):].rsplit(".", 1)
+            per_param.setdefault(name, {})[key] = read_plain(fqn)
+            removed.add(fqn)
+    if tied:  # one shared parameter at pp = 1: the last stage's copy goes
+        removed |= {f for f in entries if f.startswith(f"optim.state.{_TIED_COPY}.")}
+    index = 0
+    for names in decay_groups:
+        names = [n for n in names if n in per_param]
+        if not names:
+            continue
+        for key, value in per_param[names[0]].items():
+            plain[f"{_PG}{index}.{key}"] = value
+        plain[f"{_PG}{index}.params"] = names
+        index += 1
+    return removed, plain, aliases
+
+
 class _StreamingSavePlanner(DefaultSavePlanner):
     """Writes tensors the state dict only describes (meta tensors): each is read from the
-    source checkpoint when the writer gets to it, so one tensor is in memory at a time."""
+    source checkpoint when the writer gets to it, so one tensor is in memory at a time.
+    ``aliases`` maps new entries to the source entry they are written from."""
 
-    def __init__(self, reader, rows: int, new_rows: int, prog: Progress):
+    def __init__(self, reader, rows: int, new_rows: int, prog: Progress, aliases: dict[str, str] | None = None):
         super().__init__()
         self.reader, self.rows, self.new_rows, self.prog = reader, rows, new_rows, prog
+        self.aliases = aliases or {}
 
     def resolve_data(self, write_item):
         fqn = write_item.index.fqn
-        md = self.reader.metadata.state_dict_metadata.get(fqn)
+        source = self.aliases.get(fqn, fqn)
+        md = self.reader.metadata.state_dict_metadata.get(source)
         if not isinstance(md, TensorStorageMetadata):
             return super().resolve_data(write_item)
-        t = self.reader.read(fqn)
+        t = self.reader.read(source)
         if _vocab_param(fqn) and t.dim() >= 1 and t.shape[0] == self.rows and self.new_rows != self.rows:
             pad = torch.zeros((self.new_rows - self.rows, *t.shape[1:]), dtype=t.dtype)
             t = torch.cat([t, pad], dim=0)                                        # (new_rows, ...)
@@ -136,11 +208,22 @@ def reshard_checkpoint(checkpoint: str, output: str, tp: int, pp: int = 1) -> di
         new_model = dataclasses.replace(model, make_vocab_size_divisible_by=m)
         ParallelDims.build(parallel, tp * pp, new_model)  # the trainer's layout rules, before writing
 
+        old_pp = int((state.get("layout") or {}).get("pp") or (run.get("parallel") or {}).get("pp") or 1)
         run = dict(run, model=to_dict(new_model), parallel=to_dict(parallel))
+        removed, plain, aliases = set(), {}, {}
+        if (old_pp > 1) != (pp > 1) and any(f.startswith(_PG) for f in entries):
+            from mtnlg.model.gpt import GPT, weight_decay_groups
+
+            with torch.device("meta"):
+                groups = weight_decay_groups(GPT(new_model, tp=1))
+            removed, plain, aliases = regroup_optimizer(entries, reader.read_bytes_entry, to_flat=pp > 1,
+                                                        decay_groups=groups, tied=new_model.tie_embeddings)
         # a meta-tensor description of every tensor, and the small plain entries themselves
         sd: dict[str, Any] = {}
         n_tensors = 0
-        for fqn, md in entries.items():
+        tensors = [(f, md) for f, md in entries.items() if f not in removed]
+        tensors += [(new, entries[src]) for new, src in aliases.items()]
+        for fqn, md in tensors:
             if isinstance(md, TensorStorageMetadata):
                 shape = list(md.size)
                 if _vocab_param(fqn) and shape and shape[0] == rows:
@@ -148,7 +231,8 @@ def reshard_checkpoint(checkpoint: str, output: str, tp: int, pp: int = 1) -> di
                 sd[fqn] = torch.empty(shape, dtype=md.properties.dtype, device="meta")
                 n_tensors += 1
             elif isinstance(md, BytesStorageMetadata):
-                sd[fqn] = reader.read_bytes_entry(fqn)
+                sd[fqn] = reader.read_bytes_entry(entries_source(fqn, aliases))
+        sd.update(plain)
         step = int(state.get("step", 0))
         new_state = dict(state, layout={"tp": tp, "pp": pp, "dp": None,
                                         "sequence_parallel": parallel.sequence_parallel, "fsdp": parallel.fsdp},
@@ -161,7 +245,7 @@ def reshard_checkpoint(checkpoint: str, output: str, tp: int, pp: int = 1) -> di
             with warnings.catch_warnings():  # one process writes every shard: intended
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 dcp.save(sd, storage_writer=FileSystemWriter(local, thread_count=1),
-                         planner=_StreamingSavePlanner(reader, rows, new_rows, prog), no_dist=True)
+                         planner=_StreamingSavePlanner(reader, rows, new_rows, prog, aliases), no_dist=True)
             prog.close()
             with open(os.path.join(local, RUN_CONFIG), "w", encoding="utf-8") as f:
                 yaml.safe_dump(run, f, sort_keys=False)
@@ -178,7 +262,7 @@ def reshard_checkpoint(checkpoint: str, output: str, tp: int, pp: int = 1) -> di
     overrides = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"checkpoint.load={target}"]
     if m != model.make_vocab_size_divisible_by:
         overrides.insert(2, f"model.make_vocab_size_divisible_by={m}")
-    log.info("resharded %s (tp=%d) -> %s (tp=%d, pp=%d)", src, old_tp, target, tp, pp)
+    log.info("resharded %s (tp=%d, pp=%d) -> %s (tp=%d, pp=%d)", src, old_tp, old_pp, target, tp, pp)
     return {"checkpoint": target, "source": src, "step": step, "tp": tp, "pp": pp, "source_tp": old_tp,
             "tensors": n_tensors, "vocab_rows": new_rows, "make_vocab_size_divisible_by": m,
             "resume_overrides": overrides}

@@ -31,6 +31,7 @@ F feed-forward width, V_padded vocabulary padded for tensor parallelism.
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -241,6 +242,66 @@ def embed(module: nn.Module, tokens: torch.Tensor, start: int = 0,
     return module.drop(x)
 
 
+_RESIDUAL_OUT = ("wo", "w_down")
+
+
+@torch.no_grad()
+def init_position_buffers(module: nn.Module, cfg: ModelConfig) -> None:
+    """Fill ``module``'s ``pos_table`` / ``rope`` buffers (a ``GPT`` or a pipeline stage),
+    where it has them: after ``to_empty`` they hold garbage."""
+    T, H = cfg.seq_length, cfg.hidden_size
+    if getattr(module, "pos_table", None) is not None:
+        module.pos_table.copy_(sinusoidal_table(T, H))
+    if getattr(module, "rope", None) is not None:
+        module.rope.copy_(rope_table(T, cfg.head_dim, cfg.rope_theta))
+
+
+def parameter_seed(seed: int, name: str) -> int:
+    """The seed of parameter ``name``'s own generator: a function of the run's seed and the
+    parameter's global name only, so its initial value does not depend on the layout, on
+    which rank builds it, or on what was drawn before."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode("utf-8"))) % (2**63 - 1)
+
+
+def initial_value(cfg: ModelConfig, name: str, shape, seed: int, device=None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The whole initial tensor of parameter ``name`` (a global name such as
+    ``layers.3.attention.wo.weight``), drawn from its own generator (:func:`parameter_seed`)
+    with Megatron's initialisation (see :meth:`GPT.init_weights`). A tied head's copy is the
+    embedding's value."""
+    if cfg.tie_embeddings and name == "output.weight":
+        name = "tok_embeddings.weight"
+    module, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+    kind = module.rsplit(".", 1)[-1]
+    if kind.endswith("norm"):
+        return torch.full(tuple(shape), 1.0 if leaf == "weight" else 0.0, dtype=dtype, device=device)
+    if leaf == "bias":
+        return torch.zeros(tuple(shape), dtype=dtype, device=device)
+    std = cfg.init_std / math.sqrt(2.0 * cfg.num_layers) if kind in _RESIDUAL_OUT else cfg.init_std
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    g = torch.Generator(device=device)
+    g.manual_seed(parameter_seed(seed, name))
+    out = torch.empty(tuple(shape), dtype=dtype, device=device)
+    return out.normal_(0.0, std, generator=g)
+
+
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """Megatron's weight-decay split: biases and 1-D parameters (norm weights) are not
+    decayed; shapes are global under DTensor."""
+    return name.endswith(".bias") or name == "bias" or param.ndim < 2
+
+
+def weight_decay_groups(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Names of the trainable parameters to decay and not to decay, in ``named_parameters``
+    order: AdamW's two groups as ``train.optim`` builds them (empty ones dropped) and as a
+    checkpoint's grouped optimizer state lists them."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if no_weight_decay(name, p) else decay).append(name)
+    return decay, no_decay
+
+
 class GPT(nn.Module):
     """Token ids (B, T) -> next-token logits (B, T, V_padded).
 
@@ -272,15 +333,25 @@ class GPT(nn.Module):
         self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, seed: int | None = None) -> None:
         """Megatron's initialisation: every weight ~ N(0, init_std), except the two
         projections that write into the residual stream (attention ``wo``, MLP ``w_down``),
         ~ N(0, init_std / sqrt(2 * num_layers)) so the residual's variance does not grow
         with depth; biases 0, norm gains 1. Also recomputes the position buffers, so that
-        a model built on the meta device can be materialised with ``to_empty`` + this."""
+        a model built on the meta device can be materialised with ``to_empty`` + this.
+
+        ``seed=None`` draws from torch's global generator, parameter after parameter;
+        with a seed each parameter comes from its own generator (:func:`initial_value`),
+        which is how training initialises: the same values whichever layout, rank or
+        device (meta, then sharded) builds the parameter."""
         if self.cfg.tie_embeddings:
             # to_empty() from the meta device can leave two separate tensors; tie again
             self.output.weight = self.tok_embeddings.weight
+        if seed is not None:
+            for name, p in self.named_parameters():
+                p.copy_(initial_value(self.cfg, name, p.shape, seed, p.device, p.dtype))
+            self.init_buffers()
+            return
         std = self.cfg.init_std
         out_std = std / math.sqrt(2.0 * self.cfg.num_layers)
         for name, module in self.named_modules():
@@ -293,11 +364,12 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, 0.0, std)
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.reset_parameters()
-        T, H = self.cfg.seq_length, self.cfg.hidden_size
-        if self.pos_table is not None:
-            self.pos_table.copy_(sinusoidal_table(T, H))
-        if self.rope is not None:
-            self.rope.copy_(rope_table(T, self.cfg.head_dim, self.cfg.rope_theta))
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Recompute the position tables (after ``to_empty``)."""
+        init_position_buffers(self, self.cfg)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V_padded). With a ``KVCache`` (generation), the

@@ -137,16 +137,19 @@ class PipelineParallel:
         # Tied embeddings: one group per (dp, tp) position, of its first- and last-stage ranks
         # (every rank takes part in creating every group).
         self.tied_group = None
-        self.tied_copy: list[torch.Tensor] = []
         if model.cfg.tie_embeddings:
             me = dist.get_rank()
             for ranks in dims.pp_groups():
                 group = dist.new_group([ranks[0], ranks[-1]])
                 if me in (ranks[0], ranks[-1]):
                     self.tied_group = group
-            if self.last:
-                self.tied_copy = [self.model.output.weight]
         self._schedules: dict[int, object] = {}
+
+    @property
+    def tied_copy(self) -> list[torch.Tensor]:
+        """The last stage's copy of the tied table (for clipping's ``duplicates``); looked up
+        each time, since materializing a meta model replaces the parameter objects."""
+        return [self.model.output.weight] if self.tied_group is not None and self.last else []
 
     def tied_weight(self) -> torch.Tensor | None:
         """This rank's copy of the tied embedding table, if it holds one."""
@@ -191,7 +194,7 @@ class PipelineParallel:
                                                loss_fn=cross_entropy, scale_grads=True)
         return self._schedules[n_micro]
 
-    def _run(self, x: torch.Tensor, y: torch.Tensor, n_micro: int, train: bool) -> float | None:
+    def _run(self, x: torch.Tensor, y: torch.Tensor, n_micro: int, train: bool) -> torch.Tensor | None:
         schedule = self._schedule(n_micro)
         run = schedule.step if train else schedule.eval
         losses: list[torch.Tensor] = []
@@ -208,14 +211,15 @@ class PipelineParallel:
             self.sync_tied_grads()
         if not self.last:
             return None
-        return float(torch.stack([loss.detach().float() for loss in losses]).mean())
+        return torch.stack([loss.detach().float() for loss in losses]).mean()
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, n_micro: int) -> float | None:
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, n_micro: int) -> torch.Tensor | None:
         """x, y (b_local, T): gradients of the mean loss over ``n_micro`` micro-batches of
-        the rows; returns that mean loss on the last stage, None on the others."""
+        the rows; returns that mean loss (a 0-d tensor, not read back) on the last stage,
+        None on the others."""
         return self._run(x, y, n_micro, train=True)
 
     @torch.no_grad()
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor, n_micro: int) -> float | None:
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, n_micro: int) -> torch.Tensor | None:
         """Forward only; the mean loss on the last stage, None on the others."""
         return self._run(x, y, n_micro, train=False)

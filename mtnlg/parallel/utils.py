@@ -22,7 +22,6 @@ recomputing, replays the same masks with no tracker state of its own to save.
 
 from __future__ import annotations
 
-import math
 import random
 from collections import defaultdict
 from collections.abc import Iterable
@@ -93,10 +92,11 @@ def fork_rng_per_tp_rank(module: nn.Module, tp_rank: int) -> None:
 
 @torch.no_grad()
 def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float,
-                    norm_type: float = 2.0, pp_group=None, duplicates: Iterable[torch.Tensor] = ()) -> float:
+                    norm_type: float = 2.0, pp_group=None, duplicates: Iterable[torch.Tensor] = ()) -> torch.Tensor:
     """Scale gradients so their global norm is at most ``max_norm``; returns the norm
-    before clipping as a float (``inf``/``nan`` if a gradient is not finite, in which case
-    nothing is scaled).
+    before clipping as a 0-d float32 tensor (``inf``/``nan`` if a gradient is not finite,
+    in which case nothing is scaled). Nothing is read back to the host: the scale is a
+    device tensor, so a step that does not log never waits for the device here.
 
     Works for plain tensors and DTensors (tensor parallel, FSDP2, both on a 2-D mesh):
     each rank sums the squares of its local shard, then the partial sums are all-reduced
@@ -115,7 +115,7 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float,
     grads = [p.grad for p in params if p.grad is not None and id(p) not in dup_ids]
     extra = [p.grad for p in params if p.grad is not None and id(p) in dup_ids]
     if not grads and not extra and pp_group is None:
-        return 0.0
+        return torch.zeros((), dtype=torch.float32)
     # (mesh, sharded mesh dims) -> local tensors; key None = plain tensors
     buckets: dict = defaultdict(list)
     locals_: list[torch.Tensor] = []
@@ -149,22 +149,23 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float,
         torch.distributed.all_reduce(total_sq, group=pp_group)
     if total_sq is None:
         total_sq = torch.zeros((), dtype=torch.float32)
-    total = math.sqrt(total_sq.item())
+    total = total_sq.sqrt()
     for g in extra:  # scaled, not counted
         if isinstance(g, DTensor) and any(p.is_partial() for p in g.placements):
             partial_grads.append(g)
         else:
             locals_.append(g.to_local() if isinstance(g, DTensor) else g)
-    if max_norm > 0 and math.isfinite(total):
-        coef = max_norm / (total + 1e-6)
-        if coef < 1.0:
-            by_device: dict = defaultdict(list)
-            for t in locals_:
-                by_device[(t.device, t.dtype)].append(t)
-            for ts in by_device.values():
-                torch._foreach_mul_(ts, coef)
-            for g in partial_grads:
-                g.mul_(coef)
+    if max_norm > 0:
+        # min(1, max_norm / norm), and 1 (nothing scaled) when the norm is not finite
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        coef = torch.where(torch.isfinite(total), coef, torch.ones_like(coef))
+        by_device: dict = defaultdict(list)
+        for t in locals_:
+            by_device[(t.device, t.dtype)].append(t)
+        for (device, dtype), ts in by_device.items():
+            torch._foreach_mul_(ts, coef.to(device=device, dtype=dtype))
+        for g in partial_grads:  # a pending sum scales term by term
+            g.to_local().mul_(coef.to(device=g.device, dtype=g.dtype))
     return total
 
 

@@ -66,10 +66,15 @@ class Checkpointer:
                                          flatten_optimizer=self.flatten_optimizer)
         return self.last
 
-    def maybe_save(self, step: int, last_step: bool) -> bool:
-        """Save on the ``checkpoint.every`` cadence (the last step is saved by :meth:`finish`)."""
+    def due(self, step: int, last_step: bool) -> bool:
+        """Whether ``step`` is on the ``checkpoint.every`` cadence (the last step is saved by
+        :meth:`finish`)."""
         every = self.cfg.checkpoint.every
-        if every and step % every == 0 and not last_step:
+        return bool(every and step % every == 0 and not last_step)
+
+    def maybe_save(self, step: int, last_step: bool) -> bool:
+        """Save on the ``checkpoint.every`` cadence."""
+        if self.due(step, last_step):
             self.save()
             return True
         return False

@@ -95,9 +95,18 @@ class TrainConfig(Config):
     # Validation every N steps (0 = only at the end) over eval_iters global batches (0 = never).
     eval_every: int = field(default=0, metadata={"min": 0})
     eval_iters: int = field(default=4, metadata={"min": 0})
-    # Abort after this many non-finite losses in a row (such steps are skipped).
+    # Abort after this many non-finite losses in a row (such steps are skipped; the count is
+    # read on logging, validation and checkpoint steps, so the abort comes at the next one).
     max_nan_steps: int = field(default=5, metadata={"min": 1})
     seed: int = 1234
+    # Run Python's garbage collector (generation 1) every N steps instead of automatically
+    # (0 = automatic): a collection in the middle of a step stalls every rank waiting on it.
+    gc_every: int = field(default=50, metadata={"min": 0})
+    # Read the next step's batch in a background thread (into pinned memory on GPUs).
+    prefetch: bool = True
+    # Seconds a collective may wait for the slowest rank before the job fails (NCCL/gloo
+    # timeout; PyTorch's default is 600).
+    collective_timeout_s: float = field(default=1800.0, metadata={"gt": 0.0})
 
 
 @dataclass

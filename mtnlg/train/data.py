@@ -107,3 +107,42 @@ def preflight_problems(cfg) -> list[str]:
         except Exception as e:  # noqa: BLE001
             problems.append(f"checkpoint.load={spec!r}: {e}")
     return problems
+
+
+class Prefetcher:
+    """Reads the next step's slice of the global batch in a background thread while this
+    step computes (into pinned memory on GPUs, so the copy to the device is asynchronous).
+
+    The next position is known in advance: the consumed-sample count plus this step's
+    batch, and the ramp-up's size there. A request for any other position (a resume, a
+    test) is read on the spot, so the data a step trains on never depends on timing."""
+
+    def __init__(self, dataset, rampup, dp_rank: int, dp: int, pin: bool, enabled: bool = True):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.dataset, self.rampup, self.dp_rank, self.dp, self.pin = dataset, rampup, dp_rank, dp, pin
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="mtnlg-prefetch") if enabled else None
+        self.pending = None  # (consumed, batch size, future)
+
+    def _load(self, consumed: int, gbs: int):
+        import torch
+
+        t = torch.from_numpy(self.dataset.global_batch(consumed, gbs, self.dp_rank, self.dp))
+        return t.pin_memory() if self.pin else t
+
+    def get(self, consumed: int, gbs: int):
+        """This rank's (b, T+1) int64 tokens of the global batch at ``consumed``."""
+        if self.pending is not None and self.pending[:2] == (consumed, gbs):
+            tokens = self.pending[2].result()
+        else:
+            tokens = self._load(consumed, gbs)
+        if self.pool is not None:
+            nxt = consumed + gbs
+            size = self.rampup.batch_size(nxt)
+            self.pending = (nxt, size, self.pool.submit(self._load, nxt, size))
+        return tokens
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pending = None

@@ -57,18 +57,33 @@ class Engine(abc.ABC):
     def _autocast(self):
         return autocast(self.device.type, self.dtype)
 
-    def _to_device(self, tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(b, T+1) int64 -> inputs and targets, each (b, T), on the device."""
-        chunk = torch.from_numpy(tokens).to(self.device, non_blocking=True)
+    def _to_device(self, tokens) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, T+1) int64 (a NumPy array, or a tensor in pinned memory from the prefetcher)
+        -> inputs and targets, each (b, T), on the device (an asynchronous copy from
+        pinned memory)."""
+        chunk = tokens if isinstance(tokens, torch.Tensor) else torch.from_numpy(tokens)
+        chunk = chunk.to(self.device, non_blocking=True)
         return chunk[:, :-1], chunk[:, 1:]
 
     def n_micro(self, tokens: np.ndarray) -> int:
         return tokens.shape[0] // self.micro_batch_size
 
+    def materialize(self, model_cfg, seed: int) -> None:
+        """Allocate this rank's shards of a model built on the meta device and initialise
+        them (``mtnlg.parallel.init.materialize``)."""
+        from mtnlg.parallel.init import materialize
+
+        for module in self.modules_to_materialize():
+            materialize(module, model_cfg, self.device, seed)
+
+    def modules_to_materialize(self) -> list[nn.Module]:
+        return [self.model]
+
     @abc.abstractmethod
-    def forward_backward(self, tokens: np.ndarray) -> float:
+    def forward_backward(self, tokens: np.ndarray) -> torch.Tensor:
         """Gradients of the mean loss over this rank's rows; returns this rank's share of
-        the loss (its mean loss, or 0.0 where the rank computes none)."""
+        the loss as a 0-d float32 tensor on the device (its mean loss, or 0 where the rank
+        computes none), never read back here."""
 
     @abc.abstractmethod
     def evaluate(self, tokens: np.ndarray) -> list[float]:
@@ -76,9 +91,9 @@ class Engine(abc.ABC):
         (0.0 where the rank computes none)."""
 
     @abc.abstractmethod
-    def clip_grad_norm(self, max_norm: float) -> float:
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip the gradients to a global norm of ``max_norm`` (0 only measures); returns
-        the norm before clipping. Collective."""
+        the norm before clipping as a 0-d tensor (not read back). Collective."""
 
 
 class LocalEngine(Engine):
@@ -99,7 +114,7 @@ class LocalEngine(Engine):
         for i in range(0, tokens.shape[0], mb):
             yield self._to_device(tokens[i:i + mb])
 
-    def forward_backward(self, tokens: np.ndarray) -> float:
+    def forward_backward(self, tokens: np.ndarray) -> torch.Tensor:
         n_micro = self.n_micro(tokens)
         total = torch.zeros((), device=self.device, dtype=torch.float32)
         for i, (x, y) in enumerate(self._micro_batches(tokens)):
@@ -114,7 +129,7 @@ class LocalEngine(Engine):
                     scaled = self.scaler.scale(scaled)
                 scaled.backward()
             total += loss.detach().float()
-        return float(total) / n_micro
+        return total / n_micro
 
     @torch.no_grad()
     def evaluate(self, tokens: np.ndarray) -> list[float]:
@@ -124,7 +139,7 @@ class LocalEngine(Engine):
                 losses.append(float(cross_entropy(self.model(x), y)))
         return losses
 
-    def clip_grad_norm(self, max_norm: float) -> float:
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         return clip_grad_norm_(self.model.parameters(), max_norm)
 
 
@@ -146,20 +161,23 @@ class PipelineEngine(Engine):
         self.pp_group = mesh.get_group("pp")
         self.loss_ranks = dims.world_size // dims.pp  # the last stage's ranks
 
-    def _run(self, tokens: np.ndarray, train: bool) -> float:
+    def modules_to_materialize(self) -> list[nn.Module]:
+        return list(self.pipeline.chunks)
+
+    def _run(self, tokens: np.ndarray, train: bool) -> torch.Tensor:
         x, y = self._to_device(tokens)                                           # (b_local, T)
         with self._autocast():
             run = self.pipeline.forward_backward if train else self.pipeline.evaluate
             loss = run(x, y, self.n_micro(tokens))
-        return 0.0 if loss is None else loss
+        return torch.zeros((), dtype=torch.float32, device=self.device) if loss is None else loss
 
-    def forward_backward(self, tokens: np.ndarray) -> float:
+    def forward_backward(self, tokens: np.ndarray) -> torch.Tensor:
         return self._run(tokens, train=True)
 
     def evaluate(self, tokens: np.ndarray) -> list[float]:
-        return [self._run(tokens, train=False)]
+        return [float(self._run(tokens, train=False))]
 
-    def clip_grad_norm(self, max_norm: float) -> float:
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         # each stage holds different parameters: their squared norms are summed over stages
         return clip_grad_norm_(self.model.parameters(), max_norm, pp_group=self.pp_group,
                                duplicates=self.pipeline.tied_copy)
@@ -167,8 +185,9 @@ class PipelineEngine(Engine):
 
 def build_engine(model: nn.Module, mesh, dims: ParallelDims, cfg, device: torch.device, dtype: str,
                  scaler: torch.amp.GradScaler | None) -> Engine:
-    """Parallelize ``model`` (the whole one-device GPT, built with the run's seed) for this
-    rank and wrap it in the engine the layout needs. ``cfg`` is the ``TrainRunConfig``;
+    """Parallelize ``model`` (the whole one-device GPT, on the meta device or built with the
+    run's seed) for this rank and wrap it in the engine the layout needs; a meta model is
+    then allocated with :meth:`Engine.materialize`. ``cfg`` is the ``TrainRunConfig``;
     ``mesh`` the ``(pp, dp, tp)`` mesh of ``ParallelDims.build_mesh``."""
     from mtnlg.parallel.parallelize import parallelize_gpt
 

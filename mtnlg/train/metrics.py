@@ -30,6 +30,24 @@ log = get_logger("mtnlg.train")
 _SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "batch_size", "val_loss")
 
 
+def _read_interval(losses: list, grad_norm) -> tuple[float | None, float | None]:
+    """The mean of an interval's finite losses and the last gradient norm (None where not
+    finite), read from the device in one go."""
+    import torch
+
+    norm = grad_norm.float().reshape(()) if isinstance(grad_norm, torch.Tensor) else torch.tensor(float(grad_norm))
+    if losses:
+        vals = torch.stack([loss.float().reshape(()) for loss, _ in losses])
+        ok = torch.stack([finite.reshape(()) for _, finite in losses]).to(vals.device)
+        total = torch.where(ok, vals, torch.zeros_like(vals)).sum()
+        count = ok.sum().to(vals.dtype)
+        packed = torch.stack([total, count, norm.to(vals.device)])
+    else:
+        packed = torch.stack([torch.zeros(()), torch.zeros(()), norm.cpu()])
+    total, count, norm_value = packed.tolist()
+    return (total / count if count else None), (norm_value if math.isfinite(norm_value) else None)
+
+
 def _peak_memory() -> float | None:
     import torch
 
@@ -149,8 +167,8 @@ class MetricsProcessor:
         """Account for one step; log it when its turn comes."""
         self.interval.tokens += r.batch_size * self.cfg.model.seq_length
         self.interval.steps += 1
-        if r.finite:
-            self.interval.losses.append(r.loss)
+        if self.enabled:
+            self.interval.losses.append((r.loss, r.finite))  # device tensors, read when logged
         if self.enabled and self.should_log(state.step, last_step, val_loss is not None or r.stop):
             row = self._row(state, r, val_loss)
             self.rows.append(row)
@@ -165,11 +183,12 @@ class MetricsProcessor:
         tps, tflops, mfu = throughput(iv.tokens, dt, d["flops_per_token"], d["peak_tflops"], d["world_size"])
         done = state.step - self.start_step
         eta = (now - self.start_time) / done * (self.cfg.train.steps - state.step) if done else None
+        loss, grad_norm = _read_interval(iv.losses, r.grad_norm)
         row = {
             "step": state.step,
-            "loss": sum(iv.losses) / len(iv.losses) if iv.losses else None,
+            "loss": loss,
             "lr": r.lr,
-            "grad_norm": r.grad_norm if math.isfinite(r.grad_norm) else None,
+            "grad_norm": grad_norm,
             "tokens_per_s": tps,
             "tflops": tflops,
             "mfu": mfu,

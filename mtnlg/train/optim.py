@@ -11,24 +11,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """True for biases and 1-D parameters (norm weights); shapes are global under DTensor."""
-    return name.endswith(".bias") or name == "bias" or param.ndim < 2
+from mtnlg.model.gpt import no_weight_decay, weight_decay_groups  # noqa: F401 (no_weight_decay: re-exported)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: decayed matrices and undecayed biases/norms (empty groups dropped)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if no_weight_decay(name, p):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    params = dict(model.named_parameters())
+    decay, no_decay = weight_decay_groups(model)
+    groups = [{"params": [params[n] for n in decay], "weight_decay": weight_decay},
+              {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
 

@@ -37,14 +37,15 @@ class TrainState:
 
 @dataclass(frozen=True)
 class StepResult:
-    """One optimizer step, as every rank agrees it went."""
+    """One optimizer step, as every rank agrees it went. The tensors stay on the device
+    (0-d) until a logging step reads them, so other steps never wait for the device."""
 
-    loss: float          # mean loss over the global batch (nan/inf when not finite)
-    finite: bool         # the update was applied
+    loss: Any            # 0-d tensor: mean loss over the global batch (nan/inf when not finite)
+    finite: Any          # 0-d bool tensor: the update was applied
     lr: float
-    grad_norm: float     # before clipping; nan when the loss was not finite
+    grad_norm: Any       # 0-d tensor: before clipping
     batch_size: int      # samples in this step's global batch (ramp-up changes it)
-    stop: bool           # some rank was asked to stop (SIGTERM)
+    stop: bool           # some rank was asked to stop (SIGTERM), agreed over the CPU
 
 
 class StopFlag:
@@ -72,29 +73,49 @@ class StopFlag:
 
 
 class NonFiniteGuard:
-    """Counts steps whose loss was NaN/inf (their updates are skipped), warning about each
-    when ``verbose``, and raises :class:`TrainingDiverged` after ``max_steps`` in a row."""
+    """Counts steps whose loss or gradient norm was NaN/inf (their updates were skipped on
+    the device, without the host waiting), warning about each when ``verbose``, and raises
+    :class:`TrainingDiverged` after ``max_steps`` in a row. Steps are queued by :meth:`add`
+    and read in one go by :meth:`sync`, which the trainer calls on logging, validation and
+    checkpoint steps: a diverging run stops at the first of those after ``max_steps``
+    non-finite steps in a row."""
 
     def __init__(self, max_steps: int, verbose: bool):
         self.max_steps = max_steps
         self.verbose = verbose
         self.in_a_row = 0
         self.last_finite: tuple[int, float] | None = None
+        self.pending: list[tuple[int, StepResult]] = []
 
-    def check(self, step: int, r: StepResult) -> None:
-        if r.finite:
-            self.in_a_row = 0
-            self.last_finite = (step, r.loss)
+    def add(self, step: int, r: StepResult) -> None:
+        self.pending.append((step, r))
+
+    def sync(self, state: "TrainState") -> None:
+        """Read the queued steps (one host read), adding the skipped ones to
+        ``state.skipped_steps`` (before raising, too)."""
+        if not self.pending:
             return
-        self.in_a_row += 1
-        if self.verbose:
-            log.warning("step %d: loss %s, grad norm %s: update skipped (%d in a row)",
-                        step, r.loss, r.grad_norm, self.in_a_row)
-        if self.in_a_row >= self.max_steps:
-            where = (f"last finite loss {self.last_finite[1]:.4f} at step {self.last_finite[0]}"
-                     if self.last_finite else "no finite loss yet")
-            raise TrainingDiverged(
-                f"loss was NaN/inf for {self.in_a_row} steps in a row (steps {step - self.in_a_row + 1}-"
-                f"{step}, train.max_nan_steps={self.max_steps}); {where}. Lower optim.lr, "
-                "check the data, or resume from an earlier checkpoint.")
+        import torch
 
+        rows = torch.stack([torch.stack([r.finite.float().reshape(()), r.loss.float().reshape(()),
+                                         r.grad_norm.float().reshape(()).to(r.loss.device)])
+                            for _, r in self.pending]).tolist()
+        steps = [step for step, _ in self.pending]
+        self.pending.clear()
+        for step, (finite, loss, grad_norm) in zip(steps, rows):
+            if finite:
+                self.in_a_row = 0
+                self.last_finite = (step, loss)
+                continue
+            state.skipped_steps += 1
+            self.in_a_row += 1
+            if self.verbose:
+                log.warning("step %d: loss %s, grad norm %s: update skipped (%d in a row)",
+                            step, loss, grad_norm, self.in_a_row)
+            if self.in_a_row >= self.max_steps:
+                where = (f"last finite loss {self.last_finite[1]:.4f} at step {self.last_finite[0]}"
+                         if self.last_finite else "no finite loss yet")
+                raise TrainingDiverged(
+                    f"loss was NaN/inf for {self.in_a_row} steps in a row (steps {step - self.in_a_row + 1}-"
+                    f"{step}, train.max_nan_steps={self.max_steps}); {where}. Lower optim.lr, "
+                    "check the data, or resume from an earlier checkpoint.")

@@ -3,9 +3,10 @@
 :func:`train` takes a validated :class:`TrainRunConfig`, joins the process group (gloo on
 CPU, NCCL on GPU) from RANK/WORLD_SIZE/..., and runs a :class:`Trainer`, which
 
-1. builds the ``(pp, dp, tp)`` mesh, the GPT (same seed on every rank, so every layout
-   starts from the same weights) and the :class:`~mtnlg.train.engine.Engine` that shards
-   and runs it (one stage per pipeline rank under pipeline parallelism), and AdamW;
+1. builds the ``(pp, dp, tp)`` mesh, the GPT on the meta device, the
+   :class:`~mtnlg.train.engine.Engine` that shards and runs it (one stage per pipeline
+   rank under pipeline parallelism), then allocates and initialises only this rank's
+   shards (``mtnlg.parallel.init``: layout-independent values), and AdamW;
 2. resumes from a checkpoint when there is one (``checkpoint.load=auto``): weights,
    optimizer, RNG states and the data position, so the continuation is bit-identical;
 3. per step: reads this data-parallel rank's slice of the global batch at the current
@@ -21,17 +22,17 @@ backward), ``validator``, ``metrics`` (rank 0's files), ``checkpointer``, ``stat
 
 from __future__ import annotations
 
-import math
+import gc
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from mtnlg.dist import ProcessEnv, all_reduce_sum, barrier, broadcast_object, init_process_group
+from mtnlg.dist import HostFlags, ProcessEnv, all_reduce_tensor, barrier, broadcast_object, init_process_group
 from mtnlg.progress import get_logger
 from mtnlg.train.checkpointer import Checkpointer
 from mtnlg.train.config import TrainRunConfig
-from mtnlg.train.data import open_datasets, with_tokenizer_vocab
+from mtnlg.train.data import Prefetcher, open_datasets, with_tokenizer_vocab
 from mtnlg.train.device import device_peak_tflops, enable_tf32, resolve_device, resolve_dtype, torch_device
 from mtnlg.train.engine import build_engine
 from mtnlg.train.metrics import MetricsProcessor
@@ -60,13 +61,16 @@ class Trainer:
         self.mesh = dims.build_mesh(device_type)
         self.dp_rank = dims.dp_rank(self.mesh)
 
-        # Same seed on every rank: every layout starts from the one-device model's weights
-        # (dropout that must differ across tensor-parallel ranks forks from it per rank).
+        # Same seed on every rank (dropout that must differ across tensor-parallel ranks
+        # forks from it per rank). The model is built on the meta device, parallelized, and
+        # only this rank's shards are allocated and initialised, each parameter from its own
+        # generator: every layout starts from the weights one device would have.
         set_seed_for_rank(cfg.train.seed)
-        with torch.device(self.device):
+        with torch.device("meta"):
             model = GPT(cfg.model, tp=dims.tp)
         self.scaler = torch.amp.GradScaler(device_type) if self.dtype == "fp16" else None
         self.engine = build_engine(model, self.mesh, dims, cfg, self.device, self.dtype, self.scaler)
+        self.engine.materialize(cfg.model, cfg.train.seed)
         o, t = cfg.optim, cfg.train
         self.optimizer = build_optimizer(self.engine.model, o.lr, o.betas, o.eps, o.weight_decay)
         self.lr_at = LRSchedule(o.lr, o.min_lr, cfg.schedule.warmup_steps, cfg.schedule.decay, cfg.decay_steps)
@@ -86,6 +90,9 @@ class Trainer:
         self.train_ds, valid_ds = open_datasets(cfg.data, cfg.model.seq_length, want_valid=t.eval_iters > 0)
         self.validator = Validator(t, self.engine, valid_ds, self.dp_rank, dims.dp)
         self.guard = NonFiniteGuard(t.max_nan_steps, env.is_main)
+        self.flags = HostFlags(device_type)
+        self.prefetcher = Prefetcher(self.train_ds, self.rampup, self.dp_rank, dims.dp,
+                                     pin=device_type == "cuda", enabled=t.prefetch)
 
     def _plan_estimate(self, device_type: str):
         """The planner's estimate for this run's layout on this GPU kind (None on CPUs and
@@ -106,65 +113,86 @@ class Trainer:
 
     def optimizer_step(self, stop_requested: bool) -> StepResult:
         """One optimizer step (or a skipped one) over the next global batch; what every rank
-        agrees happened."""
+        agrees happened. Nothing here reads a device tensor back: the loss is all-reduced
+        and the gradient norm computed on the device, a NaN/inf in either skips the update
+        inside the fused AdamW kernel (its ``found_inf`` input, as a GradScaler drives it),
+        and only the stop request is agreed on, over the CPU."""
         s = self.state
         gbs = self.rampup.batch_size(s.consumed_samples)
-        tokens = self.train_ds.global_batch(s.consumed_samples, gbs, self.dp_rank, self.dims.dp)
+        tokens = self.prefetcher.get(s.consumed_samples, gbs)
         local_loss = self.engine.forward_backward(tokens)
-        # One collective for the loss (the mean over the loss ranks) and the stop request.
-        loss_sum, stops = all_reduce_sum([local_loss, 1.0 if stop_requested else 0.0], self.engine.device)
-        loss = loss_sum / self.engine.loss_ranks
-        finite = math.isfinite(loss)
+        loss = all_reduce_tensor(local_loss) / self.engine.loss_ranks
+        stop = self.flags.any(stop_requested)
         s.step += 1
         s.consumed_samples += gbs
         lr = self.lr_at(s.step)
-        grad_norm = float("nan")
-        if finite:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            grad_norm = self.engine.clip_grad_norm(self.cfg.optim.grad_clip)  # grad_clip 0 only measures
-            self._set_lr(lr)
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)  # skips itself on inf/NaN gradients
-                self.scaler.update()
-            elif math.isfinite(grad_norm):
-                self.optimizer.step()
-            else:
-                finite = False  # finite loss, non-finite gradients: skip the update too
-        if not finite:
-            s.skipped_steps += 1
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = self.engine.clip_grad_norm(self.cfg.optim.grad_clip)  # grad_clip 0 only measures
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm.to(loss.device))
+        self._set_lr(lr)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips itself on inf/NaN gradients
+            self.scaler.update()
+        else:
+            self.optimizer.found_inf = (~finite).to(torch.float32)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=loss, finite=finite, lr=lr, grad_norm=grad_norm, batch_size=gbs, stop=stops > 0)
+        return StepResult(loss=loss, finite=finite, lr=lr, grad_norm=grad_norm, batch_size=gbs, stop=stop)
 
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> dict[str, Any]:
-        """Train to ``train.steps`` (or a stop); returns the summary on every rank."""
+        """Train to ``train.steps`` (or a stop); returns the summary on every rank.
+
+        Device values (loss, gradient norm, the non-finite flags) are read only on the
+        steps that log, validate or checkpoint; Python's garbage collector runs every
+        ``train.gc_every`` steps instead of whenever it likes (0 leaves it automatic)."""
         s, steps = self.state, self.cfg.train.steps
-        with StopFlag() as stop:
-            self.checkpointer.maybe_resume()
-            start_step = s.step
-            self.metrics.start(s, f"training {self.n_params:,} parameters, {self.dims.describe()}, {self.dtype} "
-                                  f"on {self.device.type}: steps {s.step} -> {steps}")
-            stopped, val_loss = "completed", None
-            try:
-                while s.step < steps:
-                    r = self.optimizer_step(stop.requested)
-                    self.guard.check(s.step, r)
-                    last = s.step >= steps
-                    val = self.validator.validate() if self.validator.should_validate(s.step, last) else None
-                    val_loss = val if val is not None else val_loss
-                    self.metrics.record(s, r, val, last)
-                    if r.stop:
-                        stopped = "signal"
-                        break
-                    if self.checkpointer.maybe_save(s.step, last_step=last):
-                        self.metrics.sync()
-                checkpoint = self.checkpointer.finish(start_step, stopped)
-            except TrainingDiverged as e:
-                self.metrics.finish(s, None, "diverged", val_loss, self.checkpointer.resumed_from, str(e))
-                barrier()  # no rank exits (and gets the others killed) before the summary is written
-                raise
+        gc_every = self.cfg.train.gc_every
+        if gc_every:
+            gc.disable()
+        try:
+            with StopFlag() as stop:
+                summary = self._loop(stop, s, steps, gc_every)
+        finally:
+            if gc_every:
+                gc.enable()
+            self.prefetcher.close()
+        return summary
+
+    def _loop(self, stop: StopFlag, s: TrainState, steps: int, gc_every: int) -> dict[str, Any]:
+        self.checkpointer.maybe_resume()
+        start_step = s.step
+        self.metrics.start(s, f"training {self.n_params:,} parameters, {self.dims.describe()}, {self.dtype} "
+                              f"on {self.device.type}: steps {s.step} -> {steps}")
+        stopped, val_loss = "completed", None
+        try:
+            while s.step < steps:
+                r = self.optimizer_step(stop.requested)
+                self.guard.add(s.step, r)
+                last = s.step >= steps
+                validate = self.validator.should_validate(s.step, last)
+                save = self.checkpointer.due(s.step, last)
+                if validate or save or last or r.stop or self.metrics.should_log(s.step, last, False):
+                    self.guard.sync(s)  # the one read of this stretch of steps
+                val = self.validator.validate() if validate else None
+                val_loss = val if val is not None else val_loss
+                self.metrics.record(s, r, val, last)
+                if r.stop:
+                    stopped = "signal"
+                    break
+                if save:
+                    self.checkpointer.save()
+                    self.metrics.sync()
+                if gc_every and s.step % gc_every == 0:
+                    gc.collect(1)
+            self.guard.sync(s)
+            checkpoint = self.checkpointer.finish(start_step, stopped)
+        except TrainingDiverged as e:
+            self.metrics.finish(s, None, "diverged", val_loss, self.checkpointer.resumed_from, str(e))
+            barrier()  # no rank exits (and gets the others killed) before the summary is written
+            raise
         summary = self.metrics.finish(s, checkpoint, stopped, val_loss, self.checkpointer.resumed_from)
         return broadcast_object(summary)
 
@@ -173,7 +201,7 @@ def train(cfg: TrainRunConfig) -> dict[str, Any]:
     """Run this process's part of the training; returns the summary (on every rank)."""
     device_type = resolve_device(cfg.train.device)
     owns_group = not dist.is_initialized()
-    env = init_process_group(device_type)
+    env = init_process_group(device_type, cfg.train.collective_timeout_s)
     ok = False
     try:
         summary = Trainer(cfg, env, device_type).run()
