@@ -133,19 +133,29 @@ def equivalence(cfg: ModelConfig, pc: ParallelConfig, world: int, train: bool = 
     return out
 
 
-def accumulation(cfg: ModelConfig, pc: ParallelConfig, world: int, micro: int = 2) -> dict:
+def accumulation(cfg: ModelConfig, pc: ParallelConfig, world: int, micro: int = 2, every: bool = False) -> dict:
     """Gradient accumulation over ``micro`` micro-batches with the data-parallel reduction
-    switched off for all but the last gives the full-batch reference gradients."""
+    switched off for all but the last (or, ``every``, on for each: FSDP's
+    ``fsdp_grad_sync=micro_batch``) gives the full-batch reference gradients. Also whether,
+    after the first micro-batch, every gradient is already a sharded DTensor of this rank's
+    share (nothing unsharded kept)."""
     ref, model, mesh, dims = build(cfg, pc, world)
     tokens = tokens_for_step(0)
     cross_entropy(ref(tokens[:, :-1]), tokens[:, 1:]).backward()
     rows = local_rows(tokens, mesh, dims)
+    sharded_after_first = None
     for i, chunk in enumerate(rows.chunk(micro)):
-        set_requires_gradient_sync(model, i == micro - 1)
+        set_requires_gradient_sync(model, every or i == micro - 1)
         with loss_parallel_context(dims.tp > 1):
             loss = cross_entropy(model(chunk[:, :-1]), chunk[:, 1:]) / micro
             loss.backward()
-    return grad_check(ref, model)
+        if i == 0:
+            grads = [p.grad for p in model.parameters()]
+            sharded_after_first = all(isinstance(g, DTensor) and g.to_local().numel() < g.numel()
+                                      for g, p in zip(grads, model.parameters()) if p.numel() >= dims.dp * 8)
+    out = grad_check(ref, model)
+    out["sharded_after_first"] = sharded_after_first
+    return out
 
 
 def training(cfg: ModelConfig, pc: ParallelConfig | None, world: int) -> dict:
@@ -271,6 +281,8 @@ def two_process_checks(rank: int, world: int) -> dict:
     for fsdp in (False, True):
         res["dp"][f"learned/{'fsdp' if fsdp else 'ddp'}/accumulate"] = accumulation(
             tiny(), ParallelConfig(fsdp=fsdp), world)
+    res["dp"]["learned/fsdp/accumulate-sync-each"] = accumulation(tiny(), ParallelConfig(fsdp=True), world,
+                                                                  every=True)
     layouts = {
         "single": None,
         "tp2": ParallelConfig(tp=2),

@@ -127,5 +127,5 @@ def test_the_trainer_never_branches_on_pipeline_parallelism():
     pp_reads = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr in ("pp", "pp_rank")]
     pipeline_names = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Name) and "pipeline" in n.id.lower()]
     assert not pp_reads and not pipeline_names, (pp_reads, pipeline_names)
-    loop = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "run")
+    loop = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "_loop")
     assert any(isinstance(n, ast.While) for n in ast.walk(loop))  # the loop is where it is said to be

@@ -46,11 +46,19 @@ def test_dp2_grads_equal_full_batch_reference(results, case):
     _assert_equivalent(results[0]["dp"][case], case)
 
 
-@pytest.mark.parametrize("case", ["learned/ddp/accumulate", "learned/fsdp/accumulate"])
+@pytest.mark.parametrize("case", ["learned/ddp/accumulate", "learned/fsdp/accumulate",
+                                  "learned/fsdp/accumulate-sync-each"])
 def test_dp2_gradient_accumulation_without_sync_equals_full_batch(results, case):
     check = results[0]["dp"][case]
     assert check["same_names"] and check["ref_grad_max"] > 1e-3
     assert check["worst"] <= 1.0, (case, check)
+
+
+def test_fsdp_keeps_no_unsharded_gradient_between_micro_batches(results):
+    # parallel.fsdp_grad_sync=micro_batch (the default): reduce-scattered after the first
+    # micro-batch already; =step: FSDP2 holds the unsharded sum until the last one
+    assert results[0]["dp"]["learned/fsdp/accumulate-sync-each"]["sharded_after_first"] is True
+    assert results[0]["dp"]["learned/fsdp/accumulate"]["sharded_after_first"] is False
 
 
 @pytest.mark.parametrize("layout", ["tp2", "tp2+sp", "tp2+full-ac", "dp2", "dp2-fsdp",

@@ -28,6 +28,13 @@ class ParallelConfig(Config):
     sequence_parallel: bool = False
     # data parallel by FSDP2 (parameters, grads and optimizer state sharded) instead of DDP
     fsdp: bool = False
+    # FSDP2 with several micro-batches per step (no pipeline parallelism): "micro_batch"
+    # reduce-scatters each micro-batch's gradients, so no unsharded gradient outlives its
+    # backward (more traffic: one reduce-scatter per micro-batch); "step" accumulates
+    # unsharded fp32 gradients over the micro-batches and reduces once (4 bytes per
+    # parameter of this rank's tensor-parallel share held for the whole step). Under
+    # pipeline parallelism torch's schedule always reduces once per step.
+    fsdp_grad_sync: str = field(default="micro_batch", metadata={"choices": ("micro_batch", "step")})
     # "selective": recompute only the attention core (softmax, dropout, weighted sum),
     # "full": recompute every transformer block in the backward pass
     activation_checkpoint: str = field(default="none",

@@ -55,17 +55,27 @@ def apply_compile(model: nn.Module) -> None:
         block.compile()
 
 
-def apply_data_parallel(model: nn.Module, dp_mesh, fsdp: bool) -> None:
+def apply_data_parallel(model: nn.Module, dp_mesh, fsdp: bool, param_dtype=None) -> None:
+    """DDP (FSDP2's replicate) or FSDP2 over ``dp_mesh``. With ``param_dtype`` (bf16 on a
+    bf16 run) FSDP2 gathers parameters in that dtype and reduces gradients in fp32
+    (``MixedPrecisionPolicy``), halving the all-gather traffic of fp32 master weights."""
+    import torch
+
+    kwargs = {}
     if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
         from torch.distributed.fsdp import fully_shard as wrap
+
+        if param_dtype is not None:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     else:
         from torch.distributed._composable.replicate_with_fsdp import replicate as wrap
     for block in model.layers.children():
-        wrap(block, mesh=dp_mesh)
-    wrap(model, mesh=dp_mesh)
+        wrap(block, mesh=dp_mesh, **kwargs)
+    wrap(model, mesh=dp_mesh, **kwargs)
 
 
-def parallelize_gpt(model: nn.Module, mesh, cfg: ParallelConfig) -> nn.Module:
+def parallelize_gpt(model: nn.Module, mesh, cfg: ParallelConfig, param_dtype=None) -> nn.Module:
     """Parallelize ``model`` (a ``GPT`` or a pipeline ``GPTStage``, on the mesh's device)
     in place and return it.
 
@@ -90,7 +100,7 @@ def parallelize_gpt(model: nn.Module, mesh, cfg: ParallelConfig) -> nn.Module:
     if cfg.compile:
         apply_compile(model)
     if dp > 1:
-        apply_data_parallel(model, dp_mesh, fsdp=cfg.fsdp)
+        apply_data_parallel(model, dp_mesh, fsdp=cfg.fsdp, param_dtype=param_dtype)
     log.info("parallelized GPT: tp=%d%s, dp=%d (%s), activation checkpointing %s%s", tp,
              " + sequence parallel" if sp else "", dp,
              "FSDP2" if cfg.fsdp else "DDP" if dp > 1 else "none", cfg.activation_checkpoint,

@@ -114,7 +114,7 @@ class PipelineParallel:
     :class:`StageChunks` of the rank's virtual stages) to give the optimizer, the
     checkpointer and gradient clipping."""
 
-    def __init__(self, model: GPT, mesh, dims, cfg: ParallelConfig, device: torch.device):
+    def __init__(self, model: GPT, mesh, dims, cfg: ParallelConfig, device: torch.device, param_dtype=None):
         import torch.distributed as dist
         from torch.distributed.pipelining import PipelineStage
 
@@ -129,7 +129,7 @@ class PipelineParallel:
         self.stages = []
         for index in dims.stage_indices(self.pp_rank):
             chunk = split_stage(model, dims.chunk_layers(index), index == 0, index == n_chunks - 1)
-            chunk = parallelize_gpt(chunk, mesh["dp", "tp"], cfg)
+            chunk = parallelize_gpt(chunk, mesh["dp", "tp"], cfg, param_dtype=param_dtype)
             self.chunks.append(chunk)
             self.stages.append(PipelineStage(chunk, index, n_chunks, device, group=self.group))
         self.model = self.chunks[0] if len(self.chunks) == 1 else StageChunks(self.chunks)

@@ -48,10 +48,16 @@ def model_from_args(preset: str | None, overrides: list[str], seq: int | None) -
     return load_config(ModelConfig, None, keys, base=base)
 
 
+def _dp_mode(lay) -> str:
+    if not lay.fsdp:
+        return "ddp"
+    return "fsdp" if lay.fsdp_grad_sync == "micro_batch" or lay.pp > 1 else "fsdp-step"
+
+
 def _row(rank: int, e) -> list[str]:
     lay, t, mem = e.layout, e.time, e.memory
     return [str(rank), str(lay.tp), f"{lay.pp}" + (f"x{lay.virtual_stages}" if lay.virtual_stages > 1 else ""),
-            str(lay.dp), str(lay.micro_batch_size), lay.activation_checkpoint, "fsdp" if lay.fsdp else "ddp",
+            str(lay.dp), str(lay.micro_batch_size), lay.activation_checkpoint, _dp_mode(lay),
             f"{mem.total / GB:.1f}", f"{t.total:.3f}", f"{100 * t.bubble_fraction:.1f}",
             f"{e.tokens_per_step / t.total:,.0f}", f"{e.model_tflops_per_gpu:.0f}",
             f"{e.hardware_tflops_per_gpu:.0f}", f"{100 * e.mfu:.1f}"]
@@ -102,7 +108,7 @@ def main(args: argparse.Namespace) -> int:
         if result.too_big:
             e = result.too_big[0]
             print(f"smallest: {e.layout.describe()} {e.layout.activation_checkpoint} "
-                  f"{'fsdp' if e.layout.fsdp else 'ddp'}: {describe_memory(e)}")
+                  f"{_dp_mode(e.layout)}: {describe_memory(e)}")
         for reason, count in result.invalid.most_common(3):
             print(f"  {count} x {reason}")
         return 1

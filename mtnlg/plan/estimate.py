@@ -11,8 +11,10 @@ bf16 autocast, AdamW.
 
 * weights 4 B/parameter, gradients 4 B, AdamW's two moments 8 B. FSDP shards all three
   over the data-parallel ranks, except that gradients accumulated over several
-  micro-batches stay unsharded until the last one (FSDP2's ``set_requires_gradient_sync``);
-  FSDP also holds two gathered blocks (the one running and the one prefetched).
+  micro-batches stay unsharded until the last one with ``parallel.fsdp_grad_sync=step``
+  or under pipeline parallelism (torch's schedule reduces once per step); FSDP also holds
+  two gathered blocks (the one running and the one prefetched), in bf16 (its
+  ``MixedPrecisionPolicy`` on a bf16 run).
 * the bf16 copies autocast makes of the weights (2 B/parameter; under pipeline parallelism
   the whole schedule runs in one autocast region, so they live for the step).
 * activations from Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
@@ -43,8 +45,9 @@ bf16 autocast, AdamW.
   sequence parallelism) forward and backward, ``v`` times over, over InfiniBand when a
   stage spans a node;
 * data parallelism: DDP all-reduces fp32 gradients (``2 (d-1)/d`` of them per GPU), FSDP
-  all-gathers fp32 parameters for forward and backward of every micro-batch and
-  reduce-scatters the gradients once, over NVLink when the data-parallel group fits in a
+  all-gathers bf16 parameters for forward and backward of every micro-batch and
+  reduce-scatters fp32 gradients after each micro-batch (``fsdp_grad_sync=micro_batch``)
+  or once (``step``, and under pipelining), over NVLink when the data-parallel group fits in a
   node, else InfiniBand; only the last micro-batch's backward hides the gradient reduction;
   with tied embeddings across stages, one all-reduce of the embedding's gradient between
   the first and the last stage;
@@ -77,6 +80,7 @@ class Layout:
     micro_batch_size: int = 1
     activation_checkpoint: str = "none"   # none | selective | full
     fsdp: bool = False
+    fsdp_grad_sync: str = "micro_batch"   # micro_batch | step (parallel.fsdp_grad_sync)
     sequence_parallel: bool = True        # only meaningful with tp > 1
     pp_schedule: str = "1f1b"             # 1f1b | gpipe (pp > 1)
 
@@ -215,9 +219,10 @@ def estimate(m: ModelConfig, lay: Layout, w: Workload, gpu: GPU) -> Estimate:
     first, last, block = _stage_parameters(m, lay)
     params = max(first, last)
     shard = d if (lay.fsdp and d > 1) else 1
-    gathered = 2 * block * FP32 if shard > 1 else 0.0
+    gathered = 2 * block * BF16 if shard > 1 else 0.0
     weights = params * FP32 / shard + gathered
-    gradients = params * FP32 / (shard if n_micro == 1 else 1)
+    reduce_once = lay.pp > 1 or lay.fsdp_grad_sync == "step"
+    gradients = params * FP32 / (shard if (n_micro == 1 or not reduce_once) else 1)
     optimizer = params * 2 * FP32 / shard
     weight_copies = params * BF16 if p > 1 else block * BF16 * 2
     kept, recompute_peak = _activation_bytes_per_layer(m, lay, w)
@@ -253,8 +258,10 @@ def estimate(m: ModelConfig, lay: Layout, w: Workload, gpu: GPU) -> Estimate:
     dp_gbps = gpu.nvlink_gbps if stage_ranks <= gpu.gpus_per_node else gpu.ib_gbps
     grad_bytes = params * FP32
     if lay.fsdp and d > 1:
-        dp_total = 2 * n_micro * _ring(grad_bytes, d, dp_gbps, 1.0) + _ring(grad_bytes, d, dp_gbps, 1.0)
-        hidden = 2 * n_micro * micro_compute * 0.9     # gathers prefetched behind compute
+        reduces = 1 if reduce_once else n_micro
+        dp_total = (2 * n_micro * _ring(params * BF16, d, dp_gbps, 1.0)
+                    + reduces * _ring(grad_bytes, d, dp_gbps, 1.0))
+        hidden = (2 * n_micro + reduces - 1) * micro_compute * 0.9   # prefetched / overlapped behind compute
     else:
         dp_total = _ring(grad_bytes, d, dp_gbps)
         hidden = 0.0

@@ -43,14 +43,16 @@ def parallel_config(lay: Layout) -> ParallelConfig:
     """The trainer's ``parallel`` section for a layout."""
     return ParallelConfig(tp=lay.tp, pp=lay.pp, dp=lay.dp, pp_schedule=lay.pp_schedule,
                           pp_virtual=lay.virtual_stages, sequence_parallel=lay.sequence_parallel and lay.tp > 1,
-                          fsdp=lay.fsdp and lay.dp > 1, activation_checkpoint=lay.activation_checkpoint)
+                          fsdp=lay.fsdp and lay.dp > 1, fsdp_grad_sync=lay.fsdp_grad_sync,
+                          activation_checkpoint=lay.activation_checkpoint)
 
 
 def layout_of(dims: ParallelDims, cfg: ParallelConfig, micro_batch_size: int) -> Layout:
     """The planner's view of a checked training layout."""
     return Layout(tp=dims.tp, pp=dims.pp, dp=dims.dp, virtual_stages=dims.virtual_stages,
                   micro_batch_size=micro_batch_size, activation_checkpoint=cfg.activation_checkpoint,
-                  fsdp=dims.fsdp, sequence_parallel=dims.sequence_parallel, pp_schedule=cfg.pp_schedule)
+                  fsdp=dims.fsdp, fsdp_grad_sync=cfg.fsdp_grad_sync, sequence_parallel=dims.sequence_parallel,
+                  pp_schedule=cfg.pp_schedule)
 
 
 def layout_problem(m: ModelConfig, lay: Layout, global_batch_size: int,
@@ -88,11 +90,16 @@ def candidates(m: ModelConfig, n_gpus: int, gpu: GPU, global_batch_size: int,
                         continue
                     n_micro = global_batch_size // (b * d)
                     schedule = "1f1b" if (p == 1 or v > 1 or n_micro >= p) else "gpipe"
+                    dp_modes = [(False, "micro_batch")]
+                    if d > 1:
+                        dp_modes.append((True, "micro_batch"))
+                        if p == 1 and n_micro > 1:
+                            dp_modes.append((True, "step"))
                     for ac in RECOMPUTE:
-                        for fsdp in ((False, True) if d > 1 else (False,)):
+                        for fsdp, sync in dp_modes:
                             yield Layout(tp=t, pp=p, dp=d, virtual_stages=v, micro_batch_size=b,
-                                         activation_checkpoint=ac, fsdp=fsdp, sequence_parallel=t > 1,
-                                         pp_schedule=schedule)
+                                         activation_checkpoint=ac, fsdp=fsdp, fsdp_grad_sync=sync,
+                                         sequence_parallel=t > 1, pp_schedule=schedule)
 
 
 def plan(m: ModelConfig, n_gpus: int, gpu: GPU, w: Workload, tp: int | None = None, pp: int | None = None,

@@ -102,11 +102,12 @@ class LocalEngine(Engine):
     flatten_optimizer = False
 
     def __init__(self, model: nn.Module, dims: ParallelDims, device: torch.device, dtype: str,
-                 micro_batch_size: int, scaler: torch.amp.GradScaler | None):
+                 micro_batch_size: int, scaler: torch.amp.GradScaler | None, sync_every_micro_batch: bool = False):
         super().__init__(dims, device, dtype, micro_batch_size)
         self.model = model
         self.scaler = scaler
         self.loss_ranks = dims.world_size
+        self.sync_every_micro_batch = sync_every_micro_batch
 
     def _micro_batches(self, tokens: np.ndarray):
         """(b_local, T+1) -> micro-batches of (inputs, targets), each (mb, T)."""
@@ -118,8 +119,9 @@ class LocalEngine(Engine):
         n_micro = self.n_micro(tokens)
         total = torch.zeros((), device=self.device, dtype=torch.float32)
         for i, (x, y) in enumerate(self._micro_batches(tokens)):
-            # Data-parallel gradient reduction only after the last micro-batch.
-            set_requires_gradient_sync(self.model, i == n_micro - 1)
+            # Data-parallel gradient reduction only after the last micro-batch (DDP, and
+            # FSDP with parallel.fsdp_grad_sync=step), or after each (FSDP's default).
+            set_requires_gradient_sync(self.model, self.sync_every_micro_batch or i == n_micro - 1)
             with loss_parallel_context(self.dims.tp > 1):
                 with self._autocast():
                     logits = self.model(x)                                       # (mb, T, V_padded)
@@ -149,14 +151,14 @@ class PipelineEngine(Engine):
     flatten_optimizer = True  # each stage's optimizer holds different parameters
 
     def __init__(self, model: nn.Module, mesh, dims: ParallelDims, cfg, device: torch.device, dtype: str,
-                 micro_batch_size: int):
+                 micro_batch_size: int, param_dtype=None):
         from mtnlg.parallel.pipeline_parallel import PipelineParallel
 
         if dtype == "fp16":
             raise ConfigError("train.dtype=fp16 (loss scaling) is not supported with parallel.pp > 1; "
                               "use bf16 or fp32")
         super().__init__(dims, device, dtype, micro_batch_size)
-        self.pipeline = PipelineParallel(model, mesh, dims, cfg, device)
+        self.pipeline = PipelineParallel(model, mesh, dims, cfg, device, param_dtype=param_dtype)
         self.model = self.pipeline.model  # this stage only, under global parameter names
         self.pp_group = mesh.get_group("pp")
         self.loss_ranks = dims.world_size // dims.pp  # the last stage's ranks
@@ -192,9 +194,13 @@ def build_engine(model: nn.Module, mesh, dims: ParallelDims, cfg, device: torch.
     from mtnlg.parallel.parallelize import parallelize_gpt
 
     mb = cfg.train.micro_batch_size
+    # FSDP2 gathers bf16 parameters and reduces fp32 gradients on a bf16 run
+    param_dtype = torch.bfloat16 if dtype == "bf16" and dims.fsdp else None
     if dims.pp == 1:
-        return LocalEngine(parallelize_gpt(model, mesh["dp", "tp"], cfg.parallel), dims, device, dtype, mb, scaler)
-    engine = PipelineEngine(model, mesh, dims, cfg.parallel, device, dtype, mb)
+        every = dims.fsdp and cfg.parallel.fsdp_grad_sync == "micro_batch"
+        return LocalEngine(parallelize_gpt(model, mesh["dp", "tp"], cfg.parallel, param_dtype), dims, device, dtype,
+                           mb, scaler, sync_every_micro_batch=every)
+    engine = PipelineEngine(model, mesh, dims, cfg.parallel, device, dtype, mb, param_dtype=param_dtype)
     # dropout draws differ per stage (Megatron); the weights were drawn alike, before
     set_seed_for_rank(cfg.train.seed, dims.pp_rank(mesh))
     return engine
