@@ -15,6 +15,13 @@ FLOPs per token are ``6 N + 12 L H T`` (``mtnlg.model.flops``) for both models.
 
     python benchmarks/train.py                  # CPU, prints the table and the ratios
     python benchmarks/train.py --device cuda    # one GPU: bf16 ~1.3B model, seq 2048, MFU vs peak
+    python benchmarks/train.py --sweep          # CPU layout sweep: tp, pp, dp over 1, 2, 4 processes
+
+``--sweep`` trains the ``small-20m`` model with ``mtnlg train --nproc N`` in each layout
+(the real launcher, gloo) and prints tokens/s next to the single process's, then measures
+the pipeline bubble: 2 stages, m micro-batches, each stage's busy time (its forward and
+backward chunks, timed inside ``torch.distributed.pipelining``) against the step's, next
+to the formula (p - 1) / (m + p - 1).
 """
 
 from __future__ import annotations
@@ -231,6 +238,127 @@ def run_cuda(args) -> dict:
     return out
 
 
+SWEEP = [("single", 1, []), ("tp2", 2, ["parallel.tp=2"]), ("pp2", 2, ["parallel.tp=1", "parallel.pp=2"]),
+         ("dp2", 2, ["parallel.tp=1"]), ("tp2 x dp2", 4, ["parallel.tp=2"]),
+         ("pp2 x tp2", 4, ["parallel.tp=2", "parallel.pp=2"]), ("pp2 x dp2", 4, ["parallel.tp=1", "parallel.pp=2"]),
+         ("dp4", 4, ["parallel.tp=1"]), ("pp2x2 interleaved x dp2", 4, ["parallel.tp=1", "parallel.pp=2",
+                                                                    "parallel.pp_virtual=2", "model.num_layers=4"])]
+
+
+def _sweep_layout(data: str, root: str, name: str, nproc: int, extra: list[str], steps: int, batch: int) -> dict:
+    import subprocess
+
+    out = os.path.join(root, name.replace(" ", "_"))
+    cmd = [sys.executable, "-m", "mtnlg.cli", "train", "--nproc", str(nproc), "--recipe", "small-20m",
+           f"data.path={data}", f"output={out}", f"train.steps={steps}", "train.log_every=2", "train.eval_iters=0",
+           f"train.global_batch_size={batch}", "train.micro_batch_size=2", "train.dtype=fp32", "train.device=cpu",
+           "checkpoint.every=0", "model.dropout=0", "model.attention_dropout=0", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        return {"error": proc.stderr[-800:]}
+    rows = [json.loads(x) for x in open(os.path.join(out, "log.jsonl")) if x.strip()]
+    rates = [r["tokens_per_s"] for r in rows[1:]]  # the first interval holds the warm-up
+    return {"tokens_per_s": statistics.median(rates), "intervals": len(rates)}
+
+
+def _bubble_worker(rank: int, world: int, port: int, n_micro: int, reps: int, queue) -> None:
+    import torch.distributed as dist
+    from torch.distributed.pipelining import stage as stage_mod
+
+    from mtnlg.model.gpt import GPT
+    from mtnlg.model.presets import get_preset
+    from mtnlg.parallel.config import ParallelConfig
+    from mtnlg.parallel.dims import ParallelDims
+    from mtnlg.parallel.pipeline_parallel import PipelineParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    busy = {"t": 0.0}
+
+    def timed(fn):
+        def wrapper(self, *a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(self, *a, **kw)
+            finally:
+                busy["t"] += time.perf_counter() - t
+        return wrapper
+
+    stage_mod._PipelineStageBase.forward_one_chunk = timed(stage_mod._PipelineStageBase.forward_one_chunk)
+    stage_mod._PipelineStageBase.backward_one_chunk = timed(stage_mod._PipelineStageBase.backward_one_chunk)
+    import dataclasses
+
+    cfg = dataclasses.replace(get_preset("small-20m"), num_layers=4, tie_embeddings=False, dropout=0.0,
+                              attention_dropout=0.0)
+    pc = ParallelConfig(pp=world)
+    dims = ParallelDims.build(pc, world, cfg)
+    mesh = dims.build_mesh("cpu")
+    model = GPT(cfg)
+    pipe = PipelineParallel(model, mesh, dims, pc, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (2 * n_micro, cfg.seq_length + 1), generator=g)
+    pipe.forward_backward(tokens[:, :-1], tokens[:, 1:], n_micro)  # warm-up
+    busy["t"] = 0.0
+    dist.barrier()
+    t = time.perf_counter()
+    for _ in range(reps):
+        pipe.forward_backward(tokens[:, :-1], tokens[:, 1:], n_micro)
+    total = time.perf_counter() - t
+    queue.put((rank, busy["t"], total))
+    dist.destroy_process_group()
+
+
+def measure_bubble(n_micro: int, reps: int = 3, stages: int = 2) -> dict:
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from distributed import free_port
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_bubble_worker, args=(r, stages, port, n_micro, reps, queue)) for r in range(stages)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+    idle = [1 - busy / total for _, busy, total in sorted(results)]
+    return {"micro_batches": n_micro, "measured_idle_per_stage": idle, "measured": sum(idle) / len(idle),
+            "formula": (stages - 1) / (n_micro + stages - 1)}
+
+
+def run_sweep(args) -> dict:
+    load_before = os.getloadavg()
+    out: dict = {"layouts": {}}
+    with tempfile.TemporaryDirectory(prefix="mtnlg-sweep-") as d:
+        data = _token_dir(os.path.join(d, "tok"), 8192, 400_000)
+        for name, nproc, extra in SWEEP:
+            r = _sweep_layout(data, d, name, nproc, extra, args.sweep_steps, args.batch)
+            out["layouts"][name] = dict(r, processes=nproc)
+            print(f"{name:26s} {nproc} proc  " + (f"{r['tokens_per_s']:9,.0f} tokens/s" if "error" not in r
+                                                   else "failed: " + r["error"][-200:]), flush=True)
+    base = out["layouts"]["single"].get("tokens_per_s")
+    for r in out["layouts"].values():
+        if base and "tokens_per_s" in r:
+            r["vs_single"] = r["tokens_per_s"] / base
+    out["bubble"] = [measure_bubble(m) for m in (2, 4, 8)]
+    out["load_avg_before"], out["load_avg_after"] = load_before, os.getloadavg()
+    print(f"\n{'layout':26s} {'procs':>5s} {'tokens/s':>10s} {'x single':>9s}")
+    for name, r in out["layouts"].items():
+        if "tokens_per_s" in r:
+            print(f"{name:26s} {r['processes']:5d} {r['tokens_per_s']:10,.0f} {r['vs_single']:9.2f}")
+    print(f"\npipeline bubble, 2 stages ({os.cpu_count()} CPUs, one thread per stage):")
+    for b in out["bubble"]:
+        print(f"  m={b['micro_batches']}: measured idle {100 * b['measured']:.1f}% "
+              f"(stages {', '.join(f'{100 * x:.1f}%' for x in b['measured_idle_per_stage'])}), "
+              f"formula (p-1)/(m+p-1) = {100 * b['formula']:.1f}%")
+    print(f"load average before {load_before[0]:.2f}, after {out['load_avg_after'][0]:.2f}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -243,10 +371,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face comparison")
     p.add_argument("--json", default=None, help="also write the figures to this file")
+    p.add_argument("--sweep", action="store_true", help="CPU layout sweep over 1, 2 and 4 processes")
+    p.add_argument("--sweep-steps", type=int, default=12, help="steps per layout in --sweep")
     args = p.parse_args(argv)
     args.batch = args.batch or 8
     os.environ.setdefault("MTNLG_LOG_LEVEL", "WARNING")
-    out = run_cuda(args) if args.device == "cuda" else run_cpu(args)
+    if args.sweep:
+        out = run_sweep(args)
+    else:
+        out = run_cuda(args) if args.device == "cuda" else run_cpu(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

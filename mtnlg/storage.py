@@ -1077,17 +1077,86 @@ def copy_tree(src: str, dst: str) -> list[str]:
     return out
 
 
+_GCS_BATCH = 100     # deletions per GCS batch request (the JSON API's limit)
+_S3_BATCH = 1000     # keys per S3 DeleteObjects request (the API's limit)
+
+
+def _chunks(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def _gcs_delete_many(prefix: str, uris: list[str]) -> None:
+    """Delete ``uris`` (under ``prefix``) in batch requests of 100; whatever a failed or
+    cut-off batch left is found again by listing and deleted in the next round."""
+    bucket = split_gcs(prefix)[0]
+    wanted = set(uris)
+    remaining = uris
+    for _ in range(retry_policy().attempts):
+        def batches() -> None:
+            client = gcs_client()
+            for chunk in _chunks(remaining, _GCS_BATCH):
+                with client.batch():
+                    for u in chunk:
+                        client.bucket(bucket).blob(split_gcs(u)[1]).delete(retry=None, timeout=_t())
+
+        try:
+            _gcs("delete", prefix, batches)
+        except FileNotFoundError:
+            pass  # some object was gone already (an earlier answer lost): list what is left
+        remaining = [u for u in list_files(prefix) if u in wanted]
+        if not remaining:
+            return
+    raise RemoteStorageError(f"{prefix}: {len(remaining)} objects still there after deleting "
+                             f"{retry_policy().attempts} times (first: {remaining[0]})")
+
+
+def _s3_delete_many(prefix: str, uris: list[str]) -> None:
+    """Delete ``uris`` with DeleteObjects, 1000 keys a request; keys the answer reports as
+    failed with a transient code are sent again, others fail naming the key."""
+    for chunk in _chunks(uris, _S3_BATCH):
+        bucket = _s3_key(chunk[0])[0]
+        pending = [_s3_key(u)[1] for u in chunk]
+        for attempt in range(1, retry_policy().attempts + 1):
+            def send() -> dict:
+                return s3_client().delete_objects(
+                    Bucket=bucket, Delete={"Objects": [{"Key": k} for k in pending], "Quiet": True})
+
+            with _s3_errors(prefix):
+                answer = _with_retries("delete", prefix, send)
+            errors = answer.get("Errors") or []
+            if not errors:
+                break
+            bad = [e for e in errors if e.get("Code") not in _TRANSIENT_CODES]
+            if bad:
+                e = bad[0]
+                uri = f"s3://{bucket}/{e.get('Key')}"
+                if e.get("Code") == "AccessDenied":
+                    raise PermissionError(f"{uri}: delete refused ({e.get('Message', 'AccessDenied')})")
+                raise RemoteStorageError(f"{uri}: delete failed: {e.get('Code')} {e.get('Message', '')}")
+            pending = [e["Key"] for e in errors]
+            if attempt == retry_policy().attempts:
+                raise RemoteStorageError(f"s3://{bucket}/{pending[0]}: delete failed {attempt} times "
+                                         f"({errors[0].get('Code')}); gave up")
+            time.sleep(retry_policy().delay(attempt, _jitter))
+
+
 def remove(path: str) -> None:
-    """Remove a file or a whole directory / gs:// or s3:// prefix."""
+    """Remove a file or a whole directory / gs:// or s3:// prefix; a prefix's objects go in
+    bulk (GCS batch requests of 100, S3 DeleteObjects of 1000), so pruning a checkpoint of
+    thousands of shards takes tens of requests, not thousands."""
     if is_gcs(path):
-        for f in list_files(path):
-            _gcs_delete(f)
+        files = list_files(path)
+        if len(files) <= 1:
+            for f in files:
+                _gcs_delete(f)
+        else:
+            _gcs_delete_many(path, files)
         return
     if is_s3(path):
-        for f in list_files(path):
-            bucket, key = _s3_key(f)
-            with _s3_errors(f):
-                _with_retries("delete", f, lambda: s3_client().delete_object(Bucket=bucket, Key=key))
+        files = list_files(path)
+        if files:
+            _s3_delete_many(path, files)
         return
     if os.path.isdir(path):
         shutil.rmtree(path)

@@ -151,6 +151,28 @@ def test_s3_data(tmp_path, s3, monkeypatch):
     assert os.listdir(tmp_path / "cache" / "data")  # downloaded once into the local cache
 
 
+def test_a_node_downloads_and_indexes_once(tmp_path, gcs, monkeypatch):
+    # open_datasets_per_node: the node's local rank 0 downloads the gs:// data and builds
+    # the (cached) sample index; the node's other ranks, after the barrier, find both
+    from mtnlg.train.config import DataConfig
+    from mtnlg.train.data import open_datasets_per_node
+
+    monkeypatch.setenv("MTNLG_CACHE_DIR", str(tmp_path / "cache"))
+    prefix, _ = _unique_tokens(tmp_path / "big", n_docs=gd.CACHE_MIN_ENTRIES + 10, max_len=4)
+    for ext in (".bin", ".idx"):
+        storage.copy(prefix + ext, storage.join(gcs, "tok", "train" + ext))
+    copies, builds = [], []
+    real_copy, real_build = storage.copy, gd.build_epoch_index
+    monkeypatch.setattr(storage, "copy", lambda *a, **k: (copies.append(a[0]), real_copy(*a, **k))[1])
+    monkeypatch.setattr(gd, "build_epoch_index", lambda *a, **k: (builds.append(1), real_build(*a, **k))[1])
+    data = DataConfig(path=storage.join(gcs, "tok"))
+    first, _ = open_datasets_per_node(data, 4, False, local_rank=0)
+    assert len(copies) == 2 and len(builds) == 1  # .bin + .idx, one index
+    other, _ = open_datasets_per_node(data, 4, False, local_rank=1)
+    assert len(copies) == 2 and len(builds) == 1  # nothing again
+    assert np.array_equal(other.global_batch(8, 8, 1, 2), first.global_batch(8, 8, 1, 2))
+
+
 def _remote_data(tmp_path, root: str) -> None:
     prefix, _ = _unique_tokens(tmp_path / "d")
     for ext in (".bin", ".idx"):

@@ -64,6 +64,20 @@ def open_datasets(data, seq_length: int, want_valid: bool):
     return train, (GPTDataset(valid_prefix, seq_length, data.seed) if want_valid else None)
 
 
+def open_datasets_per_node(data, seq_length: int, want_valid: bool, local_rank: int):
+    """:func:`open_datasets` by each node's local rank 0 first (it downloads gs:// / s3://
+    data into the node's cache and builds the sample index there), then, after a barrier,
+    by the node's other ranks, which find both in the cache: one download and one index
+    build per node, not per rank. Collective."""
+    from mtnlg.dist import barrier
+
+    out = open_datasets(data, seq_length, want_valid) if local_rank == 0 else None
+    barrier()
+    if out is None:
+        out = open_datasets(data, seq_length, want_valid)
+    return out
+
+
 def preflight_problems(cfg) -> list[str]:
     """What would stop a run before its processes start, all at once: the data files, the
     tokenizer, the output's writability, the checkpoint to resume from. Empty: go."""

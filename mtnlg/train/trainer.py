@@ -32,7 +32,7 @@ from mtnlg.dist import HostFlags, ProcessEnv, all_reduce_tensor, barrier, broadc
 from mtnlg.progress import get_logger
 from mtnlg.train.checkpointer import Checkpointer
 from mtnlg.train.config import TrainRunConfig
-from mtnlg.train.data import Prefetcher, open_datasets, with_tokenizer_vocab
+from mtnlg.train.data import Prefetcher, open_datasets_per_node, with_tokenizer_vocab
 from mtnlg.train.device import device_peak_tflops, enable_tf32, resolve_device, resolve_dtype, torch_device
 from mtnlg.train.engine import build_engine
 from mtnlg.train.metrics import MetricsProcessor
@@ -87,7 +87,8 @@ class Trainer:
                                          self.engine.flatten_optimizer,
                                          {"layout": dims.as_dict(), "parameters": self.n_params}, env.is_main)
         self.metrics = MetricsProcessor(cfg, env.is_main, description)
-        self.train_ds, valid_ds = open_datasets(cfg.data, cfg.model.seq_length, want_valid=t.eval_iters > 0)
+        self.train_ds, valid_ds = open_datasets_per_node(cfg.data, cfg.model.seq_length, t.eval_iters > 0,
+                                                         env.local_rank)
         self.validator = Validator(t, self.engine, valid_ds, self.dp_rank, dims.dp)
         self.guard = NonFiniteGuard(t.max_nan_steps, env.is_main)
         self.flags = HostFlags(device_type)
