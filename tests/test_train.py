@@ -191,6 +191,31 @@ def test_diverging_run_aborts_with_a_clear_message(tokenized, tmp_path, capsys):
     assert "Lower optim.lr" in s["error"]
 
 
+def test_background_checkpoints_equal_synchronous_ones(tokenized, tmp_path):
+    """checkpoint.async_save: the step-2 state is copied to host memory and written while
+    steps 3-4 train; it must hold exactly what a synchronous save of step 2 holds."""
+    from mtnlg.formats.dcp_reader import CheckpointReader
+
+    runs = {}
+    for mode in ("false", "true"):
+        out = str(tmp_path / f"async-{mode}")
+        assert _train("--nproc", "2", "--recipe", "debug", f"data.path={tokenized}", f"output={out}",
+                      "train.steps=4", "train.log_every=1", "train.eval_iters=0", "checkpoint.every=2",
+                      "checkpoint.keep_last=0", "schedule.decay_steps=20", f"checkpoint.async_save={mode}") == 0
+        runs[mode] = out
+        assert [r["step"] for r in _log(out)] == [1, 2, 3, 4]
+    assert [r["loss"] for r in _log(runs["true"])] == [r["loss"] for r in _log(runs["false"])]
+    for step in ("step_00000002", "step_00000004"):
+        a, b = (os.path.join(runs[m], "checkpoints", step) for m in ("false", "true"))
+        with CheckpointReader(a) as ra, CheckpointReader(b) as rb:
+            ea, eb = ra.entries(), rb.entries()
+            assert set(ea) == set(eb) and len(ea) > 50
+            for k in ea:
+                if k.startswith(("model.", "optim.state.")):
+                    assert torch.equal(ra.read(k), rb.read(k)), (step, k)
+    assert storage.read_text(os.path.join(runs["true"], "checkpoints", "latest")).strip() == "step_00000004"
+
+
 def test_training_starts_from_a_directory_holding_a_folder_named_mtnlg(tokenized, tmp_path, monkeypatch):
     """A clone (or any `mtnlg/` folder) in the current directory must not shadow the
     installed package in the training processes: they start in Python's safe-path mode."""

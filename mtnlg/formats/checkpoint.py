@@ -463,69 +463,113 @@ def save_checkpoint(directory: str, step: int, model: torch.nn.Module, optimizer
     parameter name too (``param_groups.<fqn>.lr``); pipeline parallelism needs it, since
     each stage's optimizer holds different parameters, and must load with the same flag.
     """
-    rank, world = _rank(), _world()
-    name = step_dirname(step)
-    final = storage.join(directory, name)
-    options = StateDictOptions(flatten_optimizer_state_dict=flatten_optimizer)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
-    state = {"model": model_sd, "optim": optim_sd}
-    meta = dict(trainer_state, step=step, world_size=world, format=FORMAT)
-    rng_name = f"rank_{rank:05d}.pt"
+    pending = PendingCheckpoint(directory, step, model, optimizer, trainer_state, config_text, extra_files,
+                                keep_last, flatten_optimizer, process_group=None)
+    return pending.finish()
 
-    if not storage.is_remote(directory):
-        tmp = final + ".tmp"
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(os.path.join(tmp, "rng"))
-        barrier()
-        try:
-            dcp.save(state, storage_writer=_Writer(tmp, final))
-            torch.save(rng_state(), os.path.join(tmp, "rng", rng_name))
-        except (Exception, CheckpointException) as e:  # a full disk: ENOSPC/EFBIG, or a short write in torch
-            cause = next(iter(getattr(e, "failures", {}).values()), e)  # DCP wraps each rank's error
-            cause = cause[0] if isinstance(cause, tuple) else cause
-            raise CheckpointSaveError(f"saving checkpoint {final} failed on rank {rank}: "
-                                      f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''} "
-                                      f"({storage.write_failure_hint(tmp, e)}); the previous checkpoint "
-                                      "is untouched and `latest` still names it") from e
-        barrier()  # .metadata is written once every rank's shards are
-        _write_checksums(tmp, _rank_files(tmp, rank), rank)
-        barrier()
-        if rank == 0:
-            _write_side_files(tmp, meta, config_text, extra_files)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-    else:
-        if rank == 0 and storage.isdir(final):
-            storage.remove(final)  # a partial upload from an earlier, interrupted attempt
-        barrier()
-        staging = tempfile.mkdtemp(prefix=f"mtnlg-ckpt-r{rank}-")
-        try:
-            os.makedirs(os.path.join(staging, "rng"))
-            dcp.save(state, storage_writer=_Writer(staging, final))
-            torch.save(rng_state(), os.path.join(staging, "rng", rng_name))
-            _write_checksums(staging, _rank_files(staging, rank), rank)
-            storage.copy_tree(staging, final)  # this rank's shards and checksums (rank 0 also .metadata)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        barrier()
-        if rank == 0:
-            _write_side_files(final, meta, config_text, extra_files)
-    if rank == 0:
-        # Before `latest` moves and older checkpoints go, the new one must read back whole
-        # (each file there at the size its writer recorded): pruning never deletes the
-        # newest good checkpoint for one that is not.
-        problems = written_whole(final)
-        if problems:
-            log.error("checkpoint %s did not read back whole (%s): `latest` still names the previous "
-                      "checkpoint and nothing was pruned", final, "; ".join(problems))
+
+class PendingCheckpoint:
+    """A checkpoint being written: :class:`save_checkpoint` in two halves.
+
+    Made with ``process_group`` (a gloo group of its own), the model and optimizer state is
+    copied to host memory at once (DCP's ``async_save`` staging) and written to disk by a
+    background thread while training goes on; :meth:`finish` waits for the writes and does
+    the rest (per-rank checksums, upload of remote checkpoints, side files, the atomic
+    rename, ``latest``, pruning). Without a group it writes synchronously. The RNG states are
+    taken when it is made, so the checkpoint is of that moment whatever runs after.
+    Collective: every rank makes it and calls :meth:`finish`."""
+
+    def __init__(self, directory: str, step: int, model, optimizer, trainer_state: dict[str, Any],
+                 config_text: str | None, extra_files: dict[str, str] | None, keep_last: int,
+                 flatten_optimizer: bool, process_group=None):
+        self.rank, world = _rank(), _world()
+        self.directory, self.keep_last = directory, keep_last
+        self.name = step_dirname(step)
+        self.final = storage.join(directory, self.name)
+        self.config_text, self.extra_files = config_text, extra_files
+        options = StateDictOptions(flatten_optimizer_state_dict=flatten_optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+        state = {"model": model_sd, "optim": optim_sd}
+        self.meta = dict(trainer_state, step=step, world_size=world, format=FORMAT)
+        self.rng = rng_state()
+        self.remote = storage.is_remote(directory)
+        if not self.remote:
+            self.where = self.final + ".tmp"
+            if self.rank == 0:
+                shutil.rmtree(self.where, ignore_errors=True)
+                os.makedirs(os.path.join(self.where, "rng"))
         else:
-            storage.write_text(storage.join(directory, LATEST), name + "\n")
-            removed = prune_checkpoints(directory, keep_last)
-            log.info("saved checkpoint %s%s", final, f" (pruned {len(removed)})" if removed else "")
-    barrier()
-    return final
+            if self.rank == 0 and storage.isdir(self.final):
+                storage.remove(self.final)  # a partial upload from an earlier, interrupted attempt
+            self.where = tempfile.mkdtemp(prefix=f"mtnlg-ckpt-r{self.rank}-")
+            os.makedirs(os.path.join(self.where, "rng"))
+        barrier()
+        self.future = None
+        try:
+            if process_group is None:
+                dcp.save(state, storage_writer=_Writer(self.where, self.final))
+            else:
+                self.future = dcp.async_save(state, storage_writer=_Writer(self.where, self.final),
+                                             process_group=process_group)
+        except (Exception, CheckpointException) as e:
+            self._failed(e)
+
+    def _failed(self, e: BaseException):
+        cause = next(iter(getattr(e, "failures", {}).values()), e)  # DCP wraps each rank's error
+        cause = cause[0] if isinstance(cause, tuple) else cause
+        if self.remote:
+            shutil.rmtree(self.where, ignore_errors=True)
+        raise CheckpointSaveError(f"saving checkpoint {self.final} failed on rank {self.rank}: "
+                                  f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''} "
+                                  f"({storage.write_failure_hint(self.where, e)}); the previous checkpoint "
+                                  "is untouched and `latest` still names it") from e
+
+    @property
+    def written(self) -> bool:
+        """The background write is over (always true for a synchronous save)."""
+        return self.future is None or self.future.done()
+
+    def finish(self) -> str:
+        """Wait for the shards, then make the checkpoint complete and current; its path."""
+        rank, rng_name = self.rank, f"rank_{self.rank:05d}.pt"
+        try:
+            if self.future is not None:
+                self.future.result()
+            torch.save(self.rng, os.path.join(self.where, "rng", rng_name))
+        except (Exception, CheckpointException) as e:  # a full disk: ENOSPC/EFBIG, or a short write in torch
+            self._failed(e)
+        if not self.remote:
+            barrier()  # .metadata is written once every rank's shards are
+            _write_checksums(self.where, _rank_files(self.where, rank), rank)
+            barrier()
+            if rank == 0:
+                _write_side_files(self.where, self.meta, self.config_text, self.extra_files)
+                if os.path.exists(self.final):
+                    shutil.rmtree(self.final)
+                os.replace(self.where, self.final)
+        else:
+            try:
+                _write_checksums(self.where, _rank_files(self.where, rank), rank)
+                storage.copy_tree(self.where, self.final)  # this rank's shards and checksums (rank 0 also .metadata)
+            finally:
+                shutil.rmtree(self.where, ignore_errors=True)
+            barrier()
+            if rank == 0:
+                _write_side_files(self.final, self.meta, self.config_text, self.extra_files)
+        if rank == 0:
+            # Before `latest` moves and older checkpoints go, the new one must read back whole
+            # (each file there at the size its writer recorded): pruning never deletes the
+            # newest good checkpoint for one that is not.
+            problems = written_whole(self.final)
+            if problems:
+                log.error("checkpoint %s did not read back whole (%s): `latest` still names the previous "
+                          "checkpoint and nothing was pruned", self.final, "; ".join(problems))
+            else:
+                storage.write_text(storage.join(self.directory, LATEST), self.name + "\n")
+                removed = prune_checkpoints(self.directory, self.keep_last)
+                log.info("saved checkpoint %s%s", self.final, f" (pruned {len(removed)})" if removed else "")
+        barrier()
+        return self.final
 
 
 def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,

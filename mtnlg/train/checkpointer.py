@@ -45,6 +45,8 @@ class Checkpointer:
         self.verbose = verbose
         self.resumed_from: str | None = None
         self.last: str | None = None
+        self.pending = None   # a checkpoint being written in the background
+        self._group = None
 
     def _trainer_state(self) -> dict[str, Any]:
         seq = self.cfg.model.seq_length
@@ -58,13 +60,39 @@ class Checkpointer:
             "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
-    def save(self) -> str:
-        self.last = ckpt.save_checkpoint(self.directory, self.state.step, self.model, self.optimizer,
-                                         self._trainer_state(), config_text=dump_yaml(self.cfg),
-                                         extra_files=tokenizer_files(self.cfg.data.path),
-                                         keep_last=self.cfg.checkpoint.keep_last,
-                                         flatten_optimizer=self.flatten_optimizer)
+    def save(self, background: bool = False) -> str:
+        """Save the current state; with ``background`` (and ``checkpoint.async_save``) the
+        state is copied to host memory now and written while training goes on, completed
+        by :meth:`complete` (the next logging step, the next save or the end of the run)."""
+        self.complete()
+        group = self._async_group() if background and self.cfg.checkpoint.async_save else None
+        pending = ckpt.PendingCheckpoint(self.directory, self.state.step, self.model, self.optimizer,
+                                         self._trainer_state(), dump_yaml(self.cfg),
+                                         tokenizer_files(self.cfg.data.path), self.cfg.checkpoint.keep_last,
+                                         self.flatten_optimizer, process_group=group)
+        if group is None:
+            self.last = pending.finish()
+        else:
+            self.pending = pending
+            if self.verbose:
+                log.info("writing checkpoint %s in the background", pending.final)
+        return pending.final
+
+    def complete(self) -> str | None:
+        """Finish a checkpoint still being written (collective); its path, or None."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return None
+        self.last = pending.finish()
         return self.last
+
+    def _async_group(self):
+        """The gloo group the background writer coordinates over (never the training's)."""
+        import torch.distributed as dist
+
+        if self._group is None:
+            self._group = dist.new_group(backend="gloo")
+        return self._group
 
     def due(self, step: int, last_step: bool) -> bool:
         """Whether ``step`` is on the ``checkpoint.every`` cadence (the last step is saved by
@@ -75,13 +103,14 @@ class Checkpointer:
     def maybe_save(self, step: int, last_step: bool) -> bool:
         """Save on the ``checkpoint.every`` cadence."""
         if self.due(step, last_step):
-            self.save()
+            self.save(background=True)
             return True
         return False
 
     def finish(self, start_step: int, stopped: str) -> str | None:
         """The checkpoint that holds the run's end: saved now unless a resumed run did not
         move (then the one it resumed from)."""
+        self.complete()
         if self.state.step > start_step or self.resumed_from is None or stopped == "signal":
             return self.save()
         return self.last or self.resumed_from

@@ -115,6 +115,10 @@ class CheckpointConfig(Config):
     every: int = field(default=0, metadata={"min": 0})
     # Keep only the newest K checkpoints (0 = keep all).
     keep_last: int = field(default=2, metadata={"min": 0})
+    # Write the periodic checkpoints in the background (DCP async_save: the state is copied
+    # to host memory, then written while training goes on); one becomes `latest` at the next
+    # logging step, save or the end of the run. The last checkpoint is written synchronously.
+    async_save: bool = False
     # "auto" = resume from output/checkpoints/latest if there is one; "none" = start fresh;
     # else a checkpoint path, a checkpoints dir with `latest`, or a run dir.
     load: str = "auto"

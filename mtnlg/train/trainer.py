@@ -177,6 +177,8 @@ class Trainer:
                 save = self.checkpointer.due(s.step, last)
                 if validate or save or last or r.stop or self.metrics.should_log(s.step, last, False):
                     self.guard.sync(s)  # the one read of this stretch of steps
+                    if not save:
+                        self.checkpointer.complete()  # a background save from earlier becomes `latest`
                 val = self.validator.validate() if validate else None
                 val_loss = val if val is not None else val_loss
                 self.metrics.record(s, r, val, last)
@@ -184,13 +186,14 @@ class Trainer:
                     stopped = "signal"
                     break
                 if save:
-                    self.checkpointer.save()
+                    self.checkpointer.save(background=True)
                     self.metrics.sync()
                 if gc_every and s.step % gc_every == 0:
                     gc.collect(1)
             self.guard.sync(s)
             checkpoint = self.checkpointer.finish(start_step, stopped)
         except TrainingDiverged as e:
+            self.checkpointer.complete()  # a background save of a healthy earlier step
             self.metrics.finish(s, None, "diverged", val_loss, self.checkpointer.resumed_from, str(e))
             barrier()  # no rank exits (and gets the others killed) before the summary is written
             raise
