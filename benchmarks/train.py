@@ -238,11 +238,12 @@ def run_cuda(args) -> dict:
     return out
 
 
-SWEEP = [("single", 1, []), ("tp2", 2, ["parallel.tp=2"]), ("pp2", 2, ["parallel.tp=1", "parallel.pp=2"]),
+# small-20m with 4 layers (so that 2 stages split it evenly) in every layout
+SWEEP = [("single", 1, ["parallel.tp=1"]), ("tp2", 2, ["parallel.tp=2"]), ("pp2", 2, ["parallel.tp=1", "parallel.pp=2"]),
          ("dp2", 2, ["parallel.tp=1"]), ("tp2 x dp2", 4, ["parallel.tp=2"]),
          ("pp2 x tp2", 4, ["parallel.tp=2", "parallel.pp=2"]), ("pp2 x dp2", 4, ["parallel.tp=1", "parallel.pp=2"]),
          ("dp4", 4, ["parallel.tp=1"]), ("pp2x2 interleaved x dp2", 4, ["parallel.tp=1", "parallel.pp=2",
-                                                                    "parallel.pp_virtual=2", "model.num_layers=4"])]
+                                                                    "parallel.pp_virtual=2"])]
 
 
 def _sweep_layout(data: str, root: str, name: str, nproc: int, extra: list[str], steps: int, batch: int) -> dict:
@@ -252,7 +253,7 @@ def _sweep_layout(data: str, root: str, name: str, nproc: int, extra: list[str],
     cmd = [sys.executable, "-m", "mtnlg.cli", "train", "--nproc", str(nproc), "--recipe", "small-20m",
            f"data.path={data}", f"output={out}", f"train.steps={steps}", "train.log_every=2", "train.eval_iters=0",
            f"train.global_batch_size={batch}", "train.micro_batch_size=2", "train.dtype=fp32", "train.device=cpu",
-           "checkpoint.every=0", "model.dropout=0", "model.attention_dropout=0", *extra]
+           "checkpoint.every=0", "model.dropout=0", "model.attention_dropout=0", "model.num_layers=4", *extra]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
@@ -290,8 +291,9 @@ def _bubble_worker(rank: int, world: int, port: int, n_micro: int, reps: int, qu
     stage_mod._PipelineStageBase.backward_one_chunk = timed(stage_mod._PipelineStageBase.backward_one_chunk)
     import dataclasses
 
-    cfg = dataclasses.replace(get_preset("small-20m"), num_layers=4, tie_embeddings=False, dropout=0.0,
-                              attention_dropout=0.0)
+    # balanced stages: 8 blocks, a small vocabulary so that the head adds little to the last
+    cfg = dataclasses.replace(get_preset("small-20m"), num_layers=8, vocab_size=512, tie_embeddings=False,
+                              dropout=0.0, attention_dropout=0.0)
     pc = ParallelConfig(pp=world)
     dims = ParallelDims.build(pc, world, cfg)
     mesh = dims.build_mesh("cpu")
@@ -333,8 +335,13 @@ def measure_bubble(n_micro: int, reps: int = 3, stages: int = 2) -> dict:
 def run_sweep(args) -> dict:
     load_before = os.getloadavg()
     out: dict = {"layouts": {}}
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from corpus_data import tokenized_dir, whatsnew_paragraphs  # a real tokenizer: the launcher checks for one
+
     with tempfile.TemporaryDirectory(prefix="mtnlg-sweep-") as d:
-        data = _token_dir(os.path.join(d, "tok"), 8192, 400_000)
+        docs = whatsnew_paragraphs()
+        data = tokenized_dir(__import__("pathlib").Path(d), docs[: len(docs) * 9 // 10], docs[len(docs) * 9 // 10:],
+                             vocab_size=2048)
         for name, nproc, extra in SWEEP:
             r = _sweep_layout(data, d, name, nproc, extra, args.sweep_steps, args.batch)
             out["layouts"][name] = dict(r, processes=nproc)
