@@ -5,7 +5,12 @@ covers its forward, backward, update and the bookkeeping after it."""
 from __future__ import annotations
 
 
-def counted_training(rank: int, world: int, data_path: str, out: str, overrides: list[str]) -> dict:
+def counted_training(rank: int, world: int, data_path: str, runs: list) -> list[dict]:
+    """One :func:`counted_run` per ``(output, overrides)`` in ``runs``, in one spawn."""
+    return [counted_run(data_path, out, overrides) for out, overrides in runs]
+
+
+def counted_run(data_path: str, out: str, overrides: list[str]) -> dict:
     from mtnlg.config import load_config
     from mtnlg.dist import SyncCounter
     from mtnlg.train import trainer as T

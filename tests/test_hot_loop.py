@@ -28,12 +28,20 @@ def tokenized(tmp_path_factory) -> str:
     return tokenized_dir(tmp_path_factory.mktemp("hotdata"), docs[:cut], docs[cut:])
 
 
-@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.tp=1", "parallel.pp=2", "model.num_layers=4"]],
-                         ids=["tp2", "pp2-tied"])
-def test_steps_that_do_not_log_read_nothing_from_the_device(tokenized, tmp_path, layout):
-    results = run_distributed(counted_training, world_size=2,
-                              args=(tokenized, str(tmp_path / "run"), COMMON + layout))
-    for rank, r in enumerate(results):
+LAYOUTS = {"tp2": ["parallel.tp=2"], "pp2-tied": ["parallel.tp=1", "parallel.pp=2", "model.num_layers=4"]}
+
+
+@pytest.fixture(scope="module")
+def counted(tokenized, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("hot")
+    runs = [(str(root / name), COMMON + layout) for name, layout in LAYOUTS.items()]
+    per_rank = run_distributed(counted_training, world_size=2, args=(tokenized, runs))
+    return {name: [r[i] for r in per_rank] for i, name in enumerate(LAYOUTS)}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_steps_that_do_not_log_read_nothing_from_the_device(counted, layout):
+    for rank, r in enumerate(counted[layout]):
         counts = r["per_step"]
         assert sorted(counts, key=int) == ["1", "2", "3", "4", "5", "6"]
         quiet = {k: (counts[k], r["names"][k]) for k in ("2", "4", "5") if counts[k]}

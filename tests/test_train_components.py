@@ -66,7 +66,7 @@ def test_checkpoint_validation_and_log_cadence():
     cfg = _cfg("checkpoint.every=4", "train.eval_every=5", "train.log_every=3", "train.steps=12")
     ck = Checkpointer(cfg, None, None, TrainState(), None, False, {}, verbose=False)
     saved = []
-    ck.save = lambda: saved.append(ck.state.step) or "x"                        # no files: cadence only
+    ck.save = lambda background=False: saved.append(ck.state.step) or "x"     # no files: cadence only
     for step in range(1, 13):
         ck.state.step = step
         ck.maybe_save(step, last_step=step == 12)
