@@ -3,7 +3,7 @@
 ``train()`` runs in 2 gloo processes under :class:`mtnlg.dist.SyncCounter`, which counts
 the tensor reads that would stall a GPU run's host (``.item()``, ``float()``, ``bool()``,
 ``.tolist()``, ``.numpy()``, data-dependent shapes), per optimizer step: tensor parallel
-(tp=2) and pipeline parallel (pp=2, tied embeddings). With ``train.log_every=3`` over 6
+(tp=2, dropout 0.1) and pipeline parallel (pp=2, tied embeddings). With ``train.log_every=3`` over 6
 steps, steps 1, 3 and 6 log (and read their values); steps 2, 4 and 5 must read nothing.
 """
 
@@ -28,7 +28,10 @@ def tokenized(tmp_path_factory) -> str:
     return tokenized_dir(tmp_path_factory.mktemp("hotdata"), docs[:cut], docs[cut:])
 
 
-LAYOUTS = {"tp2": ["parallel.tp=2"], "pp2-tied": ["parallel.tp=1", "parallel.pp=2", "model.num_layers=4"]}
+# tp2 with dropout: the per-rank attention-dropout stream draws its seed from the CPU
+# generator, which is not a device synchronisation (marked mtnlg.dist.host_side)
+LAYOUTS = {"tp2-dropout": ["parallel.tp=2", "model.dropout=0.1", "model.attention_dropout=0.1"],
+           "pp2-tied": ["parallel.tp=1", "parallel.pp=2", "model.num_layers=4"]}
 
 
 @pytest.fixture(scope="module")

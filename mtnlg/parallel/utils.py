@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mtnlg.dist import host_side
+
 _GOLDEN = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads rank offsets over the seed space
 
 
@@ -63,7 +65,8 @@ class _PerRankRNG:
             self._stack.append(None)
             return
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
-        base = int(torch.randint(0, 2**62, (1,)).item())  # same draw on every rank
+        with host_side():  # a draw from the CPU generator: no device is waited for
+            base = int(torch.randint(0, 2**62, (1,)).item())  # same draw on every rank
         accel = device.type != "cpu"
         index = device.index
         if accel and index is None:
