@@ -67,10 +67,6 @@ def _vocab_param(fqn: str) -> str | None:
     return None
 
 
-def entries_source(fqn: str, aliases: dict[str, str]) -> str:
-    return aliases.get(fqn, fqn)
-
-
 def new_vocab_padding(vocab_size: int, rows: int, tp: int, candidates: list[int]) -> tuple[int, int]:
     """``(make_vocab_size_divisible_by, rows)`` for degree ``tp``, keeping ``rows`` if possible."""
     for m in candidates:
@@ -231,7 +227,7 @@ def reshard_checkpoint(checkpoint: str, output: str, tp: int, pp: int = 1) -> di
                 sd[fqn] = torch.empty(shape, dtype=md.properties.dtype, device="meta")
                 n_tensors += 1
             elif isinstance(md, BytesStorageMetadata):
-                sd[fqn] = reader.read_bytes_entry(entries_source(fqn, aliases))
+                sd[fqn] = reader.read_bytes_entry(aliases.get(fqn, fqn))
         sd.update(plain)
         step = int(state.get("step", 0))
         new_state = dict(state, layout={"tp": tp, "pp": pp, "dp": None,

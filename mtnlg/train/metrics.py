@@ -35,7 +35,7 @@ def _read_interval(losses: list, grad_norm) -> tuple[float | None, float | None]
     finite), read from the device in one go."""
     import torch
 
-    norm = grad_norm.float().reshape(()) if isinstance(grad_norm, torch.Tensor) else torch.tensor(float(grad_norm))
+    norm = grad_norm.float().reshape(())
     if losses:
         vals = torch.stack([loss.float().reshape(()) for loss, _ in losses])
         ok = torch.stack([finite.reshape(()) for _, finite in losses]).to(vals.device)
