@@ -181,6 +181,16 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def first_error(message: str | None) -> str | None:
+    """Collective: the first non-empty ``message`` over the ranks (by rank), on every rank,
+    so that a problem one rank finds stops all of them alike."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return message
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, message)
+    return next((m for m in gathered if m), None)
+
+
 @contextlib.contextmanager
 def node_local_copy(paths: list[str]) -> Iterator[list[str]]:
     """Local paths holding ``paths`` (files or directories), downloaded once per node for gs:// and s3://.

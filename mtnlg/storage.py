@@ -840,6 +840,26 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         return f.read()
 
 
+def open_ranged(path: str | os.PathLike) -> IO:
+    """A seekable, unbuffered binary reader: on gs:// and s3:// every ``read(n)`` is one
+    ranged request for exactly those bytes of the object as it was when opened (retried;
+    refused if the object changed since); a plain file locally."""
+    path = str(path)
+    if is_remote(path):
+        return _GCSReader(path) if is_gcs(path) else _S3Reader(path)
+    return open(path, "rb", buffering=0)
+
+
+def read_range(path: str | os.PathLike, start: int, length: int) -> bytes:
+    """Bytes ``start .. start + length`` of a file (one ranged request on gs:// and s3://);
+    fewer only at the end of the file."""
+    if start < 0 or length < 0:
+        raise ValueError(f"{path}: bad range start={start} length={length}")
+    with open_ranged(path) as f:
+        f.seek(start)
+        return f.read(length)
+
+
 def read_text(path: str | os.PathLike) -> str:
     return read_bytes(path).decode("utf-8")
 

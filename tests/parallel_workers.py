@@ -240,6 +240,102 @@ def checkpointing_with_dropout(world: int) -> dict:
     return out
 
 
+def _counter_model(cfg: ModelConfig, world: int, sp: bool, ac: str = "none"):
+    """A TP model whose per-rank dropouts are the counter-based ones (``rng="counter"``,
+    what ``parallel.compile`` selects), left eager so that SP and recomputation can be
+    checked on CPU (where SP does not compile)."""
+    from mtnlg.parallel.parallelize import apply_activation_checkpointing
+    from mtnlg.parallel.tensor_parallel import apply_tensor_parallel
+
+    pc = ParallelConfig(tp=world, sequence_parallel=sp, activation_checkpoint=ac)
+    dims = ParallelDims.build(pc, world, cfg)
+    mesh = mesh_for(dims)
+    set_seed_for_rank(0)
+    model = GPT(cfg, tp=world)
+    apply_tensor_parallel(model, mesh["tp"], sequence_parallel=sp, rng="counter")
+    apply_activation_checkpointing(model, ac)
+    return model, mesh, dims
+
+
+def counter_rng_checks(world: int) -> dict:
+    """The compile-friendly per-rank dropout: where masks agree, the keep rate, replay
+    under recomputation, and graph breaks of compiled TP blocks with dropout on."""
+    from mtnlg.parallel.utils import counter_keep_mask
+
+    out: dict = {}
+    for sp in (False, True):
+        model, _, _ = _counter_model(tiny(dropout=0.5, attention_dropout=0.5), world, sp)
+        model.train()
+        layer = model.layers[0]
+        torch.manual_seed(3)
+        q = torch.randn(2, 8, 2, 16)
+        out[f"sp={sp}"] = {
+            "core_type": type(layer.attention.core_attention).__name__,
+            "core_attention_same": same_across_ranks(layer.attention.core_attention(q, q, q)),
+            "mlp_dropout_same": same_across_ranks(layer.mlp.dropout(torch.ones(64, 64))),
+            "embedding_dropout_same": same_across_ranks(model.drop(torch.ones(64, 64))),
+            "rng_in_step_after": rng_states_equal_across_ranks(),
+        }
+        layer.eval()
+        before = torch.get_rng_state()
+        y_eval = layer.attention.core_attention(q, q, q)
+        out[f"sp={sp}"]["eval_draws_nothing"] = bool(torch.equal(before, torch.get_rng_state()))
+        out[f"sp={sp}"]["eval_same"] = same_across_ranks(y_eval)
+    torch.manual_seed(5)
+    a = counter_keep_mask((1000, 1000), 0.1, 1, "cpu")
+    torch.manual_seed(5)
+    b = counter_keep_mask((1000, 1000), 0.1, 2, "cpu")
+    out["keep_rate"] = float(a.float().mean())
+    out["agreement_other_salt"] = float((a == b).float().mean())  # 0.82 if independent
+    # recomputation replays the masks: gradients equal bitwise with and without it
+    grads = {}
+    for mode in ("none", "full", "selective"):
+        model, mesh, dims = _counter_model(tiny(dropout=0.1, attention_dropout=0.1), world, True, mode)
+        model.train()
+        torch.manual_seed(11)
+        forward_backward(model, tokens_for_step(0), mesh, dims)
+        grads[mode] = {n.replace("_checkpoint_wrapped_module.", ""): full(p.grad).clone()
+                       for n, p in model.named_parameters()}
+    out["checkpointing"] = {mode: max(float((grads[mode][n] - g).abs().max()) for n, g in grads["none"].items())
+                            for mode in ("full", "selective")}
+    out["compiled"] = {rng: compiled_steps(world, rng) for rng in ("counter", "fork")}
+    out["compiled"]["counter-eager"] = compiled_steps(world, "counter", compiled=False)
+    return out
+
+
+def compiled_steps(world: int, rng: str, compiled: bool = True) -> dict:
+    """Three training forward/backward passes of a TP model with dropout 0.1, its blocks
+    compiled as ``parallel.compile`` does (``aot_eager`` backend: Dynamo and AOT autograd
+    trace the same graphs as with inductor, without the C++ compilation): Dynamo's graph
+    breaks and graphs. ``rng="fork"`` is the eager path's hooks, for contrast."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from mtnlg.parallel.tensor_parallel import apply_tensor_parallel
+
+    cfg = tiny(dropout=0.1, attention_dropout=0.1)
+    dims = ParallelDims.build(ParallelConfig(tp=world), world, cfg)
+    mesh = mesh_for(dims)
+    set_seed_for_rank(0)
+    model = GPT(cfg, tp=world)
+    apply_tensor_parallel(model, mesh["tp"], sequence_parallel=False, rng=rng)
+    torch._dynamo.reset()
+    counters.clear()
+    if compiled:
+        for block in model.layers.children():
+            block.compile(backend="aot_eager")
+    model.train()
+    losses = []
+    for step in range(STEPS):
+        torch.manual_seed(20 + step)
+        _, loss = forward_backward(model, tokens_for_step(step), mesh, dims)
+        losses.append(float(loss.detach()))
+    return {"graph_breaks": sum(counters["graph_break"].values()),
+            "reasons": sorted(r.splitlines()[0] for r in counters["graph_break"])[:3],
+            "graphs": counters["stats"].get("unique_graphs", 0),
+            "losses": losses, "finite": all(x == x and abs(x) < 1e9 for x in losses)}
+
+
 def errors(world: int) -> dict:
     """Messages of layouts that must be refused after the process group exists."""
     out = {}
@@ -296,6 +392,7 @@ def two_process_checks(rank: int, world: int) -> dict:
         res["train"][name] = training(tiny(), pc, world)
     res["dropout"] = dropout_behaviour(world)
     res["checkpointing"] = checkpointing_with_dropout(world)
+    res["counter_rng"] = counter_rng_checks(world)
     res["errors"] = errors(world)
     return res
 

@@ -116,3 +116,108 @@ def test_mtnlg_verify(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"a resume would use {p1}" in out and "not intact" in out
     assert cli(["verify", str(tmp_path / "nothing")]) == 1
+
+
+# ---- remote checkpoints: ranged reads in place ----------------------------------------
+
+def _remote_run(root: str, steps=(1, 2)):
+    model, opt = _model_and_optimizer(0)
+    paths = []
+    for s in steps:
+        _step(model, opt)
+        paths.append(ckpt.save_checkpoint(f"{root}/run/checkpoints", s, model, opt, {"consumed_samples": 2 * s},
+                                          config_text="a: 1\n"))
+    return model, opt, paths
+
+
+def _record_ranges(monkeypatch) -> list:
+    """Every ranged read of the checkpoint loader: (file name, start, length)."""
+    from mtnlg import storage
+
+    calls: list = []
+    real = storage.open_ranged
+
+    class Counting:
+        def __init__(self, uri):
+            self.f, self.uri = real(uri), uri
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def seek(self, pos):
+            self.pos = pos
+            return self.f.seek(pos)
+
+        def read(self, n):
+            calls.append((self.uri.rsplit("/", 1)[-1], self.pos, n))
+            return self.f.read(n)
+
+    monkeypatch.setattr(storage, "open_ranged", Counting)
+    return calls
+
+
+def test_a_remote_checkpoint_loads_in_place_with_ranged_reads(s3, monkeypatch, tmp_path):
+    from mtnlg import storage
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where a node-local copy would be staged
+    model, opt, (_, p2) = _remote_run(s3)
+    saved = [t.clone() for t in model.state_dict().values()]
+    expected = _step(model, opt)
+    sizes = storage.file_sizes(p2)
+    calls = _record_ranges(monkeypatch)
+    # the whole state: one request per file for its entries, the file hashed as it streams
+    other, other_opt = _model_and_optimizer(1)
+    ckpt.load_checkpoint(p2, other, other_opt)
+    assert calls == [("__0_0.distcp", 0, sizes["__0_0.distcp"])]
+    assert all(torch.equal(a, b) for a, b in zip(saved, other.state_dict().values()))
+    assert _step(other, other_opt) == expected  # weights, moments and RNG restored
+    assert os.listdir(tmp_path) == []  # nothing staged on local disk
+    # the model alone: only the model entries' bytes, not the optimizer state around them
+    calls.clear()
+    fresh = _model_and_optimizer(2)[0]
+    ckpt.load_checkpoint(p2, fresh, None)
+    read = sum(n for _, _, n in calls)
+    params = sum(t.numel() * t.element_size() for t in fresh.state_dict().values())
+    assert params <= read < 0.5 * sizes["__0_0.distcp"], (read, params, sizes["__0_0.distcp"])
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), saved))
+
+
+def _flip_remote(uri: str, offset: int = 100) -> None:
+    from mtnlg import storage
+
+    raw = bytearray(storage.read_bytes(uri))
+    raw[offset] ^= 0xFF
+    storage.write_bytes(uri, bytes(raw))
+
+
+def test_a_remote_shard_altered_in_place_fails_its_hash_while_loading(gcs, caplog):
+    from mtnlg.train.checkpointer import Checkpointer
+    from mtnlg.config import load_config
+    from mtnlg.train.config import TrainRunConfig, recipe
+    from mtnlg.train.state import TrainState
+
+    model, opt, (p1, p2) = _remote_run(gcs)
+    _flip_remote(f"{p2}/__0_0.distcp")  # same size: only the content hash can tell
+    # the check before loading reads sizes (and hashes the small shared files) ...
+    assert ckpt.verify_checkpoint(p2, shards="size") == []
+    assert ckpt.latest_good(f"{gcs}/run/checkpoints") == p2
+    # ... the shard file read whole while loading is hashed, and the load refused
+    with pytest.raises(ckpt.CheckpointDamaged, match=r"__0_0\.distcp: sha256 mismatch"):
+        ckpt.load_checkpoint(p2, *_model_and_optimizer(1))
+    assert ckpt.verify_checkpoint(p2) == ["__0_0.distcp: sha256 mismatch (the file's content changed "
+                                          "after it was written)"]  # `mtnlg verify`: hashed in place
+    # resuming with checkpoint.load=auto falls back to the newest checkpoint that loads
+    cfg = load_config(TrainRunConfig, None, ["data.path=/d", f"output={gcs}/run", "checkpoint.load=auto"],
+                      base=recipe("debug"))
+    other, other_opt = _model_and_optimizer(1)
+    ck = Checkpointer(cfg, other, other_opt, TrainState(), None, False, {}, verbose=False)
+    ck.maybe_resume()
+    assert ck.resumed_from == p1 and ck.state.step == 1
+    assert "trying an older checkpoint" in caplog.text
+    _flip_remote(f"{p2}/rng/rank_00000.pt", offset=10)  # a rank's own RNG file: hashed by that rank
+    _flip_remote(f"{p1}/__0_0.distcp")
+    with pytest.raises(ckpt.CheckpointDamaged, match="no intact checkpoint"):
+        Checkpointer(cfg, other, other_opt, TrainState(), None, False, {}, verbose=False).maybe_resume()

@@ -95,6 +95,40 @@ def test_activation_checkpointing_replays_dropout_exactly(results):
     assert results[0]["checkpointing"] == {"full": 0.0, "selective": 0.0}
 
 
+def test_counter_based_dropout_differs_only_where_ranks_hold_different_slices(results):
+    # the compile path (rng="counter"): the same placement rules as the fork hooks
+    c = results[0]["counter_rng"]
+    no_sp, sp = c["sp=False"], c["sp=True"]
+    assert no_sp["core_type"] == sp["core_type"] == "PerRankCoreAttention"
+    assert not no_sp["core_attention_same"] and not sp["core_attention_same"]
+    assert no_sp["mlp_dropout_same"] and no_sp["embedding_dropout_same"]
+    assert not sp["mlp_dropout_same"] and not sp["embedding_dropout_same"]
+    for mode in (no_sp, sp):
+        assert mode["rng_in_step_after"] and mode["eval_draws_nothing"] and mode["eval_same"]
+    # keep rate 1 - p over 10**6 draws (4.5 sigma = 0.0014); another salt is independent
+    assert abs(c["keep_rate"] - 0.9) < 0.0015
+    assert abs(c["agreement_other_salt"] - 0.82) < 0.003
+
+
+def test_counter_based_dropout_replays_under_recomputation(results):
+    assert results[0]["counter_rng"]["checkpointing"] == {"full": 0.0, "selective": 0.0}
+
+
+def test_compiled_tp_blocks_with_dropout_have_no_graph_breaks(results):
+    compiled = results[0]["counter_rng"]["compiled"]
+    counter, fork, eager = compiled["counter"], compiled["fork"], compiled["counter-eager"]
+    # one graph for every block and step: no breaks, no recompiles on seed values
+    assert counter["graph_breaks"] == 0, counter["reasons"]
+    assert counter["graphs"] == 1
+    # the eager path's generator hooks do break the graph: the count above can fail
+    assert fork["graph_breaks"] > 0 and fork["graphs"] > 1
+    # compiling changes nothing: the same masks and losses as the eager counter model
+    assert counter["losses"] == pytest.approx(eager["losses"], rel=1e-6)
+    assert counter["finite"] and len(set(counter["losses"])) == STEPS
+    for other in results[1][1:]:
+        assert other["counter_rng"]["compiled"]["counter"]["graph_breaks"] == 0
+
+
 def test_invalid_parallel_models_are_refused(results):
     errors = results[0]["errors"]
     assert "padded vocabulary=301 is not divisible by the tensor-parallel degree 2" in errors["vocab"]

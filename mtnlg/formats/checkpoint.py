@@ -44,6 +44,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections import defaultdict
 from typing import Any
 
 import numpy as np
@@ -53,11 +54,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.storage import StorageReader
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
 from mtnlg import storage
-from mtnlg.dist import barrier, node_local_copy
+from mtnlg.dist import barrier, broadcast_object, first_error
 from mtnlg.formats.rundir import CHECKPOINTS_DIR, LATEST, RUN_CONFIG, TRAINER_STATE
 from mtnlg.progress import get_logger
 
@@ -80,9 +82,10 @@ class CheckpointSaveError(OSError):
 
 
 def file_digest(path: str, chunk: int = 1 << 20) -> dict[str, Any]:
+    """Size and sha256 of a file, local, gs:// or s3:// (read in chunks)."""
     h = hashlib.sha256()
     n = 0
-    with open(path, "rb") as f:
+    with storage.open_read(path) as f:
         while True:
             b = f.read(chunk)
             if not b:
@@ -116,70 +119,94 @@ def _safe_name(name: str, where: str) -> str:
     return name
 
 
-def verify_checkpoint(path: str) -> list[str]:
-    """What is wrong with the local checkpoint directory ``path`` (empty: nothing): each
-    problem names its file. A checkpoint from before checksums were written is checked for
-    completeness only."""
+def verify_checkpoint(path: str, shards: str = "hash") -> list[str]:
+    """What is wrong with the checkpoint directory ``path`` (local, gs:// or s3://; empty:
+    nothing): each problem names its file. Sizes come from one listing. ``shards="hash"``
+    hashes every file; ``"size"`` checks the per-rank files (DCP shards ``__R_*.distcp``
+    and ``rng/rank_*.pt``) by size only and hashes the rest (small, shared), for a remote
+    checkpoint about to be loaded with ranged reads, where each rank hashes its own RNG
+    file and the shard files it reads whole (``_RangedShardReader``). A checkpoint from
+    before checksums were written is checked for completeness only."""
+    if shards not in ("hash", "size"):
+        raise ValueError(f"shards must be 'hash' or 'size', got {shards!r}")
     problems: list[str] = []
-    state_path = os.path.join(path, TRAINER_STATE)
-    if not os.path.exists(state_path):
+    try:
+        sizes = storage.file_sizes(path)
+    except FileNotFoundError:
+        sizes = {}
+    if TRAINER_STATE not in sizes:
         return [f"{TRAINER_STATE}: missing (the checkpoint is incomplete)"]
     try:
-        with open(state_path, encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = json.loads(storage.read_text(storage.join(path, TRAINER_STATE)))
     except (OSError, ValueError) as e:
         return [f"{TRAINER_STATE}: unreadable ({e})"]
     if meta.get("format") != FORMAT:
         return [f"{TRAINER_STATE}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})"]
-    sums_dir = os.path.join(path, CHECKSUMS_DIR)
     world = int(meta.get("world_size") or 0)
-    if os.path.isdir(sums_dir):
-        listed: dict[str, dict] = {}
-        for r in range(world):
-            f = os.path.join(sums_dir, f"rank_{r:05d}.json")
-            if not os.path.exists(f):
-                problems.append(f"{CHECKSUMS_DIR}/rank_{r:05d}.json: missing (rank {r}'s files are unverified)")
-                continue
-            try:
-                with open(f, encoding="utf-8") as fh:
-                    listed.update(json.load(fh))
-            except (OSError, ValueError) as e:
-                problems.append(f"{CHECKSUMS_DIR}/rank_{r:05d}.json: unreadable ({e})")
-        side = os.path.join(sums_dir, "rank_00000-side.json")
-        if os.path.exists(side):
-            with open(side, encoding="utf-8") as fh:
-                listed.update(json.load(fh))
+    if any(n.startswith(CHECKSUMS_DIR + "/") for n in sizes):
+        listed = _listed_checksums(path, sizes, world, problems)
         for name, want in sorted(listed.items()):
             try:
-                full = os.path.join(path, _safe_name(name, CHECKSUMS_DIR))
+                _safe_name(name, CHECKSUMS_DIR)
             except CheckpointDamaged as e:
                 problems.append(str(e))
                 continue
-            if not os.path.exists(full):
+            if name not in sizes:
                 problems.append(f"{name}: missing")
                 continue
-            size = os.path.getsize(full)
-            if size != want.get("size"):
-                problems.append(f"{name}: {size} bytes, expected {want.get('size')} (truncated or overwritten)")
+            if sizes[name] != want.get("size"):
+                problems.append(f"{name}: {sizes[name]} bytes, expected {want.get('size')} (truncated or overwritten)")
                 continue
-            if file_digest(full)["sha256"] != want.get("sha256"):
+            if shards == "size" and _per_rank_file(name):
+                continue
+            if file_digest(storage.join(path, name))["sha256"] != want.get("sha256"):
                 problems.append(f"{name}: sha256 mismatch (the file's content changed after it was written)")
     else:
         log.warning("%s has no %s/ (written before checkpoints carried checksums): checking completeness only",
                     path, CHECKSUMS_DIR)
         for r in range(world):
-            if not any(n.startswith(f"__{r}_") for n in os.listdir(path)):
+            if not any(n.startswith(f"__{r}_") for n in sizes):
                 problems.append(f"__{r}_0.distcp: missing (rank {r}'s shards)")
     if not problems:
+        where = storage.join(path, ".metadata")
         try:
-            check_metadata(os.path.join(path, ".metadata"))
+            load_metadata_bytes(storage.read_bytes(where), where)
         except Exception as e:  # noqa: BLE001 - reported as the checkpoint's problem
             problems.append(f".metadata: unreadable ({e})")
     return problems
 
 
-def verify_or_raise(path: str, local: str | None = None) -> None:
-    problems = verify_checkpoint(local or path)
+_PER_RANK = re.compile(r"^(__\d+_\d+\.distcp|rng/rank_\d{5}\.pt)$")
+
+
+def _per_rank_file(name: str) -> bool:
+    return bool(_PER_RANK.match(name))
+
+
+def _listed_checksums(path: str, sizes: dict[str, int], world: int, problems: list[str]) -> dict[str, dict]:
+    """Every rank's checksum entries (and rank 0's side files'), by file name; a missing or
+    unreadable list is added to ``problems``."""
+    listed: dict[str, dict] = {}
+    names = [f"{CHECKSUMS_DIR}/rank_{r:05d}.json" for r in range(world)]
+    for r, name in enumerate(names):
+        if name not in sizes:
+            problems.append(f"{name}: missing (rank {r}'s files are unverified)")
+            continue
+        try:
+            listed.update(json.loads(storage.read_text(storage.join(path, name))))
+        except (OSError, ValueError) as e:
+            problems.append(f"{name}: unreadable ({e})")
+    side = f"{CHECKSUMS_DIR}/rank_00000-side.json"
+    if side in sizes:
+        try:
+            listed.update(json.loads(storage.read_text(storage.join(path, side))))
+        except (OSError, ValueError) as e:
+            problems.append(f"{side}: unreadable ({e})")
+    return listed
+
+
+def verify_or_raise(path: str, local: str | None = None, shards: str = "hash") -> None:
+    problems = verify_checkpoint(local or path, shards=shards)
     if problems:
         raise CheckpointDamaged(f"checkpoint {path} is damaged: " + "; ".join(problems))
 
@@ -301,6 +328,124 @@ class _SafeLoadPlanner(DefaultLoadPlanner):
         super().load_bytes(read_item, value)
 
 
+class _RangedShardReader(StorageReader):
+    """DCP storage reader for a checkpoint on gs:// or s3://, read in place: this rank
+    fetches only the byte ranges of the entries its load plan names, merged per file
+    (entries closer than ``GAP`` in one request of at most ``MAX_SPAN`` bytes, unless one
+    entry is larger), so no whole checkpoint is copied to any node. A shard file the plan
+    covers whole (at an unchanged layout, every rank's own file) is hashed as it streams
+    past and checked against its checksum; the others were checked by size beforehand
+    (``verify_checkpoint(shards="size")``). Entries go through the same safe loading as
+    local ones (``weights_only``, the allow-listed metadata unpickler)."""
+
+    GAP = 1 << 20
+    MAX_SPAN = 256 << 20
+
+    def __init__(self, path: str, checksums: dict[str, dict]):
+        super().__init__()
+        self.path = path
+        self.checksums = checksums
+        self.storage_data: dict[Any, Any] = {}
+        self.bytes_read = 0
+        self.requests = 0
+        self.hashed: list[str] = []
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        self.storage_data = {}
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        where = storage.join(self.path, ".metadata")
+        metadata = load_metadata_bytes(storage.read_bytes(where), where)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.path
+        return metadata
+
+    def set_up_storage_reader(self, metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.storage_data = metadata.storage_data
+
+    def prepare_local_plan(self, plan):
+        return plan
+
+    def prepare_global_plan(self, plans):
+        return plans
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return storage.is_remote(str(checkpoint_id))
+
+    def _spans(self, entries: list) -> list[tuple[int, int, list]]:
+        """(start, end, entries) requests covering ``entries`` sorted by offset."""
+        spans: list[tuple[int, int, list]] = []
+        for off, length, item in sorted(entries, key=lambda e: e[0]):
+            if spans:
+                start, end, members = spans[-1]
+                if off - end <= self.GAP and max(end, off + length) - start <= self.MAX_SPAN:
+                    spans[-1] = (start, max(end, off + length), members + [(off, length, item)])
+                    continue
+            spans.append((off, off + length, [(off, length, item)]))
+        return spans
+
+    def read_data(self, plan, planner):
+        from torch.futures import Future
+
+        per_file: dict[str, list] = defaultdict(list)
+        for item in plan.items:
+            info = self.storage_data[item.storage_index]
+            if getattr(info, "transform_descriptors", None):
+                raise CheckpointDamaged(f"{self.path}/{info.relative_path}: entry {item.storage_index.fqn!r} "
+                                        f"has stream transforms {info.transform_descriptors}, which mtnlg never writes")
+            per_file[info.relative_path].append((info.offset, info.length, item))
+        for rel, entries in per_file.items():
+            uri = storage.join(self.path, _safe_name(rel, ".metadata"))
+            spans = self._spans(entries)
+            want = self.checksums.get(rel, {})
+            whole = (want.get("size") is not None and spans[0][0] == 0 and spans[-1][1] == want["size"]
+                     and all(a[1] >= b[0] for a, b in zip(spans, spans[1:])))
+            digest, pos = hashlib.sha256(), 0
+            with storage.open_ranged(uri) as f:
+                for start, end, members in spans:
+                    f.seek(start)
+                    data = f.read(end - start)
+                    self.requests += 1
+                    self.bytes_read += len(data)
+                    if len(data) != end - start:
+                        raise CheckpointDamaged(f"{uri}: bytes {start}-{end} asked for, {len(data)} read "
+                                                "(the file is shorter than its metadata says)")
+                    if whole:
+                        digest.update(memoryview(data)[pos - start:])
+                        pos = end
+                    for off, length, item in members:
+                        self._deliver(item, data[off - start:off - start + length], planner, uri)
+            if whole:
+                if digest.hexdigest() != want.get("sha256"):
+                    raise CheckpointDamaged(f"checkpoint {self.path} is damaged: {rel}: sha256 mismatch "
+                                            "(the file's content changed after it was written)")
+                self.hashed.append(rel)
+        fut: Future = Future()
+        fut.set_result(None)
+        return fut
+
+    @staticmethod
+    def _deliver(item, raw: bytes, planner, uri: str) -> None:
+        from torch.distributed._shard._utils import narrow_tensor_by_index
+        from torch.distributed.checkpoint.planner import LoadItemType
+
+        if item.type == LoadItemType.BYTE_IO:
+            planner.load_bytes(item, io.BytesIO(raw))
+            return
+        tensor = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        tensor = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
+        target = planner.resolve_tensor(item).detach()
+        if target.size() != tensor.size():
+            raise CheckpointDamaged(f"{uri}: entry {item.storage_index.fqn!r} has shape {tuple(tensor.size())}, "
+                                    f"the model expects {tuple(target.size())}")
+        target.copy_(tensor)
+        planner.commit_tensor(item, target)
+
+
 # --------------------------------------------------------------------------- listing
 
 
@@ -339,31 +484,40 @@ def list_checkpoints(directory: str) -> list[tuple[int, str, bool]]:
     return sorted(out, key=lambda t: (t[0], t[1]))
 
 
-def latest_good(directory: str) -> str | None:
+def latest_good(directory: str, skip: tuple[str, ...] | list[str] = ()) -> str | None:
     """The checkpoint to resume from in ``directory``: the one ``latest`` names when it is
     intact, else the newest complete and intact one (a warning names what was skipped and
-    why); None when there is no checkpoint at all. Raises CheckpointDamaged when there are
-    checkpoints but none is intact."""
+    why); None when there is no checkpoint at all (or all are in ``skip``). Raises
+    CheckpointDamaged when there are checkpoints but none is intact. Collective when a
+    process group exists: rank 0 checks (local checkpoints hashed whole, remote ones by
+    size for the per-rank files, ``verify_checkpoint``) and every rank gets its answer."""
+    answer = _pick_latest_good(directory, tuple(skip)) if _rank() == 0 else None
+    path, error = broadcast_object(answer)
+    if error:
+        raise CheckpointDamaged(error)
+    return path
+
+
+def _pick_latest_good(directory: str, skip: tuple[str, ...]) -> tuple[str | None, str | None]:
     named = read_latest(directory)
-    candidates = [p for _, p, ok in reversed(list_checkpoints(directory)) if ok]
+    candidates = [p for _, p, ok in reversed(list_checkpoints(directory)) if ok and p not in skip]
     if named in candidates:
         candidates.remove(named)
         candidates.insert(0, named)
-    elif named is not None:
+    elif named is not None and named not in skip:
         log.warning("%s/latest names %s, which is not a complete checkpoint: looking for an older one",
                     directory, named)
     skipped = []
     for cand in candidates:
-        with node_local_copy([cand]) as (local,):
-            problems = verify_checkpoint(local)
+        problems = verify_checkpoint(cand, shards="size" if storage.is_remote(cand) else "hash")
         if not problems:
             if skipped:
                 log.warning("resuming from %s: skipped damaged %s", cand, "; ".join(skipped))
-            return cand
+            return cand, None
         skipped.append(f"{cand} ({'; '.join(problems)})")
     if skipped:
-        raise CheckpointDamaged(f"no intact checkpoint in {directory}: " + "; ".join(skipped))
-    return None
+        return None, f"no intact checkpoint in {directory}: " + "; ".join(skipped)
+    return None, None
 
 
 def written_whole(path: str) -> list[str]:
@@ -572,37 +726,79 @@ class PendingCheckpoint:
         return self.final
 
 
+def _remote_check(path: str, meta: dict) -> tuple[list[str], dict[str, dict]]:
+    """(problems, checksum entries) of a remote checkpoint, from one listing."""
+    problems = verify_checkpoint(path, shards="size")
+    sums: dict[str, dict] = {}
+    if not problems:
+        sums = _listed_checksums(path, storage.file_sizes(path), int(meta.get("world_size") or 0), problems)
+    return problems, sums
+
+
 def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     flatten_optimizer: bool = False) -> dict[str, Any]:
     """Load model (and optimizer) state and this rank's RNG states from checkpoint ``path``
     in place; returns the trainer state saved with it. Collective. ``flatten_optimizer``
-    as in ``save_checkpoint``."""
+    as in ``save_checkpoint``.
+
+    A local checkpoint is verified whole (sizes and sha256 of every file) and read in
+    place. One on gs:// or s3:// is read in place too, with ranged requests: each rank
+    checks the listing's sizes and the small files' hashes, then fetches only the byte
+    ranges of its own entries (``_RangedShardReader``), hashing each shard file it reads
+    whole; nothing is copied to local disk."""
     options = StateDictOptions(flatten_optimizer_state_dict=flatten_optimizer)
     rank, world = _rank(), _world()
-    with node_local_copy([path]) as (local,):
-        state_path = os.path.join(local, TRAINER_STATE)
-        if not os.path.exists(state_path):
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {TRAINER_STATE})")
-        with open(state_path, encoding="utf-8") as f:
-            meta = json.load(f)
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})")
-        verify_or_raise(path, local)  # checksums and metadata: a clear error before DCP reads anything
-        if optimizer is not None:
-            model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
-            state = {"model": model_sd, "optim": optim_sd}
-        else:
-            state = {"model": get_model_state_dict(model)}
-        dcp.load(state, storage_reader=_SafeReader(local), planner=_SafeLoadPlanner())
-        if optimizer is not None:
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                           options=options)
-        else:
-            set_model_state_dict(model, state["model"])
-        rng_path = os.path.join(local, "rng", f"rank_{rank:05d}.pt")
-        if meta.get("world_size") == world and os.path.exists(rng_path):
-            set_rng_state(torch.load(rng_path, weights_only=True))
-        else:
-            log.warning("%s: saved with %s processes, now %d: RNG states not restored",
-                        path, meta.get("world_size"), world)
+    remote = storage.is_remote(path)
+    state_path = storage.join(path, TRAINER_STATE)
+    if not storage.exists(state_path):
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {TRAINER_STATE})")
+    meta = json.loads(storage.read_text(state_path))
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+    # checksums and metadata: a clear error before DCP reads anything
+    if remote:
+        # rank 0 lists and checks once for everyone (sizes, shared files' hashes); each
+        # rank then hashes its own RNG file and the shard files it reads whole
+        problems, sums = broadcast_object(_remote_check(path, meta) if rank == 0 else None)
+        if problems:
+            raise CheckpointDamaged(f"checkpoint {path} is damaged: " + "; ".join(problems))
+        reader: StorageReader = _RangedShardReader(path, sums)
+    else:
+        verify_or_raise(path)
+        reader = _SafeReader(path)
+    if optimizer is not None:
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+        state = {"model": model_sd, "optim": optim_sd}
+    else:
+        state = {"model": get_model_state_dict(model)}
+    try:
+        dcp.load(state, storage_reader=reader, planner=_SafeLoadPlanner())
+    except CheckpointException as e:  # a rank's reader failed: every rank raises it
+        damaged = [str(exc) for exc, _trace in e.failures.values() if isinstance(exc, CheckpointDamaged)]
+        if damaged:
+            raise CheckpointDamaged("; ".join(sorted(set(damaged)))) from None
+        raise
+    if optimizer is not None:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=options)
+    else:
+        set_model_state_dict(model, state["model"])
+    if remote:
+        log.info("%s: read %.1f MB of shards in %d ranged requests; hashed whole: %s", path,
+                 reader.bytes_read / 1e6, reader.requests, ", ".join(reader.hashed) or "none")
+    rng_name = f"rng/rank_{rank:05d}.pt"
+    rng_path = storage.join(path, rng_name)
+    restore = meta.get("world_size") == world and storage.exists(rng_path)
+    raw = storage.read_bytes(rng_path) if restore else b""
+    want = reader.checksums.get(rng_name) if remote and restore else None
+    bad = (f"{rng_name}: sha256 mismatch (the file's content changed after it was written)"
+           if want and hashlib.sha256(raw).hexdigest() != want.get("sha256") else None)
+    bad = first_error(bad)  # collective: a damaged file on one rank stops every rank
+    if bad:
+        raise CheckpointDamaged(f"checkpoint {path} is damaged: {bad}")
+    if restore:
+        set_rng_state(torch.load(io.BytesIO(raw), weights_only=True))
+    else:
+        log.warning("%s: saved with %s processes, now %d: RNG states not restored",
+                    path, meta.get("world_size"), world)
     return meta

@@ -95,7 +95,9 @@ def parallelize_gpt(model: nn.Module, mesh, cfg: ParallelConfig, param_dtype=Non
         raise ConfigError("parallel.compile=true with parallel.sequence_parallel=true does not "
                           "compile on CPU; turn one of them off")
     if tp > 1:
-        apply_tensor_parallel(model, tp_mesh, sequence_parallel=sp)
+        # compiled blocks take counter-based per-rank dropout masks: no generator seeding
+        # inside the graph (no graph breaks, no recompiles on seed values)
+        apply_tensor_parallel(model, tp_mesh, sequence_parallel=sp, rng="counter" if cfg.compile else "fork")
     apply_activation_checkpointing(model, cfg.activation_checkpoint)
     if cfg.compile:
         apply_compile(model)

@@ -43,7 +43,8 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, P
                                                SequenceParallel, parallelize_module)
 
 from mtnlg.model.config import ModelConfig
-from mtnlg.parallel.utils import fork_rng_per_tp_rank
+from mtnlg.model.gpt import CoreAttention
+from mtnlg.parallel.utils import PerRankCoreAttention, PerRankDropout, fork_rng_per_tp_rank
 
 
 class ReplicateParallel(ParallelStyle):
@@ -138,6 +139,21 @@ def _matching_modules(model: nn.Module, pattern: str) -> list[nn.Module]:
             and name.count(".") == pattern.count(".")]
 
 
+def _swap_per_rank_dropouts(model: nn.Module, patterns: list[str], tp_rank: int) -> None:
+    for pattern in patterns:
+        for name, module in list(model.named_modules()):
+            if not (fnmatch(name, pattern) and name.count(".") == pattern.count(".")):
+                continue
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if isinstance(module, CoreAttention):
+                new = PerRankCoreAttention(module.dropout, tp_rank)
+            else:
+                new = PerRankDropout(module.p, tp_rank)
+            new.train(module.training)
+            setattr(parent, attr, new)
+
+
 def _check_vocab_padding(vocab_size_padded: int, tp: int) -> None:
     """The model must have been built for this degree: the config's sizes were checked by
     ``ParallelDims.build``, but only the instance knows the padding it was built with."""
@@ -146,23 +162,36 @@ def _check_vocab_padding(vocab_size_padded: int, tp: int) -> None:
                          f"{tp}; build the model as GPT(cfg, tp={tp}) so the vocabulary is padded for it")
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) -> nn.Module:
+def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool,
+                          rng: str = "fork") -> nn.Module:
     """Shard ``model`` (a ``GPT`` or a pipeline ``GPTStage``) in place over the 1-D
-    ``tp_mesh``; plan entries naming modules the model lacks are skipped."""
+    ``tp_mesh``; plan entries naming modules the model lacks are skipped.
+
+    ``rng`` says how the dropouts that must differ across ranks get their masks:
+    ``"fork"`` (eager) runs those modules under a per-rank generator (the attention core
+    keeps its fused kernel); ``"counter"`` (for ``torch.compile``) swaps them for
+    counter-based versions that touch no generator state, so a block traces as one graph
+    with no recompiles (``mtnlg.parallel.utils``)."""
+    if rng not in ("fork", "counter"):
+        raise ValueError(f"rng must be 'fork' or 'counter', got {rng!r}")
     cfg: ModelConfig = model.cfg
     tp = tp_mesh.size()
     _check_vocab_padding(model.vocab_size_padded, tp)
     plan = tensor_parallel_plan(cfg, sequence_parallel)
     # a pipeline stage lacks some modules (embeddings, head, other stages' layers)
     plan = {k: v for k, v in plan.items() if _matching_modules(model, k)}
+    if rng == "counter":  # before the plan, whose input hooks land on the new modules
+        _swap_per_rank_dropouts(model, per_rank_dropout_modules(cfg, sequence_parallel),
+                                tp_mesh.get_local_rank())
     parallelize_module(model, tp_mesh, plan)
     if cfg.tie_embeddings and hasattr(model, "output") and hasattr(model, "tok_embeddings"):
         # parallelize_module gave the head its own copy of the shared weight; share again
         # (both are Shard(0) over the vocabulary, so the layouts agree; a pipeline's last
         # stage keeps its own copy, kept in step by PipelineParallel.sync_tied_grads)
         model.output.weight = model.tok_embeddings.weight
-    tp_rank = tp_mesh.get_local_rank()
-    for pattern in per_rank_dropout_modules(cfg, sequence_parallel):
-        for module in _matching_modules(model, pattern):
-            fork_rng_per_tp_rank(module, tp_rank)
+    if rng == "fork":
+        tp_rank = tp_mesh.get_local_rank()
+        for pattern in per_rank_dropout_modules(cfg, sequence_parallel):
+            for module in _matching_modules(model, pattern):
+                fork_rng_per_tp_rank(module, tp_rank)
     return model

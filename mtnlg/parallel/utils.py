@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from mtnlg.dist import host_side
+from mtnlg.model.gpt import CoreAttention
 
 _GOLDEN = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads rank offsets over the seed space
 
@@ -91,6 +92,102 @@ def fork_rng_per_tp_rank(module: nn.Module, tp_rank: int) -> None:
     hooks = _PerRankRNG(tp_rank)
     module.register_forward_pre_hook(hooks.pre)
     module.register_forward_hook(hooks.post, always_call=True)
+
+
+# ---- counter-based masks: per-rank dropout that torch.compile traces whole ---------------
+#
+# The fork hooks above seed generators inside the forward, which Dynamo cannot trace (each
+# seeding is a graph break, each new seed value a recompile). The compiled path draws no
+# per-rank generator state at all: a module draws two 31-bit words from the default
+# generator (identical on every rank, and restored by activation checkpointing before a
+# recomputation, so the replay draws them again), adds a rank-dependent salt, and hashes
+# (salted words, element index) into the keep mask. Every op is an ordinary tensor op, so
+# the whole block is one graph; inductor fuses index, hash, compare and scale into one
+# kernel, and its partitioner saves only the two words for the backward.
+
+_M32 = 0xFFFFFFFF
+_SALT = 0x9E3779B9  # 32-bit golden ratio: spreads rank salts over the word space
+# multipliers below 2**31, so every product of a 32-bit value fits in int64 (no overflow)
+_MUL = (0x7FEB352D, 0x31848BAB, 0x2C1B3C6D)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """xorshift-multiply avalanche of 32-bit values held in int64."""
+    for m in _MUL:
+        x = x ^ (x >> 16)
+        x = (x * m) & _M32
+    return x ^ (x >> 16)
+
+
+def counter_keep_mask(shape: torch.Size, p: float, salt: int, device) -> torch.Tensor:
+    """A boolean mask of ``shape``, True with probability ``1 - p`` (to 2**-24), from two
+    draws of the default generator and ``salt``: the same on ranks with the same salt."""
+    words = torch.randint(0, 2**31, (2,), device=device)  # same draw on every rank
+    s0 = (words[0] + salt * _SALT) & _M32
+    s1 = (words[1] + (salt + 1) * _SALT) & _M32
+    n = 1
+    for d in shape:
+        n *= d
+    idx = torch.arange(n, device=device, dtype=torch.int64).view(shape)
+    h = _mix32(_mix32((idx & _M32) ^ s0) ^ (idx >> 32) ^ s1)
+    return (h >> 8) >= int(round(p * 2**24))
+
+
+def counter_dropout(x: torch.Tensor, p: float, salt: int) -> torch.Tensor:
+    """Inverted dropout with a counter-based mask (``counter_keep_mask``)."""
+    keep = counter_keep_mask(x.shape, p, salt, x.device)
+    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+
+
+class PerRankDropout(nn.Module):
+    """``nn.Dropout`` whose mask differs across tensor-parallel ranks (sequence-parallel
+    hidden states: each rank holds another chunk of the sequence), compile-friendly."""
+
+    def __init__(self, p: float, tp_rank: int):
+        super().__init__()
+        self.p, self.tp_rank = p, tp_rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        return counter_dropout(x, self.p, self.tp_rank + 1)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, tp_rank={self.tp_rank}"
+
+
+class PerRankCoreAttention(CoreAttention):
+    """The model's attention core, whose training-time dropout on the probabilities
+    differs across tensor-parallel ranks (each holds other heads) with a counter-based
+    mask: softmax(q k^T / sqrt(hd) + causal) * keep / (1 - p) @ v. The probabilities are
+    formed explicitly, as in Megatron's core attention (a fused kernel would draw from the
+    device generator, which is the same on every rank); eval mode and p = 0 run the
+    model's own fused path."""
+
+    def __init__(self, dropout: float, tp_rank: int):
+        super().__init__(dropout)
+        self.tp_rank = tp_rank
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                pad: torch.Tensor | None = None) -> torch.Tensor:
+        p = self.dropout if self.training else 0.0
+        B, T, nh, hd = q.shape
+        if p == 0.0 or pad is not None or k.shape[1] != T:
+            return super().forward(q, k, v, pad)  # no dropout, or not a training shape
+        n_rep = nh // k.shape[2]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)      # (B, nh, T, hd)
+        if n_rep > 1:
+            k = k.repeat_interleave(n_rep, dim=1)
+            v = v.repeat_interleave(n_rep, dim=1)
+        scores = (q @ k.transpose(-2, -1)).float() * (hd ** -0.5)             # (B, nh, T, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        probs = counter_dropout(probs, p, self.tp_rank + 1).to(v.dtype)
+        y = probs @ v                                                           # (B, nh, T, hd)
+        return y.transpose(1, 2).reshape(B, T, nh * hd)
+
+    def extra_repr(self) -> str:
+        return f"dropout={self.dropout}, tp_rank={self.tp_rank}, counter-based mask"
 
 
 @torch.no_grad()

@@ -120,12 +120,26 @@ class Checkpointer:
         if spec.lower() in ("none", ""):
             return
         if spec.lower() in ("auto", "latest"):
-            path = ckpt.latest_good(self.directory)  # a damaged newest checkpoint is skipped, with a warning
-            if path is None:
-                return
+            # a damaged newest checkpoint is skipped, with a warning; so is one whose shard
+            # hashes fail only while loading (remote checkpoints are checked by size first)
+            tried: list[str] = []
+            while True:
+                path = ckpt.latest_good(self.directory, skip=tried)
+                if path is None:
+                    if tried:
+                        raise ckpt.CheckpointDamaged(f"no intact checkpoint in {self.directory}: "
+                                                     f"{', '.join(tried)} failed to load")
+                    return
+                try:
+                    meta = ckpt.load_checkpoint(path, self.model, self.optimizer,
+                                                flatten_optimizer=self.flatten_optimizer)
+                    break
+                except ckpt.CheckpointDamaged as e:
+                    log.warning("%s; trying an older checkpoint", e)
+                    tried.append(path)
         else:
             path = ckpt.resolve_checkpoint(spec)
-        meta = ckpt.load_checkpoint(path, self.model, self.optimizer, flatten_optimizer=self.flatten_optimizer)
+            meta = ckpt.load_checkpoint(path, self.model, self.optimizer, flatten_optimizer=self.flatten_optimizer)
         self.state.load_state_dict(meta)
         if self.scaler is not None and meta.get("grad_scaler"):
             self.scaler.load_state_dict(meta["grad_scaler"])

@@ -114,7 +114,7 @@ def preflight_problems(cfg) -> list[str]:
     if spec.lower() not in ("", "none", "auto", "latest"):  # auto/latest: the ranks pick an intact one
         try:
             path = ckpt.resolve_checkpoint(spec)
-            if not storage.is_remote(path):  # a remote one is verified where it is downloaded anyway
+            if not storage.is_remote(path):  # a remote one is verified as it loads (ranged reads)
                 damage = ckpt.verify_checkpoint(path)
                 if damage:
                     problems.append(f"checkpoint.load={spec!r}: {path} is damaged: {'; '.join(damage)}")
