@@ -18,6 +18,14 @@ Both must agree on every count; the script fails otherwise.
 
     .venv/bin/python benchmarks/extract.py            # ~50 MB, 2 workers
     .venv/bin/python benchmarks/extract.py --mb 10 --workers 1
+    .venv/bin/python benchmarks/extract.py --neardup --sizes 100,500   # fuzzy dedup scaling
+
+``--neardup`` measures fuzzy deduplication on the near-duplicate corpus
+(``mtnlg.extract.neardup``, scaled by copies that are not near-duplicates of each other)
+at each size: MB/s at 1 and ``--workers`` workers, the plain loop (exact dedup only) on the
+same input, the peak resident memory of the worker processes and of the driver, and
+recall/precision against the known groups. Quality filters are off there, so that every
+document not kept was dropped as a duplicate.
 """
 
 from __future__ import annotations
@@ -58,6 +66,114 @@ def scaled_corpus(dest: Path, target_mb: float) -> int:
     return total
 
 
+def neardup_corpus(dest: Path, target_mb: float, components: str):
+    """The near-duplicate corpus (``mtnlg.extract.neardup``) scaled to ``target_mb``: copy K
+    holds the bundled "What's New" originals with 30% of their words replaced (seeded by K,
+    so copies are not near-duplicates of each other: the groups, and the edges, grow in
+    number with the input, not in size), and variants of half of them. Returns (MB, truths)."""
+    import random
+
+    from mtnlg.extract.neardup import _replace_words, make_corpus, originals_from
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from corpus_data import whatsnew_paragraphs
+
+    base = originals_from(whatsnew_paragraphs())
+    total, truths, k = 0, [], 0
+    while total < target_mb * 1e6:
+        rng = random.Random(k)
+        originals = base if k == 0 else [_replace_words(t, 0.3, rng) for t in base]
+        truth = make_corpus(originals, str(dest / f"copy{k:03d}"), seed=k, name=f"{dest.name}/copy{k:03d}")
+        os.remove(dest / f"copy{k:03d}" / "truth.json")
+        truths.append(truth)
+        total += sum(f.stat().st_size for f in (dest / f"copy{k:03d}").glob("*.jsonl"))
+        k += 1
+    return total, truths
+
+
+def peak_rss_run(cmd: list[str]) -> tuple[float, dict]:
+    """Runs ``cmd`` (this script in --one mode) and returns (seconds, its JSON result)."""
+    import subprocess
+
+    t = time.perf_counter()
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return time.perf_counter() - t, json.loads(out.strip().splitlines()[-1])
+
+
+def run_one(args) -> int:
+    """One Beam extract in this process; prints the stats' counts and the peak resident set
+    of this process and of its worker processes (RUSAGE_CHILDREN: the largest one)."""
+    import resource
+
+    from mtnlg.config import replace
+    from mtnlg.extract.beam_job import extract
+    from mtnlg.extract.config import RULES, ExtractConfig
+
+    cfg = replace(ExtractConfig(), [f"filters.disabled={json.dumps(list(RULES))}",
+                                    f"dedup.components={args.components}"])
+    t = time.perf_counter()
+    stats = extract([args.one], args.out, cfg, workers=args.workers)
+    seconds = time.perf_counter() - t
+    print(json.dumps({"seconds": seconds, "duplicates": stats["duplicates"], "fuzzy": stats["fuzzy"],
+                      "read": stats["read"], "kept": stats["kept"],
+                      "driver_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "worker_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+    return 0
+
+
+def main_neardup(args) -> int:
+    """Fuzzy deduplication on the near-duplicate corpus at each size of ``--sizes``: MB/s at
+    1 and ``--workers`` workers (parallel efficiency), next to the plain loop (exact dedup) on
+    the same input in the same run, peak memory per worker, recall and precision."""
+    from mtnlg.config import replace
+    from mtnlg.extract.config import RULES, ExtractConfig
+    from mtnlg.extract.neardup import NearDupCorpus, kept_ids, score
+    from mtnlg.extract.reference import extract_reference
+
+    loop_cfg = replace(ExtractConfig(), ["dedup.fuzzy=false", f"filters.disabled={json.dumps(list(RULES))}"])
+    results: dict = {"sizes": {}, "components": args.components, "cpus": os.cpu_count()}
+    for size in [float(x) for x in args.sizes.split(",")]:
+        with tempfile.TemporaryDirectory(prefix="mtnlg-bench-neardup-") as tmp:
+            tmp = Path(tmp)
+            total, truths = neardup_corpus(tmp / "in", size, args.components)
+            mb = total / 1e6
+            t = time.perf_counter()
+            extract_reference([str(tmp / "in")], str(tmp / "out-loop"), loop_cfg)
+            loop_s = time.perf_counter() - t
+            row = {"input_mb": mb, "loop_mb_per_s": mb / loop_s}
+            for workers in sorted({1, args.workers}):
+                out = tmp / f"out-{workers}"
+                secs, one = peak_rss_run([sys.executable, __file__, "--one", str(tmp / "in"), "--out", str(out),
+                                          "--workers", str(workers), "--components", args.components])
+                docs: dict = {}
+                should: set = set()
+                for tr in truths:  # ids are per file name, which includes the copy
+                    docs.update(tr.docs)
+                    should |= tr.should_drop
+                q = score(NearDupCorpus(str(tmp / "in"), 0.8, docs, should),
+                          kept_ids([str(out / "train"), str(out / "validation")]))
+                row[f"beam_{workers}"] = {"mb_per_s": mb / secs, "ratio_to_loop": loop_s / secs, **one,
+                                          "recall": q["recall"], "precision": q["precision"]}
+            if args.workers > 1:
+                row["parallel_efficiency"] = (row[f"beam_{args.workers}"]["mb_per_s"]
+                                              / row["beam_1"]["mb_per_s"] / args.workers)
+            results["sizes"][f"{size:g}"] = row
+            print(f"{mb:7.1f} MB: loop {row['loop_mb_per_s']:.2f} MB/s; "
+                  + "; ".join(f"beam {w}w {row[f'beam_{w}']['mb_per_s']:.2f} MB/s "
+                              f"({row[f'beam_{w}']['ratio_to_loop']:.2f}x loop), worker peak "
+                              f"{row[f'beam_{w}']['worker_peak_mb']:.0f} MB, driver peak "
+                              f"{row[f'beam_{w}']['driver_peak_mb']:.0f} MB, recall {row[f'beam_{w}']['recall']:.3f}, "
+                              f"precision {row[f'beam_{w}']['precision']:.3f}"
+                              for w in sorted({1, args.workers}))
+                  + (f"; parallel efficiency {row['parallel_efficiency']:.2f}" if "parallel_efficiency" in row else ""),
+                  flush=True)
+    results["loadavg_1m_end"] = os.getloadavg()[0]
+    print(f"({os.cpu_count()} CPUs, 1-min load average {os.getloadavg()[0]:.1f} at the end)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
 def counts(stats: dict) -> dict:
     keys = ("read", "kept", "dropped", "duplicates", "failed", "bytes_in", "bytes_out", "splits")
     out = {k: stats[k] for k in keys}
@@ -72,9 +188,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=2, help="alternate runs of each; the best time counts")
     ap.add_argument("--no-fuzzy-run", action="store_true", help="skip the extra run with fuzzy dedup on")
     ap.add_argument("--json", help="also write the figures to this JSON file")
+    ap.add_argument("--neardup", action="store_true",
+                    help="fuzzy deduplication on the near-duplicate corpus at each of --sizes")
+    ap.add_argument("--sizes", default="100,500", help="with --neardup: input sizes in MB")
+    ap.add_argument("--components", default="distributed", choices=("auto", "single", "distributed"),
+                    help="with --neardup: dedup.components")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one measured run of this input
+    ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.one:
+        return run_one(args)
 
     os.environ.setdefault("MTNLG_LOG_LEVEL", "WARNING")
+    if args.neardup:
+        return main_neardup(args)
     from mtnlg.config import replace
     from mtnlg.extract.beam_job import extract
     from mtnlg.extract.config import ExtractConfig

@@ -18,10 +18,11 @@ back by id once, at the end:
 2. fuzzy: the MinHash signature of each exact survivor is cut into LSH bands; documents
    sharing a band become candidate pairs; a pair is an edge when its estimated Jaccard
    similarity reaches the threshold; in each connected component of the edge graph the
-   smallest id is kept. The components are found on one worker from the gathered edges
-   (``dedup.components=single``, the default) or inside Beam by rounds of minimum-label
-   propagation with hooking and pointer jumping (``distributed``,
-   :class:`ConnectedComponents`), where no step gathers the edges or the documents.
+   smallest id is kept. The components are found inside Beam by rounds of minimum-label
+   propagation with hooking and pointer jumping (``dedup.components=distributed``,
+   :class:`ConnectedComponents`), where no step gathers the edges or the documents, or on
+   one worker from the gathered edges (``single``); the default ``auto`` is ``single`` on
+   the DirectRunner and ``distributed`` on every other runner.
 
 Run it with ``mtnlg extract`` or ``run(argv)``; the library entry is :func:`extract`.
 """
@@ -221,7 +222,7 @@ class VerifyPairFn(beam.DoFn):
 
 def fuzzy_duplicates(edges: list[tuple[str, str]]) -> Iterable[tuple[str, str]]:
     """All edges (gathered on one worker) -> ``(id, "fuzzy")`` for every node that is not
-    its component's smallest id (``dedup.components=single``)."""
+    its component's smallest id (``dedup.components=single``, or ``auto`` on the DirectRunner)."""
     for node, root in sorted(components(edges).items()):
         if node != root:
             yield node, "fuzzy"
@@ -424,7 +425,7 @@ class FuzzyDedup(beam.PTransform):
                  | "JoinRightSignature" >> beam.CoGroupByKey()
                  | "VerifyJaccard" >> beam.ParDo(VerifyPairFn(d.threshold)))
         skipped = candidates[SKIPPED] | "CountSkipped" >> beam.Map(lambda n: {"fuzzy/skipped_comparisons": n})
-        if d.components == "single":
+        if resolve_components(d.components, sigs.pipeline) == "single":
             marks = (edges
                      | "CollectEdges" >> beam.combiners.ToList()
                      | "ConnectedComponents" >> beam.FlatMap(fuzzy_duplicates))
@@ -436,6 +437,19 @@ class FuzzyDedup(beam.PTransform):
             lambda _: {"fuzzy/unconverged_nodes": 1}))
                   | "FuzzyCounts" >> beam.Flatten())
         return {"marks": marks, "counts": counts}
+
+
+def resolve_components(components: str, pipeline: beam.Pipeline) -> str:
+    """``dedup.components`` for this pipeline: ``auto`` is ``single`` on the DirectRunner
+    (one machine: union-find over the gathered edges costs nothing a local run does not
+    already hold) and ``distributed`` on every other runner (Dataflow, Flink, Spark, the
+    portable runner), where no step may gather the edges."""
+    if components != "auto":
+        return components
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    runner = pipeline.options.view_as(StandardOptions).runner if pipeline.options else None
+    return "single" if (runner or "DirectRunner").lower() in DIRECT_RUNNERS else "distributed"
 
 
 class Deduplicate(beam.PTransform):

@@ -80,8 +80,9 @@ class DedupConfig(Config):
     # for a small or local run, memory grows with the pairs); "distributed" runs rounds of
     # label propagation with hooking and pointer jumping inside Beam, with no step that
     # gathers pairs or documents (for web-scale inputs on Dataflow, Flink or Spark; each
-    # round adds stages, about 0.7 s of fixed cost per round on the local runner).
-    components: str = field(default="single", metadata={"choices": ("single", "distributed")})
+    # round adds stages, about 0.5 s of fixed cost per round on the local runner); "auto":
+    # "single" on the DirectRunner (one machine), "distributed" on any other runner.
+    components: str = field(default="auto", metadata={"choices": ("auto", "single", "distributed")})
     # Rounds of the distributed grouping: a chain of n near-duplicates needs about log2(n);
     # stats.json's fuzzy.unconverged_nodes says when a run needed more.
     max_rounds: int = field(default=16, metadata={"min": 1})
