@@ -269,6 +269,34 @@ def test_the_job_is_owned_by_the_launchers_pod_and_goes_with_it(kube, tmp_path, 
     assert launcher_mod.pod_owner(core=kube.core_v1) is None              # outside a pod: no owner
 
 
+def test_on_kubeflow_pipelines_the_job_is_owned_by_the_runs_workflow(kube, tmp_path, monkeypatch):
+    """A KFP step's pod belongs to the run's Argo Workflow: the job is owned by the Workflow,
+    so a retry (a new pod of the same Workflow) adopts a job whose owner still exists, and
+    deleting the run removes the job."""
+    import mtnlg.cluster.launcher as launcher_mod
+    from mtnlg.cluster.jobs import with_owner
+
+    ns_file = tmp_path / "namespace"
+    ns_file.write_text(NS)
+    monkeypatch.setattr(launcher_mod, "SERVICE_ACCOUNT_NAMESPACE", str(ns_file))
+    wf = kube.create_object("argoproj.io", "v1alpha1", "workflows", NS, {
+        "apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow", "metadata": {"name": "mtnlg-gpt-x7k2p"}})
+    owners = []
+    for attempt in ("mtnlg-gpt-x7k2p-train-1", "mtnlg-gpt-x7k2p-train-2"):  # the step and its retry
+        kube.create_pod(NS, attempt, phase="Running", owner=wf)
+        monkeypatch.setenv("HOSTNAME", attempt)
+        owners.append(launcher_mod.pod_owner(core=kube.core_v1))
+    assert owners[0] == owners[1] == {"apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow",
+                                      "name": "mtnlg-gpt-x7k2p", "uid": wf["metadata"]["uid"]}
+    job = with_owner(make_job("trainjob"), owners[0])
+    assert launcher(kube, "trainjob").create_or_adopt(job) is False      # the first attempt creates it
+    kube.delete_object("", "v1", "pods", NS, "mtnlg-gpt-x7k2p-train-1")  # the failed attempt's pod goes
+    assert launcher(kube, "trainjob").create_or_adopt(with_owner(make_job("trainjob"), owners[1])) is True
+    assert kube.get_object(*TRAINJOBS, NS, "gpt") is not None             # adopted, still owned
+    kube.delete_object("argoproj.io", "v1alpha1", "workflows", NS, "mtnlg-gpt-x7k2p")  # the run is deleted
+    kube.wait_for(lambda: kube.get_object(*TRAINJOBS, NS, "gpt") is None)
+
+
 @pytest.mark.parametrize("backend", ["trainjob", "pytorchjob"])
 def test_a_retry_replaces_a_failed_job_of_its_own_instead_of_adopting_it(kube, logs, backend):
     res = RESOURCES[backend]

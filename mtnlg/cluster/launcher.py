@@ -444,8 +444,11 @@ def pod_namespace(default: str = "kubeflow") -> str:
 
 
 def pod_owner(core: Any = None, namespace: str | None = None) -> dict[str, str] | None:
-    """An ownerReference to this pod (the launcher's), or None when not running in a pod: a
-    job owned by it is garbage-collected when the pipeline run's pods are deleted."""
+    """The ownerReference for the jobs this launcher creates, or None when not running in a
+    pod. On Kubeflow Pipelines (Argo) the step's pod belongs to the run's Workflow: the job
+    is then owned by that Workflow, so a retried step (a new pod of the same Workflow) adopts
+    a job whose owner is still there, and deleting the pipeline run removes the job. A pod
+    of anything else owns the job itself (garbage-collected with the pod)."""
     name = os.environ.get("HOSTNAME")
     if not name or not os.path.exists(SERVICE_ACCOUNT_NAMESPACE):
         return None
@@ -459,4 +462,7 @@ def pod_owner(core: Any = None, namespace: str | None = None) -> dict[str, str] 
     except Exception as e:  # noqa: BLE001 - without an owner the job is still cleaned up by policy
         log.warning("could not read the launcher's own pod %s (%s): the job will have no owner", name, e)
         return None
+    for ref in pod.metadata.owner_references or []:
+        if ref.kind == "Workflow" and str(ref.api_version).startswith("argoproj.io/"):
+            return {"apiVersion": ref.api_version, "kind": "Workflow", "name": ref.name, "uid": ref.uid}
     return {"apiVersion": "v1", "kind": "Pod", "name": pod.metadata.name, "uid": pod.metadata.uid}
