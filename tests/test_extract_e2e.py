@@ -205,10 +205,13 @@ def test_output_files_are_byte_identical_across_worker_counts_and_locations(tmp_
             files[2][name].replace(str(copies[1]).encode(), b"X"), name
 
 
-def test_the_portable_runner_writes_the_same_bytes(tmp_path):
+def test_the_portable_runner_writes_the_same_bytes(tmp_path, caplog):
     """The whole extract on Beam's PortableRunner with the embedded job service and a
     LOOPBACK environment (the portable-pipeline protocol that Flink's and Spark's job servers
     receive) writes what the DirectRunner writes, byte for byte."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="mtnlg.extract")
     from corpus_data import whatsnew_paragraphs
 
     from mtnlg.extract.neardup import make_corpus, originals_from
@@ -232,6 +235,8 @@ def test_the_portable_runner_writes_the_same_bytes(tmp_path):
     assert [n for n in direct if portable[n] != direct[n]] == []
     stats = json.loads(direct["stats.json"])
     assert stats["failed"]["invalid_json"] == 1 and stats["balanced"]
+    # on both runners every count was checked against the committed Beam metrics
+    assert caplog.text.count("agree with the runner's committed Beam metrics") == 2
     assert stats["duplicates"]["fuzzy"] >= 20 and stats["fuzzy"]["unconverged_nodes"] == 0
 
 
@@ -259,3 +264,17 @@ def test_fuzzy_dedup_recall_and_precision_on_known_near_duplicates(tmp_path):
     # near the threshold the MinHash estimate (128 values, sd ~0.035) misses some pairs
     by_j = s["recall_by_jaccard"]
     assert by_j["0.80-0.85"]["recall"] >= 0.8 and by_j["0.85-0.90"]["recall"] >= 0.95, by_j
+
+
+def test_counts_that_disagree_with_the_runners_metrics_are_named():
+    from mtnlg.extract.beam_job import disagreements
+    from mtnlg.extract.stats import build_stats
+
+    stats = build_stats({"read": 5, "files_read": 1, "bytes_in": 900, "kept": 3, "splits/train/docs": 3,
+                         "dropped/min_words": 1, "duplicates/exact": 1}, inputs=["x"], files=1, skipped=[])
+    metrics = {"docs_read": 5, "files_read": 1, "bytes_in": 900, "kept_train": 3, "dropped_min_words": 1,
+               "duplicates_exact": 1}
+    assert disagreements(stats, metrics) == []
+    assert disagreements(stats, {**metrics, "duplicates_exact": 2, "failed_binary": 1}) == [
+        "duplicates.exact: 1 in stats.json, 2 in the metrics", "failed.binary: 0 in stats.json, 1 in the metrics",
+        "read: 5 in stats.json, 6 in the metrics"]

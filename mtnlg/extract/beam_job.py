@@ -687,13 +687,25 @@ def extract(inputs: list[str], output: str, config: ExtractConfig | None = None,
     log.info("extract: %d files -> %s (%s)", len(files), output, " ".join(args))
     _clear_previous(output)
     start = time.perf_counter()
-    with make_pipeline(args) as p:
-        build_pipeline(p, files, skipped, inputs, output, cfg)
+    p = make_pipeline(args)
+    build_pipeline(p, files, skipped, inputs, output, cfg)
+    result = p.run()
+    result.wait_until_finish()
     elapsed = time.perf_counter() - start
     stats_path = storage.join(output, STATS_FILE)
     if not storage.exists(stats_path):
         raise RuntimeError(f"extract: the pipeline finished without writing {stats_path}")
     stats = json.loads(storage.read_text(stats_path))
+    metrics = runner_counts(result)
+    if metrics is None:
+        log.info("extract: the runner reports no committed Beam metrics; the counts come from the data alone")
+    else:
+        wrong = disagreements(stats, metrics)
+        if wrong:
+            raise RuntimeError(f"extract: {stats_path} and the runner's committed Beam metrics disagree: "
+                               + "; ".join(wrong))
+        log.info("extract: the counts in %s agree with the runner's committed Beam metrics (%d counters)",
+                 stats_path, len(metrics))
     log.info("extract: %s in %.1f s (%.2f MB/s in)", st.summary(stats), elapsed,
              stats["bytes_in"] / 1e6 / max(elapsed, 1e-9))
     n_failed = sum(stats["failed"].values())
@@ -708,6 +720,43 @@ def extract(inputs: list[str], output: str, config: ExtractConfig | None = None,
         raise ValueError(f"extract: nothing could be read from {inputs}: {reasons}"
                          + (f" (e.g. {examples})" if examples else ""))
     return stats
+
+
+def runner_counts(result) -> dict[str, int] | None:
+    """The committed values of this step's Beam counters on the pipeline result, summed
+    over steps, or None when the runner reports no committed metrics (attempted values
+    alone may count a retried bundle twice)."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    try:
+        counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
+    except (NotImplementedError, AttributeError, KeyError):
+        return None
+    out: dict[str, int] = {}
+    for c in counters:
+        if c.committed is None:
+            return None
+        out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(c.committed)
+    return out or None
+
+
+def disagreements(stats: dict[str, Any], metrics: dict[str, int]) -> list[str]:
+    """Where ``stats.json`` (counted from the data) and the runner's counters differ: read,
+    files, bytes in, kept per split, each rule's drops, each duplicate kind, each failure."""
+    get = lambda k: int(metrics.get(k, 0))  # noqa: E731
+    failed = {r: get(f"failed_{r}") for r in stats["failed"]}
+    want = {"read": get("docs_read") + sum(failed.values()), "files_read": get("files_read"),
+            "bytes_in": get("bytes_in"),
+            **{f"splits.{s}.docs": get(f"kept_{s}") for s in stats["splits"]},
+            **{f"dropped.{r}": get(f"dropped_{r}") for r in stats["dropped"]},
+            **{f"duplicates.{k}": get(f"duplicates_{k}") for k in stats["duplicates"]},
+            **{f"failed.{r}": n for r, n in failed.items()}}
+    got = {"read": stats["read"], "files_read": stats["files_read"], "bytes_in": stats["bytes_in"],
+           **{f"splits.{s}.docs": v["docs"] for s, v in stats["splits"].items()},
+           **{f"dropped.{r}": n for r, n in stats["dropped"].items()},
+           **{f"duplicates.{k}": n for k, n in stats["duplicates"].items()},
+           **{f"failed.{r}": n for r, n in stats["failed"].items()}}
+    return [f"{k}: {got[k]} in stats.json, {want[k]} in the metrics" for k in sorted(got) if got[k] != want[k]]
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
