@@ -26,12 +26,14 @@ and by similarity.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from mtnlg.extract.dedup import MinHasher, components
 from mtnlg.extract.readers import doc_id
@@ -153,8 +155,9 @@ def make_corpus(originals: list[str], root: str, seed: int = 0, dup_fraction: fl
     hasher = MinHasher(ngram=ngram)
     corpus = NearDupCorpus(root=root, threshold=threshold)
     by_group: dict[int, list[tuple[str, Any]]] = {}
-    handles = [open(os.path.join(root, f"part-{k:05d}.jsonl"), "w", encoding="utf-8") for k in range(files)]
-    try:
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(open(os.path.join(root, f"part-{k:05d}.jsonl"), "w", encoding="utf-8"))
+                   for k in range(files)]
         lines = [0] * files
         for i, (g, kind, text) in enumerate(entries):
             k = i % files
@@ -163,9 +166,6 @@ def make_corpus(originals: list[str], root: str, seed: int = 0, dup_fraction: fl
             handles[k].write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
             corpus.docs[did] = {"group": g, "kind": kind}
             by_group.setdefault(g, []).append((did, hasher.shingles(text)))
-    finally:
-        for h in handles:
-            h.close()
     edges = []
     for members in by_group.values():
         original = next(sh for did, sh in members if corpus.docs[did]["kind"] == "original")

@@ -54,9 +54,14 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.checkpoint.storage import StorageReader
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
 
 from mtnlg import storage
 from mtnlg.dist import barrier, broadcast_object, first_error
@@ -127,21 +132,27 @@ def verify_checkpoint(path: str, shards: str = "hash") -> list[str]:
     checkpoint about to be loaded with ranged reads, where each rank hashes its own RNG
     file and the shard files it reads whole (``_RangedShardReader``). A checkpoint from
     before checksums were written is checked for completeness only."""
+    return _verify(path, shards)[0]
+
+
+def _verify(path: str, shards: str) -> tuple[list[str], dict[str, dict]]:
+    """``verify_checkpoint``'s problems, and the checksum entries it read (by file name)."""
     if shards not in ("hash", "size"):
         raise ValueError(f"shards must be 'hash' or 'size', got {shards!r}")
     problems: list[str] = []
+    listed: dict[str, dict] = {}
     try:
         sizes = storage.file_sizes(path)
     except FileNotFoundError:
         sizes = {}
     if TRAINER_STATE not in sizes:
-        return [f"{TRAINER_STATE}: missing (the checkpoint is incomplete)"]
+        return [f"{TRAINER_STATE}: missing (the checkpoint is incomplete)"], listed
     try:
         meta = json.loads(storage.read_text(storage.join(path, TRAINER_STATE)))
     except (OSError, ValueError) as e:
-        return [f"{TRAINER_STATE}: unreadable ({e})"]
+        return [f"{TRAINER_STATE}: unreadable ({e})"], listed
     if meta.get("format") != FORMAT:
-        return [f"{TRAINER_STATE}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})"]
+        return [f"{TRAINER_STATE}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})"], listed
     world = int(meta.get("world_size") or 0)
     if any(n.startswith(CHECKSUMS_DIR + "/") for n in sizes):
         listed = _listed_checksums(path, sizes, world, problems)
@@ -173,7 +184,7 @@ def verify_checkpoint(path: str, shards: str = "hash") -> list[str]:
             load_metadata_bytes(storage.read_bytes(where), where)
         except Exception as e:  # noqa: BLE001 - reported as the checkpoint's problem
             problems.append(f".metadata: unreadable ({e})")
-    return problems
+    return problems, listed
 
 
 _PER_RANK = re.compile(r"^(__\d+_\d+\.distcp|rng/rank_\d{5}\.pt)$")
@@ -726,15 +737,6 @@ class PendingCheckpoint:
         return self.final
 
 
-def _remote_check(path: str, meta: dict) -> tuple[list[str], dict[str, dict]]:
-    """(problems, checksum entries) of a remote checkpoint, from one listing."""
-    problems = verify_checkpoint(path, shards="size")
-    sums: dict[str, dict] = {}
-    if not problems:
-        sums = _listed_checksums(path, storage.file_sizes(path), int(meta.get("world_size") or 0), problems)
-    return problems, sums
-
-
 def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     flatten_optimizer: bool = False) -> dict[str, Any]:
     """Load model (and optimizer) state and this rank's RNG states from checkpoint ``path``
@@ -759,7 +761,7 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
     if remote:
         # rank 0 lists and checks once for everyone (sizes, shared files' hashes); each
         # rank then hashes its own RNG file and the shard files it reads whole
-        problems, sums = broadcast_object(_remote_check(path, meta) if rank == 0 else None)
+        problems, sums = broadcast_object(_verify(path, "size") if rank == 0 else None)
         if problems:
             raise CheckpointDamaged(f"checkpoint {path} is damaged: " + "; ".join(problems))
         reader: StorageReader = _RangedShardReader(path, sums)

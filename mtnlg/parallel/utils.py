@@ -18,6 +18,11 @@ number mixed with the tensor-parallel rank, and on exit restores them. This play
 part of Megatron's model-parallel RNG tracker, but the forked seed is a function of the
 default generator's state, so activation checkpointing, which restores that state before
 recomputing, replays the same masks with no tracker state of its own to save.
+
+Compiled blocks (``parallel.compile``) cannot trace generator seeding, so there the
+per-rank modules are swapped for counter-based ones (``PerRankDropout``,
+``PerRankCoreAttention``): the same placement rules, masks from a hash of two words drawn
+from the shared generator, a rank salt and the element index (see below).
 """
 
 from __future__ import annotations
@@ -130,7 +135,7 @@ def counter_keep_mask(shape: torch.Size, p: float, salt: int, device) -> torch.T
         n *= d
     idx = torch.arange(n, device=device, dtype=torch.int64).view(shape)
     h = _mix32(_mix32((idx & _M32) ^ s0) ^ (idx >> 32) ^ s1)
-    return (h >> 8) >= int(round(p * 2**24))
+    return (h >> 8) >= round(p * 2**24)
 
 
 def counter_dropout(x: torch.Tensor, p: float, salt: int) -> torch.Tensor:
