@@ -52,3 +52,42 @@ def test_the_build_context_leaves_out_the_checkouts_clutter():
         assert entry in ignored
     for needed in ("mtnlg", "components", "pipelines", "pyproject.toml", "constraints.txt"):
         assert needed not in ignored
+
+
+def test_bases_are_pinned_by_digest_with_the_registrys_answer(tmp_path):
+    """`make -C images pin` (images/pin_bases.py): every base image gets the digest the
+    registry resolver prints, keeping its tag; `--check` fails while one has none. The
+    resolver here is a stand-in script (no registry is reachable from the tests)."""
+    import sys
+
+    root = tmp_path / "images"
+    for f in DOCKERFILES:
+        (root / f.parent.name).mkdir(parents=True)
+        (root / f.parent.name / "Dockerfile").write_text(f.read_text())
+    (root / "train" / "Dockerfile").write_text(
+        (root / "train" / "Dockerfile").read_text() + "\nFROM scratch AS empty\nFROM empty AS again\n")
+    fake = tmp_path / "resolve.sh"
+    fake.write_text('#!/bin/sh\necho "Digest: sha256:$(printf %s "$1" | sha256sum | cut -c1-64)"\n')
+    fake.chmod(0o755)
+    script = [sys.executable, str(ROOT / "images" / "pin_bases.py"), "--root", str(root)]
+    check = subprocess.run([*script, "--check"], capture_output=True, text=True)
+    assert check.returncode == 1
+    assert "not pinned by digest: images/train/Dockerfile: pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime" \
+        in check.stdout and "python:3.11-slim" in check.stdout
+    pinned = subprocess.run([*script, "--resolver", str(fake)], capture_output=True, text=True, check=True)
+    assert pinned.stdout.count("pinned ") == 2  # scratch and an earlier stage are not images to pin
+    import hashlib
+
+    want = hashlib.sha256(b"pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime").hexdigest()
+    text = (root / "train" / "Dockerfile").read_text()
+    assert f"FROM pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime@sha256:{want}\n" in text
+    assert "FROM scratch AS empty\nFROM empty AS again\n" in text
+    assert subprocess.run([*script, "--check"], capture_output=True, text=True).returncode == 0
+    again = subprocess.run([*script, "--resolver", str(fake)], capture_output=True, text=True, check=True)
+    assert again.stdout == ""  # the same digests: nothing rewritten
+    failing = subprocess.run([*script, "--resolver", "false"], capture_output=True, text=True)
+    assert failing.returncode != 0 and "could not resolve python:3.11-slim" in failing.stderr  # data/ comes first
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if Path(hadolint).exists():
+        r = subprocess.run([hadolint, str(root / "data" / "Dockerfile")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout
