@@ -91,13 +91,17 @@ def neardup_corpus(dest: Path, target_mb: float, components: str):
     return total, truths
 
 
-def peak_rss_run(cmd: list[str]) -> tuple[float, dict]:
-    """Runs ``cmd`` (this script in --one mode) and returns (seconds, its JSON result)."""
+def peak_rss_run(cmd: list[str]) -> tuple[float, dict | None, str]:
+    """Runs ``cmd`` (this script in --one mode): (seconds, its JSON result or None when it
+    failed, the tail of its stderr)."""
     import subprocess
 
     t = time.perf_counter()
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return time.perf_counter() - t, json.loads(out.strip().splitlines()[-1])
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    secs = time.perf_counter() - t
+    if r.returncode != 0:
+        return secs, None, f"exit {r.returncode}: " + r.stderr.strip()[-1500:]
+    return secs, json.loads(r.stdout.strip().splitlines()[-1]), ""
 
 
 def run_one(args) -> int:
@@ -143,8 +147,12 @@ def main_neardup(args) -> int:
             row = {"input_mb": mb, "loop_mb_per_s": mb / loop_s}
             for workers in sorted({1, args.workers}):
                 out = tmp / f"out-{workers}"
-                secs, one = peak_rss_run([sys.executable, __file__, "--one", str(tmp / "in"), "--out", str(out),
-                                          "--workers", str(workers), "--components", args.components])
+                secs, one, err = peak_rss_run([sys.executable, __file__, "--one", str(tmp / "in"), "--out", str(out),
+                                               "--workers", str(workers), "--components", args.components])
+                if one is None:
+                    row[f"beam_{workers}"] = {"failed": err, "seconds": secs}
+                    print(f"{mb:7.1f} MB, {workers} worker(s): FAILED after {secs:.0f} s: {err}", flush=True)
+                    continue
                 docs: dict = {}
                 should: set = set()
                 for tr in truths:  # ids are per file name, which includes the copy
@@ -154,19 +162,17 @@ def main_neardup(args) -> int:
                           kept_ids([str(out / "train"), str(out / "validation")]))
                 row[f"beam_{workers}"] = {"mb_per_s": mb / secs, "ratio_to_loop": loop_s / secs, **one,
                                           "recall": q["recall"], "precision": q["precision"]}
-            if args.workers > 1:
+                r = row[f"beam_{workers}"]
+                print(f"{mb:7.1f} MB, {workers} worker(s): {r['mb_per_s']:.2f} MB/s ({r['ratio_to_loop']:.2f}x the "
+                      f"loop's {row['loop_mb_per_s']:.2f} MB/s), worker peak {r['worker_peak_mb']:.0f} MB, driver "
+                      f"peak {r['driver_peak_mb']:.0f} MB, recall {r['recall']:.3f}, precision {r['precision']:.3f}",
+                      flush=True)
+            if args.workers > 1 and all("mb_per_s" in row[f"beam_{w}"] for w in (1, args.workers)):
                 row["parallel_efficiency"] = (row[f"beam_{args.workers}"]["mb_per_s"]
                                               / row["beam_1"]["mb_per_s"] / args.workers)
             results["sizes"][f"{size:g}"] = row
-            print(f"{mb:7.1f} MB: loop {row['loop_mb_per_s']:.2f} MB/s; "
-                  + "; ".join(f"beam {w}w {row[f'beam_{w}']['mb_per_s']:.2f} MB/s "
-                              f"({row[f'beam_{w}']['ratio_to_loop']:.2f}x loop), worker peak "
-                              f"{row[f'beam_{w}']['worker_peak_mb']:.0f} MB, driver peak "
-                              f"{row[f'beam_{w}']['driver_peak_mb']:.0f} MB, recall {row[f'beam_{w}']['recall']:.3f}, "
-                              f"precision {row[f'beam_{w}']['precision']:.3f}"
-                              for w in sorted({1, args.workers}))
-                  + (f"; parallel efficiency {row['parallel_efficiency']:.2f}" if "parallel_efficiency" in row else ""),
-                  flush=True)
+            if "parallel_efficiency" in row:
+                print(f"{mb:7.1f} MB: parallel efficiency {row['parallel_efficiency']:.2f}", flush=True)
     results["loadavg_1m_end"] = os.getloadavg()[0]
     print(f"({os.cpu_count()} CPUs, 1-min load average {os.getloadavg()[0]:.1f} at the end)")
     if args.json:
