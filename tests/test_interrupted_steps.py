@@ -93,7 +93,7 @@ class Watch:
                     proc.wait()
                     return None
                 assert now < deadline, f"{self.cmd} did not finish in {timeout} s"
-                time.sleep(0.002)
+                time.sleep(0.005)
             self._look()
             err = proc.stderr.read()
             assert proc.returncode == 0 or kill_when is not None, err[-3000:]
