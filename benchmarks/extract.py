@@ -66,14 +66,14 @@ def scaled_corpus(dest: Path, target_mb: float) -> int:
     return total
 
 
-def neardup_corpus(dest: Path, target_mb: float, components: str):
+def neardup_corpus(dest: Path, target_mb: float):
     """The near-duplicate corpus (``mtnlg.extract.neardup``) scaled to ``target_mb``: copy K
     holds the bundled "What's New" originals with 30% of their words replaced (seeded by K,
     so copies are not near-duplicates of each other: the groups, and the edges, grow in
     number with the input, not in size), and variants of half of them. Returns (MB, truths)."""
     import random
 
-    from mtnlg.extract.neardup import _replace_words, make_corpus, originals_from
+    from mtnlg.extract.neardup import make_corpus, originals_from, replace_words
 
     sys.path.insert(0, str(REPO / "tests"))
     from corpus_data import whatsnew_paragraphs
@@ -82,7 +82,7 @@ def neardup_corpus(dest: Path, target_mb: float, components: str):
     total, truths, k = 0, [], 0
     while total < target_mb * 1e6:
         rng = random.Random(k)
-        originals = base if k == 0 else [_replace_words(t, 0.3, rng) for t in base]
+        originals = base if k == 0 else [replace_words(t, 0.3, rng) for t in base]
         truth = make_corpus(originals, str(dest / f"copy{k:03d}"), seed=k, name=f"{dest.name}/copy{k:03d}")
         os.remove(dest / f"copy{k:03d}" / "truth.json")
         truths.append(truth)
@@ -139,7 +139,7 @@ def main_neardup(args) -> int:
     for size in [float(x) for x in args.sizes.split(",")]:
         with tempfile.TemporaryDirectory(prefix="mtnlg-bench-neardup-") as tmp:
             tmp = Path(tmp)
-            total, truths = neardup_corpus(tmp / "in", size, args.components)
+            total, truths = neardup_corpus(tmp / "in", size)
             mb = total / 1e6
             t = time.perf_counter()
             extract_reference([str(tmp / "in")], str(tmp / "out-loop"), loop_cfg)

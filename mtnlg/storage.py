@@ -850,16 +850,6 @@ def open_ranged(path: str | os.PathLike) -> IO:
     return open(path, "rb", buffering=0)
 
 
-def read_range(path: str | os.PathLike, start: int, length: int) -> bytes:
-    """Bytes ``start .. start + length`` of a file (one ranged request on gs:// and s3://);
-    fewer only at the end of the file."""
-    if start < 0 or length < 0:
-        raise ValueError(f"{path}: bad range start={start} length={length}")
-    with open_ranged(path) as f:
-        f.seek(start)
-        return f.read(length)
-
-
 def read_text(path: str | os.PathLike) -> str:
     return read_bytes(path).decode("utf-8")
 

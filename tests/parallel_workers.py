@@ -199,45 +199,55 @@ def same_across_ranks(t: torch.Tensor) -> bool:
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
-def dropout_behaviour(world: int) -> dict:
-    """Where each dropout draws from, observed directly on the parallel model's modules."""
-    out = {}
-    for sp in (False, True):
-        cfg = tiny(dropout=0.5, attention_dropout=0.5)
-        _, model, mesh, dims = build(cfg, ParallelConfig(tp=world, sequence_parallel=sp), world)
-        model.train()
-        layer = model.layers[0]
-        torch.manual_seed(3)
-        q = torch.randn(2, 8, 2, 16)  # identical on every rank: (B, T, nh_local, hd)
-        out[f"sp={sp}"] = {
-            "core_attention_same": same_across_ranks(layer.attention.core_attention(q, q, q)),
-            "mlp_dropout_same": same_across_ranks(layer.mlp.dropout(torch.ones(64, 64))),
-            "embedding_dropout_same": same_across_ranks(model.drop(torch.ones(64, 64))),
-            "rng_in_step_after": rng_states_equal_across_ranks(),
-        }
-        layer.eval()
-        before = torch.get_rng_state()
-        layer.attention.core_attention(q, q, q)
-        out[f"sp={sp}"]["eval_draws_nothing"] = bool(torch.equal(before, torch.get_rng_state()))
+def observe_dropouts(model) -> dict:
+    """Which of a TP model's dropouts draw the same masks on every rank, whether the shared
+    generator stays in step, and that eval mode draws nothing."""
+    model.train()
+    layer = model.layers[0]
+    torch.manual_seed(3)
+    q = torch.randn(2, 8, 2, 16)  # identical on every rank: (B, T, nh_local, hd)
+    out = {
+        "core_type": type(layer.attention.core_attention).__name__,
+        "core_attention_same": same_across_ranks(layer.attention.core_attention(q, q, q)),
+        "mlp_dropout_same": same_across_ranks(layer.mlp.dropout(torch.ones(64, 64))),
+        "embedding_dropout_same": same_across_ranks(model.drop(torch.ones(64, 64))),
+        "rng_in_step_after": rng_states_equal_across_ranks(),
+    }
+    layer.eval()
+    before = torch.get_rng_state()
+    y_eval = layer.attention.core_attention(q, q, q)
+    out["eval_draws_nothing"] = bool(torch.equal(before, torch.get_rng_state()))
+    out["eval_same"] = same_across_ranks(y_eval)
     return out
 
 
-def checkpointing_with_dropout(world: int) -> dict:
-    """Gradients with "full"/"selective" recomputation equal those without, dropout on."""
-    cfg = tiny(dropout=0.1, attention_dropout=0.1)
+def dropout_behaviour(world: int) -> dict:
+    """Where each dropout draws from, observed directly on the parallel model's modules."""
+    cfg = tiny(dropout=0.5, attention_dropout=0.5)
+    return {f"sp={sp}": observe_dropouts(build(cfg, ParallelConfig(tp=world, sequence_parallel=sp), world)[1])
+            for sp in (False, True)}
+
+
+def recomputed_grad_diffs(make_model) -> dict:
+    """Largest gradient difference of "full"/"selective" recomputation against none, dropout
+    on: ``make_model(mode)`` -> (model, mesh, dims)."""
     grads = {}
     for mode in ("none", "full", "selective"):
-        _, model, mesh, dims = build(cfg, ParallelConfig(tp=world, sequence_parallel=True,
-                                                        activation_checkpoint=mode), world)
+        model, mesh, dims = make_model(mode)
         model.train()
         torch.manual_seed(11)
         forward_backward(model, tokens_for_step(0), mesh, dims)
         grads[mode] = {n.replace("_checkpoint_wrapped_module.", ""): full(p.grad).clone()
                        for n, p in model.named_parameters()}
-    out = {}
-    for mode in ("full", "selective"):
-        out[mode] = max(float((grads[mode][n] - g).abs().max()) for n, g in grads["none"].items())
-    return out
+    return {mode: max(float((grads[mode][n] - g).abs().max()) for n, g in grads["none"].items())
+            for mode in ("full", "selective")}
+
+
+def checkpointing_with_dropout(world: int) -> dict:
+    """Gradients with "full"/"selective" recomputation equal those without, dropout on."""
+    cfg = tiny(dropout=0.1, attention_dropout=0.1)
+    return recomputed_grad_diffs(lambda mode: build(cfg, ParallelConfig(
+        tp=world, sequence_parallel=True, activation_checkpoint=mode), world)[1:])
 
 
 def _counter_model(cfg: ModelConfig, world: int, sp: bool, ac: str = "none"):
@@ -262,25 +272,8 @@ def counter_rng_checks(world: int) -> dict:
     under recomputation, and graph breaks of compiled TP blocks with dropout on."""
     from mtnlg.parallel.utils import counter_keep_mask
 
-    out: dict = {}
-    for sp in (False, True):
-        model, _, _ = _counter_model(tiny(dropout=0.5, attention_dropout=0.5), world, sp)
-        model.train()
-        layer = model.layers[0]
-        torch.manual_seed(3)
-        q = torch.randn(2, 8, 2, 16)
-        out[f"sp={sp}"] = {
-            "core_type": type(layer.attention.core_attention).__name__,
-            "core_attention_same": same_across_ranks(layer.attention.core_attention(q, q, q)),
-            "mlp_dropout_same": same_across_ranks(layer.mlp.dropout(torch.ones(64, 64))),
-            "embedding_dropout_same": same_across_ranks(model.drop(torch.ones(64, 64))),
-            "rng_in_step_after": rng_states_equal_across_ranks(),
-        }
-        layer.eval()
-        before = torch.get_rng_state()
-        y_eval = layer.attention.core_attention(q, q, q)
-        out[f"sp={sp}"]["eval_draws_nothing"] = bool(torch.equal(before, torch.get_rng_state()))
-        out[f"sp={sp}"]["eval_same"] = same_across_ranks(y_eval)
+    out: dict = {f"sp={sp}": observe_dropouts(_counter_model(tiny(dropout=0.5, attention_dropout=0.5), world, sp)[0])
+                 for sp in (False, True)}
     torch.manual_seed(5)
     a = counter_keep_mask((1000, 1000), 0.1, 1, "cpu")
     torch.manual_seed(5)
@@ -288,16 +281,8 @@ def counter_rng_checks(world: int) -> dict:
     out["keep_rate"] = float(a.float().mean())
     out["agreement_other_salt"] = float((a == b).float().mean())  # 0.82 if independent
     # recomputation replays the masks: gradients equal bitwise with and without it
-    grads = {}
-    for mode in ("none", "full", "selective"):
-        model, mesh, dims = _counter_model(tiny(dropout=0.1, attention_dropout=0.1), world, True, mode)
-        model.train()
-        torch.manual_seed(11)
-        forward_backward(model, tokens_for_step(0), mesh, dims)
-        grads[mode] = {n.replace("_checkpoint_wrapped_module.", ""): full(p.grad).clone()
-                       for n, p in model.named_parameters()}
-    out["checkpointing"] = {mode: max(float((grads[mode][n] - g).abs().max()) for n, g in grads["none"].items())
-                            for mode in ("full", "selective")}
+    cfg = tiny(dropout=0.1, attention_dropout=0.1)
+    out["checkpointing"] = recomputed_grad_diffs(lambda mode: _counter_model(cfg, world, True, mode))
     out["compiled"] = {rng: compiled_steps(world, rng) for rng in ("counter", "fork")}
     out["compiled"]["counter-eager"] = compiled_steps(world, "counter", compiled=False)
     return out

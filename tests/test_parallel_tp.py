@@ -88,6 +88,8 @@ def test_dropout_rng_differs_only_where_ranks_hold_different_slices(results):
     # the shared generator stays in step on all ranks, and eval mode draws nothing
     assert no_sp["rng_in_step_after"] and sp["rng_in_step_after"]
     assert no_sp["eval_draws_nothing"] and sp["eval_draws_nothing"]
+    # eager: the model's own attention core under the fork hooks; eval output is replicated
+    assert no_sp["core_type"] == sp["core_type"] == "CoreAttention" and no_sp["eval_same"] and sp["eval_same"]
 
 
 def test_activation_checkpointing_replays_dropout_exactly(results):

@@ -73,7 +73,9 @@ def originals_from(texts: Iterable[str], min_words: int = 250, max_words: int = 
     return out
 
 
-def _replace_words(text: str, fraction: float, rng: random.Random) -> str:
+def replace_words(text: str, fraction: float, rng: random.Random) -> str:
+    """``text`` with about ``fraction`` of its words replaced: half by a typo (two letters
+    swapped), half by another word of the text or a new one."""
     words = text.split(" ")
     k = max(1, round(fraction * len(words)))
     for i in rng.sample(range(len(words)), min(k, len(words))):
@@ -89,7 +91,7 @@ def _replace_words(text: str, fraction: float, rng: random.Random) -> str:
 def _swap_sentences(text: str, swaps: int, rng: random.Random) -> str:
     sentences = re.split(r"(?<=[.!?])\s+", text)
     if len(sentences) < 3:
-        return _replace_words(text, 0.01, rng)
+        return replace_words(text, 0.01, rng)
     for _ in range(swaps):
         i = rng.randrange(len(sentences) - 1)
         sentences[i], sentences[i + 1] = sentences[i + 1], sentences[i]
@@ -101,13 +103,13 @@ def edit(text: str, kind: str, rng: random.Random) -> str:
     if kind == "boilerplate":
         return f"{rng.choice(_HEADERS)}\n\n{text}\n\n{rng.choice(_FOOTERS)}"
     if kind == "substitute":
-        return _replace_words(text, rng.uniform(0.005, 0.02), rng)
+        return replace_words(text, rng.uniform(0.005, 0.02), rng)
     if kind == "shuffle":
         return _swap_sentences(text, rng.randint(2, 4), rng)
     if kind == "mixed":
-        return f"{rng.choice(_HEADERS)}\n\n{_replace_words(text, rng.uniform(0.003, 0.01), rng)}"
+        return f"{rng.choice(_HEADERS)}\n\n{replace_words(text, rng.uniform(0.003, 0.01), rng)}"
     if kind == "far":
-        return _replace_words(text, rng.uniform(0.10, 0.25), rng)
+        return replace_words(text, rng.uniform(0.10, 0.25), rng)
     raise ValueError(f"unknown edit kind {kind!r}; expected one of {KINDS}")
 
 

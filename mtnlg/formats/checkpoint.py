@@ -427,7 +427,7 @@ class _RangedShardReader(StorageReader):
                                                 "(the file is shorter than its metadata says)")
                     if whole:
                         digest.update(memoryview(data)[pos - start:])
-                        pos = end
+                        pos = max(pos, end)
                     for off, length, item in members:
                         self._deliver(item, data[off - start:off - start + length], planner, uri)
             if whole:

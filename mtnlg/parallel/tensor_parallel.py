@@ -134,16 +134,18 @@ def per_rank_dropout_modules(cfg: ModelConfig, sequence_parallel: bool) -> list[
     return names
 
 
-def _matching_modules(model: nn.Module, pattern: str) -> list[nn.Module]:
-    return [m for name, m in model.named_modules() if fnmatch(name, pattern)
+def _matching_named(model: nn.Module, pattern: str) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if fnmatch(name, pattern)
             and name.count(".") == pattern.count(".")]
+
+
+def _matching_modules(model: nn.Module, pattern: str) -> list[nn.Module]:
+    return [m for _, m in _matching_named(model, pattern)]
 
 
 def _swap_per_rank_dropouts(model: nn.Module, patterns: list[str], tp_rank: int) -> None:
     for pattern in patterns:
-        for name, module in list(model.named_modules()):
-            if not (fnmatch(name, pattern) and name.count(".") == pattern.count(".")):
-                continue
+        for name, module in _matching_named(model, pattern):
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             if isinstance(module, CoreAttention):
