@@ -10,8 +10,9 @@ trivial; ``build_stats`` nests them for the file:
 ``dropped.<rule>``             documents dropped by each quality rule (all rules listed)
 ``duplicates.exact|fuzzy``     documents dropped as duplicates of a kept one
 ``fuzzy.skipped_comparisons``  pairs in over-large LSH buckets not compared (star instead)
-``fuzzy.unconverged_nodes``    near-duplicates whose group was still changing after
-                               ``dedup.max_rounds`` rounds (0: every group exact)
+``fuzzy.unconverged_nodes``    near-duplicates whose group was not yet a star around its
+                               smallest id after ``dedup.max_rounds`` rounds (0: every
+                               group exact)
 ``failed.<reason>``            inputs that could not become a document (all reasons listed)
 ``balanced``                   ``read == kept + dropped + duplicates + failed``
 ``bytes_in`` / ``bytes_out``   bytes read (decompressed, before cleaning) / UTF-8 text written
