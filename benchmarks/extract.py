@@ -23,8 +23,10 @@ Both must agree on every count; the script fails otherwise.
 ``--neardup`` measures fuzzy deduplication on the near-duplicate corpus
 (``mtnlg.extract.neardup``, scaled by copies that are not near-duplicates of each other)
 at each size: MB/s at 1 and ``--workers`` workers, the plain loop (exact dedup only) on the
-same input, the peak resident memory of the worker processes and of the driver, and
-recall/precision against the known groups. Quality filters are off there, so that every
+same input, the peak resident memory of the worker processes and of the driver,
+recall/precision against the known groups, and from ``stats.json`` the edges found and
+the ids in the largest LSH bucket and near-duplicate group (the most any fuzzy step holds
+with ``distributed``). Quality filters are off there, so that every
 document not kept was dropped as a duplicate.
 """
 
@@ -163,10 +165,12 @@ def main_neardup(args) -> int:
                 row[f"beam_{workers}"] = {"mb_per_s": mb / secs, "ratio_to_loop": loop_s / secs, **one,
                                           "recall": q["recall"], "precision": q["precision"]}
                 r = row[f"beam_{workers}"]
+                f = r["fuzzy"]
                 print(f"{mb:7.1f} MB, {workers} worker(s): {r['mb_per_s']:.2f} MB/s ({r['ratio_to_loop']:.2f}x the "
                       f"loop's {row['loop_mb_per_s']:.2f} MB/s), worker peak {r['worker_peak_mb']:.0f} MB, driver "
-                      f"peak {r['driver_peak_mb']:.0f} MB, recall {r['recall']:.3f}, precision {r['precision']:.3f}",
-                      flush=True)
+                      f"peak {r['driver_peak_mb']:.0f} MB, recall {r['recall']:.3f}, precision {r['precision']:.3f}; "
+                      f"{f['pairs_similar']} edges, largest bucket {f['largest_bucket']} ids, largest group "
+                      f"{f['largest_group']}", flush=True)
             if args.workers > 1 and all("mb_per_s" in row[f"beam_{w}"] for w in (1, args.workers)):
                 row["parallel_efficiency"] = (row[f"beam_{args.workers}"]["mb_per_s"]
                                               / row["beam_1"]["mb_per_s"] / args.workers)

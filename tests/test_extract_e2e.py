@@ -260,6 +260,12 @@ def test_fuzzy_dedup_recall_and_precision_on_known_near_duplicates(tmp_path):
     s = score(corpus, kept_ids([str(tmp_path / "out" / "train"), str(tmp_path / "out" / "validation")]))
     assert s["dropped"] == stats["duplicates"]["exact"] + stats["duplicates"]["fuzzy"]
     assert s["recall"] >= 0.95 and s["precision"] >= 0.99, s
+    # the pairs, the largest bucket and group are what the single-process loop counts
+    _, ref = extract_reference([str(tmp_path / "neardup")], None, cfg)
+    assert stats["fuzzy"] == ref["fuzzy"] and stats["duplicates"] == ref["duplicates"]
+    f = stats["fuzzy"]
+    assert f["pairs_checked"] >= f["pairs_similar"] >= stats["duplicates"]["fuzzy"] > 200
+    assert 2 <= f["largest_group"] <= 8 and 2 <= f["largest_bucket"] <= 8, f
     assert s["far_variants_kept"] >= 0.95, s
     # near the threshold the MinHash estimate (128 values, sd ~0.035) misses some pairs
     by_j = s["recall_by_jaccard"]

@@ -42,6 +42,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pvalue import AsList, TaggedOutput
+from apache_beam.transforms.window import GlobalWindows
 
 from mtnlg import storage
 from mtnlg.config import ConfigError, load_config
@@ -57,7 +58,7 @@ from mtnlg.progress import Progress, get_logger
 
 NAMESPACE = "mtnlg.extract"
 FAILED, DROPPED, DUPLICATES, FILES = "failed", "dropped", "duplicates", "files"
-SKIPPED, COUNTS, UNCONVERGED = "skipped", "counts", "unconverged"
+COUNTS, UNCONVERGED, LARGEST = "counts", "unconverged", "largest"
 
 log = get_logger("mtnlg.extract")
 
@@ -172,20 +173,29 @@ class BandKeysFn(beam.DoFn):
 
 
 class CandidatePairsFn(beam.DoFn):
-    """An LSH bucket -> pairs of ids to verify (all pairs, or a star for a huge bucket); the
-    comparisons a star leaves out are counted on the ``skipped`` output."""
+    """An LSH bucket -> pairs of ids to verify (all pairs, or a star for a huge bucket); on
+    ``counts``, the comparisons a star leaves out and, per bundle, the largest bucket."""
 
     def __init__(self, max_all_pairs: int):
         self.max_all_pairs = max_all_pairs
+        self.largest = 0
+
+    def start_bundle(self):
+        self.largest = 0
 
     def process(self, bucket):
         _, ids = bucket
         ids = list(ids)
-        if len(ids) > 1:
+        n = len(ids)
+        if n > 1:
+            self.largest = max(self.largest, n)
             yield from candidate_pairs(ids, self.max_all_pairs)
-            n = len(ids)
             if n > self.max_all_pairs:
-                yield TaggedOutput(SKIPPED, n * (n - 1) // 2 - (n - 1))
+                yield TaggedOutput(COUNTS, {"fuzzy/skipped_comparisons": n * (n - 1) // 2 - (n - 1)})
+
+    def finish_bundle(self):
+        if self.largest:
+            yield TaggedOutput(COUNTS, GlobalWindows.windowed_value({"fuzzy/largest_bucket": self.largest}))
 
 
 class AttachLeftSignatureFn(beam.DoFn):
@@ -200,12 +210,17 @@ class AttachLeftSignatureFn(beam.DoFn):
 
 
 class VerifyPairFn(beam.DoFn):
-    """Join step 2: keeps pairs whose estimated Jaccard similarity reaches the threshold."""
+    """Join step 2: keeps pairs whose estimated Jaccard similarity reaches the threshold; on
+    ``counts``, the pairs checked and found similar in each bundle."""
 
     def __init__(self, threshold: float):
         self.threshold = threshold
         self.checked = Metrics.counter(NAMESPACE, "fuzzy_pairs_checked")
         self.similar = Metrics.counter(NAMESPACE, "fuzzy_pairs_similar")
+        self.n_checked = self.n_similar = 0
+
+    def start_bundle(self):
+        self.n_checked = self.n_similar = 0
 
     def process(self, joined):
         b, groups = joined
@@ -215,17 +230,33 @@ class VerifyPairFn(beam.DoFn):
         sig_b = np.frombuffer(sigs[0], dtype="<u4")
         for a, sig_a in groups["left"]:
             self.checked.inc()
+            self.n_checked += 1
             if jaccard_estimate(np.frombuffer(sig_a, dtype="<u4"), sig_b) >= self.threshold:
                 self.similar.inc()
+                self.n_similar += 1
                 yield a, b
 
+    def finish_bundle(self):
+        if self.n_checked:
+            yield TaggedOutput(COUNTS, GlobalWindows.windowed_value(
+                {"fuzzy/pairs_checked": self.n_checked, "fuzzy/pairs_similar": self.n_similar}))
 
-def fuzzy_duplicates(edges: list[tuple[str, str]]) -> Iterable[tuple[str, str]]:
-    """All edges (gathered on one worker) -> ``(id, "fuzzy")`` for every node that is not
-    its component's smallest id (``dedup.components=single``, or ``auto`` on the DirectRunner)."""
-    for node, root in sorted(components(edges).items()):
-        if node != root:
-            yield node, "fuzzy"
+
+class GatheredComponentsFn(beam.DoFn):
+    """All edges (gathered on one worker) -> ``(id, "fuzzy")`` for every node that is not its
+    component's smallest id, and on ``counts`` the largest group (``dedup.components=single``,
+    or ``auto`` on the DirectRunner)."""
+
+    def process(self, edges: list[tuple[str, str]]):
+        roots = components(edges)
+        for node, root in sorted(roots.items()):
+            if node != root:
+                yield node, "fuzzy"
+        if roots:
+            sizes: dict[str, int] = {}
+            for root in roots.values():
+                sizes[root] = sizes.get(root, 0) + 1
+            yield TaggedOutput(COUNTS, {"fuzzy/largest_group": max(sizes.values())})
 
 
 def _both_ways(edge: tuple[str, str]):
@@ -269,15 +300,28 @@ class SmallStarFn(beam.DoFn):
 class StarLabelFn(beam.DoFn):
     """``u -> neighbours of u`` after the last round -> ``(u, its smallest neighbour, or u)``;
     a 1 on ``unconverged`` when u is not yet a root (only larger neighbours) or a leaf (one
-    neighbour, smaller)."""
+    neighbour, smaller); per bundle, on ``largest``, the most members a root gathers (the
+    largest group, once converged)."""
+
+    def __init__(self):
+        self.largest = 0
+
+    def start_bundle(self):
+        self.largest = 0
 
     def process(self, grouped):
         u, neighbours = grouped
         neighbours = set(neighbours)
         m = min(neighbours | {u})
         yield u, m
-        if m < u and len(neighbours) > 1:
+        if m == u:
+            self.largest = max(self.largest, len(neighbours) + 1)
+        elif len(neighbours) > 1:
             yield TaggedOutput(UNCONVERGED, 1)
+
+    def finish_bundle(self):
+        if self.largest:
+            yield TaggedOutput(LARGEST, GlobalWindows.windowed_value(self.largest))
 
 
 class ConnectedComponents(beam.PTransform):
@@ -292,7 +336,8 @@ class ConnectedComponents(beam.PTransform):
     smaller node of its component, never a smaller id than the component's: it can only be
     kept when it should have been dropped, never the reverse. Also returns, on
     ``unconverged``, a 1 for each node that is not yet a star's root or leaf after the last
-    round (none: every component is exact)."""
+    round (none: every component is exact), and on ``largest`` the size of the largest group
+    (one value per bundle: take the maximum)."""
 
     def __init__(self, rounds: int):
         super().__init__()
@@ -310,8 +355,8 @@ class ConnectedComponents(beam.PTransform):
         labels = (edges
                   | "BothWaysLast" >> beam.FlatMap(_both_ways)
                   | "NeighboursLast" >> beam.GroupByKey()
-                  | "Label" >> beam.ParDo(StarLabelFn()).with_outputs(UNCONVERGED, main="labels"))
-        return {"labels": labels.labels, "unconverged": labels[UNCONVERGED]}
+                  | "Label" >> beam.ParDo(StarLabelFn()).with_outputs(UNCONVERGED, LARGEST, main="labels"))
+        return {"labels": labels.labels, "unconverged": labels[UNCONVERGED], "largest": labels[LARGEST]}
 
 
 class DropDuplicatesFn(beam.DoFn):
@@ -418,27 +463,29 @@ class FuzzyDedup(beam.PTransform):
                       | "BandKeys" >> beam.ParDo(BandKeysFn(d.bands))
                       | "GroupByBand" >> beam.GroupByKey()
                       | "CandidatePairs" >> beam.ParDo(CandidatePairsFn(d.max_bucket_all_pairs)).with_outputs(
-                          SKIPPED, main="pairs"))
+                          COUNTS, main="pairs"))
         pairs = candidates.pairs | "DistinctPairs" >> beam.Distinct()
         left = ({"pair": pairs, "sig": sigs}
                 | "JoinLeftSignature" >> beam.CoGroupByKey()
                 | "AttachLeftSignature" >> beam.ParDo(AttachLeftSignatureFn()))
-        edges = ({"left": left, "sig": sigs}
-                 | "JoinRightSignature" >> beam.CoGroupByKey()
-                 | "VerifyJaccard" >> beam.ParDo(VerifyPairFn(d.threshold)))
-        skipped = candidates[SKIPPED] | "CountSkipped" >> beam.Map(lambda n: {"fuzzy/skipped_comparisons": n})
+        verified = ({"left": left, "sig": sigs}
+                    | "JoinRightSignature" >> beam.CoGroupByKey()
+                    | "VerifyJaccard" >> beam.ParDo(VerifyPairFn(d.threshold)).with_outputs(COUNTS, main="edges"))
+        counts = [candidates[COUNTS], verified[COUNTS]]
         if resolve_components(d.components, sigs.pipeline) == "single":
-            marks = (edges
-                     | "CollectEdges" >> beam.combiners.ToList()
-                     | "ConnectedComponents" >> beam.FlatMap(fuzzy_duplicates))
-            return {"marks": marks, "counts": skipped}
-        cc = edges | "ConnectedComponents" >> ConnectedComponents(d.max_rounds)
-        marks = cc["labels"] | "NotSmallest" >> beam.FlatMap(
-            lambda vl: [(vl[0], "fuzzy")] if vl[0] != vl[1] else [])
-        counts = ((skipped, cc["unconverged"] | "CountUnconverged" >> beam.Map(
-            lambda _: {"fuzzy/unconverged_nodes": 1}))
-                  | "FuzzyCounts" >> beam.Flatten())
-        return {"marks": marks, "counts": counts}
+            gathered = (verified.edges
+                        | "CollectEdges" >> beam.combiners.ToList()
+                        | "ConnectedComponents" >> beam.ParDo(GatheredComponentsFn()).with_outputs(
+                            COUNTS, main="marks"))
+            marks = gathered.marks
+            counts.append(gathered[COUNTS])
+        else:
+            cc = verified.edges | "ConnectedComponents" >> ConnectedComponents(d.max_rounds)
+            marks = cc["labels"] | "NotSmallest" >> beam.FlatMap(
+                lambda vl: [(vl[0], "fuzzy")] if vl[0] != vl[1] else [])
+            counts += [cc["unconverged"] | "CountUnconverged" >> beam.Map(lambda _: {"fuzzy/unconverged_nodes": 1}),
+                       cc["largest"] | "LargestGroup" >> beam.Map(lambda n: {"fuzzy/largest_group": n})]
+        return {"marks": marks, "counts": tuple(counts) | "FuzzyCounts" >> beam.Flatten()}
 
 
 def resolve_components(components: str, pipeline: beam.Pipeline) -> str:
@@ -744,7 +791,8 @@ def runner_counts(result) -> dict[str, int] | None:
 
 def disagreements(stats: dict[str, Any], metrics: dict[str, int]) -> list[str]:
     """Where ``stats.json`` (counted from the data) and the runner's counters differ: read,
-    files, bytes in, kept per split, each rule's drops, each duplicate kind, each failure."""
+    files, bytes in, kept per split, each rule's drops, each duplicate kind, the fuzzy pairs
+    checked and found similar, each failure."""
     get = lambda k: int(metrics.get(k, 0))  # noqa: E731
     failed = {r: get(f"failed_{r}") for r in stats["failed"]}
     want = {"read": get("docs_read") + sum(failed.values()), "files_read": get("files_read"),
@@ -752,11 +800,13 @@ def disagreements(stats: dict[str, Any], metrics: dict[str, int]) -> list[str]:
             **{f"splits.{s}.docs": get(f"kept_{s}") for s in stats["splits"]},
             **{f"dropped.{r}": get(f"dropped_{r}") for r in stats["dropped"]},
             **{f"duplicates.{k}": get(f"duplicates_{k}") for k in stats["duplicates"]},
+            **{f"fuzzy.{k}": get(f"fuzzy_{k}") for k in ("pairs_checked", "pairs_similar")},
             **{f"failed.{r}": n for r, n in failed.items()}}
     got = {"read": stats["read"], "files_read": stats["files_read"], "bytes_in": stats["bytes_in"],
            **{f"splits.{s}.docs": v["docs"] for s, v in stats["splits"].items()},
            **{f"dropped.{r}": n for r, n in stats["dropped"].items()},
            **{f"duplicates.{k}": n for k, n in stats["duplicates"].items()},
+           **{f"fuzzy.{k}": stats["fuzzy"][k] for k in ("pairs_checked", "pairs_similar")},
            **{f"failed.{r}": n for r, n in stats["failed"].items()}}
     return [f"{k}: {got[k]} in stats.json, {want[k]} in the metrics" for k in sorted(got) if got[k] != want[k]]
 

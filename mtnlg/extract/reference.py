@@ -75,12 +75,19 @@ def extract_reference(inputs: list[str], output: str | None = None,
                  for p in candidate_pairs(ids, d.max_bucket_all_pairs)}
         for ids in buckets.values():
             n = len(ids)
+            if n > 1:
+                st.add(counters, {"fuzzy/largest_bucket": n})
             if n > d.max_bucket_all_pairs:
                 st.add(counters, {"fuzzy/skipped_comparisons": n * (n - 1) // 2 - (n - 1)})
         edges = [(a, b) for a, b in sorted(pairs) if jaccard_estimate(sigs[a], sigs[b]) >= d.threshold]
+        st.add(counters, {"fuzzy/pairs_checked": len(pairs), "fuzzy/pairs_similar": len(edges)})
+        sizes: dict[str, int] = defaultdict(int)
         for node, root in components(edges).items():
+            sizes[root] += 1
             if node != root:
                 duplicates[node] = "fuzzy"
+        if sizes:
+            st.add(counters, {"fuzzy/largest_group": max(sizes.values())})
 
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for i in sorted(docs):

@@ -9,6 +9,9 @@ trivial; ``build_stats`` nests them for the file:
 ``kept``                       documents written (``splits.train.docs + splits.validation.docs``)
 ``dropped.<rule>``             documents dropped by each quality rule (all rules listed)
 ``duplicates.exact|fuzzy``     documents dropped as duplicates of a kept one
+``fuzzy.pairs_checked``        distinct candidate pairs compared; ``pairs_similar``: edges
+``fuzzy.largest_bucket``       ids in the largest LSH bucket with a pair; ``largest_group``:
+                               in the largest near-duplicate group (both by maximum)
 ``fuzzy.skipped_comparisons``  pairs in over-large LSH buckets not compared (star instead)
 ``fuzzy.unconverged_nodes``    near-duplicates whose group was not yet a star around its
                                smallest id after ``dedup.max_rounds`` rounds (0: every
@@ -55,10 +58,14 @@ def file_read(records: int, nbytes: int, replaced: int) -> dict[str, int]:
     return {"files_read": 1, "read": records, "bytes_in": nbytes, "invalid_utf8_replacements": replaced}
 
 
+# Counters combined by their maximum, not their sum.
+MAX_KEYS = ("fuzzy/largest_bucket", "fuzzy/largest_group")
+
+
 def add(total: dict[str, int], part: dict[str, int]) -> dict[str, int]:
-    """Add ``part`` into ``total`` (in place) and return ``total``."""
+    """Add ``part`` into ``total`` (in place; the ``MAX_KEYS`` by maximum) and return ``total``."""
     for k, v in part.items():
-        total[k] = total.get(k, 0) + v
+        total[k] = max(total.get(k, 0), v) if k in MAX_KEYS else total.get(k, 0) + v
     return total
 
 
@@ -77,9 +84,13 @@ def build_stats(counters: dict[str, int], *, inputs: list[str], files: int, skip
         "kept": get("kept"),
         "dropped": {r: get(f"dropped/{r}") for r in RULES},
         "duplicates": {k: get(f"duplicates/{k}") for k in DUPLICATE_KINDS},
-        # comparisons huge LSH buckets left out (checked against their smallest id only), and
-        # nodes whose component label still changed in the last round (0: exact components)
-        "fuzzy": {"skipped_comparisons": get("fuzzy/skipped_comparisons"),
+        # distinct candidate pairs verified and found similar (the edges), the ids in the
+        # largest LSH bucket with a pair and in the largest near-duplicate group (what one
+        # step holds at most), comparisons huge buckets left out (checked against their
+        # smallest id only), and nodes not yet in their final group (0: exact components)
+        "fuzzy": {"pairs_checked": get("fuzzy/pairs_checked"), "pairs_similar": get("fuzzy/pairs_similar"),
+                  "largest_bucket": get("fuzzy/largest_bucket"), "largest_group": get("fuzzy/largest_group"),
+                  "skipped_comparisons": get("fuzzy/skipped_comparisons"),
                   "unconverged_nodes": get("fuzzy/unconverged_nodes")},
         "failed": {r: get(f"failed/{r}") for r in FAILURE_REASONS},
         "bytes_in": get("bytes_in"),
