@@ -35,7 +35,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Iterable
+from typing import Any
 
 import apache_beam as beam
 import numpy as np
