@@ -19,7 +19,7 @@ run: $(STAMP)
 	$(BIN)/mtnlg run --output $(RUN_DIR)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 # the unit tier only (no subprocesses, no torchrun, no kfp.local): under a minute
 test-fast: $(STAMP)
