@@ -46,6 +46,19 @@ def test_train_image_is_cuda_pytorch_at_the_pinned_version_with_a_compiler():
     assert "gcc" in text and "TRITON_CACHE_DIR=" in text and "TORCHINDUCTOR_CACHE_DIR=" in text
 
 
+def test_data_image_is_also_a_beam_sdk_worker_at_the_pinned_beam():
+    """Dataflow, Flink and Spark start the workers' container through Beam's boot binary;
+    it comes from Beam's own image for the Python and apache-beam versions the image
+    installs (a mismatch fails at worker start-up on the cluster, not here)."""
+    text = (ROOT / "images" / "data" / "Dockerfile").read_text()
+    beam = re.search(r"^apache-beam==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M).group(1)
+    python = re.search(r"^FROM python:(\d+\.\d+)-slim(@sha256:[0-9a-f]{64})?$", text, re.M).group(1)
+    assert re.search(rf"^FROM apache/beam_python{python}_sdk:{re.escape(beam)}(@sha256:[0-9a-f]{{64}})? AS beam-sdk$",
+                     text, re.M), (python, beam)
+    assert "COPY --from=beam-sdk /opt/apache/beam /opt/apache/beam" in text
+    assert text.rstrip().splitlines()[-1] == 'ENTRYPOINT ["/opt/apache/beam/boot"]'
+
+
 def test_the_build_context_leaves_out_the_checkouts_clutter():
     ignored = (ROOT / ".dockerignore").read_text().split()
     for entry in (".git", ".venv", "runs", "data", "tests"):
@@ -73,9 +86,9 @@ def test_bases_are_pinned_by_digest_with_the_registrys_answer(tmp_path):
     check = subprocess.run([*script, "--check"], capture_output=True, text=True)
     assert check.returncode == 1
     assert "not pinned by digest: images/train/Dockerfile: pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime" \
-        in check.stdout and "python:3.11-slim" in check.stdout
+        in check.stdout and "python:3.11-slim" in check.stdout and "apache/beam_python3.11_sdk" in check.stdout
     pinned = subprocess.run([*script, "--resolver", str(fake)], capture_output=True, text=True, check=True)
-    assert pinned.stdout.count("pinned ") == 2  # scratch and an earlier stage are not images to pin
+    assert pinned.stdout.count("pinned ") == 3  # scratch and an earlier stage are not images to pin
     import hashlib
 
     want = hashlib.sha256(b"pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime").hexdigest()
@@ -86,7 +99,7 @@ def test_bases_are_pinned_by_digest_with_the_registrys_answer(tmp_path):
     again = subprocess.run([*script, "--resolver", str(fake)], capture_output=True, text=True, check=True)
     assert again.stdout == ""  # the same digests: nothing rewritten
     failing = subprocess.run([*script, "--resolver", "false"], capture_output=True, text=True)
-    assert failing.returncode != 0 and "could not resolve python:3.11-slim" in failing.stderr  # data/ comes first
+    assert failing.returncode != 0 and "could not resolve apache/beam_python3.11_sdk" in failing.stderr  # data/ first
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     if Path(hadolint).exists():
         r = subprocess.run([hadolint, str(root / "data" / "Dockerfile")], capture_output=True, text=True)
