@@ -15,7 +15,7 @@ from mtnlg.extract import stats as st
 from mtnlg.extract.clean import clean_text, decode_utf8, normalize_for_hash
 from mtnlg.extract.config import RULES, ExtractConfig, FilterConfig
 from mtnlg.extract.dedup import MinHasher, band_keys, candidate_pairs, components, jaccard_estimate, text_hash
-from mtnlg.extract.filters import first_failing_rule
+from mtnlg.extract.filters import first_failing_rule, language_confidence
 from mtnlg.extract.readers import Document, Failure, detect_format, expand_inputs, html_to_text, read_file
 from mtnlg.extract.split import split_of
 
@@ -24,6 +24,12 @@ pytestmark = pytest.mark.unit
 PROSE = ("The quick brown fox jumps over the lazy dog while the farmer watches from the porch. "
          "It is a story that children have heard with delight, and one that their parents tell to them "
          "again and again at the end of a long day of work in the fields and barns of the valley. ")
+
+
+GERMAN = ("Der schnelle braune Fuchs springt über den faulen Hund, während der Bauer von der Veranda "
+          "aus zusieht. Es ist eine Geschichte, die Kinder mit Freude gehört haben, und eine, die ihre "
+          "Eltern ihnen am Ende eines langen Arbeitstages auf den Feldern und in den Scheunen des Tals "
+          "immer wieder erzählen. Niemand weiß genau, woher sie stammt, aber jeder kennt sie. ") * 2
 
 
 def words(n: int, seed: int = 0) -> str:
@@ -193,12 +199,42 @@ def test_each_rule_fires_on_its_own_defect():
         "duplicate_lines": "\n".join([line.strip()] * 10 + [PROSE]),
         "duplicate_line_chars": "\n".join([PROSE, PROSE, PROSE] + [f"{line.strip()} {i}" for i in range(10)]),
         "stop_words": " ".join(["apple banana cherry melon grape lemon"] * 20),
+        "language": GERMAN,
     }
     assert set(cases) == set(RULES)
+    # the language rule is off until languages are named; German prose also lacks the
+    # English stop words, a rule checked before it
+    special = {"language": dict(languages=["en"], disabled=["stop_words"])}
     for rule, text in cases.items():
-        assert first_failing_rule(text, cfg) == rule, rule
-        off = FilterConfig(disabled=[rule])
+        kw = special.get(rule, {})
+        assert first_failing_rule(text, FilterConfig(**kw)) == rule, rule
+        off = FilterConfig(**{**kw, "disabled": [*kw.get("disabled", []), rule]})
         assert first_failing_rule(text, off) != rule
+
+
+def test_language_rule_keeps_the_named_languages():
+    english = PROSE * 3
+    en = FilterConfig(languages=["en"], disabled=["stop_words"])
+    assert first_failing_rule(english, en) is None
+    assert first_failing_rule(GERMAN, en) == "language"
+    assert first_failing_rule(GERMAN, FilterConfig(languages=["en", "de"], disabled=["stop_words"])) is None
+    assert first_failing_rule(GERMAN, FilterConfig(disabled=["stop_words"])) is None  # off by default
+    assert language_confidence(GERMAN, ["de"]) > 0.9 > 0.1 > language_confidence(GERMAN, ["en"])
+    # a mixed document: judged on its first 2,000 characters
+    assert first_failing_rule(english * 3 + GERMAN * 10, en) is None
+    assert first_failing_rule(GERMAN * 3 + english * 10, en) == "language"
+    # the threshold applies to the named languages' confidence together
+    mixed = english[:900] + GERMAN[:1100]
+    c = language_confidence(mixed, ["en"])
+    assert 0.0 < c < 1.0 and language_confidence(mixed, ["en", "de"]) > c
+    assert first_failing_rule(mixed, FilterConfig(languages=["en"], min_language_confidence=min(c + 1e-6, 1.0),
+                                                  disabled=["stop_words"])) == "language"
+    assert first_failing_rule(mixed, FilterConfig(languages=["en"], min_language_confidence=c / 2,
+                                                  disabled=["stop_words"])) is None
+    with pytest.raises(ConfigError, match=r"filters.languages.*\['english', 'EN', 'xx'\]"):
+        load_config(ExtractConfig, None, ['filters.languages=["en", "english", "EN", "xx"]'])
+    with pytest.raises(ConfigError, match="min_language_confidence"):
+        load_config(ExtractConfig, None, ["filters.min_language_confidence=1.5"])
 
 
 def test_rule_thresholds_are_configurable():

@@ -25,6 +25,7 @@ RULES = (
     "duplicate_lines",
     "duplicate_line_chars",
     "stop_words",
+    "language",
 )
 
 
@@ -48,6 +49,11 @@ class FilterConfig(Config):
     max_duplicate_line_char_fraction: float = field(default=0.2, metadata={"min": 0.0, "max": 1.0})
     # At least this many distinct English stop words (the, be, to, of, and, that, have, with).
     min_stop_words: int = field(default=2, metadata={"min": 0})
+    # Keep only documents in these languages (ISO 639-1 codes, e.g. ["en"]; empty: the rule
+    # is off): the confidence lingua-language-detector gives them together, on the first
+    # 2,000 characters, must reach min_language_confidence. Needs mtnlg[lang].
+    languages: list[str] = field(default_factory=list)
+    min_language_confidence: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
     disabled: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -59,6 +65,23 @@ class FilterConfig(Config):
         if self.max_mean_word_length < self.min_mean_word_length:
             raise ConfigError(f"filters.max_mean_word_length ({self.max_mean_word_length}) < "
                               f"filters.min_mean_word_length ({self.min_mean_word_length})")
+        if self.languages:
+            try:
+                from lingua import IsoCode639_1
+            except ImportError:
+                raise ConfigError("filters.languages needs lingua-language-detector: "
+                                  "pip install 'mtnlg[lang]'") from None
+            unknown = []
+            for code in self.languages:
+                try:
+                    if code != code.lower():
+                        raise ValueError(code)
+                    IsoCode639_1.from_str(code)
+                except ValueError:
+                    unknown.append(code)
+            if unknown:
+                raise ConfigError(f"filters.languages: {unknown} are not ISO 639-1 codes that "
+                                  f"lingua-language-detector knows (lower case, e.g. 'en', 'de')")
 
 
 @dataclass

@@ -14,11 +14,13 @@ the non-empty lines of the cleaned text.
 ``duplicate_lines``          too many lines repeating an earlier line
 ``duplicate_line_chars``     too many characters in such repeated lines
 ``stop_words``               too few distinct English stop words (not natural prose)
+``language``                 not in ``languages`` (lingua-language-detector; off when empty)
 =========================== ===============================================================
 """
 
 from __future__ import annotations
 
+import functools
 import re
 
 from mtnlg.extract.config import FilterConfig
@@ -49,6 +51,26 @@ def _duplicate_lines(lines: list[str]) -> tuple[float, float]:
         else:
             seen.add(line)
     return dup_lines / len(lines), dup_chars / max(total_chars, 1)
+
+
+# The language is judged on the start of a document: the cost stays flat with its length.
+LANGUAGE_SAMPLE_CHARS = 2000
+
+
+@functools.lru_cache(maxsize=1)
+def _language_detector():
+    """One detector per process over every language lingua knows, in its low-accuracy mode
+    (single n-gram size: ~80 MB of models, loaded on first use, instead of ~900 MB)."""
+    from lingua import LanguageDetectorBuilder
+
+    return LanguageDetectorBuilder.from_all_languages().with_low_accuracy_mode().build()
+
+
+def language_confidence(text: str, languages: list[str]) -> float:
+    """The confidence (0-1) that the start of ``text`` is in one of ``languages`` (ISO 639-1)."""
+    wanted = {code.upper() for code in languages}
+    values = _language_detector().compute_language_confidence_values(text[:LANGUAGE_SAMPLE_CHARS])
+    return sum(v.value for v in values if v.language.iso_code_639_1.name in wanted)
 
 
 def first_failing_rule(text: str, cfg: FilterConfig) -> str | None:
@@ -92,5 +114,8 @@ def first_failing_rule(text: str, cfg: FilterConfig) -> str | None:
         found = STOP_WORDS.intersection(w.lower() for w in words)
         if len(found) < cfg.min_stop_words:
             return "stop_words"
+    if cfg.languages and "language" not in off and \
+            language_confidence(text, cfg.languages) < cfg.min_language_confidence:
+        return "language"
     return None
 
