@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from typing import Any
 
 import apache_beam as beam
@@ -172,30 +173,42 @@ class BandKeysFn(beam.DoFn):
             yield key, doc_id
 
 
-class CandidatePairsFn(beam.DoFn):
+class _BundleMaximumFn(beam.DoFn):
+    """A DoFn that notes (``self.note(n)``) the largest of something in each bundle and, at
+    the bundle's end, emits it as ``{counter: n}`` on output ``tag`` (``stats.MAX_KEYS``
+    combine such counters by maximum)."""
+
+    def __init__(self, counter: str, tag: str = COUNTS):
+        self.counter, self.tag, self.largest = counter, tag, 0
+
+    def start_bundle(self):
+        self.largest = 0
+
+    def note(self, n: int) -> None:
+        self.largest = max(self.largest, n)
+
+    def finish_bundle(self):
+        if self.largest:
+            yield TaggedOutput(self.tag, GlobalWindows.windowed_value({self.counter: self.largest}))
+
+
+class CandidatePairsFn(_BundleMaximumFn):
     """An LSH bucket -> pairs of ids to verify (all pairs, or a star for a huge bucket); on
     ``counts``, the comparisons a star leaves out and, per bundle, the largest bucket."""
 
     def __init__(self, max_all_pairs: int):
+        super().__init__("fuzzy/largest_bucket")
         self.max_all_pairs = max_all_pairs
-        self.largest = 0
-
-    def start_bundle(self):
-        self.largest = 0
 
     def process(self, bucket):
         _, ids = bucket
         ids = list(ids)
         n = len(ids)
         if n > 1:
-            self.largest = max(self.largest, n)
+            self.note(n)
             yield from candidate_pairs(ids, self.max_all_pairs)
             if n > self.max_all_pairs:
                 yield TaggedOutput(COUNTS, {"fuzzy/skipped_comparisons": n * (n - 1) // 2 - (n - 1)})
-
-    def finish_bundle(self):
-        if self.largest:
-            yield TaggedOutput(COUNTS, GlobalWindows.windowed_value({"fuzzy/largest_bucket": self.largest}))
 
 
 class AttachLeftSignatureFn(beam.DoFn):
@@ -253,10 +266,7 @@ class GatheredComponentsFn(beam.DoFn):
             if node != root:
                 yield node, "fuzzy"
         if roots:
-            sizes: dict[str, int] = {}
-            for root in roots.values():
-                sizes[root] = sizes.get(root, 0) + 1
-            yield TaggedOutput(COUNTS, {"fuzzy/largest_group": max(sizes.values())})
+            yield TaggedOutput(COUNTS, {"fuzzy/largest_group": max(Counter(roots.values()).values())})
 
 
 def _both_ways(edge: tuple[str, str]):
@@ -297,17 +307,14 @@ class SmallStarFn(beam.DoFn):
                 yield v, m
 
 
-class StarLabelFn(beam.DoFn):
+class StarLabelFn(_BundleMaximumFn):
     """``u -> neighbours of u`` after the last round -> ``(u, its smallest neighbour, or u)``;
     a 1 on ``unconverged`` when u is not yet a root (only larger neighbours) or a leaf (one
-    neighbour, smaller); per bundle, on ``largest``, the most members a root gathers (the
-    largest group, once converged)."""
+    neighbour, smaller); per bundle, on ``largest``, ``{"fuzzy/largest_group": n}`` with the
+    most members a root gathers (the largest group, once converged)."""
 
     def __init__(self):
-        self.largest = 0
-
-    def start_bundle(self):
-        self.largest = 0
+        super().__init__("fuzzy/largest_group", LARGEST)
 
     def process(self, grouped):
         u, neighbours = grouped
@@ -315,13 +322,9 @@ class StarLabelFn(beam.DoFn):
         m = min(neighbours | {u})
         yield u, m
         if m == u:
-            self.largest = max(self.largest, len(neighbours) + 1)
+            self.note(len(neighbours) + 1)
         elif len(neighbours) > 1:
             yield TaggedOutput(UNCONVERGED, 1)
-
-    def finish_bundle(self):
-        if self.largest:
-            yield TaggedOutput(LARGEST, GlobalWindows.windowed_value(self.largest))
 
 
 class ConnectedComponents(beam.PTransform):
@@ -337,7 +340,7 @@ class ConnectedComponents(beam.PTransform):
     kept when it should have been dropped, never the reverse. Also returns, on
     ``unconverged``, a 1 for each node that is not yet a star's root or leaf after the last
     round (none: every component is exact), and on ``largest`` the size of the largest group
-    (one value per bundle: take the maximum)."""
+    as ``{"fuzzy/largest_group": n}`` (one per bundle: take the maximum)."""
 
     def __init__(self, rounds: int):
         super().__init__()
@@ -484,7 +487,7 @@ class FuzzyDedup(beam.PTransform):
             marks = cc["labels"] | "NotSmallest" >> beam.FlatMap(
                 lambda vl: [(vl[0], "fuzzy")] if vl[0] != vl[1] else [])
             counts += [cc["unconverged"] | "CountUnconverged" >> beam.Map(lambda _: {"fuzzy/unconverged_nodes": 1}),
-                       cc["largest"] | "LargestGroup" >> beam.Map(lambda n: {"fuzzy/largest_group": n})]
+                       cc["largest"]]
         return {"marks": marks, "counts": tuple(counts) | "FuzzyCounts" >> beam.Flatten()}
 
 

@@ -71,14 +71,14 @@ class FilterConfig(Config):
             except ImportError:
                 raise ConfigError("filters.languages needs lingua-language-detector: "
                                   "pip install 'mtnlg[lang]'") from None
-            unknown = []
-            for code in self.languages:
+            def known(code: str) -> bool:
                 try:
-                    if code != code.lower():
-                        raise ValueError(code)
                     IsoCode639_1.from_str(code)
                 except ValueError:
-                    unknown.append(code)
+                    return False
+                return code == code.lower()
+
+            unknown = [code for code in self.languages if not known(code)]
             if unknown:
                 raise ConfigError(f"filters.languages: {unknown} are not ISO 639-1 codes that "
                                   f"lingua-language-detector knows (lower case, e.g. 'en', 'de')")

@@ -9,7 +9,7 @@ for test- and benchmark-sized inputs, not for production runs.
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 from mtnlg import storage
@@ -81,13 +81,12 @@ def extract_reference(inputs: list[str], output: str | None = None,
                 st.add(counters, {"fuzzy/skipped_comparisons": n * (n - 1) // 2 - (n - 1)})
         edges = [(a, b) for a, b in sorted(pairs) if jaccard_estimate(sigs[a], sigs[b]) >= d.threshold]
         st.add(counters, {"fuzzy/pairs_checked": len(pairs), "fuzzy/pairs_similar": len(edges)})
-        sizes: dict[str, int] = defaultdict(int)
-        for node, root in components(edges).items():
-            sizes[root] += 1
+        roots = components(edges)
+        for node, root in roots.items():
             if node != root:
                 duplicates[node] = "fuzzy"
-        if sizes:
-            st.add(counters, {"fuzzy/largest_group": max(sizes.values())})
+        if roots:
+            st.add(counters, {"fuzzy/largest_group": max(Counter(roots.values()).values())})
 
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for i in sorted(docs):
