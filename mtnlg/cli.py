@@ -87,5 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def run() -> None:
+    """The ``mtnlg`` command: :func:`main`'s status, without the interpreter's teardown
+    (``mtnlg.process``)."""
+    from mtnlg.process import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

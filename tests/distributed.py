@@ -42,6 +42,9 @@ def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, args: tuple)
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    from mtnlg.process import exit_process
+
+    exit_process(0)  # as the training processes end (an exception above still ends through the interpreter)
 
 
 def run_distributed(fn, world_size: int, args: tuple = ()) -> list:

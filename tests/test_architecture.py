@@ -16,7 +16,7 @@ PKG = ROOT / "mtnlg"
 # Lowest first. A module may import its own room and any room of a lower floor; rooms on
 # one floor are peers and never import each other.
 FLOORS: list[set[str]] = [
-    {"progress"},                                                               # base ...
+    {"progress", "process"},                                                    # base ...
     {"storage"},
     {"config", "dist", "images"},                                               # ... base
     {"model"},

@@ -141,4 +141,6 @@ if __name__ == "__main__":  # python -m mtnlg.train.cli ... (what torchrun runs 
     add_arguments(_parser)
     _args = _parser.parse_args()
     _args.passthrough = []
-    sys.exit(main(_args))
+    from mtnlg.process import exit_process
+
+    exit_process(main(_args))  # an exception leaves through the interpreter, with its traceback
