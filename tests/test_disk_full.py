@@ -43,6 +43,15 @@ def extracted(tmp_path_factory) -> Path:
     return write_extracted(tmp_path_factory.mktemp("disk") / "extracted", docs[:cut], docs[cut:])
 
 
+@pytest.fixture(scope="module")
+def tokenized(extracted, tmp_path_factory) -> Path:
+    """A complete tokenize run (which the full-disk rerun must leave as it is)."""
+    out = tmp_path_factory.mktemp("disk") / "tokens"
+    ok = mtnlg("tokenize", str(extracted), "--output", str(out), "--vocab-size", "600")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    return out
+
+
 def _assert_failed_cleanly(proc, before: dict, root: Path):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-2000:]
@@ -52,19 +61,16 @@ def _assert_failed_cleanly(proc, before: dict, root: Path):
     assert not [p for p in root.rglob("*") if p.name.endswith((".partial",))]
 
 
-def test_tokenize_on_a_full_disk(extracted, tmp_path):
-    out = tmp_path / "tokens"
-    ok = mtnlg("tokenize", str(extracted), "--output", str(out), "--vocab-size", "600")
-    assert ok.returncode == 0, ok.stderr[-2000:]
+def test_tokenize_on_a_full_disk(extracted, tokenized):
+    out = tokenized
     before = snapshot(out)
     assert os.path.getsize(out / "train.bin") > LIMIT  # the limited run cannot write it
     proc = mtnlg("tokenize", str(extracted), "--output", str(out), "--vocab-size", "700", limited=True)
     _assert_failed_cleanly(proc, before, out)
 
 
-def test_checkpoint_save_and_fuse_on_a_full_disk(extracted, tmp_path):
-    tok = tmp_path / "tokens"
-    assert mtnlg("tokenize", str(extracted), "--output", str(tok), "--vocab-size", "600").returncode == 0
+def test_checkpoint_save_and_fuse_on_a_full_disk(tokenized, tmp_path):
+    tok = tokenized  # intact whether or not the tokenize test ran first (it checks so)
     run = tmp_path / "run"
     common = ["train", "--nproc", "1", "--recipe", "debug", f"data.path={tok}", f"output={run}",
               "parallel.tp=1", "train.eval_iters=0", "checkpoint.every=2", "model.hidden_size=128"]

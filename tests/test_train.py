@@ -1,8 +1,10 @@
 """The trainer through its real entry points, on CPU/gloo with the "debug" recipe.
 
-``mtnlg train --nproc N`` (torchrun, a few seconds per launch) for exact resume (local and
-gs://; on s3:// it is tests/test_pipeline_faults.py, behind a failing proxy), layout agreement, falling loss and SIGTERM; the per-process entry point in this
-process for NaN/inf handling. Data: a 512-piece SentencePiece tokenization of the bundled
+``mtnlg train --nproc N`` (torchrun, a few seconds per launch, so each test makes the
+most of its launches) for exact resume (local and gs://; on s3:// it is
+tests/test_pipeline_faults.py, behind a failing proxy) and background checkpoint saves,
+layout agreement, falling loss and the safe path, and SIGTERM; the per-process entry point
+in this process for NaN/inf handling. Data: a 512-piece SentencePiece tokenization of the bundled
 Python "What's new" documents, built once per module by ``mtnlg.tokenize.tokenize``.
 """
 
@@ -53,14 +55,34 @@ RESUME = ["--recipe", "debug", "train.log_every=1", "schedule.decay_steps=20", "
           "model.attention_dropout=0.1", "train.eval_iters=1"]
 
 
-def test_stop_and_resume_is_bitwise_exact_locally_and_on_gcs(tokenized, tmp_path, gcs):
+def _same_checkpoint(a: str, b: str) -> None:
+    """Every model and optimizer tensor of checkpoint ``a`` equals ``b``'s, bit for bit."""
+    from mtnlg.formats.dcp_reader import CheckpointReader
+
+    with CheckpointReader(a) as ra, CheckpointReader(b) as rb:
+        ea, eb = ra.entries(), rb.entries()
+        assert set(ea) == set(eb) and len(ea) > 50
+        for k in ea:
+            if k.startswith(("model.", "optim.state.")):
+                assert torch.equal(ra.read(k), rb.read(k)), (a, b, k)
+
+
+def test_stop_and_resume_is_bitwise_exact_locally_and_on_gcs_and_background_saves_equal_synchronous_ones(
+        tokenized, tmp_path, gcs):
+    """An uninterrupted local run saving in the background (checkpoint.async_save: step 3's
+    state is copied to host memory and written while steps 4-6 train), and a run on gs://
+    stopped at step 3 (a synchronous save) then resumed to step 6: the same losses, bit for
+    bit, and the same checkpoints at steps 3 and 6."""
     a = str(tmp_path / "uninterrupted")
     assert _train("--nproc", "2", *RESUME, f"data.path={tokenized}", f"output={a}", "train.steps=6",
-                  "checkpoint.every=3", "checkpoint.keep_last=1") == 0
+                  "checkpoint.every=3", "checkpoint.keep_last=2", "checkpoint.async_save=true") == 0
     b = f"{gcs}/resumed"
-    assert _train("--nproc", "2", *RESUME, f"data.path={tokenized}", f"output={b}", "train.steps=3") == 0
+    assert _train("--nproc", "2", *RESUME, f"data.path={tokenized}", f"output={b}", "train.steps=3",
+                  "checkpoint.keep_last=1") == 0
     assert _summary(b)["steps"] == 3
-    assert _train("--nproc", "2", *RESUME, f"data.path={tokenized}", f"output={b}", "train.steps=6") == 0
+    _same_checkpoint(f"{a}/checkpoints/step_00000003", f"{b}/checkpoints/step_00000003")
+    assert _train("--nproc", "2", *RESUME, f"data.path={tokenized}", f"output={b}", "train.steps=6",
+                  "checkpoint.keep_last=1") == 0
 
     full, resumed = _log(a), _log(b)
     assert [r["step"] for r in full] == [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
@@ -72,9 +94,13 @@ def test_stop_and_resume_is_bitwise_exact_locally_and_on_gcs(tokenized, tmp_path
     s = _summary(b)
     assert s["resumed_from"] == f"{b}/checkpoints/step_00000003"
     assert s["checkpoint"] == f"{b}/checkpoints/step_00000006" and s["first_loss"] == full[0]["loss"]
-    # keep_last=1 pruned step 3 after step 6 was complete; latest points at the newest
-    assert sorted(os.listdir(os.path.join(a, "checkpoints"))) == ["latest", "step_00000006"]
+    _same_checkpoint(f"{a}/checkpoints/step_00000006", f"{b}/checkpoints/step_00000006")
+    # keep_last=1 pruned step 3 on gs:// after step 6 was complete; latest points at the newest
+    assert {f[len(b) + 13:].split("/")[0] for f in storage.list_files(f"{b}/checkpoints")} == {
+        "latest", "step_00000006"}
     assert storage.read_text(f"{b}/checkpoints/latest").strip() == "step_00000006"
+    assert sorted(os.listdir(os.path.join(a, "checkpoints"))) == ["latest", "step_00000003", "step_00000006"]
+    assert open(os.path.join(a, "checkpoints", "latest")).read().strip() == "step_00000006"
     ckpt_files = {f.rsplit("/", 1)[-1] for f in storage.list_files(f"{b}/checkpoints/step_00000006")}
     assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rank_00000.pt", "rank_00001.pt", "trainer_state.json",
             "config.yaml", "tokenizer.model", "tokenizer.json"} <= ckpt_files
@@ -83,7 +109,13 @@ def test_stop_and_resume_is_bitwise_exact_locally_and_on_gcs(tokenized, tmp_path
     assert f"{b}/loss.png" in run_files and f"{b}/config.yaml" in run_files
 
 
-def test_layouts_agree_and_the_loss_falls(tokenized, tmp_path):
+def test_layouts_agree_and_the_loss_falls(tokenized, tmp_path, monkeypatch):
+    # Started where a folder named mtnlg (a clone, say) is in the current directory: it must
+    # not shadow the installed package in the training processes (Python's safe-path mode).
+    fake = tmp_path / "cwd" / "mtnlg"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('the shadowing folder was imported')\n")
+    monkeypatch.chdir(tmp_path / "cwd")
     common = ["--recipe", "debug", f"data.path={tokenized}", "train.log_every=1", "train.eval_iters=2",
               "schedule.decay_steps=30"]
     runs = {  # the one-process reference runs here, through the per-process entry point
@@ -189,44 +221,6 @@ def test_diverging_run_aborts_with_a_clear_message(tokenized, tmp_path, capsys):
     s = _summary(out)
     assert s["stopped"] == "diverged" and s["skipped_steps"] == 3 and s["steps"] < 50
     assert "Lower optim.lr" in s["error"]
-
-
-def test_background_checkpoints_equal_synchronous_ones(tokenized, tmp_path):
-    """checkpoint.async_save: the step-2 state is copied to host memory and written while
-    steps 3-4 train; it must hold exactly what a synchronous save of step 2 holds."""
-    from mtnlg.formats.dcp_reader import CheckpointReader
-
-    runs = {}
-    for mode in ("false", "true"):
-        out = str(tmp_path / f"async-{mode}")
-        assert _train("--nproc", "2", "--recipe", "debug", f"data.path={tokenized}", f"output={out}",
-                      "train.steps=4", "train.log_every=1", "train.eval_iters=0", "checkpoint.every=2",
-                      "checkpoint.keep_last=0", "schedule.decay_steps=20", f"checkpoint.async_save={mode}") == 0
-        runs[mode] = out
-        assert [r["step"] for r in _log(out)] == [1, 2, 3, 4]
-    assert [r["loss"] for r in _log(runs["true"])] == [r["loss"] for r in _log(runs["false"])]
-    for step in ("step_00000002", "step_00000004"):
-        a, b = (os.path.join(runs[m], "checkpoints", step) for m in ("false", "true"))
-        with CheckpointReader(a) as ra, CheckpointReader(b) as rb:
-            ea, eb = ra.entries(), rb.entries()
-            assert set(ea) == set(eb) and len(ea) > 50
-            for k in ea:
-                if k.startswith(("model.", "optim.state.")):
-                    assert torch.equal(ra.read(k), rb.read(k)), (step, k)
-    assert storage.read_text(os.path.join(runs["true"], "checkpoints", "latest")).strip() == "step_00000004"
-
-
-def test_training_starts_from_a_directory_holding_a_folder_named_mtnlg(tokenized, tmp_path, monkeypatch):
-    """A clone (or any `mtnlg/` folder) in the current directory must not shadow the
-    installed package in the training processes: they start in Python's safe-path mode."""
-    fake = tmp_path / "cwd" / "mtnlg"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise ImportError('the shadowing folder was imported')\n")
-    monkeypatch.chdir(tmp_path / "cwd")
-    out = str(tmp_path / "run")
-    assert _train("--nproc", "1", "--recipe", "debug", f"data.path={tokenized}", f"output={out}",
-                  "train.steps=2", "train.eval_iters=0", "parallel.tp=1") == 0
-    assert _summary(out)["steps"] == 2
 
 
 def test_a_wrong_data_path_is_one_message_before_any_process_starts(tmp_path, capsys, monkeypatch):
