@@ -6,6 +6,7 @@ with the fast exit and with ``MTNLG_FULL_EXIT=1``; and the ``mtnlg`` command's s
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -55,3 +56,18 @@ def test_the_mtnlg_command_keeps_its_exit_statuses(tmp_path):
     usage = subprocess.run([sys.executable, "-m", "mtnlg.cli", "no-such-command"], capture_output=True, text=True,
                            timeout=120)
     assert usage.returncode == 2 and "invalid choice" in usage.stderr  # argparse's SystemExit, unchanged
+
+
+def test_the_installed_mtnlg_script_is_the_run_entry_point():
+    """The console script (pyproject's ``mtnlg = "mtnlg.cli:run"``) prints, and exits with
+    the command's status."""
+    script = shutil.which("mtnlg", path=os.path.dirname(sys.executable))
+    if script is None:
+        pytest.skip("no mtnlg script beside this interpreter (the package is not installed)")
+    assert "from mtnlg.cli import run" in open(script).read()
+    ok = subprocess.run([script, "train", "--recipe", "debug", "--print-config"], capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode == 0 and "model:" in ok.stdout, ok.stderr
+    bad = subprocess.run([script, "train", "--recipe", "debug", "nosuch.key=1"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "unknown key 'nosuch'" in bad.stderr

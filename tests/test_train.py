@@ -96,8 +96,8 @@ def test_stop_and_resume_is_bitwise_exact_locally_and_on_gcs_and_background_save
     assert s["checkpoint"] == f"{b}/checkpoints/step_00000006" and s["first_loss"] == full[0]["loss"]
     _same_checkpoint(f"{a}/checkpoints/step_00000006", f"{b}/checkpoints/step_00000006")
     # keep_last=1 pruned step 3 on gs:// after step 6 was complete; latest points at the newest
-    assert {f[len(b) + 13:].split("/")[0] for f in storage.list_files(f"{b}/checkpoints")} == {
-        "latest", "step_00000006"}
+    ckpts = f"{b}/checkpoints/"
+    assert {f[len(ckpts):].split("/")[0] for f in storage.list_files(ckpts)} == {"latest", "step_00000006"}
     assert storage.read_text(f"{b}/checkpoints/latest").strip() == "step_00000006"
     assert sorted(os.listdir(os.path.join(a, "checkpoints"))) == ["latest", "step_00000003", "step_00000006"]
     assert open(os.path.join(a, "checkpoints", "latest")).read().strip() == "step_00000006"
