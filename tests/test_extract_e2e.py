@@ -272,6 +272,34 @@ def test_fuzzy_dedup_recall_and_precision_on_known_near_duplicates(tmp_path):
     assert by_j["0.80-0.85"]["recall"] >= 0.8 and by_j["0.85-0.90"]["recall"] >= 0.95, by_j
 
 
+def test_marks_lost_on_their_way_to_the_join_stop_the_run(tmp_path, monkeypatch):
+    """Both kinds of duplicate mark are counted where they are made, before the join with
+    the documents: a join that loses marks (here: every fuzzy one) keeps documents it should
+    drop, and the run fails naming the count, instead of writing them."""
+    from corpus_data import whatsnew_paragraphs
+
+    from mtnlg.extract import beam_job
+    from mtnlg.extract.config import RULES
+    from mtnlg.extract.neardup import make_corpus, originals_from
+
+    make_corpus(originals_from(whatsnew_paragraphs())[:40], str(tmp_path / "neardup"), seed=0)
+    (tmp_path / "neardup" / "truth.json").unlink()
+    cfg = replace(ExtractConfig(), [f"filters.disabled={json.dumps(list(RULES))}", "dedup.components=distributed"])
+    good = extract([str(tmp_path / "neardup")], str(tmp_path / "good"), cfg, workers=1)
+    assert good["duplicates"]["fuzzy"] > 5
+
+    def losing_join(self, joined):
+        doc_id, groups = joined
+        marks = [m for m in groups["dup"] if m != "fuzzy"]
+        for source, text in groups["doc"]:
+            yield beam_job.TaggedOutput(beam_job.DUPLICATES, marks[0]) if marks else (doc_id, source, text)
+
+    monkeypatch.setattr(beam_job.DropDuplicatesFn, "process", losing_join)
+    with pytest.raises(RuntimeError, match=rf"duplicates.fuzzy: 0 in stats.json, {good['duplicates']['fuzzy']} "
+                                           r"in the metrics"):
+        extract([str(tmp_path / "neardup")], str(tmp_path / "lost"), cfg, workers=1)
+
+
 def test_counts_that_disagree_with_the_runners_metrics_are_named():
     from mtnlg.extract.beam_job import disagreements
     from mtnlg.extract.stats import build_stats

@@ -260,10 +260,14 @@ class GatheredComponentsFn(beam.DoFn):
     component's smallest id, and on ``counts`` the largest group (``dedup.components=single``,
     or ``auto`` on the DirectRunner)."""
 
+    def __init__(self):
+        self.marks = Metrics.counter(NAMESPACE, "duplicates_fuzzy")
+
     def process(self, edges: list[tuple[str, str]]):
         roots = components(edges)
         for node, root in sorted(roots.items()):
             if node != root:
+                self.marks.inc()
                 yield node, "fuzzy"
         if roots:
             yield TaggedOutput(COUNTS, {"fuzzy/largest_group": max(Counter(roots.values()).values())})
@@ -362,19 +366,31 @@ class ConnectedComponents(beam.PTransform):
         return {"labels": labels.labels, "unconverged": labels[UNCONVERGED], "largest": labels[LARGEST]}
 
 
-class DropDuplicatesFn(beam.DoFn):
-    """``id -> (documents, duplicate marks)`` -> the document, or its duplicate outcome."""
+class FuzzyMarksFn(beam.DoFn):
+    """``(id, label)`` -> ``(id, "fuzzy")`` when the id is not its component's label (its
+    smallest id). Counted here, before the marks' join, as the exact marks are."""
 
     def __init__(self):
-        self.fuzzy = Metrics.counter(NAMESPACE, "duplicates_fuzzy")
+        self.marks = Metrics.counter(NAMESPACE, "duplicates_fuzzy")
+
+    def process(self, node_label: tuple[str, str]):
+        if node_label[0] != node_label[1]:
+            self.marks.inc()
+            yield node_label[0], "fuzzy"
+
+
+class DropDuplicatesFn(beam.DoFn):
+    """``id -> (documents, duplicate marks)`` -> the document, or its duplicate outcome.
+
+    Both kinds of mark are counted where they are made (``duplicates_exact``,
+    ``duplicates_fuzzy``), so a mark lost on its way to this join shows as a disagreement
+    between those counters and ``stats.json``."""
 
     def process(self, joined):
         doc_id, groups = joined
         marks = list(groups["dup"])
         for source, text in groups["doc"]:
             if marks:
-                if marks[0] == "fuzzy":
-                    self.fuzzy.inc()
                 yield TaggedOutput(DUPLICATES, marks[0])
             else:
                 yield doc_id, source, text
@@ -484,8 +500,7 @@ class FuzzyDedup(beam.PTransform):
             counts.append(gathered[COUNTS])
         else:
             cc = verified.edges | "ConnectedComponents" >> ConnectedComponents(d.max_rounds)
-            marks = cc["labels"] | "NotSmallest" >> beam.FlatMap(
-                lambda vl: [(vl[0], "fuzzy")] if vl[0] != vl[1] else [])
+            marks = cc["labels"] | "NotSmallest" >> beam.ParDo(FuzzyMarksFn())
             counts += [cc["unconverged"] | "CountUnconverged" >> beam.Map(lambda _: {"fuzzy/unconverged_nodes": 1}),
                        cc["largest"]]
         return {"marks": marks, "counts": tuple(counts) | "FuzzyCounts" >> beam.Flatten()}
