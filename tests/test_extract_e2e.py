@@ -300,6 +300,34 @@ def test_marks_lost_on_their_way_to_the_join_stop_the_run(tmp_path, monkeypatch)
         extract([str(tmp_path / "neardup")], str(tmp_path / "lost"), cfg, workers=1)
 
 
+def test_counts_that_disagree_on_local_worker_processes_rerun_on_one_worker(tmp_path, monkeypatch, caplog):
+    """When the counts disagree on the local multi-process runner, the step reruns on one
+    in-process worker and returns that run's (agreeing) counts; elsewhere it fails."""
+    from mtnlg.extract import beam_job
+
+    for f in GOOD[:3]:
+        shutil.copy(CORPUS / f, tmp_path / Path(f).name)
+    real, calls = beam_job._run_once, []
+
+    def first_run_disagrees(args, *rest):
+        stats, wrong = real(args, *rest)
+        calls.append(args)
+        return stats, (["duplicates.exact: 0 in stats.json, 1 in the metrics"] if len(calls) == 1 else wrong)
+
+    monkeypatch.setattr(beam_job, "_run_once", first_run_disagrees)
+    with caplog.at_level("WARNING", logger="mtnlg.extract"):
+        stats = extract([str(tmp_path / "classes.html.gz")], str(tmp_path / "out"), workers=2)
+    assert "--direct_running_mode=multi_processing" in calls[0] and "--direct_num_workers=2" in calls[0]
+    assert len(calls) == 2 and calls[1][-2:] == ["--direct_num_workers=1", "--direct_running_mode=in_memory"]
+    assert "on 2 local worker processes the counts disagree" in caplog.text and "duplicates.exact: 0" in caplog.text
+    assert stats["kept"] > 0 and json.loads((tmp_path / "out" / "stats.json").read_text()) == stats
+
+    calls.clear()
+    with pytest.raises(RuntimeError, match="duplicates.exact: 0 in stats.json, 1 in the metrics"):
+        extract([str(tmp_path / "classes.html.gz")], str(tmp_path / "out1"), workers=1)
+    assert len(calls) == 1
+
+
 def test_counts_that_disagree_with_the_runners_metrics_are_named():
     from mtnlg.extract.beam_job import disagreements
     from mtnlg.extract.stats import build_stats
