@@ -113,7 +113,9 @@ def _check_step(tmp: Path, cmd: list[str], out: Path, moments, seed: int, watche
     must be complete when they appear (default: all); ``resumed(got)``: the rerun's outputs
     with what a resumed run rightly reports differently (the checkpoint it resumed from)
     taken out."""
+    t = time.monotonic()
     Watch(cmd, out, {}, tmp).run()
+    whole = time.monotonic() - t
     reference = snapshot(str(out))
     assert reference
     shutil.rmtree(out)
@@ -121,7 +123,10 @@ def _check_step(tmp: Path, cmd: list[str], out: Path, moments, seed: int, watche
     killed = 0
     for when, max_delay in moments:
         w = Watch(cmd, out, reference, tmp, watched)
-        if w.run(kill_when=when, delay=rng.uniform(0, max_delay)) is None:
+        # a (lo, hi) pair: fractions of the uninterrupted run's wall time, which follows the machine's speed
+        delay = rng.uniform(max_delay[0] * whole, max_delay[1] * whole) if isinstance(max_delay, tuple) \
+            else rng.uniform(0, max_delay)
+        if w.run(kill_when=when, delay=delay) is None:
             killed += 1
         assert w.bad == [], f"partial or wrong files under final names: {w.bad}"
     assert killed >= 1
@@ -147,6 +152,10 @@ def _unresumed(got: dict[str, bytes]) -> dict[str, bytes]:
 
 def _any_file(pattern: str):
     return lambda root: root.exists() and any(Path(p).match(pattern) for p in _files(root))
+
+
+def _always(root: Path) -> bool:
+    return True
 
 
 def _started(root: Path) -> bool:
@@ -175,7 +184,8 @@ def test_extract_killed_while_it_writes(tmp_path):
 def test_tokenize_killed_while_it_writes(tmp_path, extracted):
     out = tmp_path / "tokens"
     cmd = MTNLG + ["tokenize", str(extracted), "--output", str(out), "--vocab-size", "512", "--workers", "1"]
-    _check_step(tmp_path, cmd, out, [(_any_file("*.bin"), 0.01), (_started, 0.5)], seed=2)
+    # the last moment is from the start, late in the run, so that one kill lands however fast the machine
+    _check_step(tmp_path, cmd, out, [(_any_file("*.bin"), 0.01), (_started, 0.5), (_always, (0.6, 0.9))], seed=2)
 
 
 def test_fuse_and_checkpoint_save_killed_while_they_write(tmp_path, extracted):
