@@ -1,7 +1,8 @@
 """`make run` as a fresh clone runs it (the whole bundled corpus, the `local` recipe, every
 step through kfp.local), and the README's figures: what the run prints must be what the
-README quotes, line for line, so the README cannot go stale (and the run is deterministic);
-of the sampled continuations, which follow the CPU's floating-point kernels, the prompts.
+README quotes, line for line, so the README cannot go stale: each figure to within a unit of
+its last digit, and of the sampled continuations the prompts (both follow the CPU's float
+kernels).
 Also: every step's outputs are there, training used 2-way tensor parallelism, and the
 samples are real text of 20+ tokens."""
 
@@ -72,11 +73,19 @@ def test_make_run_prints_the_readme_figures(make_run):
     start = printed.index("Evaluation:")
     got = printed[start:].splitlines()[:len(want)]
     message = "README.md's make-run block differs from what `mtnlg run` prints:\n" + "\n".join(got)
-    # Every figure must match. The sampled continuations follow the CPU's floating-point
-    # kernels: on another CPU (an AMD EPYC, 2026-12-02) 2 of the 5 differed while every
-    # figure matched, so of those only the prompts and their number are compared.
+    # The run is deterministic on one machine, but its floats follow the CPU's kernels: on
+    # another CPU (an AMD EPYC, 2026-12-02) a confidence bound printed 5.062 for 5.061 and 2
+    # of the 5 sampled continuations differed. So each figure must agree to within one unit
+    # of its last printed digit (integers exactly), the words around them exactly, and of the
+    # samples the prompts and their number.
     cut = next(i for i, ln in enumerate(want) if ln.startswith("Samples ("))
-    assert got[:cut + 1] == want[:cut + 1], message
+    assert len(got) == len(want) and got[cut] == want[cut], message
+    number = re.compile(r"\d+(?:\.\d+)?")
+    for g, w in zip(got[:cut], want[:cut]):
+        assert number.sub("#", g) == number.sub("#", w), message
+        for a, b in zip(number.findall(g), number.findall(w)):
+            unit = 10.0 ** -len(b.split(".")[1]) if "." in b else 0.0
+            assert abs(float(a) - float(b)) <= unit * 1.01, f"{g!r} is not {w!r}\n" + message
     prompt = re.compile(r"\s*\[[^\]]*\]")
     assert [prompt.match(ln).group() for ln in got[cut + 1:]] == [prompt.match(ln).group() for ln in want[cut + 1:]], \
         message
