@@ -123,17 +123,24 @@ def main(argv: list[str] | None = None) -> int:
     if not (work / "in").exists():
         bench.neardup_corpus(work / "in", args.mb)
     cfg = replace(ExtractConfig(), [f"filters.disabled={json.dumps(list(RULES))}", "dedup.components=distributed"])
-    reran = []
-    handler = logging.Handler()
-    handler.emit = lambda record: reran.append(record.getMessage()) if "rerunning on 1 worker" in record.getMessage() \
-        else None
-    logging.getLogger("mtnlg.extract").addHandler(handler)
+    reran: list[str] = []
     tracer = Tracer(args.join_table)
     tracer.install()
+    rerun_from = []  # where in tracer.bundles extract()'s rerun on 1 worker began
+
+    class Rerun(logging.Handler):
+        def emit(self, record):
+            if "rerunning on 1 worker" in record.getMessage():
+                reran.append(record.getMessage())
+                rerun_from.append(len(tracer.bundles))
+
+    logging.getLogger("mtnlg.extract").addHandler(Rerun())
     for run in range(1, args.repeat + 1):
         tracer.bundles, tracer.writes = [], []
         t = time.perf_counter()
         stats = extract([str(work / "in")], str(work / "out"), cfg, workers=args.workers)
+        if rerun_from:  # the findings are those of the run on N workers, not of its rerun
+            tracer.bundles = tracer.bundles[:rerun_from[0]]
         found = tracer.findings()
         (work / f"trace-{run}.json").write_text(json.dumps({"bundles": tracer.bundles, "writes": tracer.writes,
                                                             "findings": found, "reran": reran}, indent=1))
