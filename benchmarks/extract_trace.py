@@ -40,6 +40,10 @@ class Tracer:
         self.writes: list[dict] = []
         self.join_table = join_table
         self.stage = ""
+        self.partitions: list[list[dict]] = []  # the join table's parts, as sent to the workers
+        self.sent: list[dict] = []  # the join stage's input, per bundle part
+        self.join_buffers: set[int] = set()
+        self.in_join = False
 
     @staticmethod
     def describe(buf) -> dict:
@@ -66,10 +70,12 @@ class Tracer:
             if tracer.join_table:
                 for k, v in bundle_input.data.items():
                     if "JoinMarks" in k and isinstance(v, execution.GroupingBuffer):
+                        tracer.join_buffers.add(id(v))
                         entry["join_table"] = {"keys": len(v._table),
                                                "keys_with_a_mark": sum(len(vs) > 1 for vs in v._table.values())}
                         print(f"join table: {entry['join_table']}", file=sys.stderr, flush=True)
             tracer.stage, t = name, time.perf_counter()
+            tracer.in_join = any(id(v) in tracer.join_buffers for v in bundle_input.data.values())
             try:
                 return run_bundle(runner, ctx, bcm, bundle_input)
             finally:
@@ -89,7 +95,34 @@ class Tracer:
                                   "thread": threading.current_thread().name})
             return list_append(buf, data)
 
+        partition = execution.GroupingBuffer.partition
+
+        def partition_traced(buf, n):
+            # The join's table, as the runner splits it between the workers: keys and marks
+            # (values beyond a key's document) in each part.
+            if id(buf) in tracer.join_buffers and buf._grouped_output is None:
+                parts = [{"keys": 0, "marks": 0, "values": 0} for _ in range(n)]
+                for idx, vs in enumerate(buf._table.values()):
+                    part = parts[idx % n]
+                    part["keys"] += 1
+                    part["values"] += len(vs)
+                    part["marks"] += len(vs) - 1
+                tracer.partitions.append(parts)
+                print(f"join table split {n} ways: {parts}", file=sys.stderr, flush=True)
+            return partition(buf, n)
+
+        send = fn_runner.BundleManager._send_input_to_worker
+
+        def send_traced(manager, bundle_id, transform_id, byte_streams):
+            if tracer.in_join:
+                tracer.sent.append({"bundle": bundle_id, "transform": transform_id[:120],
+                                    "worker": id(manager._worker_handler),
+                                    "bytes": sum(len(b) for b in (byte_streams or []))})
+            return send(manager, bundle_id, transform_id, byte_streams)
+
         fn_runner.FnApiRunner._execute_bundle = execute_bundle
+        execution.GroupingBuffer.partition = partition_traced
+        fn_runner.BundleManager._send_input_to_worker = send_traced
         execution.ListBuffer.append = append
 
     def findings(self) -> list[str]:
@@ -136,13 +169,14 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger("mtnlg.extract").addHandler(Rerun())
     for run in range(1, args.repeat + 1):
-        tracer.bundles, tracer.writes = [], []
+        tracer.bundles, tracer.writes, tracer.partitions, tracer.sent = [], [], [], []
         t = time.perf_counter()
         stats = extract([str(work / "in")], str(work / "out"), cfg, workers=args.workers)
         if rerun_from:  # the findings are those of the run on N workers, not of its rerun
             tracer.bundles = tracer.bundles[:rerun_from[0]]
         found = tracer.findings()
         (work / f"trace-{run}.json").write_text(json.dumps({"bundles": tracer.bundles, "writes": tracer.writes,
+                                                            "join_partitions": tracer.partitions, "join_sent": tracer.sent,
                                                             "findings": found, "reran": reran}, indent=1))
         print(f"run {run}: {time.perf_counter() - t:.0f} s, duplicates {stats['duplicates']}, "
               f"{len(tracer.bundles)} bundles; {'; '.join(found) or 'every stage ran once, after its producers'}"

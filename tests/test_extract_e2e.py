@@ -340,3 +340,9 @@ def test_counts_that_disagree_with_the_runners_metrics_are_named():
     assert disagreements(stats, {**metrics, "duplicates_exact": 2, "failed_binary": 1}) == [
         "duplicates.exact: 1 in stats.json, 2 in the metrics", "failed.binary: 0 in stats.json, 1 in the metrics",
         "read: 5 in stats.json, 6 in the metrics"]
+    # The marks that reached the join say on which side of it a mark went missing.
+    assert disagreements(stats, {**metrics, "marks_joined": 1, "marks_without_document": 0}) == []
+    assert disagreements(stats, {**metrics, "marks_joined": 1, "marks_without_document": 1}) == [
+        "duplicate marks: 1 made, 1 reached the documents' join, 1 of them without their document"]
+    assert disagreements(stats, {**metrics, "duplicates_exact": 2, "marks_joined": 1})[-1] == (
+        "duplicate marks: 2 made, 1 reached the documents' join, 0 of them without their document")
