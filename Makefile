@@ -1,12 +1,13 @@
 # Quick start: `make run` (set-up + the whole pipeline on the bundled corpus), `make test`
-# (every tier: unit, distributed, e2e), `make test-fast` (the unit tier).
+# (every tier: unit, distributed, e2e), `make test-fast` (the unit tier), `make check-images`
+# (the step images' environments as their Dockerfiles build them, running their steps).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/local
 
-.PHONY: run test test-fast install compile bench clean lint
+.PHONY: run test test-fast check-images install compile bench clean lint
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +25,11 @@ test: $(STAMP)
 # the unit tier only (no subprocesses, no torchrun, no kfp.local): under a minute
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m unit tests
+
+# each step image's Python environment assembled as its Dockerfile does, running the steps that
+# name it (images/check.py; .ci/run runs it after the tests)
+check-images: $(STAMP)
+	$(BIN)/python images/check.py
 
 compile: $(STAMP)
 	$(BIN)/mtnlg compile -o $(RUN_DIR)/pipeline.yaml

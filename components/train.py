@@ -8,8 +8,8 @@ from mtnlg.images import TRAIN_IMAGE
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
 def train(tokens: Input[Dataset], recipe: str, model_preset: str, num_layers: int, hidden_size: int, num_heads: int,
-          seq_length: int, tp: int, pp: int, steps: int, global_batch_size: int, overrides: list, nproc: int,
-          checkpoint: Output[Model], metrics: Output[Metrics]):
+          seq_length: int, tp: int, pp: int, steps: int, global_batch_size: int, overrides: list, train_config: str,
+          nproc: int, checkpoint: Output[Model], metrics: Output[Metrics]):
     """Train a GPT (tensor/sequence/pipeline/data parallel) on the tokenized dataset.
 
     Args:
@@ -20,13 +20,15 @@ def train(tokens: Input[Dataset], recipe: str, model_preset: str, num_layers: in
         tp: tensor-parallel degree (0 = the recipe's). pp: pipeline-parallel degree likewise.
         steps: training steps (0 = the recipe's). global_batch_size likewise.
         overrides: TrainRunConfig settings applied last, key=value (e.g. "optim.lr=3e-4").
+        train_config: a run config's YAML text over the recipe ("" = none): what `mtnlg submit --run` sends
+            from the repository, so a changed config reaches the run without a new image.
         nproc: training processes in this step's pod (torchrun).
     """
     from mtnlg.components.artifacts import artifact_location, log_metrics
     from mtnlg.steps import train_step
     from mtnlg.train.config import pipeline_run_config
 
-    config = pipeline_run_config(recipe, overrides, model_preset=model_preset, num_layers=num_layers,
+    config = pipeline_run_config(recipe, overrides, train_config, model_preset=model_preset, num_layers=num_layers,
                                  hidden_size=hidden_size, num_heads=num_heads, seq_length=seq_length, tp=tp, pp=pp,
                                  steps=steps, global_batch_size=global_batch_size)
     result = train_step(artifact_location(tokens), artifact_location(checkpoint), config, nproc=nproc)

@@ -8,8 +8,8 @@ from mtnlg.images import TRAIN_IMAGE
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
 def train(tokens: Input[Dataset], recipe: str, model_preset: str, num_layers: int, hidden_size: int, num_heads: int,
-          seq_length: int, tp: int, pp: int, steps: int, global_batch_size: int, overrides: list, backend: str,
-          nodes: int, gpus_per_node: int, job_overrides: list, run_id: str, timeout_s: int, cleanup: str,
+          seq_length: int, tp: int, pp: int, steps: int, global_batch_size: int, overrides: list, train_config: str,
+          backend: str, nodes: int, gpus_per_node: int, job_overrides: list, run_id: str, timeout_s: int, cleanup: str,
           volume_claim: str, volume_mount: str, checkpoint: Output[Model], metrics: Output[Metrics]):
     """Train a GPT on nodes x GPUs as a Kubeflow TrainJob (Trainer v2) or PyTorchJob; this step
     creates the job, streams its node-0 log, and ends when the job does.
@@ -22,6 +22,8 @@ def train(tokens: Input[Dataset], recipe: str, model_preset: str, num_layers: in
         tp: tensor-parallel degree (0 = the recipe's). pp: pipeline-parallel degree likewise.
         steps: training steps (0 = the recipe's). global_batch_size likewise.
         overrides: TrainRunConfig settings applied last, key=value (e.g. "optim.lr=1.5e-4").
+        train_config: a run config's YAML text over the recipe ("" = none): what `mtnlg submit --run` sends
+            from the repository, so a changed config reaches the run without a new image.
         backend: "trainjob" or "pytorchjob".
         nodes: nodes (pods) of the job.
         gpus_per_node: GPUs per node, one training process each (0 = CPU nodes).
@@ -40,7 +42,7 @@ def train(tokens: Input[Dataset], recipe: str, model_preset: str, num_layers: in
     from mtnlg.steps import train_job_step
     from mtnlg.train.config import pipeline_run_config
 
-    config = pipeline_run_config(recipe, overrides, model_preset=model_preset, num_layers=num_layers,
+    config = pipeline_run_config(recipe, overrides, train_config, model_preset=model_preset, num_layers=num_layers,
                                  hidden_size=hidden_size, num_heads=num_heads, seq_length=seq_length, tp=tp, pp=pp,
                                  steps=steps, global_batch_size=global_batch_size)
     job = load_config(ClusterJobConfig, overrides=job_overrides, base={

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import sys
 
@@ -46,7 +47,9 @@ def _commands() -> dict[str, object]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mtnlg", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mtnlg", description=__doc__.splitlines()[0],
+                                     epilog="Errors are one line; --debug (anywhere before a bare --) or "
+                                            "MTNLG_DEBUG=1 shows the traceback.")
     parser.add_argument("--version", action="version", version=f"mtnlg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, mod in _commands().items():
@@ -64,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         i = argv.index("--")
         argv, passthrough = argv[:i], argv[i + 1:]
+    debug = "--debug" in argv or os.environ.get("MTNLG_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     # argparse takes a run of positionals only once, so ``--nproc 2 a=1 --recipe x b=2``
     # would reject ``b=2``; such stray ``key=value`` words join the command's overrides.
     args, extras = parser.parse_known_args(argv)
@@ -80,11 +85,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._main(args) or 0)
     except ConfigError as e:
+        if debug:
+            raise
         print(f"mtnlg {args.command}: configuration error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
-        print(f"mtnlg {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"mtnlg {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every failure is one line; --debug shows where
+        if debug:
+            raise
+        print(f"mtnlg {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 1
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: the message of the errors users cause or meet (files,
+    values, permissions, step failures) as it is; any other with its type, and the way to
+    see its traceback."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, (FileNotFoundError, PermissionError, ValueError, TimeoutError)) \
+            or type(e).__name__ in ("RunFailed", "LaunchError", "JobFailed"):
+        return text
+    return f"{type(e).__name__}: {text} (run with --debug for the traceback)"
 
 
 def run() -> None:

@@ -260,17 +260,22 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    from mtnlg import storage
-
-    text = storage.read_text(str(path))
+def yaml_mapping(text: str, where: str) -> dict[str, Any]:
+    """YAML ``text`` that must hold a mapping (empty text: ``{}``); ``ConfigError`` naming
+    ``where`` (a file, a parameter, an environment variable) otherwise."""
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{where}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    from mtnlg import storage
+
+    return yaml_mapping(storage.read_text(str(path)), str(path))
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,

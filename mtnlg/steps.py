@@ -10,6 +10,10 @@ Every step has the same shape::
 rather than what it computes (Beam workers and runner flags, the number of training
 processes) are keyword-only. The result names the output and carries the step's figures.
 No kfp here: the components in ``components/`` are a few lines around these functions.
+
+Importing this module imports no step's room: each function imports what it runs, so the
+extract and tokenize steps run in the data image, which has no torch (docs/kubeflow.md,
+"Images").
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mtnlg.evaluate.config import EvaluateConfig
-from mtnlg.extract.config import ExtractConfig
-from mtnlg.fuse.config import FuseConfig
-from mtnlg.tokenize.config import TokenizeConfig
-from mtnlg.train.config import TrainRunConfig
+if TYPE_CHECKING:  # each step imports its own room when it runs, so a step's image needs only that room's
+    from mtnlg.evaluate.config import EvaluateConfig
+    from mtnlg.extract.config import ExtractConfig
+    from mtnlg.fuse.config import FuseConfig
+    from mtnlg.tokenize.config import TokenizeConfig
+    from mtnlg.train.config import TrainRunConfig
 
 
 @dataclass(frozen=True)

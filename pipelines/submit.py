@@ -8,7 +8,9 @@ The pipeline is compiled now (``--train-backend``, default trainjob) unless ``--
 names a compiled file, then uploaded as a new version of the pipeline ``--pipeline-name``
 (created on first use), named by the package version and the git commit
 (``0.1.0-3f2c9ab``; ``GITHUB_SHA`` or ``git rev-parse`` tells the commit). ``--param k=v``
-sets pipeline parameters (values read as YAML: ``nodes=4``, ``inputs=[gs://b/raw/]``).
+sets pipeline parameters (values read as YAML: ``nodes=4``, ``inputs=[gs://b/raw/]``);
+``--run FILE`` reads them from a run file kept in the repository, with the training config
+whose text travels as the ``train_config`` parameter (``manifests/retrain.yaml``).
 Authentication: ``--token`` or ``KF_PIPELINES_TOKEN`` (a bearer token, e.g. a service
 account's), else the kfp client's own defaults (kubeconfig, in-cluster). ``--wait`` follows
 the run and exits non-zero with the failed task's name when it fails.
@@ -35,7 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--namespace", default="kubeflow", help="the user's namespace on multi-user Kubeflow")
     p.add_argument("--experiment", default="mtnlg", help="experiment of the run (created when missing)")
     p.add_argument("--pipeline-name", default="mtnlg-gpt", help="pipeline the version is uploaded under")
-    p.add_argument("--train-backend", default="trainjob", choices=("pod", "trainjob", "pytorchjob"))
+    p.add_argument("--train-backend", default=None, choices=("pod", "trainjob", "pytorchjob"),
+                   help="training backend of the pipeline compiled now (default: --run's, else trainjob)")
+    p.add_argument("--run", default=None, metavar="FILE",
+                   help="a run file (YAML: parameters, train_config, train_backend) kept in the repository: what CI "
+                        "retrains with; --param entries win over its parameters")
     p.add_argument("--package", default=None, help="a compiled pipeline YAML (default: compile now)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="pipeline parameter")
     p.add_argument("--run-name", default=None, help="run name (default: mtnlg-<version>-<time>)")
@@ -75,12 +81,59 @@ def parse_params(items: list[str]) -> dict:
     return out
 
 
+RUN_FILE_KEYS = ("parameters", "train_config", "train_backend")
+
+
+def read_run_file(path: str) -> dict:
+    """A run file: ``parameters`` (pipeline parameters), ``train_config`` (the path, relative
+    to the file, of a run config or recipe whose text becomes the ``train_config`` parameter,
+    so a config changed in the repository reaches the run without a new image) and
+    ``train_backend``. Unknown keys and wrong types are refused, naming the file."""
+    import yaml
+
+    from mtnlg.config import ConfigError
+
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with {', '.join(RUN_FILE_KEYS)}")
+    unknown = sorted(set(data) - set(RUN_FILE_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; known keys: {', '.join(RUN_FILE_KEYS)}")
+    params = data.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: parameters: expected a mapping of pipeline parameters")
+    out = {"parameters": dict(params)}
+    if data.get("train_backend"):
+        out["train_backend"] = str(data["train_backend"])
+    if data.get("train_config"):
+        if "train_config" in params:
+            raise ConfigError(f"{path}: train_config is given both as a file and in parameters")
+        config = os.path.join(os.path.dirname(os.path.abspath(path)), str(data["train_config"]))
+        if not os.path.isfile(config):
+            raise FileNotFoundError(f"{path}: train_config: {config} does not exist")
+        with open(config, encoding="utf-8") as f:
+            out["parameters"]["train_config"] = f.read()
+    return out
+
+
 def _pipeline_params(package: str) -> set[str]:
+    return set(_pipeline_defaults(package))
+
+
+def _pipeline_defaults(package: str) -> dict:
+    """``{parameter: default}`` of a compiled pipeline (integers as ints)."""
     import yaml
 
     with open(package, encoding="utf-8") as f:
         ir = yaml.safe_load(f)
-    return set(ir["root"]["inputDefinitions"]["parameters"])
+    out = {}
+    for name, spec in ir["root"]["inputDefinitions"]["parameters"].items():
+        value = spec.get("defaultValue")
+        if spec.get("parameterType") == "NUMBER_INTEGER" and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        out[name] = value
+    return out
 
 
 def failed_tasks(run) -> list[str]:
@@ -106,17 +159,22 @@ def submit(args: argparse.Namespace, client=None) -> int:
 
     if not args.host and client is None:
         raise ValueError("--host: the Kubeflow Pipelines endpoint is required (or set KF_PIPELINES_ENDPOINT)")
-    params = parse_params(args.param)
+    run_file = read_run_file(args.run) if args.run else {}
+    params = {**run_file.get("parameters", {}), **parse_params(args.param)}
+    backend = args.train_backend or run_file.get("train_backend") or "trainjob"
     with tempfile.TemporaryDirectory(prefix="mtnlg-submit-") as tmp:
         package = args.package
         if package is None:
             from mtnlg.pipelines.compile import compile_pipeline
 
-            package = compile_pipeline(os.path.join(tmp, "pipeline.yaml"), args.train_backend)
+            package = compile_pipeline(os.path.join(tmp, "pipeline.yaml"), backend)
         unknown = sorted(set(params) - _pipeline_params(package))
         if unknown:
             raise ValueError(f"--param {unknown[0]}: not a parameter of the pipeline; known: "
                              f"{', '.join(sorted(_pipeline_params(package)))}")
+        from mtnlg.pipelines.checks import check_parameters
+
+        check_parameters({**_pipeline_defaults(package), **params})  # before anything reaches the cluster
         client = client or kfp.Client(host=args.host, existing_token=args.token, namespace=args.namespace)
         version = version_name()
         pipeline_id = client.get_pipeline_id(args.pipeline_name)

@@ -45,11 +45,21 @@ what the Kubernetes client relies on and kmock lacks:
   :meth:`KubeEmulator.append_pod_log` adds, until the log is finished, the pod reaches
   Succeeded/Failed, the pod is deleted or the emulator stops;
 * error bodies like the real server's: 404 ``NotFound`` and 409 ``AlreadyExists`` /
-  ``Conflict`` with ``details`` ``{name, group, kind}``.
+  ``Conflict`` with ``details`` ``{name, group, kind}``;
+* admission of TrainJobs, PyTorchJobs and InferenceServices that a client creates (POST),
+  replaces (PUT) or patches as a cluster admits them (``mtnlg.cluster.admission.admit``):
+  ObjectMeta, the CRD's OpenAPI schema and CEL rules (``x-kubernetes-validations``; on an
+  update the transition rules too, against the stored object; the status subresource is not
+  admitted) when the CRD file is found (``crds``;
+  by default ``../shared/schemas``), then the operator's validating webhook. A refusal is
+  the real answer: 422 ``Invalid`` with ``details.causes``, 403 "admission webhook ...
+  denied the request", or 400 for unknown fields with ``?fieldValidation=Strict`` (without
+  it they are dropped, as the API server prunes them). The test's own direct methods (the
+  operator's side) are not admitted.
 
-Not emulated: authentication/RBAC, admission and validation (any dict is accepted; a CRD
-need not exist, though listing a resource nobody declared or created is a 404, as for a
-missing CRD), defaulting beyond the above, strategic-merge list semantics (lists are
+Not emulated: authentication/RBAC, admission and validation of other resources (any dict is
+accepted; a CRD need not exist, though listing a resource nobody declared or created is a
+404, as for a missing CRD), defaulting beyond the above, strategic-merge list semantics (lists are
 replaced), server-side apply, ``limit``/``continue`` paging (all items in one page),
 BOOKMARK events, watch events for objects moving in/out of a selector (an event is sent
 when the object *after* the change matches), ``exec``/``attach``/``portforward``,
@@ -81,14 +91,20 @@ from typing import Any, NamedTuple, Self
 
 import aiohttp.test_utils
 import aiohttp.web
+import attrs
 import kmock
 import yaml
 from kmock._internal import enums
 
+from mtnlg.cluster.admission import AdmissionError, admit
+from mtnlg.cluster.schema import load_crd_schema
+
 __all__ = [
     "CLUSTERTRAININGRUNTIMES",
     "CONFIGMAPS",
+    "DEFAULT_CRDS",
     "EVENTS",
+    "INFERENCESERVICES",
     "JOBS",
     "JOBSETS",
     "PODS",
@@ -131,6 +147,15 @@ TRAINJOBS = Resource("trainer.kubeflow.org", "v1alpha1", "trainjobs")
 TRAININGRUNTIMES = Resource("trainer.kubeflow.org", "v1alpha1", "trainingruntimes")
 CLUSTERTRAININGRUNTIMES = Resource("trainer.kubeflow.org", "v1alpha1", "clustertrainingruntimes")
 JOBSETS = Resource("jobset.x-k8s.io", "v1alpha2", "jobsets")
+INFERENCESERVICES = Resource("serving.kserve.io", "v1beta1", "inferenceservices")
+
+# The resources a client's writes are admitted for: resource -> (kind, its CRD file)
+_SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas"
+DEFAULT_CRDS: dict[Resource, tuple[str, Path]] = {
+    TRAINJOBS: ("TrainJob", _SCHEMAS / "trainer.kubeflow.org_trainjobs.yaml"),
+    PYTORCHJOBS: ("PyTorchJob", _SCHEMAS / "kubeflow.org_pytorchjobs.yaml"),
+    INFERENCESERVICES: ("InferenceService", _SCHEMAS / "serving.kserve.io_inferenceservices.yaml"),
+}
 
 # resource -> (kind, namespaced, subresources); served by discovery and listable while empty
 DEFAULT_RESOURCES: dict[Resource, tuple[str, bool, tuple[str, ...]]] = {
@@ -298,6 +323,13 @@ def _unprocessable(message: str) -> kmock.KubernetesError:
     return kmock.KubernetesError(status=422, reason="Invalid", message=message, details={})
 
 
+@attrs.frozen
+class _Refused(kmock.KubernetesError):
+    """An admission refusal; ``body`` is the API server's Status, answered as it is."""
+
+    body: Any = None
+
+
 def _json_patch(doc: Any, ops: list[Mapping[str, Any]]) -> Any:
     """RFC 6902 JSON patch: add, remove, replace, move, copy, test."""
     doc = copy.deepcopy(doc)
@@ -378,6 +410,38 @@ class _Emulator(kmock.KubernetesEmulator):
         self._streams: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._on_event: Callable[[Resource, str, dict[str, Any]], None] | None = None
+        self._admitted: dict[Resource, tuple[str, Path | None]] = {}  # resource -> (kind, CRD file)
+
+    # ------------------------------------------------------------ admission
+    def _admit(self, kres: kmock.resource, body: Any, old: Mapping[str, Any] | None, params: Mapping[str, str]) -> None:
+        """Admit a client's create (``old`` None) or update of ``body`` (changed in place:
+        pruned unknown fields, a name from ``generateName``), or raise the cluster's refusal."""
+        res = self._res(kres)
+        if res not in self._admitted or not isinstance(body, dict):
+            return
+        kind, crd = self._admitted[res]
+        body.setdefault("apiVersion", res.api_version)
+        body.setdefault("kind", kind)
+        md = body.get("metadata")
+        if isinstance(md, dict) and not md.get("name") and md.get("generateName"):
+            md["name"] = md["generateName"] + secrets.token_hex(3)[:5]
+        schema = load_crd_schema(crd) if crd is not None and crd.exists() else None
+        status = body.pop("status", None)  # the status subresource's: not the client's to set
+        try:
+            admit(body, schema, old={k: v for k, v in old.items() if k != "status"} if old is not None else None,
+                  preflight=False, field_validation=params.get("fieldValidation") or "Warn")
+        except AdmissionError as e:
+            answer = e.status()
+            raise _Refused(status=answer["code"], reason=answer["reason"], message=answer["message"],
+                           details=answer.get("details"), body=answer) from None
+        finally:
+            if status is not None:
+                body["status"] = status
+
+    async def _render_error(self, exc: Exception) -> aiohttp.web.StreamResponse:
+        if isinstance(exc, _Refused):
+            return aiohttp.web.json_response(exc.body, status=exc.status)
+        return await super()._render_error(exc)
 
     # ------------------------------------------------------------ resources
     def declare(self, res: Resource, kind: str | None, namespaced: bool = True,
@@ -497,7 +561,8 @@ class _Emulator(kmock.KubernetesEmulator):
         return copy.deepcopy(new)
 
     async def op_patch(self, kres: kmock.resource, ns: str | None, name: str, patch: Any,
-                       subresource: str | None = None) -> dict[str, Any]:
+                       subresource: str | None = None, admit: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Patch the object; ``admit`` (a client's request parameters) admits the result first."""
         async with self._lock:
             obj = self._live(kres, ns, name)
             if obj is None:
@@ -515,10 +580,14 @@ class _Emulator(kmock.KubernetesEmulator):
                 new = dict(copy.deepcopy(old), status=new.get("status"))
                 if new["status"] is None:
                     new.pop("status")
+            elif admit is not None:
+                self._admit(kres, new, old, admit)
             return await self._store(kres, (kres, ns, name), obj, new, old, subresource != "status")
 
     async def op_replace(self, kres: kmock.resource, ns: str | None, name: str, body: Any,
-                         subresource: str | None = None) -> dict[str, Any]:
+                         subresource: str | None = None, admit: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Replace the object (409 on a stale ``resourceVersion``); ``admit`` (a client's
+        request parameters) admits the new object first, after that check, as the server does."""
         if not isinstance(body, dict):
             raise _bad_request("the request body is not a JSON object")
         async with self._lock:
@@ -541,6 +610,8 @@ class _Emulator(kmock.KubernetesEmulator):
                 new.pop("status", None)
                 if "status" in old:
                     new["status"] = copy.deepcopy(old["status"])
+                if admit is not None:
+                    self._admit(kres, new, old, admit)
             return await self._store(kres, (kres, ns, name), obj, new, old, subresource != "status")
 
     async def op_delete(self, kres: kmock.resource, ns: str | None, name: str,
@@ -645,15 +716,16 @@ class _Emulator(kmock.KubernetesEmulator):
             return await self._serve_pod_log(request)
         params = request.params
         if request.action == enums.action.CREATE:
+            self._admit(kres, request.data, None, params)
             # Stamps request.data in place, so kmock's fallback (and any reaction) serves the stamped object.
             await self.op_create(kres, ns, request.data)
         elif request.action == enums.action.UPDATE and name:
-            await self.op_patch(kres, ns, name, request.data, sub)
+            await self.op_patch(kres, ns, name, request.data, sub, admit=params)
         elif request.action == enums.action.DELETE and name:
             body = request.data if isinstance(request.data, Mapping) else {}
             await self.op_delete(kres, ns, name, body.get("propagationPolicy") or params.get("propagationPolicy"))
         elif method == enums.method.PUT and name:
-            return aiohttp.web.json_response(await self.op_replace(kres, ns, name, request.data, sub))
+            return aiohttp.web.json_response(await self.op_replace(kres, ns, name, request.data, sub, admit=params))
         elif method == enums.method.DELETE and not name:  # deletecollection
             items, _ = await self.op_list(kres, ns, params.get("labelSelector"), params.get("fieldSelector"))
             for item in items:
@@ -842,12 +914,17 @@ class KubeEmulator:
     Use as a context manager (or ``start()``/``stop()``); see the module doc for what it
     emulates. ``resources`` declares extra ``{Resource: kind}`` next to
     :data:`DEFAULT_RESOURCES` (only needed for discovery and for listing while empty).
+    ``crds``: ``{Resource: (kind, CRD file or None)}``, the resources whose creates and
+    replaces are admitted (default :data:`DEFAULT_CRDS`; ``{}``: none).
     """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0,
-                 resources: Mapping[Resource, str] | None = None, call_timeout: float = 10.0):
+                 resources: Mapping[Resource, str] | None = None, call_timeout: float = 10.0,
+                 crds: Mapping[Resource, tuple[str, str | Path | None]] | None = None):
         self._host, self._port = host, port
         self._extra_resources = dict(resources or {})
+        # resource -> (kind, CRD file or None): what a client's writes are admitted for
+        self._crds = {r: (k, Path(c) if c else None) for r, (k, c) in (DEFAULT_CRDS if crds is None else crds).items()}
         self.call_timeout = call_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -897,6 +974,7 @@ class KubeEmulator:
         for res, kind in self._extra_resources.items():
             emu.declare(Resource(*res), kind, True, ("status",))
         emu._on_event = self._dispatch
+        emu._admitted = dict(self._crds)
         await emu.__aenter__()
         server = aiohttp.test_utils.RawTestServer(emu, host=self._host, port=self._port or None)
         await server.start_server(access_log=None)  # no aiohttp access log lines in the test output

@@ -221,3 +221,30 @@ def test_a_remote_shard_altered_in_place_fails_its_hash_while_loading(gcs, caplo
     _flip_remote(f"{p1}/__0_0.distcp")
     with pytest.raises(ckpt.CheckpointDamaged, match="no intact checkpoint"):
         Checkpointer(cfg, other, other_opt, TrainState(), None, False, {}, verbose=False).maybe_resume()
+
+
+@pytest.mark.parametrize("store", ["gcs", "s3"])
+def test_a_remote_rng_file_altered_in_place_fails_its_hash_while_loading(store, request):
+    """The shards intact, only a rank's RNG file changed, inside the generator state: the
+    file still unpickles, so only the rank's own hash of it can refuse the checkpoint."""
+    import io
+
+    from mtnlg import storage
+
+    _, _, (_, p2) = _remote_run(request.getfixturevalue(store))
+    rng = f"{p2}/rng/rank_00000.pt"
+    raw = storage.read_bytes(rng)
+    _flip_remote(rng, offset=len(raw) // 2)  # the middle of the torch generator's 5056 state bytes
+    damaged = torch.load(io.BytesIO(storage.read_bytes(rng)), weights_only=True)
+    saved = torch.load(io.BytesIO(raw), weights_only=True)
+    assert not torch.equal(damaged["torch"], saved["torch"])  # it loads, with another state
+    assert ckpt.verify_checkpoint(p2, shards="size") == []    # same size: the pre-load check passes
+    other, other_opt = _model_and_optimizer(1)
+    before = torch.get_rng_state()
+    with pytest.raises(ckpt.CheckpointDamaged) as e:
+        ckpt.load_checkpoint(p2, other, other_opt)
+    assert str(e.value) == (f"checkpoint {p2} is damaged: rng/rank_00000.pt: sha256 mismatch "
+                            "(the file's content changed after it was written)")
+    assert torch.equal(torch.get_rng_state(), before)        # the damaged state was not restored
+    assert ckpt.verify_checkpoint(p2) == ["rng/rank_00000.pt: sha256 mismatch (the file's content changed "
+                                          "after it was written)"]

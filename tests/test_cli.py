@@ -38,6 +38,10 @@ def test_config_errors_exit_2_and_name_the_key(capsys):
     assert "train.setps" in capsys.readouterr().err
 
 
-def test_unknown_option_is_an_error():
-    with pytest.raises(SystemExit):
-        main(["compile", "-o", "x.yaml", "--bogus"])
+def test_unknown_option_is_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["compile", "-o", str(tmp_path / "x.yaml"), "--bogus"])
+    assert e.value.code == 2  # argparse's usage error
+    err = capsys.readouterr().err
+    assert err.startswith("usage: mtnlg") and err.endswith("mtnlg: error: unrecognized arguments: --bogus\n"), err
+    assert not (tmp_path / "x.yaml").exists()

@@ -69,7 +69,7 @@ def test_inference_service_matches_the_huggingface_runtime():
 
 
 @pytest.mark.parametrize("override, match", [
-    ("name=GPT_Docs", "DNS-1123"), ("storage_uri=/local/dir", "storage_uri"),
+    ("name=GPT_Docs", "RFC 1123 subdomain"), ("storage_uri=/local/dir", "storage_uri"),
     ("min_replicas=3", "exceeds max_replicas"), ("backend=tgi", "backend"), ("max_val_perplexity=-1", "max_val"),
     ("colour=blue", "colour"),
 ])

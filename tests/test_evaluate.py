@@ -150,7 +150,16 @@ def test_evaluate_end_to_end_writes_report(tokenized, model_dir, tmp_path):
     assert clo <= m["cloze_accuracy"] <= chi
     # an untrained model: close to uniform over the padded vocabulary
     assert 0.5 * math.log(384) < m["val_loss"] < 2 * math.log(384)
-    assert 0.0 <= m["cloze_accuracy"] <= 1.0 and m["cloze_items"] > 0
+    # each item scored again alone (no batch, no padding): right when every piece of its word is the argmax
+    from mtnlg.evaluate.cloze import make_cloze_items
+    from mtnlg.formats.fused import load_fused
+    from mtnlg.formats.tokenizer import Tokenizer
+
+    model, cfg, _ = load_fused(model_dir)
+    items, _ = make_cloze_items(val, Tokenizer.from_dir(tokenized), cfg.seq_length, max_items=20)
+    correct = sum(_greedy_gets_the_word(model, it) for it in items)
+    assert (m["cloze_items"], m["cloze_correct"]) == (len(items), correct) and len(items) > 0
+    assert m["cloze_accuracy"] == correct / len(items)
     assert m["cloze_passages"] == m["cloze_items"] + sum(m["cloze_skipped"].values())
     assert m["train_steps"] == 10 and m["train_log_skipped"] == 1
     assert m["train_final_loss"] == pytest.approx(3.0)
@@ -158,6 +167,61 @@ def test_evaluate_end_to_end_writes_report(tokenized, model_dir, tmp_path):
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "validation perplexity" in html
     assert "![training loss](loss.png)" in (out / "report.md").read_text()
+
+
+def _greedy_gets_the_word(model, item: ClozeItem) -> bool:
+    seq = item.context + item.target
+    with torch.no_grad():
+        logits = model(torch.tensor([seq[:-1]]))[0]                  # (len - 1, V_padded)
+    c = len(item.context)
+    return logits[c - 1:].argmax(-1).tolist() == item.target
+
+
+def test_cloze_accuracy_of_a_model_built_to_know_some_words(tokenized, tmp_path):
+    """A GPT whose blocks add nothing and whose output maps each token to one chosen next
+    token (a bigram table): which items it gets right follows from the table alone, with no
+    model run. `mtnlg evaluate` must report exactly that count."""
+    from mtnlg.cli import main
+    from mtnlg.evaluate.cloze import make_cloze_items
+    from mtnlg.formats.fused import save_fused
+    from mtnlg.formats.indexed_dataset import IndexedDataset
+    from mtnlg.formats.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tokenized)
+    V, H = tok.vocab_size, 384                                            # H >= padded vocabulary: one-hot embeddings
+    items, _ = make_cloze_items(IndexedDataset(os.path.join(tokenized, "validation")), tok, 64, max_items=20)
+    table = [tok.eod_id] * V            # next token after each token: the first item that needs it decides
+    decided: set[int] = set()
+    for it in items:
+        seq, c = it.context + it.target, len(it.context)
+        for k, want in enumerate(it.target):
+            if seq[c - 1 + k] not in decided:
+                decided.add(seq[c - 1 + k])
+                table[seq[c - 1 + k]] = want
+    right = sum(all(table[(it.context + it.target)[len(it.context) - 1 + k]] == w for k, w in enumerate(it.target))
+                for it in items)
+    assert 0 < right < len(items)                                         # some words known, not all
+
+    model = GPT(ModelConfig(num_layers=1, hidden_size=H, num_heads=4, seq_length=64, vocab_size=V,
+                            tie_embeddings=False))
+    with torch.no_grad():
+        model.tok_embeddings.weight.copy_(torch.eye(model.vocab_size_padded, H))   # token i -> e_i
+        model.pos_embeddings.weight.zero_()
+        for layer in model.layers:                                        # the residual stream passes unchanged
+            for lin in (layer.attention.wo, layer.mlp.w_down):
+                lin.weight.zero_()
+                lin.bias.zero_()
+        model.output.weight.zero_()                                       # logit of table[i] after i: the largest
+        model.output.weight[torch.tensor(table), torch.arange(V)] = 1.0
+    save_fused(model, str(tmp_path / "m"), tok)
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(tmp_path / "m"), "--data", tokenized, "--output", str(out), "--max-cloze-items", "20",
+                 "--max-new-tokens", "1", "--prompt", "The list"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    written = [json.loads(line) for line in (out / "lm_eval" / "mtnlg_cloze.jsonl").read_text().splitlines()]
+    assert [(w["doc"], w["start"]) for w in written] == [(it.doc, it.start) for it in items]  # the same items
+    assert (m["cloze_items"], m["cloze_correct"]) == (len(items), right)
+    assert m["cloze_accuracy"] == right / len(items)
 
 
 def test_evaluate_refuses_data_from_another_tokenizer(tokenized, model_dir, tmp_path):

@@ -90,9 +90,41 @@ def bad_corpus(tmp_path_factory) -> Path:
     (bad / "one-line-50mb.txt").write_bytes(b"word " * (10 << 20))  # 50 MiB, no newline
     os.symlink(str(bad / "deleted.txt"), str(bad / "dangling.txt"))  # listed, cannot be opened
     (bad / "README.md").write_text("not an input format: skipped and listed")
+    # Documents that read well but break a quality rule each: dropped, and counted under it.
+    (d / "rules.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                           for texts in rule_breakers().values() for t in texts))
     return d
 
 
+PROSE = ("The list type supports append and pop, and a dictionary maps keys to values that have to be "
+         "hashable with the usual rules of the language and its standard library").split()
+
+
+def rule_breakers() -> dict[str, list[str]]:
+    """Texts that break one quality rule each (the first they break, in RULES order)."""
+    rng = random.Random(2)
+
+    def words(n: int, vocab: list[str] = PROSE) -> str:
+        return " ".join(rng.choice(vocab) for _ in range(n))
+
+    no_stop_words = [w for w in PROSE if w.lower() not in ("the", "be", "to", "of", "and", "that", "have", "with")]
+    return {
+        "min_words": ["The list type keeps its items in order and has to be sorted with care.",
+                      "A short note that is kept out of the corpus."],
+        "mean_word_length": [" ".join(["a", "to", "of", "an", "be", "it"] * 12)],
+        "alpha_words": [" ".join(f"{rng.randint(1000, 99999)} {rng.randint(1000, 99999)} value" for _ in range(25))],
+        "symbol_ratio": [" ".join("#" + w for w in words(60).split())],
+        "bullet_lines": ["\n".join("- " + words(8) for _ in range(12))],
+        "ellipsis_lines": ["\n".join(words(14) + "..." for _ in range(8))],
+        "duplicate_lines": ["\n".join([words(10)] * 8 + [words(10), words(10)])],
+        "duplicate_line_chars": ["\n".join([words(6) for _ in range(8)] + [words(40)] * 3)],
+        "stop_words": [words(80, no_stop_words)],
+    }
+
+
+EXPECTED_DROPPED = {"min_words": 2, "max_words": 0, "mean_word_length": 1, "alpha_words": 1, "symbol_ratio": 1,
+                    "bullet_lines": 1, "ellipsis_lines": 1, "duplicate_lines": 1, "duplicate_line_chars": 1,
+                    "stop_words": 1, "language": 0}
 EXPECTED_FAILED = {"unreadable": 1, "corrupt_gzip": 2, "binary": 1, "nul_byte": 1, "too_large": 1, "empty": 2,
                    "invalid_json": 1, "missing_text_field": 1, "invalid_html": 0}
 
@@ -103,14 +135,17 @@ def test_end_to_end_every_bad_input_two_workers(bad_corpus, tmp_path):
                  "--workers", "2"])
     assert stats["failed"] == EXPECTED_FAILED
     assert stats["failed_examples"]["too_large"][0].endswith("one-line-50mb.txt: over max_doc_bytes=8388608")
+    assert stats["dropped"] == EXPECTED_DROPPED == {r: len(t) for r, t in rule_breakers().items()} | {
+        "max_words": 0, "language": 0}
     assert stats["duplicates"] == {"exact": 1, "fuzzy": 1}
     assert stats["skipped_files"] == {"count": 1, "examples": [str(bad_corpus / "bad" / "README.md")]}
     assert stats["invalid_utf8_replacements"] == 2
     good_docs = len(GOOD) + 4 + 6  # html pages, 4 text files, 6 JSONL records
-    assert stats["read"] == good_docs + sum(EXPECTED_FAILED.values())
+    assert stats["read"] == good_docs + sum(EXPECTED_DROPPED.values()) + sum(EXPECTED_FAILED.values()) == 35
+    assert stats["kept"] == good_docs - 2  # every good document but the two duplicates
     assert stats["read"] == (stats["kept"] + sum(stats["dropped"].values()) + sum(stats["duplicates"].values())
                              + sum(stats["failed"].values()))
-    assert stats["balanced"] and stats["kept"] >= good_docs - 2 - 2  # minus duplicates, at most 2 rule drops
+    assert stats["balanced"]
 
     outputs = read_outputs(out)
     assert {s: len(v) for s, v in outputs.items()} == {s: stats["splits"][s]["docs"] for s in outputs}

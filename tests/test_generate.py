@@ -215,6 +215,24 @@ def test_batch_decoder_rows_equal_single_sequence_decoding(variant):
     assert dec.finish_reason == ["length"] * 3
 
 
+def test_batch_decoder_finish_reason_is_stop_at_the_end_of_document_and_length_at_the_limit():
+    """A model that always ranks end-of-document first: each row ends its document as soon
+    as min_new_tokens lets it ("stop"), unless max_new_tokens comes first ("length")."""
+    model = EodFirst(tiny_model().cfg)
+    samplings = [SamplingConfig(max_new_tokens=10, min_new_tokens=3),       # the document ends after 3
+                 SamplingConfig(max_new_tokens=4, min_new_tokens=4),        # the limit comes first
+                 SamplingConfig(max_new_tokens=10),                         # the document ends at once
+                 SamplingConfig(max_new_tokens=2, stop_at_eod=False)]       # end-of-document is a token
+    dec = BatchDecoder(model, [[3, 4, 5], [6], [2, 2], [9]], samplings, vocab_size=120, eod_id=1)
+    rows: list[list[int]] = [[] for _ in samplings]
+    while not dec.done:
+        for r, t in enumerate(dec.step()):
+            if t is not None:
+                rows[r].append(t)
+    assert rows == [[7, 7, 7], [7, 7, 7, 7], [], [1, 1]]
+    assert dec.finish_reason == ["stop", "length", "stop", "length"]
+
+
 def test_batch_decoder_logits_match_and_padding_is_not_read():
     model = tiny_model(position="rotary", norm="rmsnorm", tie_embeddings=False)
     a, b = [5, 9, 11, 3, 7], [4, 6]

@@ -139,9 +139,9 @@ def test_patch_status_and_replace(kube, custom):
     with pytest.raises(ApiException) as e:
         custom.replace_namespaced_custom_object(*PYTORCHJOBS[:2], NS, PYTORCHJOBS.plural, "pj", stale)
     assert status_of(e)[0] == 409 and status_of(e)[1]["reason"] == "Conflict"
-    fresh = dict(patched, spec={"replaced": True})
+    fresh = dict(patched, spec={**patched["spec"], "nprocPerNode": "2"})  # admitted: a valid PyTorchJob
     assert custom.replace_namespaced_custom_object(*PYTORCHJOBS[:2], NS, PYTORCHJOBS.plural, "pj",
-                                                   fresh)["spec"] == {"replaced": True}
+                                                   fresh)["spec"] == fresh["spec"]
 
 
 # ------------------------------------------------------------------------------ watches

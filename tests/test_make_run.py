@@ -125,11 +125,32 @@ def test_every_step_produced_its_outputs(make_run):
     assert Path(outs["evaluate"]["report"]).stat().st_size > 0
 
 
+def sharding(checkpoint: str) -> tuple[list[str], dict[str, tuple[int, set[int]]]]:
+    """The shard files of a DCP checkpoint and, for each model tensor, how its ranks held it,
+    as DCP's .metadata records it: (chunks, the dimensions the chunks cut)."""
+    from mtnlg.formats.dcp_reader import CheckpointReader
+
+    with CheckpointReader(checkpoint) as reader:
+        layout = {fqn.removeprefix("model."): (len(md.chunks),
+                                               {d for c in md.chunks for d, o in enumerate(c.offsets) if o})
+                  for fqn, md in reader.entries().items() if fqn.startswith("model.") and hasattr(md, "chunks")}
+        return reader.files(), layout
+
+
 def test_training_used_two_way_tensor_parallelism(make_run):
-    import yaml
+    from mtnlg.formats.checkpoint import resolve_checkpoint
 
     run = Path(make_run[1]["train"]["checkpoint"])
-    assert yaml.safe_load((run / "config.yaml").read_text())["parallel"]["tp"] == 2
+    files, layout = sharding(resolve_checkpoint(str(run)))
+    assert files == ["__0_0.distcp", "__1_0.distcp"]  # both ranks wrote shards
+    column = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "mlp.w_up.weight",
+              "mlp.w_gate.weight")
+    row = ("attention.wo.weight", "mlp.w_down.weight")
+    want = {"tok_embeddings.weight": (2, {0}), "output.weight": (2, {0}), "norm.weight": (1, set())}
+    for i in range(4):
+        want |= {f"layers.{i}.{n}": (2, {0}) for n in column} | {f"layers.{i}.{n}": (2, {1}) for n in row}
+        want |= {f"layers.{i}.{n}": (1, set()) for n in ("attention_norm.weight", "mlp_norm.weight")}
+    assert layout == want  # halves: column-parallel by rows, row-parallel by columns, vocabulary by rows
     losses = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
     # a non-finite loss is logged as null: every logged step must have a finite number
     assert len(losses) >= 2 and all(isinstance(v, float) and math.isfinite(v) for v in losses), losses

@@ -62,6 +62,27 @@ def test_pod_backend_requests_its_gpus_from_parameters(compiled):
     assert "pipelinechannel--gpus" in res["resourceCount"] and "pipelinechannel--accelerator" in res["resourceType"]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_step_requests_and_is_limited_to_cpu_and_memory_from_parameters(compiled, backend):
+    """Requests equal limits (Guaranteed QoS) on every step, each from its own pipeline
+    parameters; fuse and evaluate memory is sized by the default recipe's model."""
+    ir = compiled[backend]
+    params = ir["root"]["inputDefinitions"]["parameters"]
+    for step in ("extract", "tokenize", "train", "fuse", "evaluate"):
+        res = ir["deploymentSpec"]["executors"][f"exec-{step}"]["container"]["resources"]
+        for kind in ("cpu", "memory"):
+            channel = f"{{{{$.inputs.parameters['pipelinechannel--{step}_{kind}']}}}}"
+            field = "Cpu" if kind == "cpu" else "Memory"
+            assert res[f"resource{field}Request"] == res[f"resource{field}Limit"] == channel, (step, kind, res)
+            assert params[f"{step}_{kind}"]["parameterType"] == "STRING"
+    defaults = {k: params[k]["defaultValue"] for k in params if k.endswith(("_cpu", "_memory"))}
+    if backend == "pod":   # torchrun in the train step's pod; the debug recipe's tiny model
+        assert defaults["train_cpu"] == "4" and defaults["fuse_memory"] == "2Gi"
+    else:                  # a launcher; mtnlg-1.3b: 5.2 GB of fp32 weights, three copies in fuse
+        assert defaults["train_cpu"] == "500m" and defaults["train_memory"] == "1Gi"
+        assert defaults["fuse_memory"] == "16Gi" and defaults["evaluate_memory"] == "11Gi"
+
+
 @pytest.mark.parametrize("backend", ["trainjob", "pytorchjob"])
 def test_job_backends_launch_nodes_times_gpus(compiled, backend):
     ir = compiled[backend]
@@ -74,8 +95,8 @@ def test_job_backends_launch_nodes_times_gpus(compiled, backend):
     assert train["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"   # job name per run
     script = " ".join(ir["deploymentSpec"]["executors"]["exec-train"]["container"]["command"])
     assert "train_job_step" in script and "pod_owner" in script
-    # the launcher pod itself needs no GPU: the job's pods do
-    assert "resources" not in ir["deploymentSpec"]["executors"]["exec-train"]["container"]
+    # the launcher pod itself needs no GPU (the job's pods do): a CPU and memory request only
+    assert "accelerator" not in ir["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -19,8 +19,9 @@ import torch
 from corpus_data import tokenized_dir
 
 from mtnlg.model.config import ModelConfig
-from mtnlg.model.decode import generate, prompt_ids_for
+from mtnlg.model.decode import generate, generate_ids, prompt_ids_for
 from mtnlg.model.gpt import GPT
+from mtnlg.model.sampling import SamplingConfig
 
 pytestmark = pytest.mark.e2e
 
@@ -113,25 +114,30 @@ def test_completion_equals_local_greedy_generation(client, local_model):
     model, tok = local_model
     prompt = "append the key"
     want = generate(model, tok, prompt, max_new_tokens=12, temperature=0.0)
+    ids = generate_ids(model, prompt_ids_for(tok, prompt), SamplingConfig(max_new_tokens=12), tok.vocab_size,
+                       tok.eod_id)
     got = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0)
     choice = got.choices[0]
     # the server keeps the space between prompt and continuation; generate() decodes the new ids alone
     assert choice.text.strip() == want.strip() and choice.text
-    assert 1 <= got.usage.completion_tokens <= 12
+    assert got.usage.completion_tokens == len(ids)
     assert got.usage.prompt_tokens == len(prompt_ids_for(tok, prompt))
-    assert choice.finish_reason in ("length", "stop")
+    assert choice.finish_reason == ("length" if len(ids) == 12 else "stop")  # 12 tokens, or the end of document
     echo = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0, echo=True)
     assert echo.choices[0].text == prompt + choice.text
 
 
 def test_seeded_sampling_is_reproducible_and_streaming_matches(client):
     kw = dict(model=NAME, prompt="sort the list", max_tokens=20, temperature=0.9, top_p=0.95, seed=7)
-    a = client.completions.create(**kw).choices[0].text
+    first = client.completions.create(**kw)
+    a = first.choices[0].text
     b = client.completions.create(**kw).choices[0].text
     assert a == b
+    reason = "length" if first.usage.completion_tokens == 20 else "stop"  # 20 tokens, or the end of document
+    assert first.choices[0].finish_reason == reason
     chunks = list(client.completions.create(stream=True, **kw))
     assert "".join(c.choices[0].text for c in chunks) == a
-    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    assert chunks[-1].choices[0].finish_reason == reason
     assert len(chunks) >= 3  # the text came in pieces, not at once
 
 
@@ -147,6 +153,54 @@ def test_stop_sequences_cut_the_text(client):
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model=NAME, prompt="import the module", max_tokens=30, temperature=0, extra_body={"min_tokens": 30}, stop=stop, stream=True))
     assert streamed == got.choices[0].text
+
+
+@pytest.fixture(scope="module")
+def eod_model_dir(model_dir, tmp_path_factory) -> str:
+    """The served model changed so that end-of-document is always its first choice: the
+    final norm outputs a constant vector that only the end-of-document embedding row
+    (tied to the output) lines up with."""
+    from mtnlg.formats.fused import load_fused, save_fused
+
+    model, _, tok = load_fused(model_dir, decode_layout=False)
+    with torch.no_grad():
+        model.norm.weight.zero_()
+        model.norm.bias.zero_()
+        model.norm.bias[0] = 1.0
+        model.tok_embeddings.weight[tok.eod_id, 0] = 100.0             # logit 100; the others ~0.02
+    out = str(tmp_path_factory.mktemp("eod-model") / NAME)
+    save_fused(model, out, tok)
+    return out
+
+
+def test_finish_reason_is_stop_at_the_end_of_document_and_length_at_the_limit(eod_model_dir):
+    """One batch: requests whose document ends (after min_tokens) before max_tokens say
+    "stop", streamed or not, completion or chat; one that reaches max_tokens says "length"."""
+    prompt, user = "sort the list", [{"role": "user", "content": "sort the list"}]
+    # a batch of four, gathered for up to 2 s: every request lands in it
+    with ServerThread(eod_model_dir, max_batch_size=4, max_queue=8, batch_wait_ms=2000) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        calls = {
+            "eod": lambda: c.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=12,
+                                               extra_body={"min_tokens": 3}),
+            "limit": lambda: c.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=5,
+                                                 extra_body={"min_tokens": 5}),
+            "stream": lambda: list(c.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=12,
+                                                        extra_body={"min_tokens": 3}, stream=True)),
+            "chat": lambda: c.chat.completions.create(model=NAME, messages=user, temperature=0, max_tokens=12,
+                                                      extra_body={"min_tokens": 2}),
+        }
+        got: dict[str, object] = {}
+        threads = [threading.Thread(target=lambda k=k: got.__setitem__(k, calls[k]())) for k in calls]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert got["eod"].choices[0].finish_reason == "stop" and got["eod"].usage.completion_tokens == 3
+        assert got["limit"].choices[0].finish_reason == "length" and got["limit"].usage.completion_tokens == 5
+        assert got["stream"][-1].choices[0].finish_reason == "stop"
+        assert got["chat"].choices[0].finish_reason == "stop" and got["chat"].usage.completion_tokens == 2
+        assert httpx.get(s.url + "/health").json()["batches"] == 1  # decoded side by side
 
 
 def test_chat_completion_and_streaming(client):

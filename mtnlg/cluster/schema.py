@@ -25,7 +25,8 @@ import yaml
 from mtnlg.config import ConfigError
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_METADATA_FIELDS = {"name", "generateName", "namespace", "labels", "annotations", "ownerReferences", "finalizers"}
+# the ObjectMeta fields a client sets (the API server sets the others)
+CLIENT_METADATA = {"name", "generateName", "namespace", "labels", "annotations", "ownerReferences", "finalizers"}
 _LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
                         r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _VALIDATORS: dict[int, tuple[dict, Any]] = {}  # id(schema) -> (schema, its strict validator)
@@ -75,7 +76,7 @@ def check_metadata(metadata: Any, where: str = "metadata") -> None:
     """The ObjectMeta fields a client sets: known keys, a DNS-1123 name, valid labels."""
     if not isinstance(metadata, dict):
         raise ConfigError(f"{where}: expected a mapping, got {metadata!r}")
-    unknown = sorted(set(metadata) - _METADATA_FIELDS)
+    unknown = sorted(set(metadata) - CLIENT_METADATA)
     if unknown:
         raise ConfigError(f"{where}: unknown field {unknown[0]!r} (the API server would drop it)")
     name = metadata.get("name", "")
@@ -89,16 +90,21 @@ def check_metadata(metadata: Any, where: str = "metadata") -> None:
             raise ConfigError(f"{where}.annotations.{key}: expected a string, got {value!r}")
 
 
-def validate_object(obj: dict[str, Any], schema: dict[str, Any]) -> None:
-    """Raise ``ConfigError`` naming the first path where ``obj`` breaks the strict schema."""
+def strict_validator(schema: dict[str, Any]) -> Any:
+    """A ``jsonschema`` validator of :func:`strict_schema` (built once per schema)."""
     import jsonschema
 
-    check_metadata(obj.get("metadata"))
     validator = _VALIDATORS.get(id(schema))
     if validator is None or validator[0] is not schema:
         validator = (schema, jsonschema.Draft7Validator(strict_schema(schema)))
         _VALIDATORS[id(schema)] = validator
-    validator = validator[1]
+    return validator[1]
+
+
+def validate_object(obj: dict[str, Any], schema: dict[str, Any]) -> None:
+    """Raise ``ConfigError`` naming the first path where ``obj`` breaks the strict schema."""
+    check_metadata(obj.get("metadata"))
+    validator = strict_validator(schema)
     errors = sorted(validator.iter_errors(obj), key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
         e = errors[0]

@@ -46,7 +46,6 @@ MODEL_ANNOTATION = "mtnlg.kubeflow.org/model"
 RUN_ANNOTATION = "mtnlg.kubeflow.org/pipeline-run"
 GATED_METRICS = ("val_perplexity", "val_loss", "val_bits_per_byte", "cloze_accuracy", "cloze_items",
                  "parameters", "train_steps")
-_DNS1123 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
 class DeployRejected(RuntimeError):
@@ -59,8 +58,8 @@ class DeployFailed(RuntimeError):
 
 @dataclass
 class DeployConfig(Config):
-    # InferenceService name (DNS-1123 label: lowercase letters, digits, '-'; at most 45
-    # characters, KServe's limit with its suffixes)
+    # InferenceService name: an RFC 1035 label (KServe's rule) short enough for the predictor's
+    # host name, <name>-predictor-<namespace> (at most 63 characters)
     name: str = "mtnlg-gpt"
     namespace: str = "kubeflow"
     # the Hugging Face model directory: gs://, s3:// or pvc://CLAIM/PATH (fuse writes MODEL/hf)
@@ -92,11 +91,11 @@ class DeployConfig(Config):
     poll_s: float = field(default=10.0, metadata={"gt": 0.0})
 
     def validate(self) -> None:
-        if not _DNS1123.match(self.name) or len(self.name) > 45:
-            raise ConfigError(f"name: {self.name!r} is not a DNS-1123 label of at most 45 characters "
-                              "(lowercase letters, digits and '-', starting with a letter)")
+        from mtnlg.cluster.admission import check_name
+
         if not self.namespace:
             raise ConfigError("namespace: must be set")
+        check_name(KIND, self.name, namespace=self.namespace)
         if self.storage_uri and not re.match(r"^(gs|s3|pvc|hf|https?)://", self.storage_uri):
             raise ConfigError(f"storage_uri: {self.storage_uri!r} must be gs://, s3://, pvc:// (or hf://, https://): "
                               "the KServe storage initializer downloads it into the pod")
@@ -127,7 +126,10 @@ def recorded_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 def inference_service(c: DeployConfig, metrics: dict[str, Any] | None = None, model_uri: str = "",
                       run_id: str = "") -> dict[str, Any]:
     """The InferenceService for ``c`` (``serving.kserve.io/v1beta1``), recording ``metrics``
-    and the lineage (the fused model's URI, the pipeline run) in annotations."""
+    and the lineage (the fused model's URI, the pipeline run) in annotations; ``ConfigError``
+    (``admission.AdmissionError``) when the cluster would refuse it."""
+    from mtnlg.cluster.admission import admit
+
     if not c.storage_uri:
         raise ConfigError("storage_uri: the Hugging Face model directory to serve must be set")
     args = [f"--model_name={c.model_name or c.name}"]
@@ -154,10 +156,12 @@ def inference_service(c: DeployConfig, metrics: dict[str, Any] | None = None, mo
         annotations[MODEL_ANNOTATION] = model_uri
     if run_id:
         annotations[RUN_ANNOTATION] = run_id
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
-            "metadata": {"name": c.name, "namespace": c.namespace,
-                         "labels": {**c.labels, MANAGED_BY: "mtnlg"}, "annotations": annotations},
-            "spec": {"predictor": predictor}}
+    obj = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
+           "metadata": {"name": c.name, "namespace": c.namespace,
+                        "labels": {**c.labels, MANAGED_BY: "mtnlg"}, "annotations": annotations},
+           "spec": {"predictor": predictor}}
+    admit(obj)  # before anything is created: what the API server and KServe's webhook would refuse
+    return obj
 
 
 # ---------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ def file_digest(path: str, chunk: int = 1 << 20) -> dict[str, Any]:
     return {"sha256": h.hexdigest(), "size": n}
 
 
-def _write_checksums(root: str, names: list[str], rank: int, suffix: str = "") -> None:
+def write_checksums(root: str, names: list[str], rank: int, suffix: str = "") -> None:
     """``root/checksums/rank_XXXXX{suffix}.json`` for the files ``names`` (relative to a local ``root``)."""
     os.makedirs(os.path.join(root, CHECKSUMS_DIR), exist_ok=True)
     sums = {n: file_digest(os.path.join(root, n)) for n in sorted(names)}
@@ -609,7 +609,7 @@ def _write_side_files(target: str, trainer_state: dict, config_text: str | None,
         for name, src in (extra_files or {}).items():
             storage.copy(src, os.path.join(d, name))
             names.append(name)
-        _write_checksums(d, names, 0, suffix="-side")
+        write_checksums(d, names, 0, suffix="-side")
         for name in names + [f"{CHECKSUMS_DIR}/rank_00000-side.json"]:
             storage.copy(os.path.join(d, name), storage.join(target, name))
     # Last: its presence marks the checkpoint complete.
@@ -705,7 +705,7 @@ class PendingCheckpoint:
             self._failed(e)
         if not self.remote:
             barrier()  # .metadata is written once every rank's shards are
-            _write_checksums(self.where, _rank_files(self.where, rank), rank)
+            write_checksums(self.where, _rank_files(self.where, rank), rank)
             barrier()
             if rank == 0:
                 _write_side_files(self.where, self.meta, self.config_text, self.extra_files)
@@ -714,7 +714,7 @@ class PendingCheckpoint:
                 os.replace(self.where, self.final)
         else:
             try:
-                _write_checksums(self.where, _rank_files(self.where, rank), rank)
+                write_checksums(self.where, _rank_files(self.where, rank), rank)
                 storage.copy_tree(self.where, self.final)  # this rank's shards and checksums (rank 0 also .metadata)
             finally:
                 shutil.rmtree(self.where, ignore_errors=True)
@@ -800,6 +800,8 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
         raise CheckpointDamaged(f"checkpoint {path} is damaged: {bad}")
     if restore:
         set_rng_state(torch.load(io.BytesIO(raw), weights_only=True))
+    elif meta.get("rng"):
+        log.info("%s: RNG states %s; the ranks are seeded afresh", path, meta["rng"])
     else:
         log.warning("%s: saved with %s processes, now %d: RNG states not restored",
                     path, meta.get("world_size"), world)

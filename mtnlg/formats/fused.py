@@ -35,11 +35,18 @@ log = get_logger("mtnlg.formats.fused")
 def read_model_config(directory: str) -> ModelConfig:
     path = storage.join(directory, MODEL_CONFIG)
     if not storage.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: {directory} is not a fused model directory")
+        from mtnlg.formats.manifest import not_a_fused_model
+
+        raise not_a_fused_model(directory, path)
     try:
         data = json.loads(storage.read_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if isinstance(data, dict) and "model_type" in data and "architectures" in data:
+        parent = os.path.dirname(directory.rstrip("/"))
+        raise ValueError(f"{directory} is a Hugging Face export (config.json of model_type "
+                         f"{data['model_type']!r}), not a fused model: give its fused model directory "
+                         f"({parent or '.'}), or load the export with transformers")
     return from_dict(ModelConfig, data, prefix="model")
 
 

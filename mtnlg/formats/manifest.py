@@ -54,11 +54,22 @@ def save_manifest(directory: str, manifest: dict[str, Any]) -> None:
             f.write(text)
 
 
+def not_a_fused_model(directory: str, path: str) -> FileNotFoundError:
+    """The error for a directory that lacks a fused model's ``path``: a training run is named
+    as one, with the fuse command that makes its model."""
+    from mtnlg.formats.rundir import CHECKPOINTS_DIR
+
+    if storage.exists(storage.join(directory, CHECKPOINTS_DIR)):
+        return FileNotFoundError(f"{directory} is a training run, not a fused model: fuse it first, "
+                                 f"mtnlg fuse {directory} --output {directory.rstrip('/')}-model")
+    return FileNotFoundError(f"{path} does not exist: {directory} is not a fused model directory "
+                             "(write one with `mtnlg fuse CHECKPOINT --output DIR`)")
+
+
 def read_manifest(directory: str) -> dict[str, Any]:
     path = storage.join(directory, MANIFEST)
     if not storage.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: {directory} is not a fused model directory "
-                                "(write one with `mtnlg fuse CHECKPOINT --output DIR`)")
+        raise not_a_fused_model(directory, path)
     try:
         manifest = json.loads(storage.read_text(path))
     except json.JSONDecodeError as e:

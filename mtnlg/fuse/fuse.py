@@ -145,6 +145,38 @@ def reference_logits(ckpt: str, cfg: ModelConfig, tokens: torch.Tensor) -> torch
         return model(tokens)
 
 
+def check_output(output: str, hf: bool) -> None:
+    """Fuse replaces only a fused model it wrote, whole: an existing ``output`` must be empty,
+    missing, or a fused model directory (its ``manifest.json``) whose files are all the
+    model's; a Hugging Face export in it (``hf/``) is replaced only by a fuse that writes one
+    (``hf``). Anything else is refused, naming what would be lost, before anything is read."""
+    from mtnlg.formats.rundir import HF_DIR, MANIFEST
+
+    try:
+        names = storage.file_sizes(output) if storage.exists(output) or storage.is_remote(output) else {}
+    except (FileNotFoundError, NotADirectoryError):
+        names = {}
+    if not names:
+        return
+    if MANIFEST not in names:
+        raise ValueError(f"{output} exists and is not a fused model directory ({len(names)} files, e.g. "
+                         f"{sorted(names)[0]}): fuse writes a new directory and replaces only a model it wrote; "
+                         "choose another --output")
+    import json
+
+    listed = set(json.loads(storage.read_text(storage.join(output, MANIFEST))).get("files") or {})
+    kept = {MANIFEST} | listed
+    export = sorted(n for n in names if n.startswith(HF_DIR + "/"))
+    foreign = sorted(n for n in names if n not in kept and not n.startswith(HF_DIR + "/"))
+    if foreign:
+        raise ValueError(f"{output} holds files the fused model there does not list ({', '.join(foreign[:3])}"
+                         f"{' ...' if len(foreign) > 3 else ''}): fuse would delete them; move them or choose "
+                         "another --output")
+    if export and not hf:
+        raise ValueError(f"{output}/{HF_DIR} holds a Hugging Face export that this fuse would delete without "
+                         f"writing a new one: pass --hf to rewrite it too (hf=true), or remove {output}/{HF_DIR}")
+
+
 def fuse_checkpoint(checkpoint: str, output: str, dtype: str = "fp32", hf: bool = False,
                     max_shard_bytes: int = 2 << 30, verify: bool | None = None) -> dict[str, Any]:
     """Fuse ``checkpoint`` (a run dir, a checkpoints dir with ``latest``, or a checkpoint)
@@ -154,6 +186,7 @@ def fuse_checkpoint(checkpoint: str, output: str, dtype: str = "fp32", hf: bool 
     from mtnlg.model.gpt import GPT
 
     _dtype(dtype)
+    check_output(output, hf)
     t0 = time.perf_counter()
     ckpt = resolve_checkpoint(checkpoint)
     with CheckpointReader(ckpt) as reader:

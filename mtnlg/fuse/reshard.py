@@ -21,6 +21,9 @@ rewrites:
   are kept, so the data stream and the LR schedule (a function of the step) continue exactly;
 * the per-rank RNG states are dropped (they belong to the old ranks; the trainer says so
   when it resumes and reseeds);
+* checksums (``checksums/``) of the shards and side files, as a training save writes them,
+  with ``world_size`` 1 (one process writes every shard), so ``mtnlg verify`` and the
+  resume check it like any other checkpoint;
 * the optimizer's hyper-parameters between pp = 1 and pp > 1: a pp = 1 run saves AdamW's
   groups as lists (``optim.param_groups.0.params`` naming the parameters), a pipeline run
   per parameter (``optim.param_groups.<fqn>.lr``, each stage's optimizer holding other
@@ -170,7 +173,7 @@ def reshard_checkpoint(checkpoint: str, output: str, tp: int, pp: int = 1) -> di
     import yaml
 
     from mtnlg.config import ConfigError, from_dict, to_dict
-    from mtnlg.formats.checkpoint import FORMAT, resolve_checkpoint, step_dirname
+    from mtnlg.formats.checkpoint import FORMAT, resolve_checkpoint, step_dirname, write_checksums
     from mtnlg.formats.dcp_reader import CheckpointReader
     from mtnlg.model.config import ModelConfig
     from mtnlg.parallel.config import ParallelConfig
@@ -232,7 +235,8 @@ def reshard_checkpoint(checkpoint: str, output: str, tp: int, pp: int = 1) -> di
         step = int(state.get("step", 0))
         new_state = dict(state, layout={"tp": tp, "pp": pp, "dp": None,
                                         "sequence_parallel": parallel.sequence_parallel, "fsdp": parallel.fsdp},
-                         model=to_dict(new_model), world_size=None, resharded_from=src,
+                         model=to_dict(new_model), world_size=1, rng="dropped by mtnlg reshard",
+                         resharded_from=src,
                          original_make_vocab_size_divisible_by=original_m)
         name = step_dirname(step)
         with tempfile.TemporaryDirectory(prefix="mtnlg-reshard-") as tmp:
@@ -245,9 +249,14 @@ def reshard_checkpoint(checkpoint: str, output: str, tp: int, pp: int = 1) -> di
             prog.close()
             with open(os.path.join(local, RUN_CONFIG), "w", encoding="utf-8") as f:
                 yaml.safe_dump(run, f, sort_keys=False)
+            side = [RUN_CONFIG]
             for tok in (TOKENIZER_MODEL, TOKENIZER_META):
                 if storage.exists(storage.join(src, tok)):
                     storage.copy(storage.join(src, tok), os.path.join(local, tok))
+                    side.append(tok)
+            # checksums as a training save writes them: the one writer's shards, the side files
+            write_checksums(local, sorted(n for n in os.listdir(local) if n.endswith(".distcp")) + [".metadata"], 0)
+            write_checksums(local, side, 0, suffix="-side")
             target = storage.join(output, name)
             if storage.exists(target):
                 storage.remove(target)

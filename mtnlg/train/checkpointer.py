@@ -147,3 +147,58 @@ class Checkpointer:
         if self.verbose:
             log.info("resumed from %s at step %d (%d samples consumed)", path, self.state.step,
                      self.state.consumed_samples)
+
+
+# the model settings that fix a checkpoint's tensor shapes
+SHAPE_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size",
+                "position", "norm", "activation", "tie_embeddings", "bias")
+
+
+def check_resume(cfg) -> str | None:
+    """The checkpoint this run will resume from (``checkpoint.load``), checked against the
+    run's model before any process starts; None when it starts fresh. A model setting that
+    changes a tensor's shape, or a vocabulary padded to another size (a checkpoint written by
+    ``mtnlg reshard`` for a new tensor-parallel degree records the padding that keeps its
+    rows), is a ``ConfigError`` naming the override that matches the checkpoint, instead of
+    a size mismatch in every rank after launch."""
+    import json
+
+    from mtnlg.config import ConfigError, from_dict
+    from mtnlg.formats.rundir import TRAINER_STATE
+    from mtnlg.model.config import ModelConfig
+
+    from mtnlg.train.data import with_tokenizer_vocab
+
+    spec = cfg.checkpoint.load.strip()
+    if spec.lower() in ("none", ""):
+        return None
+    if cfg.data.path:
+        cfg = with_tokenizer_vocab(cfg, verbose=False)  # the vocabulary the trainer will use
+    if spec.lower() in ("auto", "latest"):
+        if not cfg.output:
+            return None
+        path = ckpt.read_latest(storage.join(cfg.output, CHECKPOINTS_DIR))
+        if path is None or not storage.exists(storage.join(path, TRAINER_STATE)):
+            return None  # a damaged or missing newest checkpoint is dealt with at resume
+    else:
+        path = ckpt.resolve_checkpoint(spec)
+    meta = json.loads(storage.read_text(storage.join(path, TRAINER_STATE)))
+    if not isinstance(meta.get("model"), dict):
+        return path
+    saved = from_dict(ModelConfig, meta["model"], prefix="model")
+    for name in SHAPE_FIELDS:
+        ours, theirs = getattr(cfg.model, name), getattr(saved, name)
+        if ours != theirs:
+            raise ConfigError(f"model.{name}={ours} but the checkpoint {path} was trained with model.{name}={theirs}: "
+                              f"set model.{name}={theirs} to resume from it, or checkpoint.load=none to start afresh")
+    saved_tp = int((meta.get("layout") or {}).get("tp") or 1)
+    rows, ours = saved.padded_vocab_size(saved_tp), cfg.model.padded_vocab_size(cfg.parallel.tp)
+    if rows != ours:
+        fix = ""
+        if rows % cfg.parallel.tp == 0:
+            fix = f": set model.make_vocab_size_divisible_by={rows // cfg.parallel.tp} to resume from it"
+        raise ConfigError(f"the checkpoint {path} holds a vocabulary padded to {rows} rows "
+                          f"(model.make_vocab_size_divisible_by={saved.make_vocab_size_divisible_by}, tp={saved_tp}), "
+                          f"this run pads it to {ours} (make_vocab_size_divisible_by="
+                          f"{cfg.model.make_vocab_size_divisible_by} x parallel.tp={cfg.parallel.tp}){fix}")
+    return path

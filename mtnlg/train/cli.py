@@ -17,23 +17,15 @@ import json
 import os
 import sys
 
-from mtnlg.config import ConfigError, load_config, merge
+from mtnlg.config import ConfigError, load_config, merge, yaml_mapping
 from mtnlg.train.config import TrainRunConfig, recipe, recipe_names
 
 
 def _yaml_from_env(name: str) -> dict:
-    import yaml
-
     text = os.environ.get(name)
     if not text:
         raise ConfigError(f"--config-from-env {name}: the environment variable is not set or empty")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--config-from-env {name}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config-from-env {name}: expected a mapping, got {type(data).__name__}")
-    return data
+    return yaml_mapping(text, f"--config-from-env {name}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,6 +79,14 @@ def main(args: argparse.Namespace) -> int:
 
     from mtnlg.train.trainer import TrainingDiverged, train
 
+    if "LOCAL_RANK" not in os.environ and "RANK" not in os.environ:
+        # one process of its own, not started by torchrun: say how to get more
+        try:
+            cfg.check_layout(1)
+        except ConfigError as e:
+            need = cfg.parallel.tp * cfg.parallel.pp
+            raise ConfigError(f"{e} (this is one process: --nproc N starts N training processes, "
+                              f"e.g. --nproc {need}, or launch it with torchrun)") from None
     try:
         train(cfg)
     except TrainingDiverged as e:

@@ -268,9 +268,12 @@ def run_settings(model_preset: str = "", num_layers: int = 0, hidden_size: int =
     return out
 
 
-def pipeline_run_config(recipe_name: str, overrides: list[str], **named) -> TrainRunConfig:
-    """The train components' run config: the recipe, the named pipeline settings over it
+def pipeline_run_config(recipe_name: str, overrides: list[str], train_config: str = "", **named) -> TrainRunConfig:
+    """The train components' run config: the recipe, then ``train_config`` (a run config's
+    YAML text, as ``mtnlg submit --run`` sends it from the repository, so a changed config
+    reaches the run without a new image), the named pipeline settings over them
     (:func:`run_settings`), then the ``key=value`` overrides; checked as any load is."""
-    from mtnlg.config import load_config
+    from mtnlg.config import load_config, yaml_mapping
 
-    return load_config(TrainRunConfig, overrides=overrides, base=merge(recipe(recipe_name), run_settings(**named)))
+    base = merge(recipe(recipe_name), yaml_mapping(train_config, "train_config"))
+    return load_config(TrainRunConfig, overrides=overrides, base=merge(base, run_settings(**named)))

@@ -120,6 +120,14 @@ def preflight_problems(cfg) -> list[str]:
                     problems.append(f"checkpoint.load={spec!r}: {path} is damaged: {'; '.join(damage)}")
         except Exception as e:  # noqa: BLE001
             problems.append(f"checkpoint.load={spec!r}: {e}")
+    if not any(p.startswith("checkpoint.load=") for p in problems):
+        from mtnlg.config import ConfigError
+        from mtnlg.train.checkpointer import check_resume
+
+        try:  # the checkpoint's model against the run's: shapes and vocabulary padding
+            check_resume(cfg)
+        except (ConfigError, ValueError, OSError) as e:
+            problems.append(str(e))
     return problems
 
 

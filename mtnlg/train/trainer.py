@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from mtnlg.dist import HostFlags, ProcessEnv, all_reduce_tensor, barrier, broadcast_object, init_process_group
 from mtnlg.progress import get_logger
-from mtnlg.train.checkpointer import Checkpointer
+from mtnlg.train.checkpointer import Checkpointer, check_resume
 from mtnlg.train.config import TrainRunConfig
 from mtnlg.train.data import Prefetcher, open_datasets_per_node, with_tokenizer_vocab
 from mtnlg.train.device import device_peak_tflops, enable_tf32, resolve_device, resolve_dtype, torch_device
@@ -55,6 +55,7 @@ class Trainer:
         self.env = env
         self.cfg = cfg = with_tokenizer_vocab(cfg, env.is_main)
         self.dims = dims = cfg.check_layout(env.world_size)
+        check_resume(cfg)  # a checkpoint of other shapes: one ConfigError, not a size mismatch per rank
         self.device = torch_device(device_type, env.local_rank)
         self.dtype = resolve_dtype(cfg.train.dtype, device_type)
         enable_tf32(device_type)
