@@ -165,13 +165,14 @@ class MegatronLM:
         return sum(p.numel() for p in self.module.parameters())
 
     def __call__(self, token_ids) -> torch.Tensor:
-        """Logits for token ids: a (B, T) or (T,) tensor or nested lists -> (B, T, V_padded)
-        (or (T, V_padded) for 1-D input)."""
+        """Logits for token ids: a (B, T) or (T,) tensor or nested lists -> (B, T, V), V the
+        vocabulary's size (``cfg.vocab_size``; the rows the model pads it with for tensor
+        parallelism are left out), or (T, V) for 1-D input."""
         x = token_ids if isinstance(token_ids, torch.Tensor) else torch.tensor(token_ids, dtype=torch.long)
         squeeze = x.dim() == 1
         x = x.unsqueeze(0) if squeeze else x                                     # (B, T)
         model = self.module
-        logits = model(x.to(next(model.parameters()).device))                   # (B, T, V_padded)
+        logits = model(x.to(next(model.parameters()).device))[..., :self.cfg.vocab_size]   # (B, T, V)
         return logits[0] if squeeze else logits
 
     # ------------------------------------------------------------------ training

@@ -105,7 +105,7 @@ def one_line(e: BaseException) -> str:
     see its traceback."""
     text = " ".join(str(e).split()) or type(e).__name__
     if isinstance(e, (FileNotFoundError, PermissionError, ValueError, TimeoutError)) \
-            or type(e).__name__ in ("RunFailed", "LaunchError", "JobFailed"):
+            or type(e).__name__ in ("RunFailed", "LaunchError", "JobFailed", "RemoteStorageError", "CheckpointDamaged"):
         return text
     return f"{type(e).__name__}: {text} (run with --debug for the traceback)"
 

@@ -34,7 +34,7 @@ def test_megatronlm_trains_generates_saves_and_loads(tmp_path):
     assert isinstance(out, str)
     ids = model.encode("The new version")
     logits = model([ids])
-    assert logits.shape == (1, len(ids), model.cfg.padded_vocab_size(1))
+    assert logits.shape == (1, len(ids), model.cfg.vocab_size)  # the vocabulary, not its padding
     assert model(ids).shape == logits.shape[1:]
 
     model.save(str(tmp_path / "saved"))
@@ -89,5 +89,5 @@ def test_the_seeds_positional_form_and_parameters_from_the_start():
     small = MegatronLM(2, 128, seq_length=64)
     assert small.cfg.num_heads == 2 and small.cfg.vocab_size == 512           # default vocabulary until data
     assert small.num_parameters() == count_parameters(small.cfg) > 0          # parameters before training
-    assert small(torch.tensor([[1, 2, 3]])).shape == (1, 3, small.cfg.padded_vocab_size(1))
+    assert small(torch.tensor([[1, 2, 3]])).shape == (1, 3, small.cfg.vocab_size)
     assert MegatronLM(2, 128, num_heads=8).cfg.num_heads == 8

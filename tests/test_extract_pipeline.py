@@ -200,14 +200,36 @@ def test_too_few_rounds_are_counted_and_only_ever_keep_too_much():
 
 
 def test_beam_options_runner_and_workers():
-    quiet = "--default_sdk_harness_log_level=WARNING"
-    assert beam_options([], 1) == ["--runner=DirectRunner", quiet, "--direct_num_workers=1",
+    quiet = ["--default_sdk_harness_log_level=WARNING", '--sdk_harness_log_level_overrides={"__main__": "ERROR", '
+             '"apache_beam.options.pipeline_options": "ERROR"}']
+    assert beam_options([], 1) == ["--runner=DirectRunner", *quiet, "--direct_num_workers=1",
                                    "--direct_running_mode=in_memory"]
-    assert beam_options([]) == ["--runner=DirectRunner", quiet]
+    assert beam_options([]) == ["--runner=DirectRunner", *quiet]
     assert beam_options(["--temp_location=/t"], 4) == [
-        "--temp_location=/t", "--runner=DirectRunner", "--default_sdk_harness_log_level=WARNING",
+        "--temp_location=/t", "--runner=DirectRunner", *quiet,
         "--direct_num_workers=4", "--direct_running_mode=multi_processing"]
     dataflow = ["--runner", "DataflowRunner", "--project=p", "--region=r"]
     assert beam_options(dataflow, 4) == dataflow  # other runners' options pass through unchanged
-    assert beam_options(["--direct_num_workers=3", "--default_sdk_harness_log_level=INFO"], 2) == [
-        "--direct_num_workers=3", "--default_sdk_harness_log_level=INFO", "--runner=DirectRunner"]
+    assert beam_options(["--direct_num_workers=3", "--default_sdk_harness_log_level=INFO",
+                         "--sdk_harness_log_level_overrides={}"], 2) == [
+        "--direct_num_workers=3", "--default_sdk_harness_log_level=INFO", "--sdk_harness_log_level_overrides={}",
+        "--runner=DirectRunner"]
+
+
+def test_beams_start_up_notices_are_not_shown():
+    """What means nothing to a user of the step: Beam's note that apitools (BigQuery) is
+    missing, and its local workers' notes on staged sessions and unknown options."""
+    import logging
+
+    import mtnlg.extract.beam_job  # noqa: F401  (installs the filter)
+
+    root = logging.getLogger()
+    notice = logging.LogRecord("root", logging.WARNING, "x", 1, "apitools not found, and bigquery client "
+                               "libraries are not available despite the import not raising an ImportError.", None, None)
+    other = logging.LogRecord("root", logging.WARNING, "x", 1, "a real problem", None, None)
+    assert root.filter(notice) is False and root.filter(other)
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    opts = PipelineOptions(beam_options([], 2)).get_all_options()
+    assert opts["sdk_harness_log_level_overrides"] == {"__main__": "ERROR",
+                                                       "apache_beam.options.pipeline_options": "ERROR"}

@@ -114,3 +114,19 @@ def test_fuse_never_deletes_what_it_did_not_write(fused, tmp_path):
     with pytest.raises(ValueError, match=r"model holds files the fused model there does not list \(notes.md\)"):
         fuse_checkpoint(missing, str(model), hf=True)
     assert (model / "notes.md").read_text() == "mine" and (model / "hf" / "config.json").exists()
+
+
+def test_a_store_that_does_not_answer_is_one_line(monkeypatch, capsys):
+    """gs:// on an emulator address where nothing listens: the storage layer's retries end
+    in one line naming the URI, the operation and the attempts; no traceback."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MTNLG_STORAGE_ATTEMPTS", "1")
+    assert main(["generate", "gs://nobucket/model", "--prompt", "x"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mtnlg generate: error: gs://nobucket/model: list failed 1 times, the last with "
+                          "ConnectionError") and err.count("\n") == 1 and "Traceback" not in err, err

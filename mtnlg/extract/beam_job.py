@@ -38,12 +38,24 @@ import time
 from collections import Counter
 from typing import Any
 
-import apache_beam as beam
-import numpy as np
-from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.pvalue import AsList, TaggedOutput
-from apache_beam.transforms.window import GlobalWindows
+
+class _WithoutApitoolsNotice(logging.Filter):
+    """Importing Beam without its gcp extra logs "apitools not found, and bigquery client
+    libraries are not available" on the root logger; the step uses no BigQuery, and its
+    gs:// reads go through google-cloud-storage."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("apitools not found")
+
+
+logging.getLogger().addFilter(_WithoutApitoolsNotice())  # before Beam is imported
+
+import apache_beam as beam  # noqa: E402
+import numpy as np  # noqa: E402
+from apache_beam.metrics import Metrics  # noqa: E402
+from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
+from apache_beam.pvalue import AsList, TaggedOutput  # noqa: E402
+from apache_beam.transforms.window import GlobalWindows  # noqa: E402
 
 from mtnlg import storage
 from mtnlg.config import ConfigError, load_config
@@ -681,6 +693,11 @@ def beam_options(beam_args: list[str] | None = None, workers: int | None = None)
     if direct and _flag_value(args, "default_sdk_harness_log_level") is None:
         # Local worker processes otherwise log every channel they open at INFO.
         args.append("--default_sdk_harness_log_level=WARNING")
+    if direct and _flag_value(args, "sdk_harness_log_level_overrides") is None:
+        # ... and warn at start-up that they have no staged session (a local worker needs
+        # none) and that they do not know the DirectRunner's own options: nothing to act on.
+        args.append('--sdk_harness_log_level_overrides={"__main__": "ERROR", '
+                    '"apache_beam.options.pipeline_options": "ERROR"}')
     if direct and workers is not None and _flag_value(args, "direct_num_workers") is None:
         if workers > 1:
             args += [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]

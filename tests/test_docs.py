@@ -1,0 +1,224 @@
+"""Every command and Python block in README.md and docs/ is checked, so a doc cannot go
+stale silently.
+
+* Each ``mtnlg ...`` command line of a code block (continuations joined, comments cut) is
+  parsed by the real command line, options and ``KEY=VALUE`` overrides included, and its
+  configuration is built and checked the way the command builds it: ``mtnlg train`` with
+  ``--print-config`` (and the layout for ``--nproc``), ``mtnlg run`` up to the point where
+  the pipeline would start (every step's settings), ``mtnlg job`` in full (it only writes
+  the objects, after admission), the other steps' ``KEY=VALUE`` against their config
+  classes. A command shown with an error after it must fail with that error. A block whose first line is a synopsis (``[--option]``,
+  ``INPUT...``) is skipped, and said so.
+* Each Python block compiles, and every name it imports exists where it imports it from.
+
+The whole pipeline as README's quick start runs it is tests/test_make_run.py; the
+cluster commands are compiled or dry-run by their own tests (test_pipeline, test_submit,
+test_cluster_jobs).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mtnlg.cli import build_parser
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+SCHEMAS = ROOT.parent / "shared" / "schemas"
+BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
+
+
+@dataclass(frozen=True)
+class Snippet:
+    where: str   # file:line
+    lang: str
+    text: str
+
+    def __str__(self) -> str:
+        return self.where
+
+
+def snippets() -> list[Snippet]:
+    out = []
+    for path in DOCS:
+        text = path.read_text(encoding="utf-8")
+        for m in BLOCK.finditer(text):
+            line = text[:m.start()].count("\n") + 1
+            out.append(Snippet(f"{path.relative_to(ROOT)}:{line}", m.group(1), m.group(2)))
+    return out
+
+
+def commands(s: Snippet) -> list[tuple[int, str, str]]:
+    """The ``mtnlg`` command lines of a shell block: (line in the file, command, the output
+    shown after a ``$ `` prompted command, up to the next prompt)."""
+    if s.lang not in ("", "sh", "bash"):
+        return []
+    out: list[list] = []
+    cur, start, prompted = "", 0, False
+    base = int(s.where.rsplit(":", 1)[1])
+    with_prompts = any(line.startswith("$ ") for line in s.text.splitlines())
+    for i, raw in enumerate(s.text.splitlines(), 1):
+        line = raw.strip()
+        if not cur:
+            start = base + i
+            prompted = line.startswith("$ ")
+            line = line[2:] if prompted else line
+            if not line.startswith("mtnlg ") or (with_prompts and not prompted):
+                if out and out[-1][3]:
+                    out[-1][2] += raw + "\n"   # the shown output of the prompted command
+                continue
+        if line.endswith("\\"):
+            cur += line[:-1] + " "
+            continue
+        out.append([start, cur + line, "", prompted])
+        cur = ""
+    return [(line, cmd, shown) for line, cmd, shown, _ in out]
+
+
+def _split(command: str) -> list[str]:
+    words = shlex.split(command, comments=True)
+    return words[1:]  # without "mtnlg"
+
+
+def is_synopsis(words: list[str]) -> bool:
+    return any(w.startswith("[") and (w.endswith("]") or "--" in w) or w.endswith("...") or w == "..."
+               for w in words) or any(w.isupper() and len(w) > 2 for w in words[1:2])
+
+
+ALL_COMMANDS = [(f"{s.where.rsplit(':', 1)[0]}:{line}", cmd, shown) for s in snippets()
+                for line, cmd, shown in commands(s)]
+PYTHON = [s for s in snippets() if s.lang == "python"]
+
+
+def test_the_docs_have_commands_and_python_to_check():
+    assert len(ALL_COMMANDS) >= 40 and len(PYTHON) >= 12
+    subcommands = {_split(c)[0] for _, c, _ in ALL_COMMANDS}
+    assert {"extract", "tokenize", "train", "fuse", "evaluate", "generate", "serve", "run", "compile", "submit",
+            "job", "plan", "reshard", "verify"} <= subcommands
+
+
+def parse(words: list[str]):
+    """What ``mtnlg.cli.main`` does with the words before running the command."""
+    from mtnlg.cli import _OVERRIDE
+
+    parser = build_parser()
+    passthrough = []
+    if "--" in words:
+        i = words.index("--")
+        words, passthrough = words[:i], words[i + 1:]
+    words = [w for w in words if w != "--debug"]
+    args, extras = parser.parse_known_args(words)
+    stray = [a for a in extras if _OVERRIDE.match(a)]
+    if stray and isinstance(getattr(args, "overrides", None), list):
+        args.overrides = [*args.overrides, *stray]
+        extras = [a for a in extras if a not in stray]
+    assert not extras, f"unrecognized arguments: {extras}"
+    args.passthrough = passthrough
+    return args
+
+
+# the config class each step's KEY=VALUE words are checked against
+STEP_CONFIGS = {"extract": "mtnlg.extract.config:ExtractConfig", "tokenize": "mtnlg.tokenize.config:TokenizeConfig",
+                "evaluate": "mtnlg.evaluate.config:EvaluateConfig"}
+
+
+def check_configuration(args, tmp_path, monkeypatch, capsys) -> None:
+    from mtnlg.config import load_config
+
+    name = args.command
+    if name == "train" and not args.config:
+        from mtnlg.train.cli import main as train_main
+
+        args.print_config = True
+        assert train_main(args) == 0
+        capsys.readouterr()
+        if args.nproc:
+            from mtnlg.train.config import TrainRunConfig, recipe
+
+            cfg = load_config(TrainRunConfig, None, list(args.overrides), base=recipe(args.recipe))
+            cfg.check_layout(args.nproc, paths=False)
+    elif name == "run":
+        import mtnlg.pipelines.gpt as gpt
+        from mtnlg.pipelines.local import check_run
+
+        monkeypatch.setattr(gpt, "gpt_pipeline", lambda **kw: None)
+        overrides = {"extract": ["validation_fraction=0.05", *args.extract], "tokenize": args.tokenize,
+                     "train": ["parallel.tp=2", *args.train], "fuse": args.fuse, "evaluate": args.evaluate}
+        check_run(["gs://any/"], args.recipe, args.nproc, args.workers, overrides)
+    elif name == "job" and not args.submit:  # writes the objects, after every check, into a file here
+        args.output = str(tmp_path / "job.yaml")
+        if args.schema_dir:  # the docs' crds/ folder: the operators' real CRDs
+            if not SCHEMAS.is_dir():
+                pytest.skip(f"no CRDs at {SCHEMAS}")
+            args.schema_dir = str(SCHEMAS)
+        assert args._main(args) == 0
+        capsys.readouterr()
+    elif name in STEP_CONFIGS and getattr(args, "overrides", None):
+        module, cls = STEP_CONFIGS[name].split(":")
+        load_config(getattr(importlib.import_module(module), cls), overrides=list(args.overrides))
+
+
+@pytest.mark.parametrize("where, command, shown", ALL_COMMANDS, ids=[w for w, _, _ in ALL_COMMANDS])
+def test_each_documented_command_parses_and_its_configuration_is_valid(where, command, shown, tmp_path,
+                                                                       monkeypatch, capsys):
+    """A command shown with an error after it must fail with that error's message."""
+    from mtnlg.config import ConfigError
+
+    words = _split(command)
+    if is_synopsis(words):
+        pytest.skip(f"{where}: a synopsis, not a command")
+    error = re.search(r"^mtnlg \w+: (?:configuration )?error: (.*)$", shown, re.M)
+    if error is None:
+        check_configuration(parse(words), tmp_path, monkeypatch, capsys)
+        return
+    with pytest.raises(ConfigError) as e:
+        check_configuration(parse(words), tmp_path, monkeypatch, capsys)
+    assert str(e.value).startswith(error.group(1).split(" (rule:")[0].strip()), (str(e.value), error.group(1))
+
+
+def _imports(tree: ast.AST) -> list[tuple[str, str | None]]:
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out += [(node.module, a.name) for a in node.names]
+        elif isinstance(node, ast.Import):
+            out += [(a.name, None) for a in node.names]
+    return out
+
+
+@pytest.mark.parametrize("snippet", PYTHON, ids=str)
+def test_each_python_block_compiles_and_its_imports_exist(snippet):
+    tree = compile(snippet.text, snippet.where, "exec", ast.PyCF_ONLY_AST)
+    for module, name in _imports(tree):
+        if module.split(".")[0] not in ("mtnlg", "openai", "transformers", "torch", "os", "json"):
+            continue
+        mod = importlib.import_module(module)
+        if name and name != "*":
+            assert hasattr(mod, name) or importlib.util.find_spec(f"{module}.{name}"), \
+                f"{snippet.where}: {module} has no {name}"
+
+
+def test_a_stale_command_would_be_caught(tmp_path, monkeypatch, capsys):
+    """The checks fail on the mistakes docs have had: an option the command lacks, a key the
+    config lacks, a layout the process count cannot hold."""
+    with pytest.raises(AssertionError, match=r"unrecognized arguments: \['--threads', '1'\]"):
+        parse(_split("mtnlg generate out/model --prompt x --threads 1"))
+    from mtnlg.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.setps"):
+        check_configuration(parse(_split("mtnlg train --recipe debug train.setps=3")), tmp_path, monkeypatch,
+                            capsys)
+    with pytest.raises(ConfigError, match="world size 1 is not divisible"):
+        check_configuration(parse(_split("mtnlg train --nproc 1 --recipe debug data.path=x output=y")), tmp_path,
+                            monkeypatch, capsys)
+    with pytest.raises(ConfigError, match="--extract: unknown key 'text_feild'"):
+        check_configuration(parse(_split("mtnlg run --extract text_feild=body")), tmp_path, monkeypatch, capsys)
