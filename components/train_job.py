@@ -10,7 +10,8 @@ from mtnlg.images import TRAIN_IMAGE
 def train(tokens: Input[Dataset], recipe: str, model_preset: str, num_layers: int, hidden_size: int, num_heads: int,
           seq_length: int, tp: int, pp: int, steps: int, global_batch_size: int, overrides: list, train_config: str,
           backend: str, nodes: int, gpus_per_node: int, job_overrides: list, run_id: str, timeout_s: int, cleanup: str,
-          volume_claim: str, volume_mount: str, checkpoint: Output[Model], metrics: Output[Metrics]):
+          volume_claim: str, volume_mount: str, checkpoint: Output[Model], metrics: Output[Metrics],
+          queue_name: str = "", priority_class: str = ""):
     """Train a GPT on nodes x GPUs as a Kubeflow TrainJob (Trainer v2) or PyTorchJob; this step
     creates the job, streams its node-0 log, and ends when the job does.
 
@@ -34,6 +35,8 @@ def train(tokens: Input[Dataset], recipe: str, model_preset: str, num_layers: in
         volume_claim: a ReadWriteMany PVC mounted here and on every node at volume_mount ("" = none): where
             the tokens and the run are staged when the pipeline root is not object storage the pods reach.
         volume_mount: where that PVC is mounted.
+        queue_name: the Kueue LocalQueue the job waits in ("" = none): the job runs when Kueue admits it.
+        priority_class: the job's Kueue WorkloadPriorityClass ("" = none).
     """
     from mtnlg.cluster.jobs import ClusterJobConfig
     from mtnlg.cluster.launcher import pod_namespace, pod_owner
@@ -47,7 +50,8 @@ def train(tokens: Input[Dataset], recipe: str, model_preset: str, num_layers: in
                                  steps=steps, global_batch_size=global_batch_size)
     job = load_config(ClusterJobConfig, overrides=job_overrides, base={
         "backend": backend, "nodes": nodes, "gpus_per_node": gpus_per_node, "namespace": pod_namespace(),
-        "volume_claim": volume_claim, "volume_mount": volume_mount})
+        "volume_claim": volume_claim, "volume_mount": volume_mount, "queue_name": queue_name,
+        "priority_class": priority_class})
     result = train_job_step(artifact_location(tokens), artifact_location(checkpoint), config, job=job, run_id=run_id,
                             timeout_s=timeout_s or None, cleanup=cleanup, owner=pod_owner(namespace=job.namespace))
     checkpoint.metadata["recipe"] = recipe

@@ -72,7 +72,8 @@ CASES: dict[str, Case] = {
                           "train_config": "optim:\n  lr: 0.001\n",
                           "backend": "trainjob", "nodes": 2, "gpus_per_node": 0, "job_overrides": [],
                           "run_id": "image-check", "timeout_s": 600, "cleanup": "never",
-                          "volume_claim": "mtnlg-shared", "volume_mount": s["volume_mount"]},
+                          "volume_claim": "mtnlg-shared", "volume_mount": s["volume_mount"],
+                          "queue_name": "team-a", "priority_class": ""},
         outputs={"checkpoint": "job_checkpoint", "metrics": "train_job_metrics"},
         expect={"steps": lambda v: v == 2, "world_size": lambda v: v == 2}),
     "fuse": Case(

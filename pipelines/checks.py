@@ -17,10 +17,11 @@ TRAIN_NAMED = ("model_preset", "num_layers", "hidden_size", "num_heads", "seq_le
                "global_batch_size")
 
 
-def check_parameters(values: dict[str, Any], names: dict[str, str] | None = None) -> None:
+def check_parameters(values: dict[str, Any], names: dict[str, str] | None = None, backend: str = "") -> None:
     """Check a run's parameter ``values`` (the pipeline's defaults with the run's own over
     them). Parameters a pipeline does not have are not checked. Messages call a parameter by
-    ``names[param]`` when given (``mtnlg run`` calls ``train_overrides`` ``--train``)."""
+    ``names[param]`` when given (``mtnlg run`` calls ``train_overrides`` ``--train``);
+    ``backend`` is the training backend the pipeline was compiled for (trainjob, pytorchjob)."""
     from mtnlg.config import ConfigError, load_config
 
     def label(param: str) -> str:
@@ -55,6 +56,11 @@ def check_parameters(values: dict[str, Any], names: dict[str, str] | None = None
     step("evaluate_overrides", EvaluateConfig)
     if "train_overrides" in values:
         _check_training(values, label)
+    if "job_overrides" in values:  # a job pipeline: the ClusterJobConfig its launcher will build
+        from mtnlg.cluster.jobs import ClusterJobConfig
+
+        base = {k: values[k] for k in ("nodes", "gpus_per_node", "queue_name", "priority_class") if k in values}
+        step("job_overrides", ClusterJobConfig, {**base, **({"backend": backend} if backend else {})})
     if "deploy_overrides" in values:
         from mtnlg.cluster.registry import RegistryConfig
         from mtnlg.cluster.serving import DeployConfig

@@ -188,6 +188,8 @@ def _job_pipeline(backend: str, volume_claim: str = "", volume_mount: str = "/mn
         nodes: int = 2,
         gpus_per_node: int = 8,
         job_overrides: list = [],
+        queue_name: str = "",
+        priority_class: str = "",
         train_timeout_s: int = 0,
         job_cleanup: str = "on-success",
         fuse_overrides: list = [],
@@ -208,8 +210,10 @@ def _job_pipeline(backend: str, volume_claim: str = "", volume_mount: str = "/mn
     ):
         """Raw text to an evaluated model, training as a job of ``nodes`` x ``gpus_per_node``
         processes; ``job_overrides`` are ClusterJobConfig settings (``memory=512Gi``,
-        ``image=...``, ``runtime=...``, ``node_selector={...}``, ``volume_claim=...``). The deploy
-        parameters take effect when compiled with a deploy step (``mtnlg compile --deploy``)."""
+        ``image=...``, ``runtime=...``, ``node_selector={...}``, ``volume_claim=...``);
+        ``queue_name`` and ``priority_class`` put the job in a Kueue LocalQueue with a
+        WorkloadPriorityClass ("" = none). The deploy parameters take effect when compiled with
+        a deploy step (``mtnlg compile --deploy``)."""
         res = step_resources(locals())
         tok = _data_steps(inputs, extract_overrides, extract_workers, beam_args, vocab_size, tokenize_overrides, res)
         trn = train_job(tokens=tok.outputs["tokens"], recipe=recipe, model_preset=model_preset, num_layers=num_layers,
@@ -218,7 +222,8 @@ def _job_pipeline(backend: str, volume_claim: str = "", volume_mount: str = "/mn
                         train_config=train_config, backend=backend,
                         nodes=nodes, gpus_per_node=gpus_per_node, job_overrides=job_overrides,
                         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, timeout_s=train_timeout_s, cleanup=job_cleanup,
-                        volume_claim=volume_claim, volume_mount=volume_mount)
+                        volume_claim=volume_claim, volume_mount=volume_mount, queue_name=queue_name,
+                        priority_class=priority_class)
         if volume_claim:  # the launcher stages tokens and the run on the volume the job's nodes share
             from kfp import kubernetes
 

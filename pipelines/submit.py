@@ -174,7 +174,8 @@ def submit(args: argparse.Namespace, client=None) -> int:
                              f"{', '.join(sorted(_pipeline_params(package)))}")
         from mtnlg.pipelines.checks import check_parameters
 
-        check_parameters({**_pipeline_defaults(package), **params})  # before anything reaches the cluster
+        check_parameters({**_pipeline_defaults(package), **params},  # before anything reaches the cluster
+                         backend=backend if args.package is None and backend != "pod" else "")
         client = client or kfp.Client(host=args.host, existing_token=args.token, namespace=args.namespace)
         version = version_name()
         pipeline_id = client.get_pipeline_id(args.pipeline_name)

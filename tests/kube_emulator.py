@@ -55,7 +55,10 @@ what the Kubernetes client relies on and kmock lacks:
   the real answer: 422 ``Invalid`` with ``details.causes``, 403 "admission webhook ...
   denied the request", or 400 for unknown fields with ``?fieldValidation=Strict`` (without
   it they are dropped, as the API server prunes them). The test's own direct methods (the
-  operator's side) are not admitted.
+  operator's side) are not admitted;
+* mutating admission webhooks: functions registered with :meth:`KubeEmulator.mutate` change
+  a client's object on create and update before it is validated, as the API server runs
+  them (e.g. a test-side Kueue that suspends every job naming a queue).
 
 Not emulated: authentication/RBAC, admission and validation of other resources (any dict is
 accepted; a CRD need not exist, though listing a resource nobody declared or created is a
@@ -411,12 +414,17 @@ class _Emulator(kmock.KubernetesEmulator):
         self._closing = False
         self._on_event: Callable[[Resource, str, dict[str, Any]], None] | None = None
         self._admitted: dict[Resource, tuple[str, Path | None]] = {}  # resource -> (kind, CRD file)
+        self._mutators: dict[Resource, list[Callable[[dict[str, Any], dict[str, Any] | None], None]]] = {}
 
     # ------------------------------------------------------------ admission
     def _admit(self, kres: kmock.resource, body: Any, old: Mapping[str, Any] | None, params: Mapping[str, str]) -> None:
         """Admit a client's create (``old`` None) or update of ``body`` (changed in place:
-        pruned unknown fields, a name from ``generateName``), or raise the cluster's refusal."""
+        pruned unknown fields, a name from ``generateName``; the mutating webhooks' changes), or
+        raise the cluster's refusal."""
         res = self._res(kres)
+        if isinstance(body, dict):  # mutating admission runs first, then validation
+            for mutate in self._mutators.get(res, ()):
+                mutate(body, copy.deepcopy(dict(old)) if old is not None else None)
         if res not in self._admitted or not isinstance(body, dict):
             return
         kind, crd = self._admitted[res]
@@ -1110,6 +1118,17 @@ class KubeEmulator:
         async def run() -> None:
             assert self._emulator is not None
             self._emulator.declare(Resource(group, version, plural), kind, namespaced, ("status",))
+
+        self._call(run())
+
+    def mutate(self, group: str, version: str, plural: str,
+               fn: Callable[[dict[str, Any], dict[str, Any] | None], None]) -> None:
+        """Register a mutating admission webhook for a resource: ``fn(obj, old)`` changes a
+        client's object in place on create (``old`` None) and on update, before validation.
+        It runs in the server's loop: it must not call this emulator's methods."""
+        async def run() -> None:
+            assert self._emulator is not None
+            self._emulator._mutators.setdefault(Resource(group, version, plural), []).append(fn)
 
         self._call(run())
 

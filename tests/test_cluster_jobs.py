@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mtnlg.cluster.jobs import (BACKENDS, CONFIG_ENV, JOB_LABEL, ClusterJobConfig, build_job, check_webhook_rules,
-                                job_name, run_config_of)
+from mtnlg.cluster.jobs import (BACKENDS, CONFIG_ENV, JOB_LABEL, PRIORITY_LABEL, QUEUE_LABEL, ClusterJobConfig,
+                                build_job, check_webhook_rules, job_name, pod_templates, run_config_of)
 from mtnlg.cluster.schema import load_crd_schema, strict_schema, validate_object
 from mtnlg.config import ConfigError, load_config
 from mtnlg.train.config import TrainRunConfig, recipe
@@ -175,10 +175,10 @@ def test_cli_writes_a_valid_job_and_refuses_a_bad_layout(tmp_path, backend):
 
 
 def test_the_example_jobs_carry_the_example_run_config_and_it_fits_them():
-    cfg = load_config(TrainRunConfig, ROOT / "manifests" / "run-config.yaml")
+    cfg = load_config(TrainRunConfig, ROOT / "manifests" / "examples" / "run-config.yaml")
     assert cfg.check_layout(16).world_size == 16                        # 2 nodes x 8 GPUs
     for backend in BACKENDS:
-        j = yaml.safe_load((ROOT / "manifests" / "overlays" / backend / f"{backend}.yaml").read_text())
+        j = yaml.safe_load((ROOT / "manifests" / "examples" / f"{backend}.yaml").read_text())
         assert load_config(TrainRunConfig, base=yaml.safe_load(run_config_of(j))) == cfg
 
 
@@ -217,3 +217,92 @@ def test_a_shared_volume_stages_what_the_pods_cannot_reach(tmp_path, monkeypatch
     with pytest.raises(ConfigError, match="not reachable from the job's pods"):
         train_job_step(str(tokens), str(output), run_config("parallel.tp=2"),
                        job=ClusterJobConfig(backend="pytorchjob", nodes=2), run_id="r1")
+
+
+# ------------------------------------------------------------------ resources, queues, networking
+
+
+def resources(j: dict) -> dict:
+    if j["kind"] == "TrainJob":
+        return j["spec"]["trainer"]["resourcesPerNode"]
+    return pod_templates(j)[0]["spec"]["containers"][0]["resources"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gpus, kw, want", [
+    (8, {}, {"nvidia.com/gpu": 8, "cpu": "64", "memory": "512Gi", "ephemeral-storage": "100Gi"}),
+    (2, {}, {"nvidia.com/gpu": 2, "cpu": "16", "memory": "128Gi", "ephemeral-storage": "100Gi"}),
+    (0, {}, {"cpu": "4", "memory": "16Gi", "ephemeral-storage": "20Gi"}),
+    (8, {"cpu": "90", "memory": "1000Gi", "ephemeral_storage": "1Ti", "rdma_resource": "vpc.amazonaws.com/efa",
+         "rdma_per_node": 4},
+     {"nvidia.com/gpu": 8, "vpc.amazonaws.com/efa": 4, "cpu": "90", "memory": "1000Gi", "ephemeral-storage": "1Ti"}),
+])
+def test_every_node_asks_for_cpu_memory_and_disk_by_its_gpus(backend, gpus, kw, want):
+    spec = ClusterJobConfig(name="gpt", backend=backend, nodes=2, gpus_per_node=gpus, **kw)
+    j = build_job(spec, run_config(f"parallel.tp={2 if gpus else 1}"))
+    assert resources(j) == {"limits": want, "requests": want}         # Guaranteed QoS: requests = limits
+    validate_object(j, schema(backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kueue_queue_and_priority_label_the_job_not_its_pods(backend):
+    spec = ClusterJobConfig(name="gpt", backend=backend, nodes=2, gpus_per_node=8, queue_name="team-a-gpus",
+                            priority_class="production")
+    j = build_job(spec, run_config("parallel.tp=2"))
+    assert {k: v for k, v in j["metadata"]["labels"].items() if k.startswith("kueue.x-k8s.io/")} == {
+        QUEUE_LABEL: "team-a-gpus", PRIORITY_LABEL: "production"}
+    assert all(QUEUE_LABEL not in t["metadata"]["labels"] for t in pod_templates(j))
+    assert "suspend" not in yaml.safe_dump(j)                           # Kueue's webhook suspends it, not us
+    validate_object(j, schema(backend))
+    plain = build_job(ClusterJobConfig(name="gpt", backend=backend, nodes=2, gpus_per_node=8), run_config())
+    assert not any(k.startswith("kueue.x-k8s.io/") for k in plain["metadata"]["labels"])
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"queue_name": "Team_A"}, "queue_name: 'Team_A' is not valid as a LocalQueue's name and the value of the label "
+                               "kueue.x-k8s.io/queue-name: a lowercase RFC 1123 subdomain must consist of"),
+    ({"queue_name": "q" * 64}, "queue_name: 'q{64}' is not valid .*: must be no more than 63 characters"),
+    ({"priority_class": "high priority"}, "priority_class: 'high priority' is not valid as a WorkloadPriorityClass's"),
+    ({"labels": {QUEUE_LABEL: "a"}}, "labels: kueue.x-k8s.io/queue-name is set from queue_name; use queue_name=a"),
+    ({"pod_priority_class": "high"}, "pod_priority_class: a TrainJob's runtimePatches .* cannot set priorityClassName"),
+    ({"memory": "16GB"}, "memory: '16GB' is not a Kubernetes quantity"),
+    ({"nccl_env": {"PATH": "/x"}}, "nccl_env: 'PATH' is not an NCCL, libfabric or UCX variable"),
+    ({"nccl_env": {"NCCL_DEBUG": "INFO"}, "env": {"NCCL_DEBUG": "WARN"}}, "nccl_env: NCCL_DEBUG is also set in env"),
+    ({"nccl_socket_ifname": "eth 0"}, "nccl_socket_ifname: 'eth 0' is not an interface list"),
+    ({"rdma_resource": "ib"}, "rdma_resource: 'ib' is not a resource name .*needs a domain prefix"),
+    ({"host_network": True}, "host_network: a TrainJob's runtimePatches"),
+])
+def test_queue_priority_and_network_settings_are_checked_when_made(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        ClusterJobConfig(name="gpt", backend="trainjob", nodes=2, gpus_per_node=8, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_networking_options_reach_every_node(backend):
+    spec = ClusterJobConfig(name="gpt", backend=backend, nodes=2, gpus_per_node=8, nccl_socket_ifname="^lo,docker",
+                            nccl_env={"NCCL_IB_HCA": "mlx5", "NCCL_DEBUG": "INFO"}, rdma_resource="rdma/ib",
+                            env={"HF_HOME": "/tmp/hf"})
+    j = build_job(spec, run_config("parallel.tp=2"))
+    env = j["spec"]["trainer"]["env"] if backend == "trainjob" else pod_templates(j)[0]["spec"]["containers"][0]["env"]
+    assert [e["name"] for e in env] == ["HF_HOME", "NCCL_DEBUG", "NCCL_IB_HCA", "NCCL_SOCKET_IFNAME",
+                                        "PYTHONUNBUFFERED", CONFIG_ENV]
+    assert {e["name"]: e["value"] for e in env}["NCCL_SOCKET_IFNAME"] == "^lo,docker"
+    assert resources(j)["limits"]["rdma/ib"] == 1
+    for t in pod_templates(j):
+        assert t["spec"]["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+    validate_object(j, schema(backend))
+    check_webhook_rules(j)
+    # the defaults add nothing of this
+    plain = build_job(ClusterJobConfig(name="gpt", backend=backend, nodes=2, gpus_per_node=8), run_config())
+    assert "NCCL" not in yaml.safe_dump(plain) and "hostNetwork" not in yaml.safe_dump(plain)
+    assert "IPC_LOCK" not in yaml.safe_dump(plain)
+
+
+def test_pytorchjob_host_network_and_pod_priority():
+    spec = ClusterJobConfig(name="gpt", backend="pytorchjob", nodes=4, gpus_per_node=8, host_network=True,
+                            pod_priority_class="training-high")
+    j = build_job(spec, run_config("parallel.tp=2"))
+    for t in pod_templates(j):
+        assert (t["spec"]["hostNetwork"], t["spec"]["dnsPolicy"]) == (True, "ClusterFirstWithHostNet")
+        assert t["spec"]["priorityClassName"] == "training-high"
+    validate_object(j, schema("pytorchjob"))

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
 
 import pytest
 from kube_emulator import PYTORCHJOBS, TRAINJOBS, KubeEmulator
 
-from mtnlg.cluster.jobs import JOB_LABEL, KINDS, ClusterJobConfig, build_job
-from mtnlg.cluster.launcher import JobDeleted, JobFailed, JobLauncher, JobTimeout, job_state
+from mtnlg.cluster.jobs import JOB_LABEL, KINDS, QUEUE_LABEL, ClusterJobConfig, build_job
+from mtnlg.cluster.launcher import JobDeleted, JobFailed, JobLauncher, JobTimeout, job_state, suspended
 from mtnlg.config import ConfigError, load_config
 from mtnlg.train.config import TrainRunConfig, recipe
 
@@ -51,10 +52,10 @@ def logs():
     logger.setLevel(level)
 
 
-def make_job(backend: str, name: str = "gpt") -> dict:
+def make_job(backend: str, name: str = "gpt", **kw) -> dict:
     cfg = load_config(TrainRunConfig, None, ["data.path=gs://b/tokens", "output=gs://b/run",
                                              "train.micro_batch_size=1"], base=recipe("debug"))
-    return build_job(ClusterJobConfig(name=name, namespace=NS, backend=backend, nodes=2, gpus_per_node=1), cfg)
+    return build_job(ClusterJobConfig(name=name, namespace=NS, backend=backend, nodes=2, gpus_per_node=1, **kw), cfg)
 
 
 def launcher(kube, backend: str) -> JobLauncher:
@@ -244,6 +245,14 @@ def test_job_state_reads_both_operators_conditions():
         ("Succeeded", "Done", "ok")
     assert job_state(obj(("Running", "True", "", ""), ("Failed", "True", "DeadlineExceeded", "late"))) == \
         ("Failed", "DeadlineExceeded", "late")
+    # held by Kueue: the spec says so before the operator does, and is resumed before it says so
+    assert job_state({"spec": {"suspend": True}}) == ("Suspended", "", "")
+    assert job_state({"spec": {"runPolicy": {"suspend": True}}, **obj(("Created", "True", "", ""))})[0] == "Suspended"
+    held = obj(("Created", "True", "", ""), ("Suspended", "True", "JobSuspended", "PyTorchJob gpt is suspended."))
+    assert job_state(held) == ("Suspended", "JobSuspended", "PyTorchJob gpt is suspended.")
+    assert job_state({**held, "spec": {"runPolicy": {"suspend": False}}})[0] == "Resuming"
+    resumed = obj(("Created", "True", "", ""), ("Suspended", "False", "JobResumed", ""), ("Running", "True", "", ""))
+    assert job_state({**resumed, "spec": {"runPolicy": {"suspend": False}}})[0] == "Running"
 
 
 def test_the_job_is_owned_by_the_launchers_pod_and_goes_with_it(kube, tmp_path, monkeypatch):
@@ -342,3 +351,67 @@ def test_transient_api_trouble_is_retried_not_fatal(kube, logs, monkeypatch):
     monkeypatch.setattr(lau, "_get", flaky_get)
     assert lau.run(make_job("trainjob"), timeout_s=20).state == "Succeeded"
     assert "Kubernetes API trouble while following TrainJob" in logs() and calls["n"] >= 3
+
+
+# Each operator's reasons on its Suspended condition (Trainer v2; the Training Operator)
+SUSPEND_REASONS = {"trainjob": ("Suspended", "Resumed"), "pytorchjob": ("JobSuspended", "JobResumed")}
+
+
+def kueue(kube, backend: str, admit_after: float, on_running) -> None:
+    """A test-side Kueue with the operator under it. Kueue's mutating webhook suspends a job
+    that names a queue as it is created; the operator reports it Suspended and makes no pods;
+    ``admit_after`` seconds later Kueue admits it (unsuspends it); the operator resumes it,
+    creates its pods and calls ``on_running(name, pods)``."""
+    res = RESOURCES[backend]
+    stopped, resumed = SUSPEND_REASONS[backend]
+
+    def webhook(obj, old):
+        if old is None and QUEUE_LABEL in (obj["metadata"].get("labels") or {}):
+            holder = obj["spec"] if backend == "trainjob" else obj["spec"].setdefault("runPolicy", {})
+            holder["suspend"] = True
+
+    def admit(name):
+        kube.patch_object(*res, NS, name, {"spec": {"suspend": False}} if backend == "trainjob" else
+                          {"spec": {"runPolicy": {"suspend": False}}})
+
+    def react(event, job):
+        name = job["metadata"]["name"]
+        if event == "ADDED" and suspended(job):
+            kube.set_condition(*res, NS, name, "Suspended", reason=stopped, message=f"{name} is suspended")
+            later(admit_after, lambda: admit(name))
+        elif event == "MODIFIED" and job_state(job)[0] == "Resuming":
+            kube.set_condition(*res, NS, name, "Suspended", "False", reason=resumed, message=f"{name} is resumed")
+            pods = node_pods(backend, name)
+            for pod, labels in pods:
+                kube.create_pod(NS, pod, labels=labels, phase="Running", owner=job,
+                                containers=(KINDS[backend].container,))
+            on_running(name, [p for p, _ in pods])
+
+    kube.mutate(*res, webhook)
+    kube.on(*res, react, events=("ADDED", "MODIFIED"))
+
+
+@pytest.mark.parametrize("backend, queued, timeout", [("trainjob", 1.6, 1.2), ("pytorchjob", 0.5, None)])
+def test_a_job_kueue_holds_in_its_queue_is_watched_until_admitted(kube, logs, backend, queued, timeout):
+    """Suspended in its queue is waiting, not failing; the launcher timeout (1.2 s, shorter
+    than the 1.6 s in the queue) bounds the time the job runs, not the time it waits."""
+    res = RESOURCES[backend]
+
+    def run(name, pods):  # the nodes train briefly and finish
+        for p in pods:
+            kube.set_pod_phase(NS, p, "Succeeded")
+        kube.set_condition(*res, NS, name, DONE[backend])
+
+    kueue(kube, backend, queued, lambda name, pods: later(0.3, lambda: run(name, pods)))
+    out = launcher(kube, backend).run(make_job(backend, queue_name="gpu-queue"), timeout_s=timeout, cleanup="never")
+    assert (out.state, out.adopted) == ("Succeeded", False)
+    assert queued - 0.3 <= out.queued_s <= out.seconds
+    kind = KINDS[backend].kind
+    text = logs()
+    assert re.search(rf"{kind} {NS}/gpt: Suspended( \({SUSPEND_REASONS[backend][0]}\))?: waits in queue gpu-queue "
+                     r"until Kueue admits it \(its ClusterQueue has quota for it\); the launcher timeout does not run "
+                     "meanwhile", text)                                 # the reason once the operator has said it
+    assert f"{kind} {NS}/gpt left its queue after" in text and "Succeeded" in text
+    stored = kube.get_object(*res, NS, "gpt")
+    assert suspended(stored) is False                                   # created suspended, admitted since
+    assert stored["metadata"]["labels"][QUEUE_LABEL] == "gpu-queue"

@@ -14,7 +14,8 @@ from kube_emulator import KubeEmulator
 
 from mtnlg.cluster.schema import load_crd_schema, validate_object
 from mtnlg.cluster.serving import (GROUP, MANAGED_BY, METRICS_ANNOTATION, PLURAL, VERSION, DeployConfig, DeployFailed,
-                                   DeployRejected, deploy_model, gate, inference_service, service_state)
+                                   DeployRejected, ModelFacts, deploy_model, gate, inference_service, read_model_facts,
+                                   service_state, size_service)
 from mtnlg.config import ConfigError, load_config
 
 pytestmark = pytest.mark.unit
@@ -68,10 +69,56 @@ def test_inference_service_matches_the_huggingface_runtime():
     assert obj["metadata"]["labels"][MANAGED_BY] == "mtnlg"
 
 
+def fused_model(directory: Path, parameters: int, dtype: str, seq_length: int) -> str:
+    """The two files of a fused model directory that sizing reads."""
+    directory.mkdir(parents=True, exist_ok=True)
+    itemsize = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
+    (directory / "manifest.json").write_text(json.dumps({"format": "mtnlg-fused-1", "dtype": dtype,
+                                                         "parameters": parameters,
+                                                         "weight_bytes": parameters * itemsize, "files": {}}))
+    (directory / "config.json").write_text(json.dumps({"seq_length": seq_length, "num_layers": 24}))
+    return str(directory)
+
+
+GPT_125M = ModelFacts(parameters=125_000_000, weight_bytes=500_000_000, dtype="fp32", context=1024)
+GPT_1B3 = ModelFacts(parameters=1_300_000_000, weight_bytes=2_600_000_000, dtype="bf16", context=2048)
+GPT_8B3 = ModelFacts(parameters=8_300_000_000, weight_bytes=33_200_000_000, dtype="fp32", context=2048)
+
+
+@pytest.mark.parametrize("model, kw, gpus, cpu, memory, args", [
+    (None, {}, 0, "1", "4Gi", []),                                  # nothing known: the fixed defaults
+    (GPT_125M, {}, 0, "1", "4Gi", []),                              # 0.7 GiB in fp32 on CPU: the 4Gi floor
+    (GPT_1B3, {}, 1, "4", "6Gi", ["--dtype=bfloat16", "--max_model_len=2048"]),   # past 1B: a GPU and vLLM
+    (GPT_8B3, {}, 1, "4", "49Gi", ["--dtype=float32", "--max_model_len=2048"]),   # 8.3e9 x 4 B x 1.5 + 2Gi
+    (GPT_1B3, {"gpus": 0}, 0, "1", "10Gi", []),                     # on CPU, the runtime loads float32
+    (GPT_1B3, {"backend": "huggingface"}, 1, "4", "6Gi", []),         # not vLLM: its own defaults
+    (GPT_1B3, {"memory": "32Gi", "cpu": "8", "dtype": "float16", "args": ["--max-model-len=512"]}, 1, "8", "32Gi",
+     ["--dtype=float16"]),                                          # explicit settings win
+    (GPT_125M, {"backend": "vllm", "gpus": 1}, 1, "4", "4Gi", ["--dtype=float32", "--max_model_len=1024"]),
+])
+def test_the_service_is_sized_from_the_model_it_serves(model, kw, gpus, cpu, memory, args):
+    size = size_service(config(**kw), model)
+    assert (size.gpus, size.cpu, size.memory, size.args) == (gpus, cpu, memory, args)
+    obj = inference_service(config(**kw), METRICS, model=model)
+    res = obj["spec"]["predictor"]["model"]["resources"]
+    want = {"cpu": cpu, "memory": memory, **({"nvidia.com/gpu": str(gpus)} if gpus else {})}
+    assert res == {"requests": want, "limits": want}
+    assert obj["spec"]["predictor"]["model"]["args"] == ["--model_name=gpt-docs",
+                                                         *([f"--backend={kw['backend']}"] if "backend" in kw else []),
+                                                         *args, *kw.get("args", [])]
+    if CRD.exists():
+        validate_object(obj, load_crd_schema(CRD))
+
+
+def test_model_facts_are_read_from_the_fused_model(tmp_path):
+    assert read_model_facts(fused_model(tmp_path / "m", 1_300_000_000, "bf16", 2048)) == GPT_1B3
+    assert read_model_facts(str(tmp_path / "missing")) is None      # logged; the fixed defaults then apply
+
+
 @pytest.mark.parametrize("override, match", [
     ("name=GPT_Docs", "RFC 1123 subdomain"), ("storage_uri=/local/dir", "storage_uri"),
     ("min_replicas=3", "exceeds max_replicas"), ("backend=tgi", "backend"), ("max_val_perplexity=-1", "max_val"),
-    ("colour=blue", "colour"),
+    ("colour=blue", "colour"), ("memory=4GB", "memory: '4GB' is not a Kubernetes quantity"), ("dtype=fp8", "dtype"),
 ])
 def test_bad_deploy_configs_are_refused(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -149,14 +196,18 @@ def kserve(kube, outcome: str = "ready"):
     kube.on(*ISVC, react, events=("ADDED", "MODIFIED"))
 
 
-def test_deploy_creates_then_updates_and_waits_until_ready(kube):
+def test_deploy_creates_then_updates_and_waits_until_ready(kube, tmp_path):
     kserve(kube)
-    out = deploy_model(config(max_val_perplexity=200), METRICS, model_uri="gs://bucket/run/model", run_id="run-1",
+    model = fused_model(tmp_path / "model", 1_300_000_000, "bf16", 2048)   # the fuse step's output
+    out = deploy_model(config(max_val_perplexity=200), METRICS, model_uri=model, run_id="run-1",
                        custom=kube.custom_objects)
     assert out["deployed"] and out["action"] == "created"
     assert out["openai_base_url"] == "http://gpt-docs.team-a.example.com/openai/v1"
+    assert out["resources"] == {"gpus": 1, "cpu": "4", "memory": "6Gi",
+                                "args": ["--dtype=bfloat16", "--max_model_len=2048"]}
     obj = kube.get_object(*ISVC, NS, "gpt-docs")
     assert obj["spec"]["predictor"]["model"]["storageUri"] == "gs://bucket/run/model/hf"
+    assert obj["spec"]["predictor"]["model"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert obj["metadata"]["annotations"]["mtnlg.kubeflow.org/pipeline-run"] == "run-1"
     # a better model replaces it: same object, new generation, new metrics
     better = {**METRICS, "val_perplexity": 90.0, "val_bits_per_byte": 1.9}

@@ -396,3 +396,28 @@ def test_a_resharded_checkpoint_carries_checksums_and_its_writer_count(run_dir, 
     shard.write_bytes(bytes(data))
     assert verify_checkpoint(str(ck)) == [f"{shard.name}: sha256 mismatch (the file's content changed after it "
                                           "was written)"]
+
+
+def test_the_fuse_command_line_is_the_fuse_config(tmp_path):
+    """`mtnlg fuse` builds the same FuseConfig the pipeline's fuse step reads: same defaults
+    (a Hugging Face export, 2 GiB shards), its flags shortcuts for its keys, a YAML file and
+    KEY=VALUE overrides on top."""
+    import argparse
+
+    from mtnlg.fuse.cli import add_arguments, fuse_config
+    from mtnlg.fuse.config import FuseConfig
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert fuse_config(p.parse_args(["run", "-o", "m"])) == FuseConfig()
+    assert FuseConfig().hf is True and FuseConfig().max_shard_bytes == 2 << 30
+    got = fuse_config(p.parse_args(["run", "-o", "m", "--no-hf", "--dtype", "bf16", "--max-shard-size", "2GiB",
+                                    "--no-verify"]))
+    assert got == FuseConfig(dtype="bf16", hf=False, max_shard_bytes=2 << 30, verify=False)
+    (tmp_path / "fuse.yaml").write_text("dtype: fp16\nmax_shard_bytes: 1000\n")
+    got = fuse_config(p.parse_args(["run", "hf=false", "-o", "m", "--config", str(tmp_path / "fuse.yaml")]))
+    assert got == FuseConfig(dtype="fp16", hf=False, max_shard_bytes=1000)
+    from mtnlg.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown key 'hff'"):
+        fuse_config(p.parse_args(["run", "hff=false", "-o", "m"]))

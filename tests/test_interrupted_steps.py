@@ -199,5 +199,5 @@ def test_fuse_and_checkpoint_save_killed_while_they_write(tmp_path, extracted):
     _check_step(tmp_path, train, run, [(_any_file("checkpoints/step_00000003.tmp/*"), 0.3)], seed=3,
                 watched=lambda rel: rel.startswith("checkpoints/step_"), resumed=_unresumed)
     model = tmp_path / "model"
-    fuse = MTNLG + ["fuse", str(run), "--output", str(model)]
+    fuse = MTNLG + ["fuse", str(run), "--output", str(model), "--no-hf"]
     _check_step(tmp_path, fuse, model, [(_started, 0.05)], seed=4)

@@ -283,6 +283,25 @@ def test_reactor_plays_the_operator(kube, custom, core):
     assert kube.controller_errors == []
 
 
+def test_a_mutating_webhook_changes_what_clients_write_before_it_is_validated(kube, custom):
+    seen = []
+
+    def webhook(obj, old):  # e.g. Kueue: a job naming a queue is created suspended
+        seen.append(old is None)
+        if "kueue.x-k8s.io/queue-name" in (obj["metadata"].get("labels") or {}):
+            obj["spec"].setdefault("runPolicy", {})["suspend"] = True
+
+    kube.mutate(*PYTORCHJOBS, webhook)
+    made = create(custom, PYTORCHJOBS, pytorchjob("queued", **{"kueue.x-k8s.io/queue-name": "q"}))
+    assert made["spec"]["runPolicy"] == {"suspend": True}
+    assert "runPolicy" not in create(custom, PYTORCHJOBS, pytorchjob("plain"))["spec"]
+    custom.patch_namespaced_custom_object(PYTORCHJOBS.group, PYTORCHJOBS.version, NS, PYTORCHJOBS.plural, "plain",
+                                          {"metadata": {"labels": {"x": "y"}}})
+    kube.patch_object(*PYTORCHJOBS, NS, "queued", {"spec": {"runPolicy": {"suspend": False}}})  # the test's own
+    assert get(custom, PYTORCHJOBS, "queued")["spec"]["runPolicy"] == {"suspend": False}      # not mutated
+    assert seen == [True, True, False]
+
+
 def test_generate_name_json_patch_and_delete_collection(kube, custom, core):
     made = core.create_namespaced_pod(NS, {"metadata": {"generateName": "worker-", "labels": {"role": "w"}},
                                            "spec": {"containers": [{"name": "c", "image": "i"}]}})

@@ -93,6 +93,9 @@ def test_job_backends_launch_nodes_times_gpus(compiled, backend):
     assert train["nodes"]["componentInputParameter"] == "nodes"
     assert train["gpus_per_node"]["componentInputParameter"] == "gpus_per_node"
     assert train["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"   # job name per run
+    for name in ("queue_name", "priority_class"):   # Kueue: none unless the run names them
+        assert params[name] == {"defaultValue": "", "isOptional": True, "parameterType": "STRING"}
+        assert train[name]["componentInputParameter"] == name
     script = " ".join(ir["deploymentSpec"]["executors"]["exec-train"]["container"]["command"])
     assert "train_job_step" in script and "pod_owner" in script
     # the launcher pod itself needs no GPU (the job's pods do): a CPU and memory request only

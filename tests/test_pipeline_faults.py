@@ -36,7 +36,7 @@ def _pipeline(root: str, resume: bool, full: bool) -> None:
     assert cli(["tokenize", extracted, "--output", j("tokens"), "--vocab-size", "512", "--workers", "1"]) == 0
     for steps in ((2, 4) if resume else (4,)):
         assert cli(["train", *TRAIN, f"data.path={j('tokens')}", f"output={j('run')}", f"train.steps={steps}"]) == 0
-    assert cli(["fuse", j("run"), "--output", j("model")]) == 0
+    assert cli(["fuse", j("run"), "--output", j("model"), "--no-hf"]) == 0
     if full:
         assert cli(["evaluate", j("model"), "--data", j("tokens"), "--output", j("eval"), "--train-log",
                     j("run", "log.jsonl"), "--max-new-tokens", "4", "--max-cloze-items", "20"]) == 0

@@ -131,7 +131,7 @@ def test_train_pp2_entry_point_matches_pp1_and_fuses(tokenized, tmp_path, monkey
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     fused = str(tmp_path / "fused")
-    assert mtnlg_main(["fuse", str(tmp_path / "pp2"), "--output", fused]) == 0
+    assert mtnlg_main(["fuse", str(tmp_path / "pp2"), "--output", fused, "--no-hf"]) == 0
     model, cfg, _ = load_fused(fused, decode_layout=False)
     tokens = fixed_batch(cfg)
     with torch.no_grad():

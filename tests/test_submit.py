@@ -88,6 +88,8 @@ def test_an_unknown_parameter_is_refused_before_anything_is_sent(kfp_api, capsys
     ("num_heads=24", "train_overrides: model.hidden_size=2048 is not divisible by model.num_heads=24"),
     ("evaluate_overrides=[top_p=2]", "evaluate_overrides: top_p"),
     ("fuse_memory=16GB", "fuse_memory: '16GB' is not a Kubernetes quantity"),
+    ("queue_name=Team_A", "job_overrides: queue_name"),
+    ("job_overrides=[memroy=512Gi]", "job_overrides: unknown key 'memroy'"),
 ])
 def test_a_wrong_setting_of_any_step_is_refused_before_anything_is_sent(kfp_api, capsys, param, message):
     """Every step's overrides and the training layout (nodes x gpus_per_node processes) are

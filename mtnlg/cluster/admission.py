@@ -109,7 +109,7 @@ def _dns1123_label_errors(value: str) -> list[str]:
     return errs
 
 
-def _dns1123_subdomain_errors(value: str) -> list[str]:
+def dns1123_subdomain_errors(value: str) -> list[str]:
     errs = [_max_len(253)] if len(value) > 253 else []
     if not re.fullmatch(_DNS1123_SUBDOMAIN, value):
         errs.append(_regex_error("a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, "
@@ -118,14 +118,14 @@ def _dns1123_subdomain_errors(value: str) -> list[str]:
     return errs
 
 
-def _qualified_name_errors(value: str) -> list[str]:
+def qualified_name_errors(value: str) -> list[str]:
     parts = value.split("/")
     if len(parts) > 2 or not parts[-1]:
         return ["name part must be non-empty"] if len(parts) <= 2 else [_regex_error(
             "a qualified name must consist of alphanumeric characters, '-', '_' or '.', and must start and end with "
             "an alphanumeric character", _QUALIFIED, "MyName", "my.name", "123-abc")
             + " with an optional DNS subdomain prefix and '/' (e.g. 'example.com/MyName')"]
-    errs = [f"prefix part {e}" for e in _dns1123_subdomain_errors(parts[0])] if len(parts) == 2 else []
+    errs = [f"prefix part {e}" for e in dns1123_subdomain_errors(parts[0])] if len(parts) == 2 else []
     if len(parts[-1]) > MAX_LABEL:
         errs.append("name part " + _max_len(MAX_LABEL))
     if not re.fullmatch(_QUALIFIED, parts[-1]):
@@ -135,7 +135,7 @@ def _qualified_name_errors(value: str) -> list[str]:
     return errs
 
 
-def _label_value_errors(value: str) -> list[str]:
+def label_value_errors(value: str) -> list[str]:
     errs = [_max_len(MAX_LABEL)] if len(value) > MAX_LABEL else []
     if not re.fullmatch(_LABEL_VALUE, value):
         errs.append(_regex_error("a valid label must be an empty string or consist of alphanumeric characters, "
@@ -247,17 +247,17 @@ def _metadata_causes(meta: Any) -> list[Cause]:
     name = meta.get("name") or ""
     if not name and not meta.get("generateName"):
         out.append(Cause("metadata.name", "FieldValueRequired", "name or generateName is required"))
-    out += [Cause("metadata.name", "FieldValueInvalid", m, name) for m in (_dns1123_subdomain_errors(name)
+    out += [Cause("metadata.name", "FieldValueInvalid", m, name) for m in (dns1123_subdomain_errors(name)
                                                                           if name else [])]
     if meta.get("namespace"):
         out += [Cause("metadata.namespace", "FieldValueInvalid", m, meta["namespace"])
                 for m in _dns1123_label_errors(meta["namespace"])]
     for key, value in (meta.get("labels") or {}).items():
-        out += [Cause("metadata.labels", "FieldValueInvalid", m, key) for m in _qualified_name_errors(str(key))]
-        out += [Cause("metadata.labels", "FieldValueInvalid", m, value) for m in _label_value_errors(str(value))]
+        out += [Cause("metadata.labels", "FieldValueInvalid", m, key) for m in qualified_name_errors(str(key))]
+        out += [Cause("metadata.labels", "FieldValueInvalid", m, value) for m in label_value_errors(str(value))]
     for key in meta.get("annotations") or {}:
         out += [Cause("metadata.annotations", "FieldValueInvalid", m, key)
-                for m in _qualified_name_errors(str(key).lower())]
+                for m in qualified_name_errors(str(key).lower())]
     return out
 
 
@@ -372,7 +372,7 @@ def _trainjob_webhook(obj: dict[str, Any]) -> list[Cause]:
             out.append(Cause(where, "FieldValueInvalid", "must be a domain-prefixed path (such as \"acme.io/foo\")",
                              manager))
         else:
-            out += [Cause(where, "FieldValueInvalid", m, host) for m in _dns1123_subdomain_errors(host)]
+            out += [Cause(where, "FieldValueInvalid", m, host) for m in dns1123_subdomain_errors(host)]
             if not re.fullmatch(_HTTP_PATH, path):
                 out.append(Cause(where, "FieldValueInvalid", _regex_error("Invalid path", _HTTP_PATH), path))
         jobs = ((((patch.get("trainingRuntimeSpec") or {}).get("template") or {}).get("spec") or {})

@@ -33,8 +33,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one training process each")
     p.add_argument("--nproc-per-node", type=int, default=0, help="processes per node (default: one per GPU)")
     p.add_argument("--image", default="", help="trainer image (default: this package's mtnlg-train image)")
-    p.add_argument("--cpu", default="", help="CPU request and limit per node, e.g. 32")
-    p.add_argument("--memory", default="", help="memory request and limit per node, e.g. 512Gi")
+    p.add_argument("--cpu", default="", help="CPU request and limit per node (default 8 per GPU; 4 on CPU nodes)")
+    p.add_argument("--memory", default="", help="memory request and limit per node (default 64Gi per GPU; 16Gi)")
+    p.add_argument("--ephemeral-storage", default="",
+                   help="local disk request and limit per node (default 100Gi with GPUs, 20Gi without)")
+    p.add_argument("--queue-name", default="",
+                   help="Kueue LocalQueue the job waits in (label kueue.x-k8s.io/queue-name)")
+    p.add_argument("--priority-class", default="",
+                   help="Kueue WorkloadPriorityClass of the job (label kueue.x-k8s.io/priority-class)")
+    p.add_argument("--nccl-socket-ifname", default="", help="NCCL_SOCKET_IFNAME on every node, e.g. eth0")
+    p.add_argument("--nccl-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="an NCCL (or libfabric FI_*, OFI_NCCL_*, UCX_*) variable on every node; repeatable")
+    p.add_argument("--rdma-resource", default="",
+                   help="RDMA devices each node asks for, e.g. rdma/ib or vpc.amazonaws.com/efa (adds CAP_IPC_LOCK)")
+    p.add_argument("--rdma-per-node", type=int, default=1, help="how many of --rdma-resource per node (default 1)")
+    p.add_argument("--host-network", action="store_true",
+                   help="PyTorchJob: pods on the node's network (needs the privileged Pod Security level)")
     p.add_argument("--runtime", default="torch-distributed", help="TrainJob: ClusterTrainingRuntime name")
     p.add_argument("--volume-claim", default="", help="ReadWriteMany PVC mounted on every node")
     p.add_argument("--volume-mount", default="/mnt/mtnlg", help="where the PVC is mounted (default /mnt/mtnlg)")
@@ -56,10 +70,22 @@ def job_config(args: argparse.Namespace):
     from mtnlg.cluster.jobs import ClusterJobConfig
     from mtnlg.config import load_config
 
+    from mtnlg.config import ConfigError
+
+    nccl_env = {}
+    for item in args.nccl_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--nccl-env: expected NAME=VALUE, got {item!r}")
+        nccl_env[key] = value
     base = {"backend": args.backend, "name": args.name, "namespace": args.namespace, "nodes": args.nodes,
             "gpus_per_node": args.gpus_per_node, "nproc_per_node": args.nproc_per_node, "image": args.image,
-            "cpu": args.cpu, "memory": args.memory, "runtime": args.runtime, "volume_claim": args.volume_claim,
-            "volume_mount": args.volume_mount}
+            "cpu": args.cpu, "memory": args.memory, "ephemeral_storage": args.ephemeral_storage,
+            "runtime": args.runtime, "volume_claim": args.volume_claim, "volume_mount": args.volume_mount,
+            "queue_name": args.queue_name, "priority_class": args.priority_class,
+            "nccl_socket_ifname": args.nccl_socket_ifname, "nccl_env": nccl_env,
+            "rdma_resource": args.rdma_resource, "rdma_per_node": args.rdma_per_node,
+            "host_network": args.host_network}
     return load_config(ClusterJobConfig, overrides=args.job_overrides, base=base)
 
 
@@ -93,6 +119,7 @@ def main(args: argparse.Namespace) -> int:
         except JobFailed as e:
             print(f"mtnlg job: {e}", file=sys.stderr)
             return 1
-        print(f"{spec.kind.kind} {outcome.namespace}/{outcome.name}: {outcome.state} in {outcome.seconds:.0f}s",
+        queued = f" ({outcome.queued_s:.0f}s of them in queue {spec.queue_name})" if outcome.queued_s >= 1 else ""
+        print(f"{spec.kind.kind} {outcome.namespace}/{outcome.name}: {outcome.state} in {outcome.seconds:.0f}s{queued}",
               file=sys.stderr)
     return 0

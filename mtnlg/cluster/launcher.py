@@ -9,7 +9,11 @@ What the launcher does, in order:
 2. **Watch** the job (a watch on its name, reconnected when the server closes it), log each
    phase change; look at its pods every ``poll_s``: a pod that stays Pending has its
    scheduling events logged (``0/4 nodes are available: 4 Insufficient nvidia.com/gpu``), and
-   node 0's log is streamed into this process's log once it runs.
+   node 0's log is streamed into this process's log once it runs. A job that Kueue holds
+   suspended (``spec.suspend`` / ``spec.runPolicy.suspend``, a ``Suspended`` condition) waits
+   in its queue: logged, watched, never failed; it runs when Kueue admits it, and is
+   suspended again if Kueue preempts it. Time in the queue does not count against
+   ``timeout_s``, which bounds the time the job runs.
 3. **Finish.** Succeeded: return. Failed: raise :class:`JobFailed` with the condition's
    reason and message, the failing pod's last log lines and its events. Deleted while
    waited on: :class:`JobDeleted`. Past ``timeout_s``: :class:`JobTimeout` (the job is
@@ -32,7 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from mtnlg.cluster.jobs import JOB_LABEL, KINDS, JobKind
+from mtnlg.cluster.jobs import JOB_LABEL, KINDS, QUEUE_LABEL, JobKind
 from mtnlg.config import ConfigError
 from mtnlg.progress import fmt_time, get_logger
 
@@ -61,11 +65,24 @@ class JobOutcome:
     state: str
     adopted: bool
     seconds: float
+    queued_s: float = 0.0  # of ``seconds``, the time the job waited suspended (in its Kueue queue)
+
+
+def suspended(obj: dict[str, Any]) -> bool | None:
+    """The job's ``spec.suspend`` (TrainJob) or ``spec.runPolicy.suspend`` (PyTorchJob):
+    what Kueue sets while the job waits in its queue; None when the spec does not say."""
+    spec = obj.get("spec") or {}
+    for holder in (spec, spec.get("runPolicy") or {}):
+        if holder.get("suspend") is not None:
+            return bool(holder["suspend"])
+    return None
 
 
 def job_state(obj: dict[str, Any]) -> tuple[str, str, str]:
-    """``(state, reason, message)`` from a job's conditions: ``Succeeded``, ``Failed``, or
-    the newest true condition (``Created``, ``Running``, ``Restarting``...), else ``Pending``."""
+    """``(state, reason, message)`` from a job's conditions and spec: ``Succeeded``,
+    ``Failed``, ``Suspended`` (held, e.g. by Kueue: the spec says so, or the operator's
+    ``Suspended`` condition does), ``Resuming`` (the spec resumed, the operator not yet), or
+    the newest other true condition (``Created``, ``Running``, ``Restarting``...), else ``Pending``."""
     conds = [c for c in ((obj.get("status") or {}).get("conditions") or []) if str(c.get("status")) == "True"]
     for c in conds:
         if c.get("type") == "Failed":
@@ -73,8 +90,15 @@ def job_state(obj: dict[str, Any]) -> tuple[str, str, str]:
     for c in conds:
         if c.get("type") in SUCCESS_CONDITIONS:
             return "Succeeded", c.get("reason") or "", c.get("message") or ""
-    if conds:
-        c = conds[-1]
+    held = next((c for c in conds if c.get("type") == "Suspended"), None)
+    spec_says = suspended(obj)
+    if spec_says or (spec_says is None and held is not None):
+        return "Suspended", (held or {}).get("reason") or "", (held or {}).get("message") or ""
+    if held is not None:
+        return "Resuming", "", ""
+    others = [c for c in conds if c.get("type") != "Suspended"]
+    if others:
+        c = others[-1]
         return c.get("type") or "Pending", c.get("reason") or "", c.get("message") or ""
     return "Pending", "", ""
 
@@ -120,6 +144,8 @@ class JobLauncher:
         self._seen_events: set[str] = set()
         self._last_pods = 0.0
         self._last_state: str | None = None
+        self._queued_s = 0.0                        # time spent suspended, done
+        self._suspended_since: float | None = None  # suspended now, since then
         self._terminated = False
         self._streams: dict[str, threading.Thread] = {}
         self._stream_ended: dict[str, float] = {}
@@ -309,12 +335,14 @@ class JobLauncher:
         k = self.kind
         start = time.monotonic()
         self._last_state: str | None = None
+        self._queued_s, self._suspended_since = 0.0, None
         backoff = 0.0
         while True:
-            remaining = None if timeout_s is None else timeout_s - (time.monotonic() - start)
+            remaining = None if timeout_s is None else timeout_s - (time.monotonic() - start - self.queued_s())
             if remaining is not None and remaining <= 0:
+                queued = f"; {fmt_time(self.queued_s())} in its queue not counted" if self.queued_s() >= 1 else ""
                 raise JobTimeout(f"{k.kind} {ns}/{name} still {self._last_state or 'Pending'} after "
-                                 f"{fmt_time(timeout_s)} (launcher timeout)")
+                                 f"{fmt_time(timeout_s)} (launcher timeout{queued})")
             if self._terminated:
                 raise _Terminated()
             try:
@@ -334,6 +362,32 @@ class JobLauncher:
             if done:
                 return "Succeeded"
 
+    def queued_s(self) -> float:
+        """How long the job followed has waited suspended (in its queue) so far."""
+        now = time.monotonic()
+        return self._queued_s + (now - self._suspended_since if self._suspended_since is not None else 0.0)
+
+    def _log_state(self, obj: dict[str, Any], state: str, reason: str, start: float) -> None:
+        """Log a new state; keep the time spent suspended (not counted against the timeout)."""
+        k, meta = self.kind, obj.get("metadata") or {}
+        name, ns = meta.get("name"), meta.get("namespace")
+        now = time.monotonic()
+        if self._suspended_since is not None and state != "Suspended":
+            waited = now - self._suspended_since
+            self._queued_s += waited
+            self._suspended_since = None
+            log.info("%s %s/%s left its queue after %s: admitted", k.kind, ns, name, fmt_time(waited))
+        if state == "Suspended":
+            self._suspended_since = now if self._suspended_since is None else self._suspended_since
+            queue = (meta.get("labels") or {}).get(QUEUE_LABEL)
+            where = (f"waits in queue {queue} until Kueue admits it (its ClusterQueue has quota for it)" if queue
+                     else "held by spec.suspend until something resumes it")
+            log.info("%s %s/%s: Suspended%s: %s; the launcher timeout does not run meanwhile (%s)", k.kind, ns,
+                     name, f" ({reason})" if reason and reason != state else "", where, fmt_time(now - start))
+        else:
+            log.info("%s %s/%s: %s%s (%s)", k.kind, ns, name, state, f" ({reason})" if reason else "",
+                     fmt_time(now - start))
+
     def _wait_once(self, name: str, ns: str, start: float, remaining: float | None) -> bool:
         """One look at the job, its pods, and a watch until it changes; True when it succeeded."""
         from kubernetes import watch
@@ -348,8 +402,7 @@ class JobLauncher:
             raise
         state, reason, message = job_state(obj)
         if state != self._last_state:
-            log.info("%s %s/%s: %s%s (%s)", k.kind, ns, name, state, f" ({reason})" if reason else "",
-                     fmt_time(time.monotonic() - start))
+            self._log_state(obj, state, reason, start)
             self._last_state = state
         if state == "Succeeded":
             self._drain_logs(name, ns)
@@ -415,7 +468,7 @@ class JobLauncher:
                 raise
             if cleanup in ("on-success", "always"):
                 self.delete(name, ns)
-            return JobOutcome(name, ns, state, adopted, time.monotonic() - start)
+            return JobOutcome(name, ns, state, adopted, time.monotonic() - start, self.queued_s())
         except _Terminated:
             if old is not None:
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one deletion, whatever else arrives

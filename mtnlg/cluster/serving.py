@@ -21,6 +21,15 @@ annotations, keeping its ``resourceVersion``); one that is not ours (no
 deployer watches it until ``Ready`` for the new generation, and fails with KServe's own
 reason (``FailedToLoad`` and its message, the last conditions) or at ``timeout_s``.
 
+**Sized from the model.** Unless set, the predictor's GPUs, CPU, memory and the runtime's
+arguments come from the fused model it serves (its ``manifest.json``: parameters, weight
+bytes, dtype; its ``config.json``: the context length): a GPU past ``GPU_PARAMETERS``;
+memory 1.5 x the bytes the server holds the weights in, plus 2Gi, at least 4Gi; on vLLM
+(the runtime's backend on GPUs) ``--dtype`` of the weights and ``--max_model_len`` of the
+model's context. Explicit settings (``gpus``, ``memory``, ``dtype``, ``max_model_len``,
+``args``) win. The predictor meets the restricted Pod Security Standard
+(:mod:`mtnlg.cluster.podsecurity`; KServe's own injected containers are KServe's).
+
 The deploying pod needs get, list, watch, create and update on ``inferenceservices``
 (manifests/overlays/*/role.yaml).
 """
@@ -34,6 +43,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from mtnlg.cluster import podsecurity
 from mtnlg.config import Config, ConfigError
 from mtnlg.progress import fmt_time, get_logger
 
@@ -46,6 +56,11 @@ MODEL_ANNOTATION = "mtnlg.kubeflow.org/model"
 RUN_ANNOTATION = "mtnlg.kubeflow.org/pipeline-run"
 GATED_METRICS = ("val_perplexity", "val_loss", "val_bits_per_byte", "cloze_accuracy", "cloze_items",
                  "parameters", "train_steps")
+GPU_PARAMETERS = 1_000_000_000  # past about 1B parameters a model is served on a GPU by default
+# the fused weights' dtype -> the runtime's --dtype; bytes per parameter of each
+RUNTIME_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+MEMORY_HEADROOM, MEMORY_BASE_GI, MEMORY_MIN_GI = 1.5, 2, 4
 
 
 class DeployRejected(RuntimeError):
@@ -69,12 +84,15 @@ class DeployConfig(Config):
     model_name: str = ""
     # the runtime's backend: "" (its default: vLLM on GPUs), or "huggingface" (transformers, any device)
     backend: str = ""
-    max_model_len: int = field(default=0, metadata={"min": 0})  # 0 = the model's context
-    args: list[str] = field(default_factory=list)               # more runtime arguments
-    gpus: int = field(default=0, metadata={"min": 0})
+    max_model_len: int = field(default=0, metadata={"min": 0})  # 0 = the model's context (vLLM: passed)
+    # the runtime's --dtype ("" = on vLLM the fused weights' dtype, else the runtime's default)
+    dtype: str = field(default="", metadata={"choices": ("", "auto", "float32", "bfloat16", "float16")})
+    args: list[str] = field(default_factory=list)               # more runtime arguments (they win)
+    gpus: int | None = field(default=None, metadata={"min": 0})  # None = 1 past GPU_PARAMETERS, else 0
     gpu_resource: str = "nvidia.com/gpu"
-    cpu: str = "1"
-    memory: str = "4Gi"
+    cpu: str = ""        # "" = 4 with GPUs, 1 without
+    memory: str = ""     # "" = from the model's weights (at least 4Gi)
+    run_as_user: int = field(default=podsecurity.IMAGE_USER, metadata={"min": 1})  # the runtime image's user
     min_replicas: int = field(default=1, metadata={"min": 0})
     max_replicas: int = field(default=1, metadata={"min": 1})
     # the service account whose secrets give the storage initializer access to storage_uri
@@ -103,6 +121,69 @@ class DeployConfig(Config):
             raise ConfigError(f"min_replicas={self.min_replicas} exceeds max_replicas={self.max_replicas}")
         if self.backend not in ("", "huggingface", "vllm"):
             raise ConfigError(f"backend: expected '', 'huggingface' or 'vllm', got {self.backend!r}")
+        from mtnlg.cluster.jobs import QUANTITY
+
+        for key in ("cpu", "memory"):
+            value = getattr(self, key)
+            if value and not QUANTITY.match(value):
+                raise ConfigError(f"{key}: {value!r} is not a Kubernetes quantity (e.g. \"2\", \"16Gi\")")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What sizing reads of the fused model: its ``manifest.json`` and ``config.json``."""
+
+    parameters: int
+    weight_bytes: int
+    dtype: str     # the fused weights': fp32, bf16, fp16
+    context: int   # the model's seq_length
+
+
+def read_model_facts(model_dir: str) -> ModelFacts | None:
+    """The fused model's size, or None (logged) when its files cannot be read."""
+    from mtnlg import storage
+    from mtnlg.formats.rundir import MANIFEST, MODEL_CONFIG
+
+    try:
+        manifest = json.loads(storage.read_text(storage.join(model_dir, MANIFEST)))
+        config = json.loads(storage.read_text(storage.join(model_dir, MODEL_CONFIG)))
+        return ModelFacts(int(manifest["parameters"]), int(manifest["weight_bytes"]), str(manifest["dtype"]),
+                          int(config["seq_length"]))
+    except Exception as e:  # noqa: BLE001 - sizing falls back to fixed defaults, said in the log
+        log.warning("could not read the size of the model at %s (%s: %s): the InferenceService gets 1 CPU and 4Gi "
+                    "and no GPU unless deploy_overrides say otherwise", model_dir, type(e).__name__, e)
+        return None
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """The predictor's resources and the runtime arguments that follow from the model."""
+
+    gpus: int
+    cpu: str
+    memory: str
+    vllm: bool          # the runtime will (most likely) run vLLM: GPUs and no other backend asked for
+    args: list[str]     # --dtype, --max_model_len as derived (before c.args)
+
+
+def size_service(c: DeployConfig, model: ModelFacts | None = None) -> Sizing:
+    """GPUs, CPU, memory and runtime arguments for ``c`` serving ``model`` (see the module doc)."""
+    gpus = c.gpus if c.gpus is not None else int(model is not None and model.parameters > GPU_PARAMETERS)
+    vllm = c.backend == "vllm" or (c.backend == "" and gpus > 0)
+    given = {a.lstrip("-").split("=", 1)[0].replace("-", "_") for a in c.args}
+    dtype = c.dtype or (RUNTIME_DTYPES.get(model.dtype, "") if vllm and model is not None else "")
+    max_len = c.max_model_len or (model.context if vllm and model is not None else 0)
+    args = []
+    if dtype and "dtype" not in given:
+        args.append(f"--dtype={dtype}")
+    if max_len and not {"max_model_len", "max_length"} & given:
+        args.append(f"--max_model_len={max_len}")
+    memory = c.memory or f"{MEMORY_MIN_GI}Gi"
+    if not c.memory and model is not None:
+        held = dtype if dtype not in ("", "auto") else ("float16" if gpus else "float32")  # KServe's auto
+        need = model.parameters * DTYPE_BYTES[held] * MEMORY_HEADROOM / 2**30 + MEMORY_BASE_GI
+        memory = f"{max(MEMORY_MIN_GI, math.ceil(need))}Gi"
+    return Sizing(gpus, c.cpu or ("4" if gpus else "1"), memory, vllm, args)
 
 
 # ---------------------------------------------------------------------------------------
@@ -124,28 +205,29 @@ def recorded_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def inference_service(c: DeployConfig, metrics: dict[str, Any] | None = None, model_uri: str = "",
-                      run_id: str = "") -> dict[str, Any]:
-    """The InferenceService for ``c`` (``serving.kserve.io/v1beta1``), recording ``metrics``
-    and the lineage (the fused model's URI, the pipeline run) in annotations; ``ConfigError``
-    (``admission.AdmissionError``) when the cluster would refuse it."""
+                      run_id: str = "", model: ModelFacts | None = None) -> dict[str, Any]:
+    """The InferenceService for ``c`` (``serving.kserve.io/v1beta1``) serving ``model`` (sized
+    from it: :func:`size_service`), recording ``metrics`` and the lineage (the fused model's
+    URI, the pipeline run) in annotations; ``ConfigError`` (``admission.AdmissionError``)
+    when the cluster would refuse it."""
     from mtnlg.cluster.admission import admit
 
     if not c.storage_uri:
         raise ConfigError("storage_uri: the Hugging Face model directory to serve must be set")
+    size = size_service(c, model)
     args = [f"--model_name={c.model_name or c.name}"]
     if c.backend:
         args.append(f"--backend={c.backend}")
-    if c.max_model_len:
-        args.append(f"--max_model_len={c.max_model_len}")
-    args += list(c.args)
-    requests: dict[str, str] = {"cpu": c.cpu, "memory": c.memory}
-    limits: dict[str, str] = {"cpu": c.cpu, "memory": c.memory}
-    if c.gpus:
-        requests[c.gpu_resource] = limits[c.gpu_resource] = str(c.gpus)
+    args += size.args + list(c.args)
+    limits: dict[str, str] = {"cpu": size.cpu, "memory": size.memory}
+    if size.gpus:
+        limits[c.gpu_resource] = str(size.gpus)
     predictor: dict[str, Any] = {
         "minReplicas": c.min_replicas, "maxReplicas": c.max_replicas,
+        "securityContext": podsecurity.pod_security_context(c.run_as_user),
         "model": {"modelFormat": {"name": "huggingface"}, "runtime": c.runtime, "storageUri": c.storage_uri,
-                  "args": args, "resources": {"requests": requests, "limits": limits}},
+                  "args": args, "resources": {"requests": dict(limits), "limits": limits},
+                  "securityContext": podsecurity.container_security_context()},
     }
     if c.service_account:
         predictor["serviceAccountName"] = c.service_account
@@ -354,11 +436,18 @@ def deploy_model(c: DeployConfig, metrics: dict[str, Any], model_uri: str = "", 
             raise DeployRejected(f"the gate refused the model: {decision.reason}")
         return {**out, "action": "skipped"}
     log.info("deploying %s as InferenceService %s/%s: %s", c.storage_uri, c.namespace, c.name, decision.reason)
-    obj = inference_service(c, metrics, model_uri=model_uri, run_id=run_id)
+    auto = c.gpus is None or not c.memory or not c.dtype or not c.max_model_len
+    model = read_model_facts(model_uri) if model_uri and auto else None
+    size = size_service(c, model)
+    log.info("InferenceService %s/%s: %d GPU, %s CPU, %s memory%s%s", c.namespace, c.name, size.gpus, size.cpu,
+             size.memory, f", {' '.join(size.args)}" if size.args else "",
+             f" (from the model: {model.parameters:,} parameters, {model.dtype})" if model else "")
+    obj = inference_service(c, metrics, model_uri=model_uri, run_id=run_id, model=model)
     action, _ = deployer.apply(obj, current)
     log.info("InferenceService %s/%s %s; waiting until it is Ready (timeout %s)", c.namespace, c.name, action,
              fmt_time(c.timeout_s))
     ready = deployer.wait_ready(c.name, c.namespace, c.timeout_s, c.poll_s)
     url = (ready.get("status") or {}).get("url") or ""
     return {**out, "deployed": True, "action": action, "url": url,
-            "openai_base_url": f"{url}/openai/v1" if url else ""}
+            "openai_base_url": f"{url}/openai/v1" if url else "",
+            "resources": {"gpus": size.gpus, "cpu": size.cpu, "memory": size.memory, "args": size.args}}

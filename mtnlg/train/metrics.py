@@ -1,5 +1,7 @@
 """What a run reports, written by rank 0: ``log.jsonl``, TensorBoard events, a progress line
-per logged step (rate, ETA), and at the end ``summary.json`` and ``loss.png``.
+per logged step (rate, ETA), and at the end ``summary.json`` and ``loss.png``; inside a Kubeflow
+TrainJob that offers it, the progress also goes to the TrainJob's status
+(:mod:`mtnlg.train.platform_progress`).
 
 :class:`MetricsProcessor` exists on every rank and does nothing off rank 0, so the loop
 calls it unconditionally. Locally the files are written in place; for a ``gs://`` or ``s3://`` run
@@ -22,6 +24,7 @@ from mtnlg.config import dump_yaml
 from mtnlg.formats.rundir import LOG_FILE, LOSS_PLOT, RUN_CONFIG, SUMMARY_FILE, TENSORBOARD_DIR
 from mtnlg.formats.runlog import plot_loss_curve, read_log
 from mtnlg.progress import fmt_time, get_logger
+from mtnlg.train.platform_progress import ProgressReporter, TrainProgress
 from mtnlg.train.state import StepResult, TrainState
 
 log = get_logger("mtnlg.train")
@@ -125,6 +128,8 @@ class MetricsProcessor:
         self.files: RunFiles | None = None
         self.writer = None
         self.rows: list[dict] = []
+        self.platform: ProgressReporter | None = None  # Kubeflow Trainer's status endpoint, when given
+        self.latest: dict[str, float | None] = {}      # the last logged loss, throughput, validation loss
 
     # ---------------------------------------------------------------- start / cadence
     def start(self, state: TrainState, summary_line: str) -> None:
@@ -137,11 +142,14 @@ class MetricsProcessor:
             return
         self.files = RunFiles(self.cfg.output)
         self.rows = self._resumed_rows(state.step)
+        if self.rows:  # a resumed run's last logged values, until this run logs its own
+            self.latest = {"loss": self.rows[-1].get("loss"), "tokens_per_s": self.rows[-1].get("tokens_per_s")}
         storage.write_text(self.files.path(RUN_CONFIG), dump_yaml(self.cfg))
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(self.files.path(TENSORBOARD_DIR), purge_step=state.step + 1 if state.step else None)
         log.info(summary_line)
+        self.platform = ProgressReporter.from_env()
         estimate = self.describe.get("plan")
         if estimate is not None:
             log.info("plan for this layout on %s: %.1f GB per GPU, %.3f s per full-batch step, %.1f%% bubble, "
@@ -169,11 +177,31 @@ class MetricsProcessor:
         self.interval.steps += 1
         if self.enabled:
             self.interval.losses.append((r.loss, r.finite))  # device tensors, read when logged
+        row = None
         if self.enabled and self.should_log(state.step, last_step, val_loss is not None or r.stop):
             row = self._row(state, r, val_loss)
             self.rows.append(row)
             self._write(row)
             self.interval = _Interval()
+        if self.platform is not None:
+            self._offer_progress(state, row)
+
+    def _offer_progress(self, state: TrainState, row: dict | None) -> None:
+        """Hand the platform reporter this step's progress (host values only: the loss and
+        throughput are those of the last logged step; its ETA where this step was logged)."""
+        if row is not None:
+            self.latest.update(loss=row["loss"], tokens_per_s=row["tokens_per_s"])
+            if "val_loss" in row:
+                self.latest["val_loss"] = row["val_loss"]
+            eta = row["eta_s"]
+        else:
+            done = state.step - self.start_step
+            eta = (time.perf_counter() - self.start_time) / done * (self.cfg.train.steps - state.step) if done else None
+        self.platform.offer(self._progress(state, eta))
+
+    def _progress(self, state: TrainState, eta: float | None) -> TrainProgress:
+        metrics = {**self.latest, "step": state.step, "total_steps": self.cfg.train.steps}
+        return TrainProgress(state.step, self.cfg.train.steps, eta, metrics)
 
     def _row(self, state: TrainState, r: StepResult, val: float | None) -> dict:
         now = time.perf_counter()
@@ -222,6 +250,12 @@ class MetricsProcessor:
             parts.append(f"val loss {row['val_loss']:.4f}")
         parts.append(f"ETA {fmt_time(row['eta_s'])}" if row["eta_s"] is not None else "ETA ?")
         log.info(" | ".join(parts))
+
+    def close(self) -> None:
+        """Stop reporting to the platform without a final report (a run that failed);
+        nothing once :meth:`finish` has run."""
+        if self.platform is not None:
+            self.platform.stop()
 
     def sync(self) -> None:
         """Upload the run files (a gs:// or s3:// run directory), e.g. after a checkpoint."""
@@ -289,6 +323,10 @@ class MetricsProcessor:
         storage.write_text(f.path(SUMMARY_FILE), json.dumps(summary, indent=2))
         f.sync()
         f.close()
+        if self.platform is not None:  # the final state, whatever the interval: 100% when completed
+            if val_loss is not None:
+                self.latest["val_loss"] = val_loss
+            self.platform.close(self._progress(state, 0.0 if stopped == "completed" else None))
         if error is None:
             log.info("%s at step %d: final loss %s, checkpoint %s", stopped, state.step, summary["final_loss"],
                      checkpoint)

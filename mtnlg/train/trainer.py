@@ -161,6 +161,7 @@ class Trainer:
             if gc_every:
                 gc.enable()
             self.prefetcher.close()
+            self.metrics.close()  # a failed run's platform reports stop (a finished run sent its last)
         return summary
 
     def _loop(self, stop: StopFlag, s: TrainState, steps: int, gc_every: int) -> dict[str, Any]:
