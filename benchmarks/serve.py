@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
         proc = subprocess.Popen([sys.executable, "-m", "mtnlg.cli", "serve", model_dir, "--port", str(port),
                                  "--served-model-name", name, "--max-batch-size", str(args.max_batch_size),
                                  *(["--batch-wait-ms", str(args.batch_wait_ms)] if args.batch_wait_ms is not None else [])],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                env={k: v for k, v in os.environ.items() if k != "MTNLG_API_KEY"})  # no key here
         url = f"http://127.0.0.1:{port}"
         try:
             import httpx

@@ -345,6 +345,15 @@ def test_hf_export_carries_an_exact_tokenizer(fused, monkeypatch):
         assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids, text
         assert hf_tok.decode(ids) == text
     assert hf_tok.eos_token_id == ours.eod_id
+    # the chat format travels with it: apply_chat_template gives what mtnlg serve runs
+    from mtnlg.generate.chat import format_chat
+    from mtnlg.model.decode import prompt_ids_for
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is  a list?"}]
+    ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)  # a BatchEncoding in transformers 5
+    assert ids == prompt_ids_for(ours, format_chat(messages))
+    assert format_chat(messages).endswith("User: What is a list?\nAssistant:")
 
 
 def test_names_in_a_fused_models_manifest_and_index_cannot_leave_it(fused, tmp_path):

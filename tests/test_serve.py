@@ -1,14 +1,11 @@
 """``mtnlg serve``: the OpenAI-compatible server, talked to with the official ``openai``
-client on 127.0.0.1 (completions, chat, streaming, errors, the bounded queue, batching,
-graceful shutdown)."""
+client on 127.0.0.1 (completions, chat, streaming, errors, the bounded queue, batching).
+The rest of the API is in tests/test_serve_api.py, operations (the API key, limits, the
+drain on SIGTERM, metrics) in tests/test_serve_ops.py; both reuse this module's tiny model."""
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -33,8 +30,17 @@ WORDS = ("list dict tuple set append insert pop sort key value function module p
 NAME = "tiny-gpt"
 
 
+_BUILT: dict[str, str] = {}  # the tiny model, built once per session for every tests/test_serve*.py module
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
+    if NAME not in _BUILT:
+        _BUILT[NAME] = _tiny_model(tmp_path_factory)
+    return _BUILT[NAME]
+
+
+def _tiny_model(tmp_path_factory) -> str:
     from mtnlg.formats.fused import save_fused
     from mtnlg.formats.tokenizer import Tokenizer
 
@@ -215,18 +221,25 @@ def test_chat_completion_and_streaming(client):
     assert chunks[0].choices[0].delta.role == "assistant"
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed.strip() == msg.content
-    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
-    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert chunks[-2].choices[0].finish_reason == r.choices[0].finish_reason
+    # include_usage: a last chunk with the usage and no choices; every other chunk says usage null
+    assert chunks[-1].choices == [] and chunks[-1].usage == r.usage
+    assert all(c.usage is None for c in chunks[:-1])
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(model="other", prompt="x"), "model 'other' is not served here"),
     (dict(model=NAME, prompt="   "), "prompt: must not be empty"),
     (dict(model=NAME, prompt="list", max_tokens=200), "maximum context length is 128 tokens"),
     (dict(model=NAME, prompt="list", extra_body={"temperature": "hot"}), "temperature"),
     (dict(model=NAME, prompt="list", extra_body={"colour": "blue"}), "colour: unknown field"),
-    (dict(model=NAME, prompt="list", n=2), "only n=1"),
-    (dict(model=NAME, prompt=["a", "b"]), "one prompt per request"),
+    (dict(model=NAME, prompt="list", n=0), "n: Input should be greater than or equal to 1"),
+    (dict(model=NAME, prompt=["a", " "]), "prompt: must not be empty"),
+    (dict(model=NAME, prompt=[5, 100000]), "prompt: token id 100000 is outside the vocabulary"),
+    (dict(model=NAME, prompt="list", n=65), "n: 65 choices exceed this server's queue of 64"),
+    (dict(model=NAME, prompt="list", stop=["a", "b", "c", "d", "e"]), "stop: at most 4 sequences, got 5"),
+    (dict(model=NAME, prompt="list", stream_options={"include_usage": True}), "stream_options: only allowed"),
+    (dict(model=NAME, prompt="list", logprobs=21), "logprobs: Input should be less than or equal to 20"),
+    (dict(model=NAME, prompt="list", logprobs=2, echo=True), "echo: the prompt's log-probabilities"),
     (dict(model=NAME, prompt="list", max_tokens=4, extra_body={"min_tokens": 9}), "min_tokens=9 exceeds"),
 ])
 def test_bad_requests_get_400_with_a_message(client, kwargs, match):
@@ -272,6 +285,7 @@ def test_full_queue_answers_429(model_dir, local_model):
     with ServerThread(model_dir, max_batch_size=1, max_queue=1, batch_wait_ms=0) as s:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
         codes: list[int] = []
+        refusals: list[openai.RateLimitError] = []
         lock = threading.Lock()
 
         def ask():
@@ -280,6 +294,7 @@ def test_full_queue_answers_429(model_dir, local_model):
                 code = 200
             except openai.RateLimitError as e:
                 code = e.status_code
+                refusals.append(e)
             with lock:
                 codes.append(code)
 
@@ -289,43 +304,11 @@ def test_full_queue_answers_429(model_dir, local_model):
         for t in threads:
             t.join(60)
         assert sorted(codes)[0] == 200 and 429 in codes, codes
+        for e in refusals:  # OpenAI's shape, and when to come back
+            assert e.response.headers["retry-after"] == "1"
+            assert e.body == {"message": "the queue is full (max_queue=1); retry later", "type": "rate_limit_error",
+                              "param": None, "code": "queue_full"}
         assert httpx.get(s.url + "/health").json()["rejected"] == codes.count(429)
-
-
-def test_mtnlg_serve_command_and_graceful_shutdown(model_dir):
-    """`mtnlg serve` as a user starts it; SIGTERM during a streamed reply lets it finish, then exits 0."""
-    port = _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MTNLG_LOG_LEVEL": "INFO"}
-    proc = subprocess.Popen([sys.executable, "-m", "mtnlg.cli", "serve", model_dir, "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, "server did not come up"
-            time.sleep(0.2)
-        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        stream = c.completions.create(model=NAME, prompt="sort the dict", max_tokens=50, extra_body={"min_tokens": 50},
-                                      temperature=0, stream=True)
-        first = next(iter(stream))
-        proc.send_signal(signal.SIGTERM)
-        rest = list(stream)
-        assert rest[-1].choices[0].finish_reason == "length"
-        text = first.choices[0].text + "".join(ch.choices[0].text for ch in rest)
-        assert text.strip()
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        out = proc.stdout.read()
-    assert "engine stopped" in out, out[-2000:]
-    with pytest.raises(httpx.TransportError):
-        httpx.get(url + "/health")
 
 
 def test_engine_text_stream_holds_back_partial_stop_strings():

@@ -173,3 +173,18 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eod_id={self.eod_id})"
+
+
+#: ``mtnlg.generate.chat.format_chat`` as a Hugging Face chat template, after the end-of-document
+#: token that starts every prompt (``mtnlg.model.decode.prompt_ids_for``): a tokenizer's
+#: ``apply_chat_template(messages, add_generation_prompt=True)`` gives the token ids a server
+#: runs for a chat request. The Hugging Face export carries it (``tokenizer_config.json``).
+CHAT_TEMPLATE = (
+    "{{- eos_token if eos_token is defined else '' -}}"
+    "{%- set tags = {'system': 'System', 'user': 'User', 'assistant': 'Assistant'} -%}"
+    "{%- for message in messages -%}"
+    "{{ tags[message['role']] + ': ' + (message['content'] | string).split() | join(' ') }}"
+    "{%- if not loop.last or add_generation_prompt %}{{ '\\n' }}{% endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
+)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from mtnlg.formats.tokenizer import Tokenizer
+from mtnlg.formats.tokenizer import CHAT_TEMPLATE, Tokenizer
 
 SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 
@@ -81,5 +81,6 @@ def write_hf_tokenizer(tok: Tokenizer, out_dir: str) -> dict[str, Any]:
         eos_token=sp.id_to_piece(tok.eod_id),
         pad_token=sp.id_to_piece(tok.pad_id) if tok.pad_id >= 0 else None,
     )
+    fast.chat_template = CHAT_TEMPLATE  # the chat format of `mtnlg generate --chat` and `mtnlg serve`
     files = fast.save_pretrained(out_dir)
     return {"files": sorted(os.path.basename(f) for f in files), "vocab_size": sp.get_piece_size()}

@@ -8,7 +8,10 @@ A conversation is a list of messages ``{"role": "system"|"user"|"assistant", "co
     Assistant:
 
 and the model continues after ``Assistant:`` until it starts a new turn (a line beginning
-with ``User:`` or ``System:``), ends the document, or reaches ``max_new_tokens``. A base
+with ``User:`` or ``System:``), ends the document, or reaches ``max_new_tokens``.
+:data:`CHAT_TEMPLATE` is the same format as a Hugging Face chat template (Jinja), for a
+``tokenizer_config.json`` to carry: ``apply_chat_template`` renders the end-of-document
+token and what :func:`format_chat` writes. A base
 model trained on ordinary text has never seen this format, so the replies are only as
 good as its continuation of the transcript; the same code serves a model fine-tuned on
 such transcripts.
@@ -24,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from mtnlg.formats.tokenizer import CHAT_TEMPLATE  # noqa: F401  (the format as a Hugging Face chat template)
 from mtnlg.model.decode import prompt_ids_for, stream_tokens
 from mtnlg.model.sampling import SamplingConfig
 
@@ -32,8 +36,10 @@ ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 TURN_STARTS = tuple(f"\n{tag}:" for tag in ROLES.values())
 
 
-def format_chat(messages: list[dict]) -> str:
-    """The transcript for ``messages``, ending with ``Assistant:`` for the reply."""
+
+def format_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The transcript for ``messages``, ending with ``Assistant:`` for the reply
+    (``add_generation_prompt=False``: with the last message)."""
     lines = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
@@ -43,7 +49,8 @@ def format_chat(messages: list[dict]) -> str:
             raise ValueError(f"message {i}: unknown role {role!r}; expected one of {sorted(ROLES)}")
         content = " ".join(str(m["content"]).split())  # one line per turn
         lines.append(f"{ROLES[role]}: {content}")
-    lines.append(f"{ROLES['assistant']}:")
+    if add_generation_prompt:
+        lines.append(f"{ROLES['assistant']}:")
     return "\n".join(lines)
 
 

@@ -163,6 +163,7 @@ class BatchDecoder:
             for row, token in enumerate(dec.step()):   # None: that row has finished
                 ...
         dec.finish_reason[row]                         # "stop" (end of document, or finish()) | "length"
+        dec.last_logits                                # (B, V_padded) the last step's next-token logits
 
     The prompts are left-padded to the longest and share one ``KVCache`` (its ``pad``
     keeps each sequence's positions and attention its own), so a row's tokens are those
@@ -202,6 +203,7 @@ class BatchDecoder:
         self.history = [list(p) for p in prompts]
         self.generated = [0] * len(prompts)
         self.finish_reason: list[str | None] = [None if s.max_new_tokens > 0 else "length" for s in samplings]
+        self.last_logits: torch.Tensor | None = None
         self.generators: list[torch.Generator | None] = []
         for s in samplings:
             g = None
@@ -230,6 +232,7 @@ class BatchDecoder:
         finally:
             self.model.train(was_training)
         last = _mask_padding(logits[:, -1, :].float(), self.vocab_size)                        # (B, V_padded)
+        self.last_logits = last  # the model's own, before any sampling adjustment (servers' logprobs)
         out: list[int | None] = []
         feed = []
         for row, s in enumerate(self.samplings):

@@ -3,6 +3,7 @@
     engine = Engine(model, tokenizer, EngineConfig(max_batch_size=8, max_queue=64))
     engine.start()
     handle = engine.submit(prompt_ids, sampling, stop=["\\n\\n"], on_event=callback)  # or QueueFull
+    handles = engine.submit_many([Request(...), Request(...)])   # all accepted, or none
     ...
     engine.close()   # finishes what was accepted, then stops
 
@@ -16,13 +17,20 @@ which the HTTP layer answers with 429.
 
 Each request's text is assembled from its tokens by :class:`TextStream` (stop strings,
 held-back partial matches) and handed to ``on_event`` as it grows, from the worker thread:
-``("text", delta)``, then ``("done", {"finish_reason", "prompt_tokens", "completion_tokens"})``
-or ``("error", message)``.
+``("text", Piece)`` (the new text, and the :class:`TokenLogprob` of each token whose text
+begins in it when the request asked for ``logprobs``), then ``("done", {"finish_reason",
+"prompt_tokens", "completion_tokens"})`` or ``("error", message)``.
+
+Log-probabilities are the model's own: the log-softmax of its logits over the tokenizer's
+vocabulary (the padding rows of the output layer left out), before temperature, top-p,
+the repetition penalty or ``min_tokens`` change anything, as other OpenAI-compatible
+servers report them by default.
 """
 
 from __future__ import annotations
 
 import collections
+import os
 import queue
 import threading
 import time
@@ -59,6 +67,26 @@ class EngineConfig(Config):
     batch_wait_ms: float = field(default=20.0, metadata={"min": 0.0})
 
 
+@dataclass
+class TokenLogprob:
+    """One generated token: its id, the text it adds, where that begins in the reply, its
+    log-probability and the ``k`` most likely tokens at its place ``(id, text, logprob)``."""
+
+    id: int
+    text: str
+    offset: int
+    logprob: float
+    top: list[tuple[int, str, float]]
+
+
+@dataclass
+class Piece:
+    """New text of a reply, with the tokens whose text begins in it (when logprobs were asked)."""
+
+    text: str
+    tokens: list[TokenLogprob] = field(default_factory=list)
+
+
 class TextStream:
     """Text of a growing list of new token ids, cut at the first stop string.
 
@@ -77,6 +105,7 @@ class TextStream:
         self.ids: list[int] = []
         self.shown = ""
         self.text = ""
+        self.full = ""  # the text of every id, not cut at a stop string
         self.stopped = False
 
     def _decode(self) -> str:
@@ -91,7 +120,7 @@ class TextStream:
 
     def push(self, token: int) -> tuple[str, bool]:
         self.ids.append(token)
-        text = self._decode()
+        text = self.full = self._decode()
         cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
         if cuts:
             self.text = text[:min(cuts)]
@@ -112,14 +141,66 @@ class TextStream:
         return self._emit(self.text)
 
 
+class ReplyStream:
+    """A :class:`TextStream` that also tracks each token's log-probabilities (``logprobs``:
+    how many alternatives to report, None for none) and hands out :class:`Piece` s.
+
+    A token is released with the piece of text that shows its first character; at the
+    end, every token is released, except those wholly inside a cut-off stop string.
+    """
+
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str] | None, logprobs: int | None):
+        self.text = TextStream(tokenizer, prompt_ids, stop)
+        self.tokenizer, self.logprobs = tokenizer, logprobs
+        self.prev = prompt_ids[-1]
+        self.pending: list[TokenLogprob] = []
+
+    @property
+    def ids(self) -> list[int]:
+        return self.text.ids
+
+    def push(self, token: int, logprobs: torch.Tensor | None) -> tuple[Piece | None, bool]:
+        """``logprobs``: (V,) the model's log-probabilities at this token's place."""
+        before = self.text.full
+        delta, stopped = self.text.push(token)
+        if self.logprobs is not None and logprobs is not None:
+            after = self.text.full
+            offset = len(before) if after.startswith(before) else len(os.path.commonprefix([before, after]))
+            self.pending.append(self._record(token, after[offset:], offset, logprobs))
+        self.prev = token
+        return self._piece(delta, len(self.text.shown)), stopped
+
+    def flush(self) -> Piece | None:
+        rest = self.text.flush()
+        return self._piece(rest, len(self.text.text) if self.text.stopped else None)
+
+    def _record(self, token: int, text: str, offset: int, logprobs: torch.Tensor) -> TokenLogprob:
+        top: list[tuple[int, str, float]] = []
+        if self.logprobs:
+            values, ids = torch.topk(logprobs, min(self.logprobs, logprobs.shape[-1]))
+            for v, i in zip(values.tolist(), ids.tolist()):
+                alt = text if i == token else continuation_text(self.tokenizer, [self.prev], [i])
+                top.append((i, alt, v))
+        return TokenLogprob(token, text, offset, float(logprobs[token]), top)
+
+    def _piece(self, delta: str, shown: int | None) -> Piece | None:
+        """``delta`` with the pending tokens whose text begins before ``shown`` (None: all)."""
+        out = [t for t in self.pending if shown is None or t.offset < shown]
+        self.pending = [t for t in self.pending if not (shown is None or t.offset < shown)]
+        return Piece(delta, out) if delta or out else None
+
+
 @dataclass
 class Request:
     prompt_ids: list[int]
     sampling: SamplingConfig
     on_event: Callable[[Event], None]
     stop: list[str] = field(default_factory=list)
+    # how many most likely alternatives to report with each token's log-probability; None: no logprobs
+    logprobs: int | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
 
     def cancel(self) -> None:
         """The client has gone: stop decoding this request at the next step."""
@@ -174,30 +255,39 @@ class Engine:
         return self._closing.is_set()
 
     @property
+    def running(self) -> bool:
+        """The worker is up and takes requests."""
+        return self._thread is not None and self._thread.is_alive() and not self.closing
+
+    @property
     def waiting(self) -> int:
         return self._queue.qsize() + len(self._held)
 
     # ------------------------------------------------------------------ requests
 
     def submit(self, prompt_ids: list[int], sampling: SamplingConfig, on_event: Callable[[Event], None],
-               stop: list[str] | None = None) -> Request:
+               stop: list[str] | None = None, logprobs: int | None = None) -> Request:
+        return self.submit_many([Request(list(prompt_ids), sampling, on_event, list(stop or []), logprobs)])[0]
+
+    def submit_many(self, requests: list[Request]) -> list[Request]:
+        """Queue ``requests`` together (the choices of one API call): all of them, or none
+        (``QueueFull`` when fewer than ``len(requests)`` places are free)."""
         if self.closing:
             raise EngineClosed("the server is shutting down")
-        if not prompt_ids:
-            raise ValueError("the prompt has no tokens")
-        if len(prompt_ids) + sampling.max_new_tokens > self.window:
-            raise ValueError(f"{len(prompt_ids)} prompt tokens + {sampling.max_new_tokens} new tokens exceed "
-                             f"the model's context of {self.window} tokens")
-        req = Request(list(prompt_ids), sampling, on_event, list(stop or []))
-        try:
-            self._queue.put_nowait(req)
-        except queue.Full:
-            with self._lock:
+        for req in requests:
+            if not req.prompt_ids:
+                raise ValueError("the prompt has no tokens")
+            if len(req.prompt_ids) + req.sampling.max_new_tokens > self.window:
+                raise ValueError(f"{len(req.prompt_ids)} prompt tokens + {req.sampling.max_new_tokens} new tokens "
+                                 f"exceed the model's context of {self.window} tokens")
+        with self._lock:  # only the worker takes from the queue: the room counted here stays free
+            if self.config.max_queue - self._queue.qsize() < len(requests):
                 self.stats.rejected += 1
-            raise QueueFull(f"{self.config.max_queue} requests are already waiting; retry later") from None
-        with self._lock:
-            self.stats.requests += 1
-        return req
+                raise QueueFull(f"the queue is full (max_queue={self.config.max_queue}); retry later")
+            for req in requests:
+                self._queue.put_nowait(req)
+            self.stats.requests += len(requests)
+        return requests
 
     # ------------------------------------------------------------------ worker
 
@@ -243,7 +333,8 @@ class Engine:
                 self._decode(batch)
 
     def _decode(self, batch: list[Request]) -> None:
-        streams = [TextStream(self.tokenizer, r.prompt_ids, r.stop) for r in batch]
+        streams = [ReplyStream(self.tokenizer, r.prompt_ids, r.stop, r.logprobs) for r in batch]
+        vocab = self.tokenizer.vocab_size
         try:
             dec = BatchDecoder(self.model, [r.prompt_ids for r in batch], [r.sampling for r in batch],
                                self.tokenizer.vocab_size, self.tokenizer.eod_id)
@@ -255,12 +346,17 @@ class Engine:
                     if req.cancelled.is_set():
                         dec.finish(row, "cancelled")
                 tokens = dec.step()
+                logprobs = None
+                if any(r.logprobs is not None for r in batch):
+                    logprobs = torch.log_softmax(dec.last_logits[:, :vocab], dim=-1)  # (B, V) padding rows out
                 for row, (req, tok) in enumerate(zip(batch, tokens)):
                     if tok is None:
                         continue
-                    delta, stopped = streams[row].push(tok)
-                    if delta:
-                        req.on_event(("text", delta))
+                    if req.first_token_at is None:
+                        req.first_token_at = time.perf_counter()
+                    piece, stopped = streams[row].push(tok, None if logprobs is None else logprobs[row])
+                    if piece is not None:
+                        req.on_event(("text", piece))
                     if stopped:
                         dec.finish(row, "stop")
                 with self._lock:
@@ -274,7 +370,7 @@ class Engine:
             return
         for row, req in enumerate(batch):
             rest = streams[row].flush()
-            if rest:
+            if rest is not None:
                 req.on_event(("text", rest))
             reason = dec.finish_reason[row]
             req.on_event(("done", {"finish_reason": "stop" if reason == "cancelled" else reason,
