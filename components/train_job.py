@@ -38,7 +38,9 @@ def train(tokens: Input[Dataset], recipe: str, model_preset: str, num_layers: in
         queue_name: the Kueue LocalQueue the job waits in ("" = none): the job runs when Kueue admits it.
         priority_class: the job's Kueue WorkloadPriorityClass ("" = none).
     """
-    from mtnlg.cluster.jobs import ClusterJobConfig
+    import os
+
+    from mtnlg.cluster.jobs import ClusterJobConfig, with_kfp_store
     from mtnlg.cluster.launcher import pod_namespace, pod_owner
     from mtnlg.components.artifacts import artifact_location, log_metrics
     from mtnlg.config import load_config
@@ -52,6 +54,7 @@ def train(tokens: Input[Dataset], recipe: str, model_preset: str, num_layers: in
         "backend": backend, "nodes": nodes, "gpus_per_node": gpus_per_node, "namespace": pod_namespace(),
         "volume_claim": volume_claim, "volume_mount": volume_mount, "queue_name": queue_name,
         "priority_class": priority_class})
+    job = with_kfp_store(job, [tokens.uri, checkpoint.uri], dict(os.environ))  # KFP's own store: its S3 access
     result = train_job_step(artifact_location(tokens), artifact_location(checkpoint), config, job=job, run_id=run_id,
                             timeout_s=timeout_s or None, cleanup=cleanup, owner=pod_owner(namespace=job.namespace))
     checkpoint.metadata["recipe"] = recipe

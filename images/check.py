@@ -296,7 +296,7 @@ class Emulators:
 
         def nodes():
             t = job["spec"]["trainer"]
-            command, env = t["command"], {e["name"]: e["value"] for e in t.get("env", [])}
+            command, env = t["command"], {e["name"]: e["value"] for e in t.get("env", []) if "value" in e}
             port = _free_port()
             bin_dir = Path(self.node_env["VIRTUAL_ENV"]) / "bin"
             procs = [subprocess.Popen(

@@ -44,10 +44,26 @@ def model_memory(recipe_name: str, copies: float) -> str:
     return f"{max(2, math.ceil(params * 4 * copies / 2**30) + 1)}Gi"
 
 
+# Kubeflow Pipelines' own artifact store, while a pipeline that reaches it over S3 is built
+# (pipeline_for(kfp_store_endpoint=...)): (endpoint, Secret with its keys)
+_KFP_STORE: tuple[str, str] | None = None
+
+
 def resources(task, cpu, memory):
     """CPU and memory requests equal to the limits (the Guaranteed QoS class: a step is
-    neither throttled below nor evicted above what it asked for), from pipeline parameters."""
-    return task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
+    neither throttled below nor evicted above what it asked for), from pipeline parameters;
+    and, in a pipeline built to reach Kubeflow Pipelines' store over S3, its endpoint and keys."""
+    task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
+    if _KFP_STORE is not None:
+        from kfp import kubernetes
+
+        from mtnlg.cluster.jobs import KFP_STORE_KEYS
+
+        endpoint, secret = _KFP_STORE
+        task.set_env_variable("AWS_ENDPOINT_URL_S3", endpoint).set_env_variable("MTNLG_S3_SECRET", secret)
+        kubernetes.use_secret_as_env(task, secret_name=secret,
+                                     secret_key_to_env={key: var for var, key in KFP_STORE_KEYS.items()})
+    return task
 
 
 def step_resources(params: dict) -> dict:
@@ -235,15 +251,27 @@ def _job_pipeline(backend: str, volume_claim: str = "", volume_mount: str = "/mn
 
 
 def pipeline_for(train_backend: str = "trainjob", volume_claim: str = "", volume_mount: str = "/mnt/mtnlg",
-                 deploy: bool = False):
+                 deploy: bool = False, kfp_store_endpoint: str = "", kfp_store_secret: str = ""):
     """The pipeline function for a training backend (see the module doc); with a
     ``volume_claim`` (a ReadWriteMany PVC), the job backends' launcher and nodes mount it at
     ``volume_mount`` and stage there what object storage does not give the nodes. With
-    ``deploy``, a last step serves the model on KServe when the evaluation passes the gate."""
+    ``deploy``, a last step serves the model on KServe when the evaluation passes the gate.
+    With ``kfp_store_endpoint`` (``http://minio-service.kubeflow:9000``), every step reads and
+    writes Kubeflow Pipelines' own store (its default pipeline root, ``minio://``) over S3
+    with the keys of ``kfp_store_secret``, and so do the training job's pods."""
+    global _KFP_STORE
+    from mtnlg.cluster.jobs import KFP_STORE_SECRET
+
     if train_backend not in TRAIN_BACKENDS:
         raise ValueError(f"train backend {train_backend!r}: expected one of {', '.join(TRAIN_BACKENDS)}")
-    if train_backend == "pod":
-        if volume_claim:
-            raise ValueError("--volume-claim: only the trainjob and pytorchjob backends use a shared volume")
-        return _pod_pipeline(deploy) if deploy else gpt_pipeline
-    return _job_pipeline(train_backend, volume_claim, volume_mount, deploy)
+    if kfp_store_endpoint and not kfp_store_endpoint.startswith(("http://", "https://")):
+        raise ValueError(f"--kfp-store-endpoint: expected http(s)://HOST:PORT, got {kfp_store_endpoint!r}")
+    _KFP_STORE = (kfp_store_endpoint, kfp_store_secret or KFP_STORE_SECRET) if kfp_store_endpoint else None
+    try:
+        if train_backend == "pod":
+            if volume_claim:
+                raise ValueError("--volume-claim: only the trainjob and pytorchjob backends use a shared volume")
+            return _pod_pipeline(deploy) if deploy or _KFP_STORE else gpt_pipeline
+        return _job_pipeline(train_backend, volume_claim, volume_mount, deploy)
+    finally:
+        _KFP_STORE = None

@@ -306,3 +306,38 @@ def test_pytorchjob_host_network_and_pod_priority():
         assert (t["spec"]["hostNetwork"], t["spec"]["dnsPolicy"]) == (True, "ClusterFirstWithHostNet")
         assert t["spec"]["priorityClassName"] == "training-high"
     validate_object(j, schema("pytorchjob"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pipeline_on_kfps_own_store_gives_the_job_its_s3_endpoint_and_keys(backend):
+    """With Kubeflow Pipelines' default minio:// root, the job's pods reach the artifacts
+    over S3: the endpoint from the step's environment, the keys by reference to the store's
+    Secret (never their values in the job), strictly valid against the CRD and admitted."""
+    from mtnlg.cluster.admission import admit
+    from mtnlg.cluster.jobs import with_kfp_store
+
+    spec = ClusterJobConfig(name="gpt-test", backend=backend, nodes=2, gpus_per_node=8, env={"A": "1"})
+    uris = ["minio://mlpipeline/v2/artifacts/mtnlg-gpt/run/tokenize/tokens",
+            "minio://mlpipeline/v2/artifacts/mtnlg-gpt/run/train/checkpoint"]
+    env = {"AWS_ENDPOINT_URL_S3": "http://minio-service.kubeflow:9000", "AWS_SECRET_ACCESS_KEY": "never-copied"}
+    got = with_kfp_store(spec, uris, env)
+    assert got.env == {"A": "1", "AWS_ENDPOINT_URL_S3": "http://minio-service.kubeflow:9000"}
+    assert got.secret_env == {"AWS_ACCESS_KEY_ID": "mlpipeline-minio-artifact/accesskey",
+                              "AWS_SECRET_ACCESS_KEY": "mlpipeline-minio-artifact/secretkey"}
+    j = build_job(got, run_config("parallel.tp=2"))
+    validate_object(j, schema(backend))
+    admit(j, schema(backend))
+    container_env = (j["spec"]["trainer"]["env"] if backend == "trainjob" else
+                     j["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"])
+    by_name = {e["name"]: e for e in container_env}
+    assert by_name["AWS_SECRET_ACCESS_KEY"] == {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {
+        "secretKeyRef": {"name": "mlpipeline-minio-artifact", "key": "secretkey"}}}
+    assert "never-copied" not in str(j)
+    assert with_kfp_store(spec, uris, {**env, "MTNLG_S3_SECRET": "my-store"}).secret_env["AWS_ACCESS_KEY_ID"] == \
+        "my-store/accesskey"
+    assert with_kfp_store(spec, ["gs://b/tokens", "s3://b/run"], env) is spec  # other stores: as is
+    with pytest.raises(ConfigError, match=r"compile with `mtnlg compile --kfp-store-endpoint "
+                                          r"http://minio-service.kubeflow:9000`"):
+        with_kfp_store(spec, uris, {})
+    with pytest.raises(ConfigError, match=r"secret_env: X='nokey': expected SECRET/KEY"):
+        ClusterJobConfig(secret_env={"X": "nokey"})

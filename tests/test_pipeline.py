@@ -165,3 +165,22 @@ def test_deploy_step_when_compiled_with_deploy(tmp_path, backend):
     outs = ir["components"]["comp-deploy"]["outputDefinitions"]["artifacts"]
     assert {k: v["artifactType"]["schemaTitle"] for k, v in outs.items()} == {"decision": "system.Markdown",
                                                                                "metrics": "system.Metrics"}
+
+
+def test_compiled_for_kfps_own_store_every_step_gets_its_endpoint_and_keys(tmp_path):
+    """`mtnlg compile --kfp-store-endpoint URL`: each step reads and writes Kubeflow
+    Pipelines' minio:// root over S3 (the endpoint as an environment variable, the keys from
+    the store's Secret through kfp-kubernetes), so the train step's job can be given them."""
+    path = tmp_path / "ir.yaml"
+    assert cli(["compile", "--kfp-store-endpoint", "http://minio-service.kubeflow:9000", "-o", str(path)]) == 0
+    ir, platform = yaml.safe_load_all(path.read_text())
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for step in ("extract", "tokenize", "train", "fuse", "evaluate"):
+        env = {e["name"]: e["value"] for e in ir["deploymentSpec"]["executors"][f"exec-{step}"]["container"]["env"]}
+        assert env == {"AWS_ENDPOINT_URL_S3": "http://minio-service.kubeflow:9000",
+                       "MTNLG_S3_SECRET": "mlpipeline-minio-artifact"}, step
+        (secret,) = executors[f"exec-{step}"]["secretAsEnv"]
+        assert secret["secretName"] == "mlpipeline-minio-artifact"
+        assert {k["secretKey"]: k["envVar"] for k in secret["keyToEnv"]} == {
+            "accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"}
+    assert cli(["compile", "--kfp-store-endpoint", "minio-service:9000", "-o", str(path)]) == 1

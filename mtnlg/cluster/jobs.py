@@ -139,6 +139,9 @@ class ClusterJobConfig(Config):
     # PyTorchJob: pod restarts before the job fails (the trainer resumes from its checkpoint)
     backoff_limit: int = field(default=3, metadata={"min": 0})
     env: dict[str, str] = field(default_factory=dict)
+    # variables taken from Secrets in the job's namespace: NAME -> "SECRET/KEY" (credentials:
+    # the pods read them, the job object holds only the reference)
+    secret_env: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
     # a ReadWriteMany PersistentVolumeClaim mounted on every node at volume_mount ("" = none)
     volume_claim: str = ""
@@ -171,7 +174,14 @@ class ClusterJobConfig(Config):
         if self.gpus_per_node and self.nproc_per_node and self.nproc_per_node != self.gpus_per_node:
             raise ConfigError(f"nproc_per_node={self.nproc_per_node} must equal gpus_per_node="
                               f"{self.gpus_per_node}: one process drives one GPU")
-        reserved = sorted(set(self.env) & set(RESERVED_ENV))
+        for var, ref in self.secret_env.items():
+            secret, _, key = ref.partition("/")
+            if not (secret and key) or "/" in key:
+                raise ConfigError(f"secret_env: {var}={ref!r}: expected SECRET/KEY (a Secret in the job's namespace "
+                                  "and one of its keys)")
+            if var in self.env:
+                raise ConfigError(f"secret_env: {var} is also set in env; set it once")
+        reserved = sorted((set(self.env) | set(self.secret_env)) & set(RESERVED_ENV))
         if reserved:
             raise ConfigError(f"env: {reserved[0]} is set by the operator (or carries the run config); "
                               "remove it")
@@ -257,6 +267,38 @@ def job_name(run_id: str, task: str, prefix: str = "mtnlg") -> str:
     return f"{head[:MAX_NAME - 11]}-{digest}".strip("-")
 
 
+# Kubeflow Pipelines' own artifact store (MinIO, or SeaweedFS behind the same Service) and the
+# Secret holding its keys in every namespace that runs pipelines
+KFP_STORE_SECRET = "mlpipeline-minio-artifact"
+KFP_STORE_KEYS = {"AWS_ACCESS_KEY_ID": "accesskey", "AWS_SECRET_ACCESS_KEY": "secretkey"}
+S3_ENDPOINT_VARS = ("MTNLG_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+def with_kfp_store(spec: ClusterJobConfig, artifact_uris: list[str], environ: dict[str, str]) -> ClusterJobConfig:
+    """The job of a pipeline step whose artifacts live in Kubeflow Pipelines' own store
+    (``minio://`` URIs): its pods get the store's S3 endpoint (from the step's environment,
+    where ``mtnlg compile --kfp-store-endpoint`` puts it) and its keys from the store's
+    Secret in their namespace (``MTNLG_S3_SECRET``, default ``mlpipeline-minio-artifact``),
+    so they read the tokens and write the run where the step and the later steps find them.
+    Without the endpoint, a ``ConfigError`` says what to set. Other URIs: ``spec`` as is."""
+    import dataclasses
+
+    if not any(u.startswith("minio://") for u in artifact_uris):
+        return spec
+    endpoint = next((environ[v] for v in S3_ENDPOINT_VARS if environ.get(v)), "")
+    if not endpoint:
+        raise ConfigError(
+            "the pipeline root is Kubeflow Pipelines' own store (minio://...), which the job's pods cannot reach "
+            "through this step's local copies: compile with `mtnlg compile --kfp-store-endpoint "
+            "http://minio-service.kubeflow:9000` (every step and the job's pods then use the store over S3 with the "
+            f"{KFP_STORE_SECRET} Secret), or run with a gs:// or s3:// pipeline root, or a shared volume "
+            "(--volume-claim)")
+    secret = environ.get("MTNLG_S3_SECRET") or KFP_STORE_SECRET
+    env = {**spec.env, "AWS_ENDPOINT_URL_S3": endpoint}
+    secret_env = {**{var: f"{secret}/{key}" for var, key in KFP_STORE_KEYS.items()}, **spec.secret_env}
+    return dataclasses.replace(spec, env=env, secret_env=secret_env)
+
+
 def reachable(path: str, spec: ClusterJobConfig) -> bool:
     """Whether the job's pods can reach ``path``: object storage, or the shared volume."""
     return storage.is_remote(path) or bool(
@@ -289,11 +331,13 @@ def node_resources(spec: ClusterJobConfig) -> dict[str, Any]:
     return {"limits": limits, "requests": dict(limits)}
 
 
-def _env(spec: ClusterJobConfig, run_config) -> list[dict[str, str]]:
+def _env(spec: ClusterJobConfig, run_config) -> list[dict[str, Any]]:
     network = dict(spec.nccl_env)
     if spec.nccl_socket_ifname:
         network["NCCL_SOCKET_IFNAME"] = spec.nccl_socket_ifname
-    env = [{"name": k, "value": str(v)} for k, v in sorted({**spec.env, **network}.items())]
+    env: list[dict[str, Any]] = [{"name": k, "value": str(v)} for k, v in sorted({**spec.env, **network}.items())]
+    env += [{"name": k, "valueFrom": {"secretKeyRef": {"name": ref.split("/", 1)[0], "key": ref.split("/", 1)[1]}}}
+            for k, ref in sorted(spec.secret_env.items())]
     return env + [{"name": "PYTHONUNBUFFERED", "value": "1"}, {"name": CONFIG_ENV, "value": dump_yaml(run_config)}]
 
 
