@@ -86,18 +86,13 @@ class CheckpointSaveError(OSError):
 # --------------------------------------------------------------------------- checksums
 
 
-def file_digest(path: str, chunk: int = 1 << 20) -> dict[str, Any]:
-    """Size and sha256 of a file, local, gs:// or s3:// (read in chunks)."""
-    h = hashlib.sha256()
-    n = 0
-    with storage.open_read(path) as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-            n += len(b)
-    return {"sha256": h.hexdigest(), "size": n}
+def file_digest(path: str) -> dict[str, Any]:
+    """Size and sha256 of a file, local, gs:// or s3:// (``sha256_file``, the one hasher of
+    checkpoints and fused models)."""
+    from mtnlg.formats.sharded_safetensors import sha256_file
+
+    digest, size = sha256_file(path, with_size=True)
+    return {"sha256": digest, "size": size}
 
 
 def write_checksums(root: str, names: list[str], rank: int, suffix: str = "") -> None:
@@ -118,10 +113,14 @@ def _rank_files(root: str, rank: int) -> list[str]:
 
 
 def _safe_name(name: str, where: str) -> str:
-    parts = name.replace("\\", "/").split("/")
-    if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise CheckpointDamaged(f"{where}: file name {name!r} would leave the checkpoint directory")
-    return name
+    """``name`` if it stays inside the checkpoint directory (``manifest.safe_relative``, the
+    one path check of checkpoints and fused models); ``CheckpointDamaged`` otherwise."""
+    from mtnlg.formats.manifest import safe_relative
+
+    try:
+        return safe_relative(name, where)
+    except ValueError as e:
+        raise CheckpointDamaged(str(e).replace("the model directory", "the checkpoint directory")) from None
 
 
 def verify_checkpoint(path: str, shards: str = "hash") -> list[str]:

@@ -214,18 +214,20 @@ def read_header(path: str) -> tuple[dict[str, Any], int]:
         raise ValueError(f"{path}: the safetensors header is corrupt ({e})") from None
 
 
-def sha256_file(path: str, chunk: int = 8 << 20) -> str:
-    """Hex sha256 of a local file or gs:// or s3:// object, read in chunks."""
+def sha256_file(path: str, chunk: int = 8 << 20, with_size: bool = False):
+    """Hex sha256 of a local file or gs:// or s3:// object, read in chunks; with
+    ``with_size``, ``(sha256, bytes read)``."""
     from mtnlg import storage
 
-    h = hashlib.sha256()
+    h, n = hashlib.sha256(), 0
     with storage.open_read(path, "rb") as f:
         while True:
             b = f.read(chunk)
             if not b:
                 break
             h.update(b)
-    return h.hexdigest()
+            n += len(b)
+    return (h.hexdigest(), n) if with_size else h.hexdigest()
 
 
 def save_state_dict(state: dict[str, torch.Tensor], directory: str, max_shard_bytes: int = 2 << 30,
