@@ -9,12 +9,16 @@ that deduplication removes). Then, in the same run:
   split and write JSONL, one process;
 * ``beam``: ``mtnlg.extract.beam_job.extract`` with the same config on ``--workers`` DirectRunner
   processes (wall time of the whole call: pipeline start-up included);
-* ``beam+fuzzy`` (unless ``--no-fuzzy-run``): the pipeline with MinHash LSH deduplication on,
-  as ``mtnlg extract`` runs by default.
+* ``beam+decontaminate``: the same pipeline with decontamination against the validation
+  split on (``decontaminate.validation=true``, the default; the two configs differ in
+  nothing else);
+* ``beam+fuzzy`` (unless ``--no-fuzzy-run``): the pipeline with every default of ``mtnlg
+  extract``: MinHash LSH deduplication and decontamination on.
 
-Throughput is decompressed input bytes per second of wall time; with ``--repeat R`` the two
-are run alternately R times and the best time of each is kept (the machine may be shared).
-Both must agree on every count; the script fails otherwise.
+Throughput is decompressed input bytes per second of wall time; with ``--repeat R`` the
+three are run alternately R times and the best time of each is kept (the machine may be
+shared). The loop and ``beam`` must agree on every count, and ``beam+decontaminate`` must
+balance; the script fails otherwise.
 
     .venv/bin/python benchmarks/extract.py            # ~50 MB, 2 workers
     .venv/bin/python benchmarks/extract.py --mb 10 --workers 1
@@ -119,7 +123,7 @@ def run_one(args) -> int:
     from mtnlg.extract.config import RULES, ExtractConfig
 
     cfg = replace(ExtractConfig(), [f"filters.disabled={json.dumps(list(RULES))}",
-                                    f"dedup.components={args.components}"])
+                                    f"dedup.components={args.components}", "decontaminate.validation=false"])
     t = time.perf_counter()
     stats = extract([args.one], args.out, cfg, workers=args.workers)
     seconds = time.perf_counter() - t
@@ -139,7 +143,8 @@ def main_neardup(args) -> int:
     from mtnlg.extract.neardup import NearDupCorpus, kept_ids, score
     from mtnlg.extract.reference import extract_reference
 
-    loop_cfg = replace(ExtractConfig(), ["dedup.fuzzy=false", f"filters.disabled={json.dumps(list(RULES))}"])
+    loop_cfg = replace(ExtractConfig(), ["dedup.fuzzy=false", f"filters.disabled={json.dumps(list(RULES))}",
+                                         "decontaminate.validation=false"])
     results: dict = {"sizes": {}, "components": args.components, "cpus": os.cpu_count()}
     for size in [float(x) for x in args.sizes.split(",")]:
         with tempfile.TemporaryDirectory(prefix="mtnlg-bench-neardup-") as tmp:
@@ -191,6 +196,31 @@ def main_neardup(args) -> int:
     return 0
 
 
+def decontamination_alone(extracted: Path, cfg) -> dict:
+    """The cost of decontamination itself, in this process: the validation split's n-gram
+    set built, and every training document of ``extracted`` checked against it (best of 3)."""
+    from mtnlg.extract.decontaminate import NgramSet, decontaminate_document, evaluation_ngrams
+
+    def texts(split: str) -> list[tuple[str, str]]:
+        return [(r["id"], r["text"]) for f in sorted((extracted / split).glob("*.jsonl"))
+                for r in map(json.loads, f.read_text().splitlines())]
+
+    train, validation = texts("train"), texts("validation")
+    d = cfg.decontaminate
+    best_build = best_cut = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        ngrams = NgramSet.union(evaluation_ngrams(text, d.ngram, d.min_ngram) for _, text in validation)
+        best_build = min(best_build, time.perf_counter() - t)
+        t = time.perf_counter()
+        for doc_id, text in train:
+            decontaminate_document(doc_id, text, ngrams, d)
+        best_cut = min(best_cut, time.perf_counter() - t)
+    mb = sum(len(text.encode("utf-8")) for _, text in train) / 1e6
+    return {"train_mb": mb, "train_docs": len(train), "ngrams": len(ngrams), "build_seconds": best_build,
+            "cut_seconds": best_cut, "mb_per_s": mb / best_cut}
+
+
 def counts(stats: dict) -> dict:
     keys = ("read", "kept", "dropped", "duplicates", "failed", "bytes_in", "bytes_out", "splits")
     out = {k: stats[k] for k in keys}
@@ -225,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     from mtnlg.extract.reference import extract_reference
 
     # The baseline: cleaning + filtering + exact dedup in one plain Python loop.
-    cfg = replace(ExtractConfig(), ["dedup.fuzzy=false"])
+    cfg = replace(ExtractConfig(), ["dedup.fuzzy=false", "decontaminate.validation=false"])
+    decontaminate_cfg = replace(cfg, ["decontaminate.validation=true"])
     results = {}
     with tempfile.TemporaryDirectory(prefix="mtnlg-bench-extract-") as tmp:
         tmp = Path(tmp)
@@ -233,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         n_files = sum(1 for _ in (tmp / "in").rglob("*.gz"))
         print(f"input: {n_files} files, {mb:.1f} MB decompressed, in {tmp / 'in'}")
 
-        loop_times, beam_times = [], []
+        loop_times, beam_times, dec_times = [], [], []
         for _ in range(max(args.repeat, 1)):
             t = time.perf_counter()
             _, loop_stats = extract_reference([str(tmp / "in")], str(tmp / "out-loop"), cfg)
@@ -241,10 +272,20 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             beam_stats = extract([str(tmp / "in")], str(tmp / "out-beam"), cfg, workers=args.workers)
             beam_times.append(time.perf_counter() - t)
-        loop_s, beam_s = min(loop_times), min(beam_times)
+            t = time.perf_counter()
+            dec_stats = extract([str(tmp / "in")], str(tmp / "out-dec"), decontaminate_cfg, workers=args.workers)
+            dec_times.append(time.perf_counter() - t)
+        loop_s, beam_s, dec_s = min(loop_times), min(beam_times), min(dec_times)
         results["loop"] = {"seconds": loop_s, "mb_per_s": mb / loop_s, "all_seconds": loop_times}
         results["beam"] = {"seconds": beam_s, "mb_per_s": mb / beam_s, "workers": args.workers,
                            "all_seconds": beam_times}
+        results["beam+decontaminate"] = {"seconds": dec_s, "mb_per_s": mb / dec_s, "workers": args.workers,
+                                         "all_seconds": dec_times, "decontaminated": dec_stats["decontaminated"],
+                                         "validation_docs": dec_stats["splits"]["validation"]["docs"]}
+        if not dec_stats["balanced"]:
+            print("the decontaminated run's counts do not balance", file=sys.stderr)
+            return 1
+        results["decontaminate_alone"] = decontamination_alone(tmp / "out-loop", decontaminate_cfg)
 
         if counts(loop_stats) != counts(beam_stats):
             print("MISMATCH between loop and Beam counts:", file=sys.stderr)
@@ -259,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "duplicates": fuzzy_stats["duplicates"]}
 
     ratio = results["beam"]["mb_per_s"] / results["loop"]["mb_per_s"]
+    dec_ratio = results["beam+decontaminate"]["mb_per_s"] / results["beam"]["mb_per_s"]
+    results["ratio_decontaminate_on_to_off"] = dec_ratio
     results.update({"input_mb": mb, "files": n_files, "ratio_beam_to_loop": ratio, "loadavg_1m_end": os.getloadavg()[0],
                     "read": loop_stats["read"], "kept": loop_stats["kept"],
                     "duplicates_exact": loop_stats["duplicates"]["exact"], "cpus": os.cpu_count()})
@@ -266,9 +309,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"plain loop (1 process)        : {results['loop']['mb_per_s']:6.2f} MB/s  (best of {runs(loop_times)} s)")
     print(f"beam, {args.workers} worker(s)             : {results['beam']['mb_per_s']:6.2f} MB/s  "
           f"(best of {runs(beam_times)} s)")
+    r = results["beam+decontaminate"]
+    print(f"beam, {args.workers} worker(s), +decontam.: {r['mb_per_s']:6.2f} MB/s  (best of {runs(dec_times)} s; "
+          f"{dec_ratio:.2f}x without; {r['validation_docs']} validation documents, "
+          f"{r['decontaminated']['ngrams']} n-grams; {r['decontaminated']['documents']} training documents cut, "
+          f"{r['decontaminated']['matches']} matches, {r['decontaminated']['bytes_removed']} bytes removed)")
+    a = results["decontaminate_alone"]
+    print(f"decontamination alone         : {a['mb_per_s']:6.2f} MB/s of clean training text, one process "
+          f"({a['train_docs']} documents, {a['train_mb']:.1f} MB in {a['cut_seconds']:.2f} s; the set of "
+          f"{a['ngrams']} n-grams built in {a['build_seconds']:.3f} s)")
     if "beam+fuzzy" in results:
         r = results["beam+fuzzy"]
-        print(f"beam, {args.workers} worker(s), +fuzzy dedup: {r['mb_per_s']:6.2f} MB/s  ({r['seconds']:.1f} s)")
+        print(f"beam, {args.workers} worker(s), defaults   : {r['mb_per_s']:6.2f} MB/s  ({r['seconds']:.1f} s; "
+              f"+fuzzy dedup, +decontamination)")
     print(f"ratio beam / loop             : {ratio:.2f}x  (aim >= 0.7x; {os.cpu_count()} CPUs, "
           f"1-min load average {os.getloadavg()[0]:.1f} at the end)")
     print(f"documents: read {loop_stats['read']}, kept {loop_stats['kept']}, "

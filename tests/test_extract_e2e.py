@@ -193,7 +193,8 @@ def test_gcs_input_and_output(gcs, tmp_path):
     assert stats["splits"]["train"]["files"] == [f"{gcs}/out/train/part-00000-of-00001.jsonl"]
     assert json.loads(storage.read_text(f"{gcs}/out/stats.json")) == stats
     outputs = read_outputs(f"{gcs}/out")
-    assert sorted(r["source"].split("/in/", 1)[1] for v in outputs.values() for r in v) == sorted(
+    # one source per document: a training document cut by decontamination writes pieces of one source
+    assert sorted({r["source"].split("/in/", 1)[1] for v in outputs.values() for r in v}) == sorted(
         GOOD[:3] + ["docs.jsonl:1"])
 
 
@@ -290,7 +291,10 @@ def test_fuzzy_dedup_recall_and_precision_on_known_near_duplicates(tmp_path):
     assert len(corpus.docs) > 500 and len(corpus.should_drop) > 200
     assert {d["kind"] for d in corpus.docs.values()} == {"original", "boilerplate", "substitute", "shuffle",
                                                         "mixed", "far"}
-    cfg = replace(ExtractConfig(), [f"filters.disabled={json.dumps(list(RULES))}", "validation_fraction=0.1"])
+    # decontamination off: it would cut the near-duplicates of validation documents out of
+    # the train split, and the score counts whole documents
+    cfg = replace(ExtractConfig(), [f"filters.disabled={json.dumps(list(RULES))}", "validation_fraction=0.1",
+                                    "decontaminate.validation=false"])
     stats = extract([str(tmp_path / "neardup")], str(tmp_path / "out"), cfg, workers=1)
     s = score(corpus, kept_ids([str(tmp_path / "out" / "train"), str(tmp_path / "out" / "validation")]))
     assert s["dropped"] == stats["duplicates"]["exact"] + stats["duplicates"]["fuzzy"]

@@ -3,6 +3,7 @@
     files --Read--> documents --CleanAndFilter--> clean documents --Deduplicate--> unique
           \\-> failed            \\-> dropped                       \\-> duplicates
     unique --Split--> train / validation --WriteJsonl (by id hash, sorted)--> DIR/{train,validation}/part-*.jsonl
+                      train --Decontaminate (validation's and task files' n-grams)--> train records
     every outcome --Stats--> DIR/stats.json
 
 Elements are whole documents (one text file, JSONL line or HTML page), never lines: Beam's
@@ -62,6 +63,8 @@ from mtnlg.config import ConfigError, load_config
 from mtnlg.extract import stats as st
 from mtnlg.extract.clean import clean_text
 from mtnlg.extract.config import DedupConfig, ExtractConfig, FilterConfig
+from mtnlg.extract.decontaminate import expand_task_files
+from mtnlg.extract.decontaminate_beam import Decontaminate
 from mtnlg.extract.dedup import MinHasher, band_keys, candidate_pairs, components, jaccard_estimate, text_hash
 from mtnlg.extract.filters import first_failing_rule
 from mtnlg.extract.readers import Failure, expand_inputs, read_file, relative_names
@@ -69,7 +72,7 @@ from mtnlg.extract.split import SPLITS, TRAIN, VALIDATION, split_of
 from mtnlg.formats.rundir import STATS_FILE
 from mtnlg.progress import Progress, get_logger
 
-NAMESPACE = "mtnlg.extract"
+NAMESPACE = st.METRICS_NAMESPACE
 FAILED, DROPPED, DUPLICATES, FILES = "failed", "dropped", "duplicates", "files"
 COUNTS, UNCONVERGED, LARGEST = "counts", "unconverged", "largest"
 
@@ -421,14 +424,16 @@ class DropDuplicatesFn(beam.DoFn):
 
 
 class SplitFn(beam.DoFn):
-    """Routes a document to ``train`` (main) or ``validation`` by its id hash."""
+    """Routes a document to ``train`` (main) or ``validation`` by its id hash; counts the
+    splits in ``counted`` as kept (decontamination counts the train records it writes)."""
 
-    def __init__(self, validation_fraction: float, seed: int):
-        self.fraction, self.seed = validation_fraction, seed
+    def __init__(self, validation_fraction: float, seed: int, counted: tuple[str, ...] = SPLITS):
+        self.fraction, self.seed, self.counted = validation_fraction, seed, counted
 
     def process(self, doc: Doc):
         split = split_of(doc[0], self.fraction, self.seed)
-        Metrics.counter(NAMESPACE, f"kept_{split}").inc()
+        if split in self.counted:
+            Metrics.counter(NAMESPACE, f"kept_{split}").inc()
         yield doc if split == TRAIN else TaggedOutput(VALIDATION, doc)
 
 
@@ -632,10 +637,18 @@ class ExtractDocuments(beam.PTransform):
         cleaned = read.docs | "CleanAndFilter" >> beam.ParDo(CleanAndFilterFn(cfg.filters)).with_outputs(
             DROPPED, main="docs")
         dedup = cleaned.docs | "Deduplicate" >> Deduplicate(cfg.dedup)
-        split = dedup["unique"] | "Split" >> beam.ParDo(SplitFn(cfg.validation_fraction, cfg.seed)).with_outputs(
+        decontaminate = cfg.decontaminate.enabled
+        split = dedup["unique"] | "Split" >> beam.ParDo(SplitFn(
+            cfg.validation_fraction, cfg.seed, (VALIDATION,) if decontaminate else SPLITS)).with_outputs(
             VALIDATION, main=TRAIN)
+        if decontaminate:
+            cut = {TRAIN: split[TRAIN], VALIDATION: split[VALIDATION]} | "Decontaminate" >> Decontaminate(cfg)
+            train, train_counts = cut[TRAIN], cut[COUNTS]
+        else:
+            train = split[TRAIN]
+            train_counts = train | "CountTrain" >> beam.Map(lambda d: st.kept(TRAIN, len(d[2].encode("utf-8"))))
         written = {
-            TRAIN: split[TRAIN] | "WriteTrain" >> WriteJsonl(storage.join(self.output, TRAIN), cfg.num_shards),
+            TRAIN: train | "WriteTrain" >> WriteJsonl(storage.join(self.output, TRAIN), cfg.num_shards),
             VALIDATION: split[VALIDATION] | "WriteValidation" >> WriteJsonl(storage.join(self.output, VALIDATION),
                                                                             cfg.validation_shards),
         }
@@ -646,7 +659,7 @@ class ExtractDocuments(beam.PTransform):
             cleaned[DROPPED] | "CountDropped" >> beam.Map(st.dropped),
             dedup[DUPLICATES] | "CountDuplicates" >> beam.Map(st.duplicate),
             dedup[COUNTS],
-            split[TRAIN] | "CountTrain" >> beam.Map(lambda d: st.kept(TRAIN, len(d[2].encode("utf-8")))),
+            train_counts,
             split[VALIDATION] | "CountValidation" >> beam.Map(
                 lambda d: st.kept(VALIDATION, len(d[2].encode("utf-8")))),
         )
@@ -788,15 +801,16 @@ def extract(inputs: list[str], output: str, config: ExtractConfig | None = None,
             beam_args: list[str] | None = None, workers: int | None = None) -> dict[str, Any]:
     """Runs the extract step; returns the stats (also written to ``output/stats.json``).
 
-    Raises ``FileNotFoundError`` when an input matches nothing, ``ValueError`` when no input
-    file has a known format or when not a single document could be read (every input
-    failed; the stats file is still written and the error lists the reasons).
+    Raises ``FileNotFoundError`` when an input or a task file matches nothing, ``ValueError``
+    when no input file has a known format or when not a single document could be read (every
+    input failed; the stats file is still written and the error lists the reasons).
     """
     cfg = config or ExtractConfig()
     inputs = [str(i) for i in inputs]
     if not inputs:
         raise ValueError("extract: no inputs given")
     files, skipped = expand_inputs(inputs)
+    expand_task_files(cfg.decontaminate)  # a task file that matches nothing fails before anything is written
     if skipped:
         log.warning("skipping %d file(s) of unknown format (not .txt/.jsonl/.json/.html, optionally .gz), "
                     "e.g. %s", len(skipped), ", ".join(skipped[:3]))
@@ -905,7 +919,7 @@ def runner_counts(result) -> dict[str, int] | None:
 def disagreements(stats: dict[str, Any], metrics: dict[str, int]) -> list[str]:
     """Where ``stats.json`` (counted from the data) and the runner's counters differ: read,
     files, bytes in, kept per split, each rule's drops, each duplicate kind, the fuzzy pairs
-    checked and found similar, each failure."""
+    checked and found similar, each failure, each decontamination count."""
     get = lambda k: int(metrics.get(k, 0))  # noqa: E731
     failed = {r: get(f"failed_{r}") for r in stats["failed"]}
     want = {"read": get("docs_read") + sum(failed.values()), "files_read": get("files_read"),
@@ -914,13 +928,15 @@ def disagreements(stats: dict[str, Any], metrics: dict[str, int]) -> list[str]:
             **{f"dropped.{r}": get(f"dropped_{r}") for r in stats["dropped"]},
             **{f"duplicates.{k}": get(f"duplicates_{k}") for k in stats["duplicates"]},
             **{f"fuzzy.{k}": get(f"fuzzy_{k}") for k in ("pairs_checked", "pairs_similar")},
-            **{f"failed.{r}": n for r, n in failed.items()}}
+            **{f"failed.{r}": n for r, n in failed.items()},
+            **{f"decontaminated.{k}": get(f"decontaminated_{k}") for k in st.DECONTAMINATION_COUNTS}}
     got = {"read": stats["read"], "files_read": stats["files_read"], "bytes_in": stats["bytes_in"],
            **{f"splits.{s}.docs": v["docs"] for s, v in stats["splits"].items()},
            **{f"dropped.{r}": n for r, n in stats["dropped"].items()},
            **{f"duplicates.{k}": n for k, n in stats["duplicates"].items()},
            **{f"fuzzy.{k}": stats["fuzzy"][k] for k in ("pairs_checked", "pairs_similar")},
-           **{f"failed.{r}": n for r, n in stats["failed"].items()}}
+           **{f"failed.{r}": n for r, n in stats["failed"].items()},
+           **{f"decontaminated.{k}": n for k, n in stats["decontaminated"].items()}}
     wrong = [f"{k}: {got[k]} in stats.json, {want[k]} in the metrics" for k in sorted(got) if got[k] != want[k]]
     made = sum(get(f"duplicates_{k}") for k in stats["duplicates"])
     if "marks_joined" in metrics and (get("marks_joined") != made or get("marks_without_document")):

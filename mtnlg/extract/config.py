@@ -2,8 +2,9 @@
 
 Every threshold has a name, so ``filters.min_words=20`` or ``dedup.threshold=0.7`` on the
 command line (or the same keys in a YAML file) changes exactly one rule. The defaults follow
-the Gopher quality rules (Rae et al. 2021) and MT-NLG's fuzzy deduplication (MinHash LSH,
-Jaccard >= 0.8), with two loosenings noted below for text that holds code.
+the Gopher quality rules (Rae et al. 2021), MT-NLG's fuzzy deduplication (MinHash LSH,
+Jaccard >= 0.8), with two loosenings noted below for text that holds code, and MT-NLG's
+downstream-task decontamination (13-grams, Megatron-LM's ``filter_ngrams.py``).
 """
 
 from __future__ import annotations
@@ -121,6 +122,48 @@ class DedupConfig(Config):
 
 
 @dataclass
+class DecontaminateConfig(Config):
+    """Evaluation text cut out of the train split: each word n-gram shared with an
+    evaluation text is removed with ``margin_chars`` characters on each side, splitting the
+    document (``mtnlg.extract.decontaminate``). The defaults are those of Megatron-LM's
+    ``tools/openwebtext/filter_ngrams.py``, which MT-NLG used."""
+
+    # The step's own validation split is evaluation text: what the evaluate step scores
+    # (perplexity, cloze items) must not be trained on. On by default; false turns it off.
+    validation: bool = True
+    # Further evaluation texts: files, folders, globs, gs:// or s3:// URIs of JSONL (text
+    # under text_field; e.g. lm-evaluation-harness task data), .txt or .html, optionally .gz.
+    task_files: list[str] = field(default_factory=list)
+    text_field: str = "text"  # JSONL key holding a task file's text
+    ngram: int = field(default=13, metadata={"min": 1})  # words per n-gram
+    # An evaluation text of min_ngram to ngram - 1 words is one shorter n-gram (Megatron's
+    # --min-ngram-size); shorter texts are left out (min_ngram >= ngram: no shorter n-grams).
+    min_ngram: int = field(default=8, metadata={"min": 1})
+    margin_chars: int = field(default=200, metadata={"min": 0})  # removed on each side of a match
+    # Widen each cut to the nearest sentence end ('.', '!', '?'), as Megatron's tool does;
+    # false: exactly margin_chars.
+    sentence_boundaries: bool = True
+    min_piece_chars: int = field(default=200, metadata={"min": 1})  # shorter pieces are dropped
+    max_pieces: int = field(default=10, metadata={"min": 1})  # more pieces: the document is dropped whole
+    # An evaluation n-gram found in at least this many training documents is common text
+    # (boilerplate, a licence, a famous quotation) and is not cut; 0: every n-gram is cut.
+    # Megatron's --key-threshold, 10 there; 0 here, so that the train split holds no n-gram
+    # of the validation split at all (costs a second pass over the train split when set).
+    frequent_documents: int = field(default=0, metadata={"min": 0})
+
+    @property
+    def enabled(self) -> bool:
+        return self.validation or bool(self.task_files)
+
+    def validate(self) -> None:
+        if not self.text_field:
+            raise ConfigError("decontaminate.text_field: must name a JSONL key, got ''")
+        empty = [i for i, f in enumerate(self.task_files) if not str(f).strip()]
+        if empty:
+            raise ConfigError(f"decontaminate.task_files: entry {empty[0]} is empty; give a path, glob or URI")
+
+
+@dataclass
 class ExtractConfig(Config):
     """The whole extract step. ``validation_fraction`` of documents (by id hash) go to validation."""
 
@@ -132,6 +175,7 @@ class ExtractConfig(Config):
     max_binary_fraction: float = field(default=0.1, metadata={"gt": 0.0, "max": 1.0})
     filters: FilterConfig = field(default_factory=FilterConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
     validation_fraction: float = field(default=0.01, metadata={"min": 0.0, "max": 1.0})
     seed: int = 1234  # split hash salt
     num_shards: int = field(default=2, metadata={"min": 1})  # train shards (by id hash)

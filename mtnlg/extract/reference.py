@@ -1,9 +1,9 @@
 """The extract step as one plain Python loop: the reference the Beam pipeline is checked against.
 
-Same readers, cleaning, rules, hashes, MinHash, clustering and split as the pipeline, in one
-process and in file order. Tests compare the pipeline's output and stats with this; the
-benchmark times it next to the pipeline. It holds every document in memory, so it is meant
-for test- and benchmark-sized inputs, not for production runs.
+Same readers, cleaning, rules, hashes, MinHash, clustering, split and decontamination as the
+pipeline, in one process and in file order. Tests compare the pipeline's output and stats
+with this; the benchmark times it next to the pipeline. It holds every document in memory,
+so it is meant for test- and benchmark-sized inputs, not for production runs.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from mtnlg import storage
 from mtnlg.extract import stats as st
 from mtnlg.extract.clean import clean_text
 from mtnlg.extract.config import ExtractConfig
+from mtnlg.extract.decontaminate import (NgramSet, decontaminate_document, evaluation_ngrams, expand_task_files,
+                                         frequent_ngrams, ngram_hits, task_texts)
 from mtnlg.extract.dedup import MinHasher, band_keys, candidate_pairs, components, jaccard_estimate, text_hash
 from mtnlg.extract.filters import first_failing_rule
 from mtnlg.extract.readers import Failure, expand_inputs, read_file, relative_names
-from mtnlg.extract.split import SPLITS, split_of
+from mtnlg.extract.split import SPLITS, TRAIN, VALIDATION, split_of
 from mtnlg.formats.rundir import STATS_FILE
 
 
@@ -89,14 +91,42 @@ def extract_reference(inputs: list[str], output: str | None = None,
             st.add(counters, {"fuzzy/largest_group": max(Counter(roots.values()).values())})
 
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    train: list[str] = []
     for i in sorted(docs):
         if i in duplicates:
             st.add(counters, st.duplicate(duplicates[i]))
-            continue
+        elif split_of(i, cfg.validation_fraction, cfg.seed) == VALIDATION:
+            source, text = docs[i]
+            out[VALIDATION].append({"id": i, "text": text, "source": source})
+            st.add(counters, st.kept(VALIDATION, len(text.encode("utf-8"))))
+        else:
+            train.append(i)
+
+    d = cfg.decontaminate
+    if d.enabled:
+        evaluation = [r["text"] for r in out[VALIDATION]] if d.validation else []
+        for path in expand_task_files(d):
+            for text in task_texts(path, d, cfg.max_doc_bytes, cfg.max_binary_fraction):
+                evaluation.append(text)
+                st.add(counters, {"decontaminated/task_texts": 1})
+        ngrams = NgramSet.union(evaluation_ngrams(t, d.ngram, d.min_ngram) for t in evaluation)
+        st.add(counters, {"decontaminated/ngrams": len(ngrams)})
+        if d.frequent_documents:
+            documents: Counter = Counter()
+            for i in train:
+                documents.update((k, int(h)) for k, hs in ngram_hits(docs[i][1], ngrams).items() for h in hs)
+            frequent = frequent_ngrams(documents.items(), d.frequent_documents)
+            ngrams = ngrams.without(frequent)
+            st.add(counters, {"decontaminated/frequent_ngrams": len(frequent)})
+    for i in train:
         source, text = docs[i]
-        split = split_of(i, cfg.validation_fraction, cfg.seed)
-        out[split].append({"id": i, "text": text, "source": source})
-        st.add(counters, st.kept(split, len(text.encode("utf-8"))))
+        if d.enabled:
+            records, counts = decontaminate_document(i, text, ngrams, d)
+        else:
+            records, counts = [(i, text)], st.kept(TRAIN, len(text.encode("utf-8")))
+        out[TRAIN] += [{"id": rid, "text": t, "source": source} for rid, t in records]
+        st.add(counters, counts)
+    out[TRAIN].sort(key=lambda r: r["id"])
 
     written = {}
     if output:

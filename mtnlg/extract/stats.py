@@ -5,8 +5,10 @@ report): every document that was read ends in exactly one outcome, each outcome 
 small counter dict, and the dicts are summed. Flat keys (``failed/binary``) keep that sum
 trivial; ``build_stats`` nests them for the file:
 
-``read``                       documents (and unreadable units) read = the sum of the four below
-``kept``                       documents written (``splits.train.docs + splits.validation.docs``)
+``read``                       documents (and unreadable units) read = kept + dropped + duplicates
+                               + failed + decontaminated.dropped_whole + decontaminated.emptied
+``kept``                       documents written, whole or in pieces (without decontamination
+                               pieces: ``splits.train.docs + splits.validation.docs``)
 ``dropped.<rule>``             documents dropped by each quality rule (all rules listed)
 ``duplicates.exact|fuzzy``     documents dropped as duplicates of a kept one
 ``fuzzy.pairs_checked``        distinct candidate pairs compared; ``pairs_similar``: edges
@@ -17,10 +19,18 @@ trivial; ``build_stats`` nests them for the file:
                                smallest id after ``dedup.max_rounds`` rounds (0: every
                                group exact)
 ``failed.<reason>``            inputs that could not become a document (all reasons listed)
-``balanced``                   ``read == kept + dropped + duplicates + failed``
+``decontaminated.documents``   training documents holding an evaluation n-gram; of them,
+                               ``dropped_whole`` (cut into more than ``max_pieces`` pieces) and
+                               ``emptied`` (no piece long enough) were not written, the others
+                               were written as ``pieces`` records; ``matches``: n-grams cut out;
+                               ``bytes_removed``: their UTF-8 bytes not written; ``ngrams``:
+                               distinct evaluation n-grams; ``frequent_ngrams``: those not cut
+                               (``frequent_documents``); ``task_texts``: texts of task files
+``balanced``                   ``read == kept + dropped + duplicates + failed + dropped_whole + emptied``
 ``bytes_in`` / ``bytes_out``   bytes read (decompressed, before cleaning) / UTF-8 text written
 ``invalid_utf8_replacements``  invalid UTF-8 sequences replaced by U+FFFD
-``splits.<split>``             ``docs``, ``bytes`` and the ``files`` written for each split
+``splits.<split>``             ``docs`` (records: a piece is one), ``bytes`` and the ``files``
+                               written for each split
 ``files``                      input files read; ``skipped_files``: directory entries that are
                                not a known format (count and the first names)
 ``failed_examples.<reason>``   up to five ``source: detail`` lines per reason
@@ -34,7 +44,12 @@ from mtnlg.extract.config import RULES
 from mtnlg.extract.readers import FAILURE_REASONS
 from mtnlg.extract.split import SPLITS
 
+METRICS_NAMESPACE = "mtnlg.extract"  # of the step's Beam counters
 DUPLICATE_KINDS = ("exact", "fuzzy")
+DECONTAMINATION_COUNTS = ("documents", "matches", "pieces", "dropped_whole", "emptied", "bytes_removed",
+                          "ngrams", "frequent_ngrams", "task_texts")
+# Decontamination outcomes that leave nothing of a document.
+DECONTAMINATION_DROPS = ("dropped_whole", "emptied")
 EXAMPLES_PER_REASON = 5
 
 
@@ -93,6 +108,7 @@ def build_stats(counters: dict[str, int], *, inputs: list[str], files: int, skip
                   "skipped_comparisons": get("fuzzy/skipped_comparisons"),
                   "unconverged_nodes": get("fuzzy/unconverged_nodes")},
         "failed": {r: get(f"failed/{r}") for r in FAILURE_REASONS},
+        "decontaminated": {k: get(f"decontaminated/{k}") for k in DECONTAMINATION_COUNTS},
         "bytes_in": get("bytes_in"),
         "bytes_out": get("bytes_out"),
         "invalid_utf8_replacements": get("invalid_utf8_replacements"),
@@ -101,7 +117,7 @@ def build_stats(counters: dict[str, int], *, inputs: list[str], files: int, skip
         "failed_examples": {k: sorted(v)[:EXAMPLES_PER_REASON] for k, v in sorted((examples or {}).items())},
     }
     accounted = (stats["kept"] + sum(stats["dropped"].values()) + sum(stats["duplicates"].values())
-                 + sum(stats["failed"].values()))
+                 + sum(stats["failed"].values()) + sum(stats["decontaminated"][k] for k in DECONTAMINATION_DROPS))
     stats["balanced"] = accounted == stats["read"]
     return stats
 
@@ -118,7 +134,8 @@ def summary(stats: dict[str, Any]) -> str:
         return ", ".join(parts) or "none"
     return (f"read {stats['read']}, kept {stats['kept']} (train {stats['splits']['train']['docs']}, "
             f"validation {stats['splits']['validation']['docs']}), dropped [{nonzero(stats['dropped'])}], "
-            f"duplicates [{nonzero(stats['duplicates'])}], failed [{nonzero(stats['failed'])}]")
+            f"duplicates [{nonzero(stats['duplicates'])}], failed [{nonzero(stats['failed'])}], "
+            f"decontaminated [{nonzero({k: stats['decontaminated'][k] for k in DECONTAMINATION_COUNTS[:5]})}]")
 
 
 def sum_counters(parts: Iterable[dict[str, int]]) -> dict[str, int]:
