@@ -59,9 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+def parse(argv: list[str], parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The command line's words as the command will see them (``args.passthrough``: the
+    words after a bare ``--``; ``args.debug``); unknown words are argparse's error (exit 2)."""
+    parser = parser or build_parser()
     # Everything after a bare "--" is passed through untouched (e.g. Beam pipeline options).
     passthrough: list[str] = []
     if "--" in argv:
@@ -78,10 +79,17 @@ def main(argv: list[str] | None = None) -> int:
         extras = [a for a in extras if a not in stray]
     if extras:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    args.passthrough, args.debug = passthrough, debug
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parse(list(sys.argv[1:] if argv is None else argv), parser)
+    debug = args.debug
     if not getattr(args, "_main", None):
         parser.print_help()
         return 2
-    args.passthrough = passthrough
     try:
         return int(args._main(args) or 0)
     except ConfigError as e:
