@@ -360,6 +360,15 @@ def test_counts_that_disagree_on_local_worker_processes_rerun_on_one_worker(tmp_
     assert len(calls) == 2 and calls[1][-2:] == ["--direct_num_workers=1", "--direct_running_mode=in_memory"]
     assert "on 2 local worker processes the counts disagree" in caplog.text and "duplicates.exact: 0" in caplog.text
     assert stats["kept"] > 0 and json.loads((tmp_path / "out" / "stats.json").read_text()) == stats
+    # the failing attempt is kept, to compare with the rerun's output, and named in stats.json
+    kept = tmp_path / "out.attempt-1"
+    assert stats["reruns"] == [{"workers": 2, "disagreements": ["duplicates.exact: 0 in stats.json, 1 in the metrics"],
+                                "kept_in": str(kept)}]
+    assert json.loads((kept / "disagreements.json").read_text()) == stats["reruns"][0]["disagreements"]
+    first = json.loads((kept / "stats.json").read_text())
+    assert first["kept"] == stats["kept"] and "reruns" not in first
+    assert sorted(p.name for p in (kept / "train").iterdir()) == sorted(p.name for p in (tmp_path / "out" / "train")
+                                                                          .iterdir())
 
     calls.clear()
     with pytest.raises(RuntimeError, match="duplicates.exact: 0 in stats.json, 1 in the metrics"):

@@ -826,9 +826,14 @@ def extract(inputs: list[str], output: str, config: ExtractConfig | None = None,
         # without_timed_flush; see docs/extract.md). Should anything like it recur, the
         # counters made where the elements are made catch it; the 1-process mode, which
         # sends nothing over gRPC, has never disagreed, so the step is rerun there.
+        kept = keep_attempt(output, wrong)
         log.warning("extract: on %d local worker processes the counts disagree with the runner's metrics "
-                    "(%s); rerunning on 1 worker", _local_processes(args), "; ".join(wrong))
+                    "(%s); that attempt's output and counts are kept in %s; rerunning on 1 worker",
+                    _local_processes(args), "; ".join(wrong), kept)
+        first = {"workers": _local_processes(args), "disagreements": wrong, "kept_in": kept}
         stats, wrong = _run_once(_one_local_process(args), files, skipped, inputs, output, cfg)
+        stats["reruns"] = [first]
+        storage.write_text(stats_path, json.dumps(stats, indent=2, sort_keys=True) + "\n")
     if wrong:
         raise RuntimeError(f"extract: {stats_path} and the runner's committed Beam metrics disagree: "
                            + "; ".join(wrong))
@@ -847,6 +852,25 @@ def extract(inputs: list[str], output: str, config: ExtractConfig | None = None,
         raise ValueError(f"extract: nothing could be read from {inputs}: {reasons}"
                          + (f" (e.g. {examples})" if examples else ""))
     return stats
+
+
+def keep_attempt(output: str, wrong: list[str]) -> str:
+    """Move an attempt whose counts disagreed out of the way before the rerun writes
+    ``output``: its shards and ``stats.json``, with the disagreements
+    (``disagreements.json``), go to ``OUTPUT.attempt-1``, so what it wrote can be compared
+    with the rerun's (were documents wrongly kept, or only miscounted?). A remote output
+    keeps its ``stats.json`` and the disagreements there (copying every shard is left out).
+    Returns where they are."""
+    kept = output.rstrip("/") + ".attempt-1"
+    if storage.exists(kept):
+        storage.remove(kept)
+    if storage.is_remote(output):
+        if storage.exists(storage.join(output, STATS_FILE)):
+            storage.copy(storage.join(output, STATS_FILE), storage.join(kept, STATS_FILE))
+    else:
+        os.replace(output, kept)
+    storage.write_text(storage.join(kept, "disagreements.json"), json.dumps(wrong, indent=2) + "\n")
+    return kept
 
 
 def _run_once(args: list[str], files: list[str], skipped: list[str], inputs: list[str], output: str,
