@@ -19,13 +19,12 @@ def artifact_location(artifact: Any) -> str:
     ``mlpipeline-minio-artifact`` secret's keys as ``AWS_ACCESS_KEY_ID`` /
     ``AWS_SECRET_ACCESS_KEY``); otherwise the local ``path`` (kfp.local, or the launcher's mount).
     """
-    import os
-
     uri = getattr(artifact, "uri", "") or ""
     if uri.startswith(("gs://", "s3://")):
         return uri
-    endpoint = any(os.environ.get(v) for v in ("MTNLG_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"))
-    if uri.startswith("minio://") and endpoint:
+    from mtnlg import storage
+
+    if uri.startswith("minio://") and storage.s3_endpoint():
         return "s3://" + uri[len("minio://"):]
     return artifact.path
 

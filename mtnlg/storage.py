@@ -87,7 +87,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterator, Mapping
 
 GS = "gs://"
 S3 = "s3://"
@@ -449,14 +449,15 @@ _S3_CHUNK = 8 << 20      # multipart threshold and part size of uploads and down
 _S3_READ_BUFFER = 4 << 20  # read-ahead of open_read (larger reads go straight to a ranged GET)
 
 
-def s3_endpoint() -> str | None:
-    """The S3-compatible endpoint URL from the environment, or None (AWS S3; boto3 may
-    still take one from the profile)."""
+def s3_endpoint(environ: Mapping[str, str] | None = None) -> str | None:
+    """The S3-compatible endpoint URL from the environment (``environ``, default this
+    process's), or None (AWS S3; boto3 may still take one from the profile)."""
+    environ = os.environ if environ is None else environ
     names = ["MTNLG_S3_ENDPOINT_URL"]
-    if os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").strip().lower() != "true":
+    if environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").strip().lower() != "true":
         names += ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]  # boto3's own, read the same way
     for var in names:
-        url = os.environ.get(var, "").strip()
+        url = environ.get(var, "").strip()
         if url:
             if "://" not in url:
                 raise ValueError(f"{var}={url!r}: an S3 endpoint URL needs its scheme, e.g. http://{url}")

@@ -90,32 +90,31 @@ def _max_len(n: int) -> str:
     return f"must be no more than {n} characters"
 
 
+def _pattern_errors(value: str, max_len: int, pattern: str, what: str, *examples: str) -> list[str]:
+    """apimachinery's messages for a name that is too long or does not match ``pattern``."""
+    errs = [_max_len(max_len)] if len(value) > max_len else []
+    if not re.fullmatch(pattern, value):
+        errs.append(_regex_error(what, pattern, *examples))
+    return errs
+
+
 def dns1035_label_errors(value: str) -> list[str]:
     """apimachinery's ``IsDNS1035Label``: the messages of what ``value`` breaks."""
-    errs = [_max_len(MAX_LABEL)] if len(value) > MAX_LABEL else []
-    if not re.fullmatch(_DNS1035, value):
-        errs.append(_regex_error("a DNS-1035 label must consist of lower case alphanumeric characters or '-', "
-                                 "start with an alphabetic character, and end with an alphanumeric character",
-                                 _DNS1035, "my-name", "abc-123"))
-    return errs
+    return _pattern_errors(value, MAX_LABEL, _DNS1035, "a DNS-1035 label must consist of lower case alphanumeric "
+                           "characters or '-', start with an alphabetic character, and end with an alphanumeric "
+                           "character", "my-name", "abc-123")
 
 
 def _dns1123_label_errors(value: str) -> list[str]:
-    errs = [_max_len(MAX_LABEL)] if len(value) > MAX_LABEL else []
-    if not re.fullmatch(_DNS1123_LABEL, value):
-        errs.append(_regex_error("a lowercase RFC 1123 label must consist of lower case alphanumeric characters "
-                                 "or '-', and must start and end with an alphanumeric character",
-                                 _DNS1123_LABEL, "my-name", "123-abc"))
-    return errs
+    return _pattern_errors(value, MAX_LABEL, _DNS1123_LABEL, "a lowercase RFC 1123 label must consist of lower case "
+                           "alphanumeric characters or '-', and must start and end with an alphanumeric character",
+                           "my-name", "123-abc")
 
 
 def dns1123_subdomain_errors(value: str) -> list[str]:
-    errs = [_max_len(253)] if len(value) > 253 else []
-    if not re.fullmatch(_DNS1123_SUBDOMAIN, value):
-        errs.append(_regex_error("a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, "
-                                 "'-' or '.', and must start and end with an alphanumeric character",
-                                 _DNS1123_SUBDOMAIN, "example.com"))
-    return errs
+    return _pattern_errors(value, 253, _DNS1123_SUBDOMAIN, "a lowercase RFC 1123 subdomain must consist of lower "
+                           "case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric "
+                           "character", "example.com")
 
 
 def qualified_name_errors(value: str) -> list[str]:

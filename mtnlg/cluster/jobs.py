@@ -271,7 +271,6 @@ def job_name(run_id: str, task: str, prefix: str = "mtnlg") -> str:
 # Secret holding its keys in every namespace that runs pipelines
 KFP_STORE_SECRET = "mlpipeline-minio-artifact"
 KFP_STORE_KEYS = {"AWS_ACCESS_KEY_ID": "accesskey", "AWS_SECRET_ACCESS_KEY": "secretkey"}
-S3_ENDPOINT_VARS = ("MTNLG_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
 def with_kfp_store(spec: ClusterJobConfig, artifact_uris: list[str], environ: dict[str, str]) -> ClusterJobConfig:
@@ -285,7 +284,7 @@ def with_kfp_store(spec: ClusterJobConfig, artifact_uris: list[str], environ: di
 
     if not any(u.startswith("minio://") for u in artifact_uris):
         return spec
-    endpoint = next((environ[v] for v in S3_ENDPOINT_VARS if environ.get(v)), "")
+    endpoint = storage.s3_endpoint(environ)
     if not endpoint:
         raise ConfigError(
             "the pipeline root is Kubeflow Pipelines' own store (minio://...), which the job's pods cannot reach "

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import re
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,9 @@ import yaml
 
 from mtnlg.config import ConfigError
 
-DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # the ObjectMeta fields a client sets (the API server sets the others)
 CLIENT_METADATA = {"name", "generateName", "namespace", "labels", "annotations", "ownerReferences", "finalizers"}
-_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-                        r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _VALIDATORS: dict[int, tuple[dict, Any]] = {}  # id(schema) -> (schema, its strict validator)
-_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
 
 
 @functools.lru_cache(maxsize=16)
@@ -73,21 +68,21 @@ def strict_schema(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_metadata(metadata: Any, where: str = "metadata") -> None:
-    """The ObjectMeta fields a client sets: known keys, a DNS-1123 name, valid labels."""
+    """The ObjectMeta fields a client sets: known keys, then the API server's rules for the
+    name, namespace, labels and annotations (``admission``, the one implementation)."""
+    from mtnlg.cluster.admission import _metadata_causes
+
     if not isinstance(metadata, dict):
         raise ConfigError(f"{where}: expected a mapping, got {metadata!r}")
     unknown = sorted(set(metadata) - CLIENT_METADATA)
     if unknown:
         raise ConfigError(f"{where}: unknown field {unknown[0]!r} (the API server would drop it)")
-    name = metadata.get("name", "")
-    if not name or not DNS1123_LABEL.match(name) or len(name) > 63:
-        raise ConfigError(f"{where}.name {name!r} is not a DNS-1123 label (a-z, 0-9, '-', at most 63)")
-    for key, value in (metadata.get("labels") or {}).items():
-        if not _LABEL_KEY.match(str(key)) or not isinstance(value, str) or not _LABEL_VALUE.match(value):
-            raise ConfigError(f"{where}.labels: {key}={value!r} is not a valid label")
     for key, value in (metadata.get("annotations") or {}).items():
         if not isinstance(value, str):
             raise ConfigError(f"{where}.annotations.{key}: expected a string, got {value!r}")
+    causes = _metadata_causes(metadata)
+    if causes:
+        raise ConfigError("; ".join(str(c) for c in causes))
 
 
 def strict_validator(schema: dict[str, Any]) -> Any:
