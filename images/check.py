@@ -297,7 +297,9 @@ class Emulators:
         def nodes():
             t = job["spec"]["trainer"]
             command, env = t["command"], {e["name"]: e["value"] for e in t.get("env", []) if "value" in e}
-            port = _free_port()
+            from distributed import free_port  # tests/distributed.py
+
+            port = free_port()
             bin_dir = Path(self.node_env["VIRTUAL_ENV"]) / "bin"
             procs = [subprocess.Popen(
                 [str(bin_dir / command[0]), *command[1:]], cwd=self.work, stdout=subprocess.PIPE,
@@ -326,14 +328,6 @@ class Emulators:
     def stop(self):
         self.registry.__exit__(None, None, None)
         self.kube.stop()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
