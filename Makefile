@@ -1,5 +1,6 @@
 # Quick start: `make run` (set-up + the whole pipeline on the bundled corpus), `make test`
-# (every tier: unit, distributed, e2e), `make test-fast` (the unit tier), `make check-images`
+# (every tier: unit, distributed, e2e), `make test-fast` (the unit tier), `make test-docs`
+# (every command and Python block of README.md and docs/ run as written), `make check-images`
 # (the step images' environments as their Dockerfiles build them, running their steps).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -7,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/local
 
-.PHONY: run test test-fast check-images install compile bench clean lint
+.PHONY: run test test-fast test-docs check-images install compile bench clean lint
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +21,12 @@ run: $(STAMP)
 	$(BIN)/mtnlg run --output $(RUN_DIR)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q --durations=15 -m "not docs" tests
+
+# README.md and docs/ run as a reader runs them, in one workspace (tests/test_docs_run.py):
+# a few minutes, so CI runs it as a step of its own
+test-docs: $(STAMP)
+	$(BIN)/python -m pytest -q -rs -m docs tests
 
 # the unit tier only (no subprocesses, no torchrun, no kfp.local): under a minute
 test-fast: $(STAMP)

@@ -29,8 +29,8 @@ balance; the script fails otherwise.
 at each size: MB/s at 1 and ``--workers`` workers, the plain loop (exact dedup only) on the
 same input, the peak resident memory of the worker processes and of the driver,
 recall/precision against the known groups, and from ``stats.json`` the edges found and
-the ids in the largest LSH bucket and near-duplicate group (the most any fuzzy step holds
-with ``distributed``). Quality filters are off there, so that every
+the ids in the largest LSH bucket and near-duplicate group (the most any fuzzy step holds).
+Quality filters are off there, so that every
 document not kept was dropped as a duplicate.
 """
 
@@ -122,8 +122,7 @@ def run_one(args) -> int:
     from mtnlg.extract.beam_job import extract
     from mtnlg.extract.config import RULES, ExtractConfig
 
-    cfg = replace(ExtractConfig(), [f"filters.disabled={json.dumps(list(RULES))}",
-                                    f"dedup.components={args.components}", "decontaminate.validation=false"])
+    cfg = replace(ExtractConfig(), [f"filters.disabled={json.dumps(list(RULES))}", "decontaminate.validation=false"])
     t = time.perf_counter()
     stats = extract([args.one], args.out, cfg, workers=args.workers)
     seconds = time.perf_counter() - t
@@ -145,7 +144,7 @@ def main_neardup(args) -> int:
 
     loop_cfg = replace(ExtractConfig(), ["dedup.fuzzy=false", f"filters.disabled={json.dumps(list(RULES))}",
                                          "decontaminate.validation=false"])
-    results: dict = {"sizes": {}, "components": args.components, "cpus": os.cpu_count()}
+    results: dict = {"sizes": {}, "cpus": os.cpu_count()}
     for size in [float(x) for x in args.sizes.split(",")]:
         with tempfile.TemporaryDirectory(prefix="mtnlg-bench-neardup-") as tmp:
             tmp = Path(tmp)
@@ -158,7 +157,7 @@ def main_neardup(args) -> int:
             for workers in sorted({1, args.workers}):
                 out = tmp / f"out-{workers}"
                 secs, one, err = peak_rss_run([sys.executable, __file__, "--one", str(tmp / "in"), "--out", str(out),
-                                               "--workers", str(workers), "--components", args.components])
+                                               "--workers", str(workers)])
                 if one is None:
                     row[f"beam_{workers}"] = {"failed": err, "seconds": secs}
                     print(f"{mb:7.1f} MB, {workers} worker(s): FAILED after {secs:.0f} s: {err}", flush=True)
@@ -238,8 +237,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--neardup", action="store_true",
                     help="fuzzy deduplication on the near-duplicate corpus at each of --sizes")
     ap.add_argument("--sizes", default="100,500", help="with --neardup: input sizes in MB")
-    ap.add_argument("--components", default="distributed", choices=("auto", "single", "distributed"),
-                    help="with --neardup: dedup.components")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one measured run of this input
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -257,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     # The baseline: cleaning + filtering + exact dedup in one plain Python loop.
     cfg = replace(ExtractConfig(), ["dedup.fuzzy=false", "decontaminate.validation=false"])
     decontaminate_cfg = replace(cfg, ["decontaminate.validation=true"])
+    # ... and with the quality classifier on as well: trained in the job on the bundled FAQ
+    # pages (the curated reference) against 100 sampled input documents
+    reference = Path(__file__).resolve().parent.parent / "data" / "corpus" / "python-docs" / "faq"
+    quality_cfg = replace(decontaminate_cfg, [f'quality.reference=["{reference}"]', "quality.negatives=100"])
     results = {}
     with tempfile.TemporaryDirectory(prefix="mtnlg-bench-extract-") as tmp:
         tmp = Path(tmp)
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         n_files = sum(1 for _ in (tmp / "in").rglob("*.gz"))
         print(f"input: {n_files} files, {mb:.1f} MB decompressed, in {tmp / 'in'}")
 
-        loop_times, beam_times, dec_times = [], [], []
+        loop_times, beam_times, dec_times, quality_times = [], [], [], []
         for _ in range(max(args.repeat, 1)):
             t = time.perf_counter()
             _, loop_stats = extract_reference([str(tmp / "in")], str(tmp / "out-loop"), cfg)
@@ -275,7 +276,14 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             dec_stats = extract([str(tmp / "in")], str(tmp / "out-dec"), decontaminate_cfg, workers=args.workers)
             dec_times.append(time.perf_counter() - t)
-        loop_s, beam_s, dec_s = min(loop_times), min(beam_times), min(dec_times)
+            t = time.perf_counter()
+            quality_stats = extract([str(tmp / "in")], str(tmp / "out-quality"), quality_cfg, workers=args.workers)
+            quality_times.append(time.perf_counter() - t)
+        loop_s, beam_s, dec_s, quality_s = min(loop_times), min(beam_times), min(dec_times), min(quality_times)
+        results["beam+quality+decontaminate"] = {
+            "seconds": quality_s, "mb_per_s": mb / quality_s, "workers": args.workers, "all_seconds": quality_times,
+            "dropped_quality_classifier": quality_stats["dropped"]["quality_classifier"],
+            "kept": quality_stats["kept"], "balanced": quality_stats["balanced"]}
         results["loop"] = {"seconds": loop_s, "mb_per_s": mb / loop_s, "all_seconds": loop_times}
         results["beam"] = {"seconds": beam_s, "mb_per_s": mb / beam_s, "workers": args.workers,
                            "all_seconds": beam_times}
@@ -314,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{dec_ratio:.2f}x without; {r['validation_docs']} validation documents, "
           f"{r['decontaminated']['ngrams']} n-grams; {r['decontaminated']['documents']} training documents cut, "
           f"{r['decontaminated']['matches']} matches, {r['decontaminated']['bytes_removed']} bytes removed)")
+    r = results["beam+quality+decontaminate"]
+    quality_ratio = r["mb_per_s"] / results["beam"]["mb_per_s"]
+    results["ratio_quality_and_decontaminate_on_to_off"] = quality_ratio
+    print(f"beam, {args.workers} worker(s), +quality +decontam.: {r['mb_per_s']:6.2f} MB/s  (best of "
+          f"{runs(quality_times)} s; {quality_ratio:.2f}x without both, {r['mb_per_s'] / results['loop']['mb_per_s']:.2f}x "
+          f"the plain loop; the classifier dropped {r['dropped_quality_classifier']}, kept {r['kept']})")
     a = results["decontaminate_alone"]
     print(f"decontamination alone         : {a['mb_per_s']:6.2f} MB/s of clean training text, one process "
           f"({a['train_docs']} documents, {a['train_mb']:.1f} MB in {a['cut_seconds']:.2f} s; the set of "

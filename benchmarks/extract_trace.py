@@ -3,7 +3,7 @@
 A diagnostic for the intermittent 2-worker undercount (docs/extract.md, Throughput). It
 patches, in the driver only, the FnApiRunner's bundle execution and its list buffers, so
 the workers run unchanged code. It then runs `extract()` on the near-duplicate corpus of
-`benchmarks/extract.py` with the filters off and distributed components, and reports:
+`benchmarks/extract.py` with the filters off, and reports:
 
 - stages that ran more than one bundle, or before a producer of one of their inputs;
 - with --join-table, the documents' join table just before it is read (keys, and keys with
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.dir)
     if not (work / "in").exists():
         bench.neardup_corpus(work / "in", args.mb)
-    cfg = replace(ExtractConfig(), [f"filters.disabled={json.dumps(list(RULES))}", "dedup.components=distributed"])
+    cfg = replace(ExtractConfig(), [f"filters.disabled={json.dumps(list(RULES))}"])
     reran: list[str] = []
     tracer = Tracer(args.join_table)
     tracer.install()

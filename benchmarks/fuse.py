@@ -62,7 +62,7 @@ def _write_checkpoint(rank: int, world: int, port: int, preset: str, out: str, t
         pc = ParallelConfig(tp=world)
         dims = ParallelDims.build(pc, world, cfg)
         torch.manual_seed(0)
-        model = parallelize_gpt(GPT(cfg, tp=world), dims.build_mesh("cpu"), pc)
+        model = parallelize_gpt(GPT(cfg, tp=world), dims.build_mesh("cpu"), dims)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         for p in model.parameters():
             p.grad = torch.ones_like(p) * 1e-3

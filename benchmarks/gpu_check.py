@@ -16,10 +16,16 @@ does not hide the others:
   model's loss;
 * ``resume``: 4 steps straight against 2 steps, a checkpoint, and 2 resumed steps (dropout
   on): the losses must be bitwise equal;
-* ``fp16``: loss scaling (``train.dtype=fp16``): finite losses and the scale.
+* ``fp16``: loss scaling (``train.dtype=fp16``): finite losses and the scale;
+* ``fp8``: ``train.dtype=fp8`` (torchao float8 training of the blocks' linear layers)
+  against bf16, both compiled, from the same seed and data, 50 steps each of
+  ``mtnlg-1.3b`` cut to 8 layers: tokens/s of each and their ratio, the final losses and
+  the largest loss difference over the 50 steps, peak memory. Skipped, saying why, on a
+  GPU below compute capability 8.9 or without torchao.
 
 ``--cpu`` runs every section on the CPU with the small debug model (what the tests run, so
-the script keeps working without a GPU); the MFU is then against the measured fp32 matmul.
+the script keeps working without a GPU); the MFU is then against the measured fp32 matmul,
+and ``fp8`` runs eager through the CPU's float8 matmul (its timing says nothing of a GPU's).
 
     python benchmarks/gpu_check.py            # one GPU
     python benchmarks/gpu_check.py --cpu      # the same checks, small, on the CPU
@@ -226,6 +232,105 @@ def fp16(device: str, data: str) -> dict:
             _close()
 
 
+FP8_STEPS = 50
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def _learnable_token_dir(root: str, vocab: int, n_tokens: int) -> str:
+    """Tokens a model learns within tens of steps (each the previous plus 1 or 2, mod the
+    vocabulary), so that the bf16 and fp8 loss curves fall and can be compared."""
+    import numpy as np
+
+    from mtnlg.formats.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(0)
+    n_tokens -= n_tokens % 1000  # whole documents of 1000
+    tokens = np.cumsum(rng.integers(1, 3, n_tokens)) % vocab
+    for split in ("train", "validation"):
+        with IndexedDatasetBuilder(os.path.join(root, split), np.uint16 if vocab <= 1 << 16 else np.int32) as b:
+            b.add_documents(tokens, np.full(n_tokens // 1000, 1000, dtype=np.int64))
+    with open(os.path.join(root, "tokenizer.json"), "w") as f:
+        json.dump({"vocab_size": vocab, "eod_id": 2}, f)
+    return root
+
+
+def _fp8_unavailable() -> str | None:
+    """Why this GPU cannot train in fp8, or None."""
+    cap = torch.cuda.get_device_capability()
+    if tuple(cap) < FP8_MIN_CAPABILITY:
+        return (f"train.dtype=fp8 needs compute capability 8.9+ (Ada, Hopper); {torch.cuda.get_device_name()} "
+                f"is {cap[0]}.{cap[1]}")
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError as e:
+        return f"torchao is not installed ({e}); pip install 'mtnlg[fp8]'"
+    return None
+
+
+def _precision_run(device: str, data: str, dtype: str, steps: int, warmup: int) -> dict:
+    """``steps`` optimizer steps in ``dtype`` (the first ``warmup`` untimed): tokens/s over
+    the rest, every step's loss (read after the timing, so no step waits for the device)."""
+    import gc
+
+    from mtnlg.parallel.float8 import float8_layers
+
+    cuda = device == "cuda"
+    with tempfile.TemporaryDirectory(prefix="mtnlg-gpucheck-") as tmp:
+        name, overrides = _model_overrides(device, tmp, data, cuda, [])
+        overrides = [o for o in overrides if not o.startswith(("train.dtype", "train.device"))]
+        overrides += [f"train.dtype={dtype}", "schedule.decay=constant", "schedule.warmup_steps=5",
+                      "optim.lr=3e-4" if cuda else "optim.lr=3e-3"]
+        if cuda:
+            overrides += ["model.num_layers=8"]
+            torch._dynamo.reset()
+            torch.cuda.reset_peak_memory_stats()
+        else:  # bf16 matmuls are slow on CPUs: a smaller batch keeps the test's run short
+            overrides += ["train.global_batch_size=4", "train.micro_batch_size=4"]
+        trainer = _trainer(name, overrides, device)
+        try:
+            cfg = trainer.cfg
+            losses = [trainer.optimizer_step(False).loss for _ in range(warmup)]
+            _sync(device)
+            t = time.perf_counter()
+            losses += [trainer.optimizer_step(False).loss for _ in range(steps - warmup)]
+            _sync(device)
+            dt = time.perf_counter() - t
+            out = {"float8_layers": len(float8_layers(trainer.engine.model)),
+                   "tokens_per_s": (steps - warmup) * cfg.train.global_batch_size * cfg.model.seq_length / dt,
+                   "losses": [float(x) for x in losses]}
+            if cuda:
+                out["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            return out
+        finally:
+            del trainer
+            _close()
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+
+
+def fp8(device: str, data_root: str, steps: int) -> dict:
+    """bf16 against fp8 (``train.dtype=fp8``) from the same seed and data; compiled on a GPU
+    (where float8 pays off), eager on the CPU. The ``Trainer`` is built directly, as in the
+    other sections: ``train()`` itself refuses fp8 on the CPU."""
+    cuda = device == "cuda"
+    if cuda and (why := _fp8_unavailable()):
+        return {"skipped": why}
+    total, warmup = (FP8_STEPS, 5) if cuda else (steps + 1, 1)
+    vocab = 50257 if cuda else 512
+    data = _learnable_token_dir(os.path.join(data_root, "learnable"), vocab,
+                                (total + 10) * 8 * (2049 if cuda else 65))
+    runs = {dtype: _precision_run(device, data, dtype, total, warmup) for dtype in ("bf16", "fp8")}
+    bf16, f8 = runs["bf16"]["losses"], runs["fp8"]["losses"]
+    out = {"steps": total, "compiled": cuda, **runs,
+           "speedup": runs["fp8"]["tokens_per_s"] / runs["bf16"]["tokens_per_s"],
+           "final_loss": {"bf16": bf16[-1], "fp8": f8[-1]},
+           "max_loss_difference": max(abs(a - b) for a, b in zip(bf16, f8))}
+    if not cuda:
+        out["note"] = "CPU: float8 matmuls without float8 hardware; the timing says nothing of a GPU's"
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cpu", action="store_true", help="the small CPU version of every check")
@@ -255,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             "wrappers": lambda: wrappers(device),
             "resume": lambda: resume(device, data),
             "fp16": lambda: fp16(device, data),
+            "fp8": lambda: fp8(device, d, steps),
         }
         for name, fn in sections.items():
             if name not in skip:

@@ -19,9 +19,10 @@ FLOPs per token are ``6 N + 12 L H T`` (``mtnlg.model.flops``) for both models.
 
 ``--sweep`` trains the ``small-20m`` model with ``mtnlg train --nproc N`` in each layout
 (the real launcher, gloo) and prints tokens/s next to the single process's, then measures
-the pipeline bubble: 2 stages, m micro-batches, each stage's busy time (its forward and
-backward chunks, timed inside ``torch.distributed.pipelining``) against the step's, next
-to the formula (p - 1) / (m + p - 1).
+the pipeline bubble of every schedule (``--bubble``: only that): 2 ranks, m micro-batches,
+each rank's busy time (its forward, backward, input- and weight-gradient chunks, timed
+inside ``torch.distributed.pipelining``) against the step's, next to the schedule's
+formula (``BUBBLE_FORMULAS``).
 """
 
 from __future__ import annotations
@@ -263,7 +264,22 @@ def _sweep_layout(data: str, root: str, name: str, nproc: int, extra: list[str],
     return {"tokens_per_s": statistics.median(rates), "intervals": len(rates)}
 
 
-def _bubble_worker(rank: int, world: int, port: int, n_micro: int, reps: int, queue) -> None:
+# the schedules of parallel.pp_schedule as (pp_schedule, pp_virtual); their bubble at equal
+# forward, input- and weight-gradient times is benchmarks/pipeline_bubble.py's formula
+BUBBLE_SCHEDULES = {"1f1b": ("1f1b", 1), "interleaved-1f1b": ("1f1b", 2), "interleaved-zb": ("interleaved-zb", 2),
+                    "zbv": ("zbv", 2), "dualpipev": ("dualpipev", 2)}
+
+
+def bubble_formula(schedule: str, p: int, m: int) -> float:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from pipeline_bubble import formula
+
+    if schedule == "dualpipev" and m < 2 * p:  # such a step runs zbv (PipelineParallel)
+        schedule = "zbv"
+    return formula(schedule, p, m)
+
+
+def _bubble_worker(rank: int, world: int, port: int, n_micro: int, reps: int, schedule: str, queue) -> None:
     import torch.distributed as dist
     from torch.distributed.pipelining import stage as stage_mod
 
@@ -277,24 +293,32 @@ def _bubble_worker(rank: int, world: int, port: int, n_micro: int, reps: int, qu
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     busy = {"t": 0.0}
+    kinds: dict[str, float] = {}  # seconds in F, B (whole backward), I (input gradient), W (weight gradient)
 
-    def timed(fn):
+    def timed(fn, kind):
         def wrapper(self, *a, **kw):
             t = time.perf_counter()
             try:
                 return fn(self, *a, **kw)
             finally:
-                busy["t"] += time.perf_counter() - t
+                spent = time.perf_counter() - t
+                busy["t"] += spent
+                k = kind if kind != "B" or kw.get("full_backward", True) else "I"
+                kinds[k] = kinds.get(k, 0.0) + spent
         return wrapper
 
-    stage_mod._PipelineStageBase.forward_one_chunk = timed(stage_mod._PipelineStageBase.forward_one_chunk)
-    stage_mod._PipelineStageBase.backward_one_chunk = timed(stage_mod._PipelineStageBase.backward_one_chunk)
+    base = stage_mod._PipelineStageBase
+    base.forward_one_chunk = timed(base.forward_one_chunk, "F")
+    base.backward_one_chunk = timed(base.backward_one_chunk, "B")
+    # the weight-gradient half of a split backward (zero-bubble schedules)
+    base.backward_weight_one_chunk = timed(base.backward_weight_one_chunk, "W")
     import dataclasses
 
     # balanced stages: 8 blocks, a small vocabulary so that the head adds little to the last
     cfg = dataclasses.replace(get_preset("small-20m"), num_layers=8, vocab_size=512, tie_embeddings=False,
                               dropout=0.0, attention_dropout=0.0)
-    pc = ParallelConfig(pp=world)
+    name, virtual = BUBBLE_SCHEDULES[schedule]
+    pc = ParallelConfig(pp=world, pp_schedule=name, pp_virtual=virtual)
     dims = ParallelDims.build(pc, world, cfg)
     mesh = dims.build_mesh("cpu")
     model = GPT(cfg)
@@ -303,16 +327,17 @@ def _bubble_worker(rank: int, world: int, port: int, n_micro: int, reps: int, qu
     tokens = torch.randint(0, cfg.vocab_size, (2 * n_micro, cfg.seq_length + 1), generator=g)
     pipe.forward_backward(tokens[:, :-1], tokens[:, 1:], n_micro)  # warm-up
     busy["t"] = 0.0
+    kinds.clear()
     dist.barrier()
     t = time.perf_counter()
     for _ in range(reps):
         pipe.forward_backward(tokens[:, :-1], tokens[:, 1:], n_micro)
     total = time.perf_counter() - t
-    queue.put((rank, busy["t"], total))
+    queue.put((rank, busy["t"], total, kinds))
     dist.destroy_process_group()
 
 
-def measure_bubble(n_micro: int, reps: int = 3, stages: int = 2) -> dict:
+def measure_bubble(n_micro: int, reps: int = 3, stages: int = 2, schedule: str = "1f1b") -> dict:
     import torch.multiprocessing as mp
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
@@ -321,15 +346,38 @@ def measure_bubble(n_micro: int, reps: int = 3, stages: int = 2) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_bubble_worker, args=(r, stages, port, n_micro, reps, queue)) for r in range(stages)]
+    procs = [ctx.Process(target=_bubble_worker, args=(r, stages, port, n_micro, reps, schedule, queue))
+             for r in range(stages)]
     for p in procs:
         p.start()
     results = [queue.get(timeout=600) for _ in procs]
     for p in procs:
         p.join()
-    idle = [1 - busy / total for _, busy, total in sorted(results)]
-    return {"micro_batches": n_micro, "measured_idle_per_stage": idle, "measured": sum(idle) / len(idle),
-            "formula": (stages - 1) / (n_micro + stages - 1)}
+    results.sort(key=lambda r: r[0])
+    idle = [1 - busy / total for _, busy, total, _ in results]
+    seconds = {k: sum(r[3].get(k, 0.0) for r in results) / reps for k in "FBIW"}
+    return {"schedule": schedule, "micro_batches": n_micro, "measured_idle_per_stage": idle,
+            "measured": sum(idle) / len(idle), "formula": bubble_formula(schedule, stages, n_micro),
+            "step_s": sum(total for _, _, total, _ in results) / len(results) / reps,
+            "seconds_per_step_by_kind": {k: round(v, 4) for k, v in seconds.items() if v}}
+
+
+def run_bubble(schedules=tuple(BUBBLE_SCHEDULES), micro_batches=(2, 4, 8)) -> list[dict]:
+    """The bubble of each schedule at each micro-batch count, printed as measured."""
+    load_before = os.getloadavg()
+    print(f"pipeline bubble, 2 ranks ({os.cpu_count()} CPUs, one thread per rank):", flush=True)
+    rows = []
+    for schedule in schedules:
+        for m in micro_batches:
+            b = measure_bubble(m, schedule=schedule)
+            rows.append(b)
+            print(f"  {schedule:17s} m={m}: measured idle {100 * b['measured']:.1f}% (ranks "
+                  f"{', '.join(f'{100 * x:.1f}%' for x in b['measured_idle_per_stage'])}), formula "
+                  f"{100 * b['formula']:.1f}%; step {b['step_s']:.2f} s, both ranks' s/step in F, B, I, W: "
+                  f"{b['seconds_per_step_by_kind']}; "
+                  f"load {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
+    return rows
 
 
 def run_sweep(args) -> dict:
@@ -351,17 +399,12 @@ def run_sweep(args) -> dict:
     for r in out["layouts"].values():
         if base and "tokens_per_s" in r:
             r["vs_single"] = r["tokens_per_s"] / base
-    out["bubble"] = [measure_bubble(m) for m in (2, 4, 8)]
+    out["bubble"] = run_bubble()
     out["load_avg_before"], out["load_avg_after"] = load_before, os.getloadavg()
     print(f"\n{'layout':26s} {'procs':>5s} {'tokens/s':>10s} {'x single':>9s}")
     for name, r in out["layouts"].items():
         if "tokens_per_s" in r:
             print(f"{name:26s} {r['processes']:5d} {r['tokens_per_s']:10,.0f} {r['vs_single']:9.2f}")
-    print(f"\npipeline bubble, 2 stages ({os.cpu_count()} CPUs, one thread per stage):")
-    for b in out["bubble"]:
-        print(f"  m={b['micro_batches']}: measured idle {100 * b['measured']:.1f}% "
-              f"(stages {', '.join(f'{100 * x:.1f}%' for x in b['measured_idle_per_stage'])}), "
-              f"formula (p-1)/(m+p-1) = {100 * b['formula']:.1f}%")
     print(f"load average before {load_before[0]:.2f}, after {out['load_avg_after'][0]:.2f}")
     return out
 
@@ -380,10 +423,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the figures to this file")
     p.add_argument("--sweep", action="store_true", help="CPU layout sweep over 1, 2 and 4 processes")
     p.add_argument("--sweep-steps", type=int, default=12, help="steps per layout in --sweep")
+    p.add_argument("--bubble", nargs="*", choices=tuple(BUBBLE_SCHEDULES), default=None,
+                   help="only the pipeline bubble of these schedules (all if none named)")
     args = p.parse_args(argv)
     args.batch = args.batch or 8
     os.environ.setdefault("MTNLG_LOG_LEVEL", "WARNING")
-    if args.sweep:
+    if args.bubble is not None:
+        out = {"bubble": run_bubble(tuple(args.bubble) or tuple(BUBBLE_SCHEDULES))}
+    elif args.sweep:
         out = run_sweep(args)
     else:
         out = run_cuda(args) if args.device == "cuda" else run_cpu(args)

@@ -22,7 +22,7 @@ def deploy(model: Input[Model], report: Input[HTML], name: str, overrides: list,
             (e.g. "url=https://model-registry-service.kubeflow.svc.cluster.local:8443").
         run_id: the pipeline run's id, recorded on the service and the registered version.
     """
-    from mtnlg.cluster.launcher import pod_namespace
+    from mtnlg.cluster.incluster import pod_namespace
     from mtnlg.cluster.registry import RegistryConfig
     from mtnlg.cluster.serving import DeployConfig
     from mtnlg.components.artifacts import artifact_location, log_metrics

@@ -41,7 +41,7 @@ def train(tokens: Input[Dataset], recipe: str, model_preset: str, num_layers: in
     import os
 
     from mtnlg.cluster.jobs import ClusterJobConfig, with_kfp_store
-    from mtnlg.cluster.launcher import pod_namespace, pod_owner
+    from mtnlg.cluster.incluster import pod_namespace, pod_owner
     from mtnlg.components.artifacts import artifact_location, log_metrics
     from mtnlg.config import load_config
     from mtnlg.steps import train_job_step

@@ -330,6 +330,21 @@ class Emulators:
         self.kube.stop()
 
 
+def quality_classifier(corpus: Path, path: Path) -> Path:
+    """A quality classifier file for the extract case (the data image scores with it, so its
+    scikit-learn is exercised): the corpus's documents against their words shuffled."""
+    import gzip
+    import random
+
+    from mtnlg.extract.quality import train_classifier
+
+    good = [gzip.open(f, "rt", encoding="utf-8").read() for f in sorted(corpus.glob("*.txt.gz"))]
+    rng = random.Random(0)
+    bad = [" ".join(rng.sample(t.split(), len(t.split()))) for t in good]
+    train_classifier(good, bad).save(str(path))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--image", action="append", help="check only this image (data, train); repeatable")
@@ -360,8 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     for f in sorted((ROOT / "data" / "corpus" / "python-docs" / "whatsnew").glob("*.txt.gz")):
         shutil.copy2(f, corpus / f.name)
     shutil.copy2(f, corpus / f"again-{f.name}")  # an exact duplicate for the dedup to drop
+    classifier = quality_classifier(corpus, work / "quality_classifier.json")
     emulators = Emulators(work) if any(n in chosen for n in names) else None
-    settings = {"corpus": str(corpus), "volume_mount": str(work / "shared-volume"),
+    settings = {"corpus": str(corpus), "quality_classifier": str(classifier),
+                "volume_mount": str(work / "shared-volume"),
                 "registry_url": emulators.registry.url if emulators else ""}
     ok = True
     try:

@@ -51,9 +51,11 @@ CASES: dict[str, Case] = {
     "extract": Case(
         inputs={},
         params=lambda s: {"inputs": [s["corpus"]], "workers": 2, "beam_args": [],
-                          "overrides": ["validation_fraction=0.3", 'filters.languages=["en"]']},
+                          "overrides": ["validation_fraction=0.3", 'filters.languages=["en"]',
+                                        f"quality.classifier={s['quality_classifier']}"]},
         outputs={"dataset": "extracted", "metrics": "extract_metrics"},
-        expect={"read": _positive, "kept": _positive, "splits.validation.docs": _positive}),
+        expect={"read": _positive, "kept": _positive, "splits.validation.docs": _positive,
+                "dropped.quality_classifier": lambda v: v >= 0}),
     "tokenize": Case(
         inputs={"extracted": "extracted"},
         params=lambda s: {"vocab_size": 384, "overrides": []},

@@ -89,10 +89,9 @@ def train_step(inputs: str, output: str, config: TrainRunConfig, *, nproc: int =
     """Train a GPT on the tokenized ``inputs`` into the run directory ``output`` with
     ``nproc`` local processes (see docs/train.md); ``config.data.path`` and ``config.output``
     are set from ``inputs`` and ``output``."""
-    from mtnlg.train.launch import run_local
+    from mtnlg.train.launch import LocalTorchrunLauncher
 
-    cfg = dataclasses.replace(config, data=dataclasses.replace(config.data, path=inputs), output=output)
-    return StepOutput(output, run_local(cfg, nproc=nproc))
+    return _train(LocalTorchrunLauncher(nproc), inputs, output, config)
 
 
 def train_job_step(inputs: str, output: str, config: TrainRunConfig, *, job, run_id: str = "",
@@ -105,33 +104,20 @@ def train_job_step(inputs: str, output: str, config: TrainRunConfig, *, job, run
     set, comes from ``run_id`` and ``task``, so a retried step adopts the job it created;
     ``owner`` (the launcher's pod) makes the job go when the pipeline run's pods go. Returns
     the run's ``summary.json`` (see docs/kubeflow.md)."""
-    from mtnlg import storage
-    from mtnlg.cluster.jobs import build_job, job_name, reachable, with_owner
-    from mtnlg.cluster.launcher import JobLauncher
-    from mtnlg.formats.runlog import read_summary
+    from mtnlg.cluster.jobs import job_name
+    from mtnlg.cluster.launcher import ClusterJobLauncher
 
     if not job.name:
         job = dataclasses.replace(job, name=job_name(run_id or "local", task),
                                   labels={**job.labels, "mtnlg.kubeflow.org/run": job_name(run_id or "local", "run")})
-    # Locations the pods cannot reach are staged on the shared volume (mounted here too):
-    # the tokens copied there, the run trained there and copied back when it succeeds.
-    stage = storage.join(job.volume_mount, "mtnlg", job.name)
-    job_inputs, job_output = inputs, output
-    if job.volume_claim and not reachable(inputs, job):
-        job_inputs = storage.join(stage, "tokens")
-        if not storage.exists(storage.join(job_inputs, "train.idx")):
-            storage.copy_tree(inputs, job_inputs)
-    if job.volume_claim and not reachable(output, job):
-        job_output = storage.join(stage, "run")
-    cfg = dataclasses.replace(config, data=dataclasses.replace(config.data, path=job_inputs), output=job_output)
-    obj = with_owner(build_job(job, cfg), owner)
-    JobLauncher(job.backend).run(obj, timeout_s=timeout_s, cleanup=cleanup)
-    if job_output != output:
-        storage.copy_tree(job_output, output)
-    summary = read_summary(output)
-    if summary is None:
-        raise FileNotFoundError(f"the {job.kind.kind} succeeded but wrote no summary.json under {job_output}")
-    return StepOutput(output, summary)
+    return _train(ClusterJobLauncher(job, timeout_s=timeout_s, cleanup=cleanup, owner=owner), inputs, output, config)
+
+
+def _train(launcher, inputs: str, output: str, config: TrainRunConfig) -> StepOutput:
+    """``config`` trained by ``launcher`` (a ``train.launch.Launcher``: torchrun here, or a
+    cluster job) on ``inputs`` into ``output``."""
+    cfg = dataclasses.replace(config, data=dataclasses.replace(config.data, path=inputs), output=output)
+    return StepOutput(output, launcher.train(cfg))
 
 
 def fuse_step(inputs: str, output: str, config: FuseConfig) -> StepOutput:

@@ -42,7 +42,8 @@ def _build(cfg, pc: ParallelConfig, dims: ParallelDims, mesh, meta: bool):
             for chunk in pipe.chunks:
                 materialize(chunk, cfg, CPU, SEED)
         return pipe, pipe.model
-    model = parallelize_gpt(model, mesh["dp", "tp"], pc)
+    model = parallelize_gpt(model, mesh["dp", "tp"], dims, activation_checkpoint=pc.activation_checkpoint,
+                            compile=pc.compile)
     if meta:
         materialize(model, cfg, CPU, SEED)
     return None, model

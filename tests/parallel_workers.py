@@ -78,7 +78,8 @@ def build(cfg: ModelConfig, pc: ParallelConfig, world: int):
     mesh = mesh_for(dims)
     set_seed_for_rank(0)
     ref = GPT(cfg, tp=dims.tp)
-    model = parallelize_gpt(copy.deepcopy(ref), mesh, pc)
+    model = parallelize_gpt(copy.deepcopy(ref), mesh, dims, activation_checkpoint=pc.activation_checkpoint,
+                            compile=pc.compile)
     return ref, model, mesh, dims
 
 
@@ -326,19 +327,20 @@ def errors(world: int) -> dict:
     out = {}
     cfg = tiny(vocab_size=301, make_vocab_size_divisible_by=1)
     pc = ParallelConfig(tp=world)
-    mesh = mesh_for(ParallelDims.build(pc, world, cfg))
+    dims = ParallelDims.build(pc, world, cfg)
+    mesh = mesh_for(dims)
     try:
-        parallelize_gpt(GPT(cfg, tp=1), mesh, pc)  # padded for tp=1: 301 rows
+        parallelize_gpt(GPT(cfg, tp=1), mesh, dims)  # padded for tp=1: 301 rows
     except Exception as e:  # noqa: BLE001 - the message is the result
         out["vocab"] = f"{type(e).__name__}: {e}"
     try:
-        sp_compile = ParallelConfig(tp=world, sequence_parallel=True, compile=True)
-        parallelize_gpt(GPT(tiny(), tp=world), mesh, sp_compile)
+        sp = ParallelDims.build(ParallelConfig(tp=world, sequence_parallel=True), world, tiny())
+        parallelize_gpt(GPT(tiny(), tp=world), mesh, sp, compile=True)
     except Exception as e:  # noqa: BLE001
         out["compile+sp"] = f"{type(e).__name__}: {e}"
     from torch.distributed.device_mesh import init_device_mesh
     try:
-        parallelize_gpt(GPT(tiny()), init_device_mesh("cpu", (world,), mesh_dim_names=("tp",)), pc)
+        parallelize_gpt(GPT(tiny()), init_device_mesh("cpu", (world,), mesh_dim_names=("tp",)), dims)
     except Exception as e:  # noqa: BLE001
         out["mesh"] = f"{type(e).__name__}: {e}"
     return out

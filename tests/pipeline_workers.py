@@ -21,7 +21,8 @@ PP_MODEL = dict(tie_embeddings=False, num_layers=4)
 TIED = dict(tie_embeddings=True, num_layers=4)
 
 
-def pipeline_training(pc: ParallelConfig, world: int, n_micro: int = 2, model: dict = PP_MODEL) -> dict:
+def pipeline_training(pc: ParallelConfig, world: int, n_micro: int = 2, model: dict = PP_MODEL,
+                      evaluate: bool = False) -> dict:
     cfg = tiny(**model)
     dims = ParallelDims.build(pc, world, cfg)
     mesh = dims.build_mesh("cpu")
@@ -29,12 +30,18 @@ def pipeline_training(pc: ParallelConfig, world: int, n_micro: int = 2, model: d
     pipe = PipelineParallel(GPT(cfg, tp=dims.tp), mesh, dims, pc, torch.device("cpu"))
     model = pipe.model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    losses, norms = [], []
+    losses, norms, evaluated = [], [], []
     for step in range(STEPS):
         tokens = tokens_for_step(step)
         b = tokens.shape[0] // dims.dp
         r = dims.dp_rank(mesh)
         rows = tokens[r * b:(r + 1) * b]
+        if evaluate and step == 0:  # forward-only, twice, on the first batch, known everywhere
+            for _ in range(2):
+                loss = pipe.evaluate(rows[:, :-1], rows[:, 1:], n_micro)
+                t = torch.tensor([float(loss) if loss is not None else 0.0])
+                torch.distributed.all_reduce(t)
+                evaluated.append(float(t) / (world // dims.pp))
         loss = pipe.forward_backward(rows[:, :-1], rows[:, 1:], n_micro)
         # mean over the last stage's data-parallel ranks, known everywhere
         t = torch.tensor([float(loss) if loss is not None else 0.0])
@@ -54,7 +61,49 @@ def pipeline_training(pc: ParallelConfig, world: int, n_micro: int = 2, model: d
         whole = (tied.full_tensor() if isinstance(tied, DTensor) else tied).detach()
         tied = hashlib.sha256(whole.contiguous().numpy().tobytes()).hexdigest()
     return {"losses": losses, "grad_norms": norms, "names": names, "pp_rank": dims.pp_rank(mesh),
-            "chunks": [sorted(int(i) for i in c.layers) for c in pipe.chunks], "tied": tied}
+            "chunks": [sorted(int(i) for i in c.layers) for c in pipe.chunks], "tied": tied,
+            "tied_copies": _tied_copies(pipe) if cfg.tie_embeddings else [], "evaluated": evaluated}
+
+
+def _tied_copies(pipe) -> list[str]:
+    """sha256 of every copy of the tied table this rank holds (the first stage's
+    tok_embeddings, the last stage's output; both on rank 0 of a V)."""
+    import hashlib
+
+    from torch.distributed.tensor import DTensor
+
+    copies = []
+    for held, name in ((pipe.first, "tok_embeddings"), (pipe.last, "output")):
+        if held:
+            w = getattr(pipe.model, name).weight
+            whole = (w.full_tensor() if isinstance(w, DTensor) else w).detach()
+            copies.append(hashlib.sha256(whole.contiguous().numpy().tobytes()).hexdigest())
+    return copies
+
+
+def zero_bubble_training(pc: ParallelConfig, world: int, n_micro: int, model: dict = PP_MODEL) -> dict:
+    """``pipeline_training`` with a count of the weight-gradient passes the schedule ran
+    (``backward_weight_one_chunk``: the second half of a backward split in two)."""
+    from torch.distributed.pipelining import stage
+
+    original = stage._PipelineStageBase.backward_weight_one_chunk
+    calls = [0]
+
+    def counted(self, *args, **kwargs):
+        calls[0] += self.has_backward  # a forward-only run calls it to do nothing
+        return original(self, *args, **kwargs)
+
+    stage._PipelineStageBase.backward_weight_one_chunk = counted
+    try:
+        out = pipeline_training(pc, world, n_micro=n_micro, model=model, evaluate=True)
+    finally:
+        stage._PipelineStageBase.backward_weight_one_chunk = original
+    out["weight_passes"] = calls[0]
+    return out
+
+
+def zb(schedule: str, **kw) -> ParallelConfig:
+    return ParallelConfig(pp=2, pp_virtual=2, pp_schedule=schedule, **kw)
 
 
 def two_process_checks(rank: int, world: int) -> dict:
@@ -68,6 +117,12 @@ def two_process_checks(rank: int, world: int) -> dict:
         "pp2-tied": pipeline_training(ParallelConfig(pp=2), world, model=TIED),
         "pp2x2-interleaved-tied": pipeline_training(ParallelConfig(pp=2, pp_virtual=2), world, n_micro=4,
                                                     model=TIED),
+        # zero-bubble schedules: the backward split into input and weight gradients
+        "pp2x2-interleaved-zb": zero_bubble_training(zb("interleaved-zb"), world, n_micro=4),
+        "pp2x2-zbv-tied": zero_bubble_training(zb("zbv"), world, n_micro=4, model=TIED),
+        "pp2x2-dualpipev-tied": zero_bubble_training(zb("dualpipev"), world, n_micro=4, model=TIED),
+        # fewer micro-batches than DualPipeV's 2 * pp (a ramp-up step): ZBV in the same V
+        "pp2x2-dualpipev-two-micro": zero_bubble_training(zb("dualpipev"), world, n_micro=2),
     }
 
 
@@ -83,4 +138,9 @@ def four_process_checks(rank: int, world: int) -> dict:
                                                         n_micro=2, model=TIED),
         "pp2x2-interleaved-tied+fsdp": pipeline_training(ParallelConfig(pp=2, pp_virtual=2, fsdp=True), world,
                                                          n_micro=2, model=TIED),
+        "pp2x2-interleaved-zb-tied+tp2": zero_bubble_training(zb("interleaved-zb", tp=2), world, n_micro=2,
+                                                              model=TIED),
+        "pp2x2-zbv-tied+dp2": zero_bubble_training(zb("zbv"), world, n_micro=2, model=TIED),
+        "pp2x2-zbv-tied+tp2+sp+full-ac": zero_bubble_training(
+            zb("zbv", tp=2, sequence_parallel=True, activation_checkpoint="full"), world, n_micro=2, model=TIED),
     }

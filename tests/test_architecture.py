@@ -129,3 +129,13 @@ def test_the_trainer_never_branches_on_pipeline_parallelism():
     assert not pp_reads and not pipeline_names, (pp_reads, pipeline_names)
     loop = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "_loop")
     assert any(isinstance(n, ast.While) for n in ast.walk(loop))  # the loop is where it is said to be
+
+
+MAX_LINES = 600
+
+
+def test_no_module_is_over_600_lines():
+    """A file holds one idea: a module past 600 lines is split into rooms (docs/architecture.md)."""
+    long = {str(p.relative_to(ROOT)): n for p in _library_files()
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"

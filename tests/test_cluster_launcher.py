@@ -1,5 +1,5 @@
 """The job launcher with the real ``kubernetes`` client against the in-process API emulator
-(tests/kube_emulator.py), for both backends; a test-side operator plays the Training
+(tests/kube_emulator/), for both backends; a test-side operator plays the Training
 Operator / Kubeflow Trainer: it creates the job's pods, writes their logs and events, and
 sets the job's conditions.
 
@@ -256,7 +256,7 @@ def test_job_state_reads_both_operators_conditions():
 
 
 def test_the_job_is_owned_by_the_launchers_pod_and_goes_with_it(kube, tmp_path, monkeypatch):
-    import mtnlg.cluster.launcher as launcher_mod
+    import mtnlg.cluster.incluster as launcher_mod
     from mtnlg.cluster.jobs import with_owner
 
     ns_file = tmp_path / "namespace"
@@ -282,7 +282,7 @@ def test_on_kubeflow_pipelines_the_job_is_owned_by_the_runs_workflow(kube, tmp_p
     """A KFP step's pod belongs to the run's Argo Workflow: the job is owned by the Workflow,
     so a retry (a new pod of the same Workflow) adopts a job whose owner still exists, and
     deleting the run removes the job."""
-    import mtnlg.cluster.launcher as launcher_mod
+    import mtnlg.cluster.incluster as launcher_mod
     from mtnlg.cluster.jobs import with_owner
 
     ns_file = tmp_path / "namespace"

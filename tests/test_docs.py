@@ -21,77 +21,16 @@ from __future__ import annotations
 import ast
 import importlib
 import re
-import shlex
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
+from doc_blocks import ROOT, commands, is_synopsis, snippets
+from doc_blocks import split_words as _split
 from mtnlg.cli import parse as cli_parse
 
 pytestmark = pytest.mark.unit
 
-ROOT = Path(__file__).resolve().parent.parent
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SCHEMAS = ROOT.parent / "shared" / "schemas"
-BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
-
-
-@dataclass(frozen=True)
-class Snippet:
-    where: str   # file:line
-    lang: str
-    text: str
-
-    def __str__(self) -> str:
-        return self.where
-
-
-def snippets() -> list[Snippet]:
-    out = []
-    for path in DOCS:
-        text = path.read_text(encoding="utf-8")
-        for m in BLOCK.finditer(text):
-            line = text[:m.start()].count("\n") + 1
-            out.append(Snippet(f"{path.relative_to(ROOT)}:{line}", m.group(1), m.group(2)))
-    return out
-
-
-def commands(s: Snippet) -> list[tuple[int, str, str]]:
-    """The ``mtnlg`` command lines of a shell block: (line in the file, command, the output
-    shown after a ``$ `` prompted command, up to the next prompt)."""
-    if s.lang not in ("", "sh", "bash"):
-        return []
-    out: list[list] = []
-    cur, start, prompted = "", 0, False
-    base = int(s.where.rsplit(":", 1)[1])
-    with_prompts = any(line.startswith("$ ") for line in s.text.splitlines())
-    for i, raw in enumerate(s.text.splitlines(), 1):
-        line = raw.strip()
-        if not cur:
-            start = base + i
-            prompted = line.startswith("$ ")
-            line = line[2:] if prompted else line
-            if not line.startswith("mtnlg ") or (with_prompts and not prompted):
-                if out and out[-1][3]:
-                    out[-1][2] += raw + "\n"   # the shown output of the prompted command
-                continue
-        if line.endswith("\\"):
-            cur += line[:-1] + " "
-            continue
-        out.append([start, cur + line, "", prompted])
-        cur = ""
-    return [(line, cmd, shown) for line, cmd, shown, _ in out]
-
-
-def _split(command: str) -> list[str]:
-    words = shlex.split(command, comments=True)
-    return words[1:]  # without "mtnlg"
-
-
-def is_synopsis(words: list[str]) -> bool:
-    return any(w.startswith("[") and (w.endswith("]") or "--" in w) or w.endswith("...") or w == "..."
-               for w in words) or any(w.isupper() and len(w) > 2 for w in words[1:2])
 
 
 ALL_COMMANDS = [(f"{s.where.rsplit(':', 1)[0]}:{line}", cmd, shown) for s in snippets()

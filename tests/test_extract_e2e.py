@@ -13,6 +13,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,7 +126,7 @@ def rule_breakers() -> dict[str, list[str]]:
 
 EXPECTED_DROPPED = {"min_words": 2, "max_words": 0, "mean_word_length": 1, "alpha_words": 1, "symbol_ratio": 1,
                     "bullet_lines": 1, "ellipsis_lines": 1, "duplicate_lines": 1, "duplicate_line_chars": 1,
-                    "stop_words": 1, "language": 0}
+                    "stop_words": 1, "language": 0, "quality_classifier": 0}
 EXPECTED_FAILED = {"unreadable": 1, "corrupt_gzip": 2, "binary": 1, "nul_byte": 1, "too_large": 1, "empty": 2,
                    "invalid_json": 1, "missing_text_field": 1, "invalid_html": 0}
 
@@ -136,7 +138,7 @@ def test_end_to_end_every_bad_input_two_workers(bad_corpus, tmp_path):
     assert stats["failed"] == EXPECTED_FAILED
     assert stats["failed_examples"]["too_large"][0].endswith("one-line-50mb.txt: over max_doc_bytes=8388608")
     assert stats["dropped"] == EXPECTED_DROPPED == {r: len(t) for r, t in rule_breakers().items()} | {
-        "max_words": 0, "language": 0}
+        "max_words": 0, "language": 0, "quality_classifier": 0}
     assert stats["duplicates"] == {"exact": 1, "fuzzy": 1}
     assert stats["skipped_files"] == {"count": 1, "examples": [str(bad_corpus / "bad" / "README.md")]}
     assert stats["invalid_utf8_replacements"] == 2
@@ -255,8 +257,7 @@ def test_the_portable_runner_writes_the_same_bytes(tmp_path, caplog):
     src = tmp_path / "in"
     shutil.copytree(CORPUS / "faq", src)
     (src / "docs.jsonl").write_text(json.dumps({"text": corpus_text("whatsnew/3.5.txt.gz")[:30000]}) + "\nbad\n")
-    # near-duplicate groups, so that the portable run's distributed grouping (dedup.components
-    # =auto on a runner other than the DirectRunner) has real work, against union-find
+    # near-duplicate groups, so that the grouping has real work on both runners
     make_corpus(originals_from(whatsnew_paragraphs(max_files=2))[:60], str(src / "neardup"), seed=1)
     (src / "neardup" / "truth.json").unlink()
     out = tmp_path / "out"
@@ -274,6 +275,8 @@ def test_the_portable_runner_writes_the_same_bytes(tmp_path, caplog):
     # on both runners every count was checked against the committed Beam metrics
     assert caplog.text.count("agree with the runner's committed Beam metrics") == 2
     assert stats["duplicates"]["fuzzy"] >= 20 and stats["fuzzy"]["unconverged_nodes"] == 0
+    # ... and both drop what union-find over the same pairs drops
+    assert stats["duplicates"] == extract_reference([str(src)], None, ExtractConfig())[1]["duplicates"]
 
 
 def test_fuzzy_dedup_recall_and_precision_on_known_near_duplicates(tmp_path):
@@ -302,6 +305,7 @@ def test_fuzzy_dedup_recall_and_precision_on_known_near_duplicates(tmp_path):
     # the pairs, the largest bucket and group are what the single-process loop counts
     _, ref = extract_reference([str(tmp_path / "neardup")], None, cfg)
     assert stats["fuzzy"] == ref["fuzzy"] and stats["duplicates"] == ref["duplicates"]
+    assert "reruns" not in stats  # near-duplicate groups converge within the first attempt's rounds
     f = stats["fuzzy"]
     assert f["pairs_checked"] >= f["pairs_similar"] >= stats["duplicates"]["fuzzy"] > 200
     assert 2 <= f["largest_group"] <= 8 and 2 <= f["largest_bucket"] <= 8, f
@@ -311,19 +315,58 @@ def test_fuzzy_dedup_recall_and_precision_on_known_near_duplicates(tmp_path):
     assert by_j["0.80-0.85"]["recall"] >= 0.8 and by_j["0.85-0.90"]["recall"] >= 0.95, by_j
 
 
+def test_groups_that_need_more_rounds_are_rerun_with_max_rounds(tmp_path, monkeypatch):
+    """A chain of near-duplicates laid out in ascending id order (the slowest to group) is
+    not grouped in the first attempt's rounds: the job reruns with ``dedup.max_rounds``,
+    names the first attempt in stats.json, and drops what union-find over the same pairs
+    drops."""
+    from mtnlg.extract import beam_job
+    from mtnlg.extract.config import RULES
+    from mtnlg.extract.readers import read_file, relative_names
+
+    monkeypatch.setattr(beam_job, "FIRST_ROUNDS", 1)
+    rng = random.Random(5)
+    texts = [" ".join(f"w{rng.randrange(400)}" for _ in range(400))]
+    for _ in range(11):  # each a near-duplicate of the one before (6 words changed), not of the others
+        words = texts[-1].split()
+        for i in rng.sample(range(len(words)), 6):
+            words[i] = f"x{rng.randrange(10**9)}"
+        texts.append(" ".join(words))
+    src = tmp_path / "in"
+    src.mkdir()
+    path = src / "chain.jsonl"
+    path.write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(len(texts))))
+    name = relative_names([str(src)], [str(path)])[str(path)]
+    ids = [d.id for d in read_file(str(path), name=name)]
+    by_id = {line: texts[rank] for rank, line in enumerate(sorted(range(len(ids)), key=ids.__getitem__))}
+    path.write_text("".join(json.dumps({"text": by_id[i]}) + "\n" for i in range(len(texts))))
+    cfg = replace(ExtractConfig(), [f"filters.disabled={json.dumps(list(RULES))}", "decontaminate.validation=false",
+                                    "dedup.max_rounds=8"])
+
+    stats = extract([str(src)], str(tmp_path / "out"), cfg, workers=1)
+    assert stats["reruns"][0]["rounds"] == 1 and stats["reruns"][0]["unconverged_nodes"] > 0, stats["reruns"]
+    assert len(stats["reruns"]) == 1 and stats["fuzzy"]["unconverged_nodes"] == 0
+    _, ref = extract_reference([str(src)], None, cfg)
+    assert stats["duplicates"] == ref["duplicates"] and stats["duplicates"]["fuzzy"] >= 8
+    assert json.loads((tmp_path / "out" / "stats.json").read_text()) == stats
+
+
 def test_marks_lost_on_their_way_to_the_join_stop_the_run(tmp_path, monkeypatch):
     """Both kinds of duplicate mark are counted where they are made, before the join with
     the documents: a join that loses marks (here: every fuzzy one) keeps documents it should
     drop, and the run fails naming the count, instead of writing them."""
     from corpus_data import whatsnew_paragraphs
 
-    from mtnlg.extract import beam_job
+    from apache_beam.pvalue import TaggedOutput
+
+    from mtnlg.extract.beam.common import DUPLICATES
+    from mtnlg.extract.beam.write import DropDuplicatesFn
     from mtnlg.extract.config import RULES
     from mtnlg.extract.neardup import make_corpus, originals_from
 
     make_corpus(originals_from(whatsnew_paragraphs())[:40], str(tmp_path / "neardup"), seed=0)
     (tmp_path / "neardup" / "truth.json").unlink()
-    cfg = replace(ExtractConfig(), [f"filters.disabled={json.dumps(list(RULES))}", "dedup.components=distributed"])
+    cfg = replace(ExtractConfig(), [f"filters.disabled={json.dumps(list(RULES))}"])
     good = extract([str(tmp_path / "neardup")], str(tmp_path / "good"), cfg, workers=1)
     assert good["duplicates"]["fuzzy"] > 5
 
@@ -331,9 +374,9 @@ def test_marks_lost_on_their_way_to_the_join_stop_the_run(tmp_path, monkeypatch)
         doc_id, groups = joined
         marks = [m for m in groups["dup"] if m != "fuzzy"]
         for source, text in groups["doc"]:
-            yield beam_job.TaggedOutput(beam_job.DUPLICATES, marks[0]) if marks else (doc_id, source, text)
+            yield TaggedOutput(DUPLICATES, marks[0]) if marks else (doc_id, source, text)
 
-    monkeypatch.setattr(beam_job.DropDuplicatesFn, "process", losing_join)
+    monkeypatch.setattr(DropDuplicatesFn, "process", losing_join)
     with pytest.raises(RuntimeError, match=rf"duplicates.fuzzy: 0 in stats.json, {good['duplicates']['fuzzy']} "
                                            r"in the metrics"):
         extract([str(tmp_path / "neardup")], str(tmp_path / "lost"), cfg, workers=1)
@@ -394,3 +437,17 @@ def test_counts_that_disagree_with_the_runners_metrics_are_named():
         "duplicate marks: 1 made, 1 reached the documents' join, 1 of them without their document"]
     assert disagreements(stats, {**metrics, "duplicates_exact": 2, "marks_joined": 1})[-1] == (
         "duplicate marks: 2 made, 1 reached the documents' join, 0 of them without their document")
+
+
+def test_the_local_worker_processes_start_quietly(tmp_path):
+    """Each local worker process (2 here) imports Beam before any option reaches it: it is
+    started as mtnlg.extract.beam.worker, whose filter is in place first, so the step's
+    output has neither the BigQuery notice nor the workers' start-up lines."""
+    corpus = Path(__file__).resolve().parent.parent / "data" / "corpus" / "python-docs" / "faq"
+    p = subprocess.run([sys.executable, "-m", "mtnlg.cli", "extract", str(corpus), "--output", str(tmp_path / "out"),
+                        "--workers", "2"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    said = p.stdout + p.stderr
+    assert "read 9, kept" in said
+    for notice in ("apitools not found", "Logging handler created", "semi_persistent_directory"):
+        assert notice not in said, notice

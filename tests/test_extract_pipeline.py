@@ -8,8 +8,12 @@ import apache_beam as beam
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from mtnlg.extract.beam_job import (DROPPED, DUPLICATES, FAILED, FILES, CleanAndFilterFn, ConnectedComponents,
-                                    Deduplicate, FuzzyDedup, ReadDocuments, beam_options)
+from mtnlg.extract.beam.common import DROPPED, DUPLICATES, FAILED, FILES
+from mtnlg.extract.beam.dedup import Deduplicate, FuzzyDedup
+from mtnlg.extract.beam.filter import CleanAndFilter, CleanAndFilterFn
+from mtnlg.extract.beam.grouping import ConnectedComponents
+from mtnlg.extract.beam.read import ReadDocuments
+from mtnlg.extract.beam.runner import beam_options
 from mtnlg.config import replace
 from mtnlg.extract.clean import clean_text
 from mtnlg.extract.config import DedupConfig, ExtractConfig, FilterConfig
@@ -71,6 +75,10 @@ def test_clean_and_filter_fn():
         out = p | beam.Create(docs) | beam.ParDo(CleanAndFilterFn(FilterConfig())).with_outputs(DROPPED, main="docs")
         assert_that(out.docs, equal_to([("a", "s", clean_text("Caf\u00e9 " + long_doc))]), label="kept")
         assert_that(out[DROPPED], equal_to(["min_words", "stop_words"]), label="dropped")
+        # the step's composite: the same documents kept, the same reasons
+        both = p | "Again" >> beam.Create(docs) | CleanAndFilter(ExtractConfig())
+        assert_that(both["docs"] | beam.Map(lambda d: d[0]), equal_to(["a"]), label="composite-kept")
+        assert_that(both[DROPPED], equal_to(["min_words", "stop_words"]), label="composite-dropped")
 
 
 def test_deduplicate_keeps_smallest_id():
@@ -135,11 +143,10 @@ def test_fuzzy_dedup_matches_single_process_reference():
 
     with runner() as p:
         sig_pc = p | beam.Create(sorted((i, s.astype("<u4").tobytes()) for i, s in sigs.items()))
-        for how in ("single", "distributed"):
-            fuzzy = sig_pc | how >> FuzzyDedup(replace(cfg, [f"components={how}"]))
-            assert_that(fuzzy["marks"], equal_to([(n, "fuzzy") for n in expected]), label=f"marks-{how}")
-            assert_that(fuzzy["counts"] | f"{how}-unconverged" >> beam.Filter(
-                lambda c: "fuzzy/unconverged_nodes" in c), equal_to([]), label=f"converged-{how}")
+        fuzzy = sig_pc | FuzzyDedup(cfg)
+        assert_that(fuzzy["marks"], equal_to([(n, "fuzzy") for n in expected]), label="marks")
+        assert_that(fuzzy["counts"] | beam.Filter(lambda c: "fuzzy/unconverged_nodes" in c), equal_to([]),
+                    label="converged")
 
 
 def test_comparisons_a_huge_bucket_skips_are_counted():
@@ -181,10 +188,17 @@ def _graph(seed: int) -> list[tuple[str, str]]:
 def test_connected_components_in_beam_match_union_find(seed):
     edges = _graph(seed)
     expected = components(edges)
+    # the slowest shapes for large-star and small-star: a chain in ascending id order, and a
+    # star whose hub is the largest id of its component
+    chain = [f"c{i:03d}" for i in range(100)]
+    slow = list(zip(chain, chain[1:])) + [("s9", f"s{i}") for i in range(9)]
     with runner() as p:
         cc = p | beam.Create(edges) | ConnectedComponents(rounds=10)
         assert_that(cc["labels"], equal_to(sorted(expected.items())), label="labels")
         assert_that(cc["unconverged"], equal_to([]), label="converged")
+        slow_cc = p | "Slow" >> beam.Create(slow) | "SlowCC" >> ConnectedComponents(rounds=10)
+        assert_that(slow_cc["labels"], equal_to(sorted(components(slow).items())), label="slow-labels")
+        assert_that(slow_cc["unconverged"], equal_to([]), label="slow-converged")
 
 
 def test_too_few_rounds_are_counted_and_only_ever_keep_too_much():
@@ -199,9 +213,24 @@ def test_too_few_rounds_are_counted_and_only_ever_keep_too_much():
                     equal_to([True]), label="counted")
 
 
+def test_a_local_first_attempt_runs_few_rounds_of_the_grouping():
+    from mtnlg.extract.beam_job import FIRST_ROUNDS, first_attempt
+
+    cfg = ExtractConfig()
+    assert cfg.dedup.max_rounds > FIRST_ROUNDS
+    for local in (["--runner=DirectRunner"], ["--runner=PortableRunner", "--job_endpoint=embed"]):
+        assert first_attempt(cfg, local).dedup.max_rounds == FIRST_ROUNDS
+        assert first_attempt(cfg, local).dedup.threshold == cfg.dedup.threshold
+    # a remote runner, a config with few rounds or no fuzzy step: as configured
+    assert first_attempt(cfg, ["--runner=DataflowRunner"]) is cfg
+    assert first_attempt(cfg, ["--runner=PortableRunner", "--job_endpoint=host:8099"]) is cfg
+    for few in (replace(cfg, ["dedup.max_rounds=3"]), replace(cfg, ["dedup.fuzzy=false"])):
+        assert first_attempt(few, ["--runner=DirectRunner"]) is few
+
+
 def test_beam_options_runner_and_workers():
     quiet = ["--default_sdk_harness_log_level=WARNING", '--sdk_harness_log_level_overrides={"__main__": "ERROR", '
-             '"apache_beam.options.pipeline_options": "ERROR"}']
+             '"apache_beam.runners.worker.sdk_worker_main": "ERROR", "apache_beam.options.pipeline_options": "ERROR"}']
     assert beam_options([], 1) == ["--runner=DirectRunner", *quiet, "--direct_num_workers=1",
                                    "--direct_running_mode=in_memory"]
     assert beam_options([]) == ["--runner=DirectRunner", *quiet]
@@ -232,4 +261,6 @@ def test_beams_start_up_notices_are_not_shown():
 
     opts = PipelineOptions(beam_options([], 2)).get_all_options()
     assert opts["sdk_harness_log_level_overrides"] == {"__main__": "ERROR",
+                                                       "apache_beam.runners.worker.sdk_worker_main": "ERROR",
                                                        "apache_beam.options.pipeline_options": "ERROR"}
+

@@ -258,6 +258,17 @@ def test_config_validation_names_key_and_value():
         load_config(ExtractConfig, None, ["dedup.treshold=0.5"])
 
 
+def test_the_one_worker_grouping_is_not_selectable():
+    """Near-duplicate groups are always found inside Beam: ``single`` is refused with the
+    reason, the former default ``auto`` still loads (saved configs hold it)."""
+    assert ExtractConfig().dedup.components == "distributed"
+    assert load_config(ExtractConfig, None, ["dedup.components=auto"]).dedup.components == "auto"
+    with pytest.raises(ConfigError, match="dedup.components: 'single'.*no longer part of the step"):
+        load_config(ExtractConfig, None, ["dedup.components=single"])
+    with pytest.raises(ConfigError, match="components.*'union-find'"):
+        load_config(ExtractConfig, None, ["dedup.components=union-find"])
+
+
 # --- MinHash / LSH / clustering -------------------------------------------------------------
 
 def _set_text(ids) -> str:
@@ -319,7 +330,7 @@ def test_build_stats_balances():
                                 st.duplicate("fuzzy"), st.kept("train", 10)])
     stats = st.build_stats(counters, inputs=["x"], files=1, skipped=[])
     assert stats["balanced"] and stats["read"] == 4 and stats["failed"]["binary"] == 1
-    assert set(stats["dropped"]) == set(RULES) and stats["splits"]["train"] == {"docs": 1, "bytes": 10, "files": []}
+    assert set(stats["dropped"]) == {*RULES, "quality_classifier"} and stats["splits"]["train"] == {"docs": 1, "bytes": 10, "files": []}
     assert not st.build_stats(st.add(counters, st.kept("train", 1)), inputs=[], files=1, skipped=[])["balanced"]
 
 
@@ -398,7 +409,7 @@ def test_beams_timed_flush_loses_what_is_written_while_it_is_blocked():
 def test_local_engines_send_their_workers_everything(monkeypatch):
     from apache_beam.runners.portability.fn_api_runner import worker_handlers
 
-    from mtnlg.extract.beam_job import make_pipeline
+    from mtnlg.extract.beam.runner import make_pipeline
 
     for args in (["--runner=DirectRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing"],
                  ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK"]):

@@ -63,7 +63,7 @@ def _tp_logits(rank: int, world: int, ckpt: str, tokens: list) -> list:
         cfg = from_dict(ModelConfig, json.load(f)["model"])
     pc = ParallelConfig(tp=2)
     dims = ParallelDims.build(pc, world, cfg)
-    model = parallelize_gpt(GPT(cfg, tp=2), dims.build_mesh("cpu"), pc)
+    model = parallelize_gpt(GPT(cfg, tp=2), dims.build_mesh("cpu"), dims)
     load_checkpoint(ckpt, model, None)
     model.eval()
     with torch.no_grad():

@@ -2,7 +2,8 @@
 GPU, on the small debug model, leaving out only the compiled run (about 50 s of inductor
 compilation on 2 cores; ``tests/test_hot_loop.py`` and the trainer's own tests cover the
 rest of what it would show). Every section must report no error, the non-logging step must
-read nothing back, and resuming must be bitwise."""
+read nothing back, and resuming must be bitwise; the fp8 section (eager on the CPU, through
+torch's CPU float8 matmul) must convert the blocks' layers and follow bf16's losses."""
 
 from __future__ import annotations
 
@@ -30,3 +31,7 @@ def test_gpu_check_runs_on_the_cpu(tmp_path):
     assert summary["train_eager"]["tokens_per_s"] > 0 and summary["syncs_per_step"] == {"train_eager": 0}
     assert summary["wrappers"]["ok"] and summary["resume"]["bitwise"]
     assert "skipped" in summary["fp16"] and summary["sdpa"]["flash"] is False
+    fp8 = summary["fp8"]
+    assert fp8["bf16"]["float8_layers"] == 0 and fp8["fp8"]["float8_layers"] == 12  # debug: 2 blocks x 6
+    assert fp8["fp8"]["tokens_per_s"] > 0 and fp8["speedup"] > 0
+    assert len(fp8["fp8"]["losses"]) == fp8["steps"] and fp8["max_loss_difference"] < 0.05

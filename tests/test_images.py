@@ -119,7 +119,7 @@ def _extras(dockerfile: Path) -> set[str]:
     runs = check.parse_dockerfile(dockerfile).runs
     pip = [c for c, _, _ in runs if c.startswith("pip install")]
     assert len(pip) == 1, pip
-    return set(re.search(r'"\.\[([a-z,]+)\]"', pip[0]).group(1).split(","))
+    return set(re.search(r'"\.\[([a-z0-9,]+)\]"', pip[0]).group(1).split(","))
 
 
 def test_the_data_steps_and_the_command_line_import_no_torch():

@@ -1,4 +1,4 @@
-"""The in-process Kubernetes API emulator (tests/kube_emulator.py), driven by the real client."""
+"""The in-process Kubernetes API emulator (tests/kube_emulator/), driven by the real client."""
 
 from __future__ import annotations
 

@@ -36,7 +36,8 @@ def test_dp_is_inferred_from_the_world_size():
     (4, {"pp": 2, "pp_virtual": 2, "pp_schedule": "gpipe"}, "parallel.pp_virtual=2 runs interleaved 1F1B"),
     (4, {"pp": 4}, "model.num_layers=2 is not divisible by parallel.pp=4"),
     (6, {"pp": 2, "tp": 2}, "world size 6 is not divisible by parallel.tp * parallel.pp = 2 * 2 = 4"),
-    (4, {"pp_schedule": "zb"}, "pp_schedule: expected one of ['1f1b', 'gpipe'], got 'zb'"),
+    (4, {"pp_schedule": "zb"},
+     "pp_schedule: expected one of ['1f1b', 'gpipe', 'interleaved-zb', 'zbv', 'dualpipev'], got 'zb'"),
     (4, {"dp": 0}, "parallel.dp must be -1 (infer) or >= 1, got 0"),
 ])
 def test_invalid_layouts_are_rejected_naming_the_numbers(world, kw, message):
@@ -165,3 +166,56 @@ def test_pipeline_layout_puts_stages_outermost():
     assert d.pp_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
     assert d.coordinates(6) == (1, 0)
     assert [list(d.stage_layers(s)) for s in range(2)] == [[0, 1], [2, 3]]
+
+
+# ----------------------------------------------------------------- context parallel
+
+CP_MODEL = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, seq_length=32, vocab_size=300)
+
+
+def test_context_parallel_sits_between_data_and_tensor_parallel():
+    d = build(8, CP_MODEL, tp=2, cp=2)
+    assert (d.dp, d.cp, d.tp, d.pp) == (2, 2, 2, 1)
+    assert d.describe() == "world 8 = dp 2 x cp 2 x tp 2 x pp 1, DDP"
+    assert d.tp_groups() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert d.cp_groups() == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert d.dp_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert d.pp_groups() == [[r] for r in range(8)]
+    assert [d.coordinates(r) for r in (0, 3, 6)] == [(0, 0), (0, 1), (1, 0)]
+    assert [d.cp_coordinate(r) for r in range(8)] == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert d.as_dict()["cp"] == 2 and "cp" not in build(8, CP_MODEL, tp=2).as_dict()
+    # FSDP shards over dp x cp ranks, so dp=1 with cp=2 still shards
+    assert build(2, CP_MODEL, cp=2, fsdp=True).fsdp
+    # every group partitions the world
+    for groups in (d.tp_groups(), d.cp_groups(), d.dp_groups()):
+        assert sorted(r for g in groups for r in g) == list(range(8))
+
+
+@pytest.mark.parametrize("world, model, kw, message", [
+    (6, CP_MODEL, {"cp": 4},
+     "world size 6 is not divisible by parallel.tp * parallel.pp * parallel.cp = 1 * 1 * 4 = 4"),
+    (8, CP_MODEL, {"cp": 2, "dp": 2}, "parallel.dp * parallel.tp * parallel.pp * parallel.cp = 2 * 1 * 1 * 2 = 4, "
+                                      "but the world size is 8"),
+    (4, MODEL, {"cp": 2}, "model.seq_length=30 is not divisible by 2 * parallel.cp = 4"),
+    (8, ModelConfig(num_layers=2, hidden_size=64, num_heads=4, seq_length=20),
+     {"cp": 2, "tp": 4, "sequence_parallel": True},
+     "model.seq_length / parallel.cp = 20 / 2 = 10 is not divisible by parallel.tp=4"),
+    (4, CP_MODEL, {"cp": 2, "pp": 2}, "parallel.cp=2 with parallel.pp=2: pipeline stages do not pass"),
+    (2, CP_MODEL, {"cp": 2, "compile": True}, "parallel.cp=2 with parallel.compile=true"),
+    (2, CP_MODEL, {"cp": 0}, "cp: must be >= 1, got 0"),
+])
+def test_invalid_context_parallel_layouts_name_the_numbers(world, model, kw, message):
+    with pytest.raises(ConfigError) as e:
+        build(world, model, **kw)
+    assert message in str(e.value)
+
+
+def test_context_parallel_ranks_share_their_rows():
+    # cp ranks read the same rows (each a part of every sequence): the batch unit is
+    # micro_batch_size x dp, cp not counted
+    d = build(8, CP_MODEL, cp=2)
+    assert (d.dp, d.cp) == (4, 2)
+    d.check_batches("1f1b", 1, 4)
+    with pytest.raises(ConfigError, match="train.global_batch_size=6 is not divisible by train.micro_batch_size=1 "
+                                          "x data-parallel degree 4 = 4"):
+        d.check_batches("1f1b", 1, 6)

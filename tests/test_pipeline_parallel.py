@@ -2,9 +2,11 @@
 
 Two spawns of the tiny untied 4-layer GPT (``tests/pipeline_workers.py``): pp=2 with the
 1F1B and GPipe schedules (2 processes), pp=2 x tp=2 (also with sequence parallelism and
-full activation checkpointing) and pp=2 x FSDP2 dp=2 (4 processes);
-each trains 3 AdamW steps with clipping on the same batches as the single-process
-reference. Then runs through the real entry points: ``mtnlg train --nproc 2 ...
+full activation checkpointing) and pp=2 x FSDP2 dp=2 (4 processes); the zero-bubble
+schedules (interleaved-zb, zbv, dualpipev, with tied embeddings; zbv also with tp=2 + sp +
+full recomputation and with DDP dp=2, interleaved-zb with tp=2; each also evaluated
+forward-only); each trains 3 AdamW steps with clipping on the same batches as the
+single-process reference. Then runs through the real entry points: ``mtnlg train --nproc 2 ...
 parallel.pp=2`` for 2 steps, resumed to 3, against ``--nproc 1`` for 3 (logged losses),
 and ``mtnlg fuse`` of the pp=2 checkpoint against the same DCP checkpoint loaded into one
 single-process GPT.
@@ -74,6 +76,88 @@ def test_interleaved_tied_with_tp_and_fsdp_match_single_process(four, layout):
     for rank in four:
         _same_training(rank[layout], rank["single-tied"])
     _tied_copies_equal(four, layout)
+
+
+ZERO_BUBBLE_TWO = ["pp2x2-interleaved-zb", "pp2x2-zbv-tied", "pp2x2-dualpipev-tied", "pp2x2-dualpipev-two-micro"]
+ZERO_BUBBLE_FOUR = ["pp2x2-interleaved-zb-tied+tp2", "pp2x2-zbv-tied+dp2", "pp2x2-zbv-tied+tp2+sp+full-ac"]
+# weight-gradient passes per rank: 3 steps x micro-batches x 2 chunks where every backward
+# is split; DualPipeV runs some backwards whole (None: at least one split pass per rank)
+WEIGHT_PASSES = {"pp2x2-interleaved-zb": 24, "pp2x2-zbv-tied": 24, "pp2x2-dualpipev-tied": None,
+                 "pp2x2-dualpipev-two-micro": 12, "pp2x2-interleaved-zb-tied+tp2": 12, "pp2x2-zbv-tied+dp2": 12,
+                 "pp2x2-zbv-tied+tp2+sp+full-ac": 12}
+
+
+def _same_zero_bubble_training(ranks: list[dict], layout: str) -> None:
+    tied = "tied" in layout
+    for rank in ranks:
+        _same_training(rank[layout], rank["single-tied" if tied else "single"])
+        want = WEIGHT_PASSES[layout]
+        # the backward really ran in two passes (input, then weight gradients)
+        assert rank[layout]["weight_passes"] == want if want else rank[layout]["weight_passes"] > 0
+        # forward-only runs (twice, before training) give the first training step's loss
+        assert rank[layout]["evaluated"] == pytest.approx([rank[layout]["losses"][0]] * 2, rel=REL)
+    if tied:  # every copy of the tied table, on every rank, equal after 3 updates
+        copies = [c for rank in ranks for c in rank[layout]["tied_copies"]]
+        assert len(copies) == len(ranks) and len(set(copies)) == 1  # 2 per pipeline of pp=2
+
+
+@pytest.mark.parametrize("layout", ZERO_BUBBLE_TWO)
+def test_zero_bubble_schedules_match_single_process(two, layout):
+    _same_zero_bubble_training(two, layout)
+
+
+@pytest.mark.parametrize("layout", ZERO_BUBBLE_FOUR)
+def test_zero_bubble_schedules_with_tp_and_dp_match_single_process(four, layout):
+    _same_zero_bubble_training(four, layout)
+
+
+def test_v_schedules_place_the_first_and_last_chunk_on_rank_0(two):
+    # 4 layers in 4 chunks in a V: rank 0 runs chunks 0 and 3 (embeddings and head), rank 1
+    # chunks 1 and 2; the looped zero-bubble schedule keeps interleaved 1F1B's placement
+    assert two[0]["pp2x2-zbv-tied"]["chunks"] == [[0], [3]]
+    assert two[1]["pp2x2-zbv-tied"]["chunks"] == [[1], [2]]
+    assert {"tok_embeddings.weight", "output.weight"} <= set(two[0]["pp2x2-zbv-tied"]["names"])
+    assert two[1]["pp2x2-interleaved-zb"]["chunks"] == [[1], [3]]
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"pp": 2, "pp_schedule": "interleaved-zb"},
+     "parallel.pp_schedule=interleaved-zb runs virtual stages; it needs parallel.pp_virtual >= 2, got 1"),
+    ({"pp": 2, "pp_virtual": 3, "pp_schedule": "zbv"},
+     "parallel.pp_schedule=zbv holds 2 stages per rank in a V (rank r: stages r and 2*pp-1-r); it needs "
+     "parallel.pp_virtual=2, got 3"),
+    ({"pp": 2, "pp_schedule": "dualpipev"}, "parallel.pp_schedule=dualpipev holds 2 stages per rank"),
+    ({"pp": 2, "pp_virtual": 2, "pp_schedule": "zbv", "fsdp": True},
+     "parallel.pp_schedule=zbv with parallel.fsdp=true gives wrong gradients"),
+    ({"pp": 2, "pp_virtual": 2, "pp_schedule": "interleaved-zb", "compile": True},
+     "parallel.pp_schedule=interleaved-zb splits the backward into input and weight gradients"),
+    ({"pp": 2, "pp_virtual": 2, "pp_schedule": "gpipe"}, "parallel.pp_virtual=2 runs interleaved 1F1B"),
+])
+def test_zero_bubble_layouts_that_cannot_run_are_refused_before_launch(kw, message):
+    from mtnlg.config import ConfigError
+    from mtnlg.parallel.config import ParallelConfig
+
+    with pytest.raises(ConfigError) as e:
+        ParallelConfig(**kw)
+    assert message in str(e.value)
+
+
+def test_bubble_formulas_match_the_schedules_plans_at_equal_times():
+    # docs/performance.md's formulas against torch's own per-rank action lists, played
+    # with unit-time forward, input- and weight-gradient passes (no processes)
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "pipeline_bubble.py"
+    spec = importlib.util.spec_from_file_location("pipeline_bubble", path)
+    bubble = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bubble)
+    assert bubble.check(ps=(2, 3, 4), extra_m=1) == []
+    # and they say what the issue is about: on 2 ranks at 4 micro-batches, 20% idle with
+    # 1F1B, 4% with every zero-bubble schedule
+    assert bubble.simulate("1f1b", 2, 4) == pytest.approx(0.2)
+    for schedule in ("interleaved-zb", "zbv", "dualpipev"):
+        assert bubble.simulate(schedule, 2, 4) == pytest.approx(1 / 25)
 
 
 def test_interleaved_ranks_hold_every_other_chunk(two):

@@ -131,6 +131,7 @@ def test_metrics_count_requests_tokens_and_latency(model_dir):  # noqa: F811
     assert m[("mtnlg_time_to_first_token_seconds_count", chat)] == 1
     assert 0 < m[("mtnlg_time_to_first_token_seconds_sum", chat)] <= m[("mtnlg_request_latency_seconds_sum", chat)]
     assert m[("mtnlg_queue_depth", ())] == 0 and m[("mtnlg_requests_in_flight", ())] == 0
+    assert m[("mtnlg_batch_occupancy", ())] == 0  # every request has left the running batch
 
 
 def test_mtnlg_serve_drains_on_sigterm(model_dir):  # noqa: F811

@@ -31,7 +31,7 @@ def _load(name, path, overrides):
     ("optim.learning_rate=1", "unknown key 'optim.learning_rate'"),
     ("train.steps=ten", "train.steps: expected int, got 'ten'"),
     ("train.steps=0", "train.steps: must be >= 1, got 0"),
-    ("train.dtype=fp8", "train.dtype: expected one of ['auto', 'fp32', 'bf16', 'fp16'], got 'fp8'"),
+    ("train.dtype=fp4", "train.dtype: expected one of ['auto', 'fp32', 'bf16', 'fp16', 'fp8'], got 'fp4'"),
     ("optim.lr=-1", "optim.lr: must be > 0"),
     ("optim.min_lr=1", "optim.min_lr=1.0 is larger than optim.lr"),
     ("optim.betas=[0.9]", "optim.betas: expected two numbers in [0, 1)"),
@@ -59,7 +59,7 @@ def test_config_rejects_bad_values_naming_them(override, message):
      "parallel.pp_schedule=1f1b needs at least parallel.pp=2 micro-batches per step"),
     (["parallel.tp=1", "parallel.pp=2", "parallel.pp_virtual=2", "model.num_layers=4",
       "train.global_batch_size=20"], 2,
-     "parallel.pp_virtual=2: a batch of 20 gives 5 micro-batches, which interleaved 1F1B cannot run"),
+     "parallel.pp_virtual=2: a batch of 20 gives 5 micro-batches, which the interleaved schedules cannot run"),
     (["output="], 2, "output: the run directory is required"),
     (["data.path="], 2, "data.path: the tokenized data directory is required"),
 ])

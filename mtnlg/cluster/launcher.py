@@ -1,6 +1,9 @@
 """Run a TrainJob or PyTorchJob to the end from a pipeline step (or ``mtnlg job --submit``).
 
-What the launcher does, in order:
+:class:`ClusterJobLauncher` is the train step's launcher on a cluster: the same
+:class:`mtnlg.train.launch.Launcher` interface as the local ``torchrun`` one (``launch(cfg)``
+-> the run's summary), with the job built from a ``ClusterJobConfig`` and the run config.
+:class:`JobLauncher` follows one job object to its end; what it does, in order:
 
 1. **Create, or adopt.** The job's name is deterministic per pipeline run and task
    (``jobs.job_name``), so a retried step meets the job its first attempt created: a 409
@@ -22,23 +25,30 @@ What the launcher does, in order:
    ``on-failure``, ``always`` or ``never``.
 
 The Kubernetes clients are the real ``kubernetes`` package's ``CustomObjectsApi`` and
-``CoreV1Api`` (in-cluster config in a pod, else the kubeconfig); the launcher needs create,
+``CoreV1Api`` (:mod:`mtnlg.cluster.client`: in-cluster config in a pod, else the kubeconfig),
+and the job is followed by that module's watch loop; the launcher needs create,
 get, list, watch, delete on its job kind, get/list on pods, get on pods/log and list on
 events (manifests/overlays/*/role.yaml), nothing more.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import signal
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from mtnlg.cluster.jobs import JOB_LABEL, KINDS, QUEUE_LABEL, JobKind
+from mtnlg import storage
+from mtnlg.cluster.client import core_v1_api, custom_objects_api, status_of, transient, watch_until
+from mtnlg.cluster.jobs import (JOB_LABEL, KINDS, QUEUE_LABEL, ClusterJobConfig, JobKind, build_job, reachable,
+                               with_owner)
 from mtnlg.config import ConfigError
+from mtnlg.formats.runlog import read_summary
 from mtnlg.progress import fmt_time, get_logger
+from mtnlg.train.config import TrainRunConfig
+from mtnlg.train.launch import Launcher
 
 log = get_logger("mtnlg.cluster")
 
@@ -103,22 +113,16 @@ def job_state(obj: dict[str, Any]) -> tuple[str, str, str]:
     return "Pending", "", ""
 
 
-def _status(e: Exception) -> int | None:
-    return getattr(e, "status", None)
-
-
-def _transient(e: Exception) -> bool:
-    """API trouble worth retrying: 429/5xx, and connection errors (urllib3, sockets)."""
-    import urllib3
-
-    status = _status(e)
-    if status is not None:
-        return status == 429 or status >= 500
-    return isinstance(e, (urllib3.exceptions.HTTPError, OSError))
-
-
 class _Terminated(BaseException):
     """SIGTERM reached the launcher: unwound to :meth:`JobLauncher.run`, which deletes the job."""
+
+
+def _retried(e: Exception) -> bool:
+    """Whether following a job goes on after ``e``: transient API trouble (not 401 or 403),
+    never the job's own end (failed, deleted, past its timeout)."""
+    if isinstance(e, (JobDeleted, JobFailed, JobTimeout)):
+        return False
+    return status_of(e) not in (401, 403) and transient(e)
 
 
 class JobLauncher:
@@ -127,17 +131,7 @@ class JobLauncher:
     def __init__(self, kind: JobKind | str, custom: Any = None, core: Any = None, poll_s: float = 5.0,
                  log_lines: int = 40, stream_logs: bool = True):
         self.kind = KINDS[kind] if isinstance(kind, str) else kind
-        if custom is None or core is None:
-            from kubernetes import client, config
-
-            try:
-                config.load_incluster_config()
-            except config.ConfigException:
-                # KUBECONFIG read now: the client reads it once, when first imported
-                config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
-            custom = custom or client.CustomObjectsApi()
-            core = core or client.CoreV1Api()
-        self.custom, self.core = custom, core
+        self.custom, self.core = custom_objects_api(custom), core_v1_api(core)
         self.poll_s = poll_s
         self.log_lines = log_lines
         self.stream_logs = stream_logs
@@ -169,7 +163,7 @@ class JobLauncher:
                 log.info("%s %s/%s created", k.kind, ns, name)
                 return False
             except ApiException as e:
-                if _status(e) != 409:
+                if status_of(e) != 409:
                     raise
             existing = self._get(name, ns)
             theirs = (existing.get("metadata") or {}).get("labels") or {}
@@ -194,7 +188,7 @@ class JobLauncher:
             try:
                 self._get(name, ns)
             except ApiException as e:
-                if _status(e) == 404:
+                if status_of(e) == 404:
                     return
                 raise
             time.sleep(min(1.0, self.poll_s))
@@ -209,7 +203,7 @@ class JobLauncher:
             self.custom.delete_namespaced_custom_object(k.group, k.version, ns, k.plural, name,
                                                         body={"propagationPolicy": "Foreground"})
         except ApiException as e:
-            if _status(e) == 404:
+            if status_of(e) == 404:
                 return False
             raise
         log.info("%s %s/%s deleted", k.kind, ns, name)
@@ -336,31 +330,27 @@ class JobLauncher:
         start = time.monotonic()
         self._last_state: str | None = None
         self._queued_s, self._suspended_since = 0.0, None
-        backoff = 0.0
-        while True:
-            remaining = None if timeout_s is None else timeout_s - (time.monotonic() - start - self.queued_s())
-            if remaining is not None and remaining <= 0:
+
+        def remaining() -> float | None:
+            return None if timeout_s is None else timeout_s - (time.monotonic() - start - self.queued_s())
+
+        def look() -> str | None:
+            left = remaining()
+            if left is not None and left <= 0:
                 queued = f"; {fmt_time(self.queued_s())} in its queue not counted" if self.queued_s() >= 1 else ""
                 raise JobTimeout(f"{k.kind} {ns}/{name} still {self._last_state or 'Pending'} after "
                                  f"{fmt_time(timeout_s)} (launcher timeout{queued})")
             if self._terminated:
                 raise _Terminated()
-            try:
-                done = self._wait_once(name, ns, start, remaining)
-                backoff = 0.0
-            except (JobDeleted, JobFailed, _Terminated):
-                raise
-            except Exception as e:  # noqa: BLE001 - sorted below: transient or not
-                status = _status(e)
-                if status in (401, 403) or not _transient(e):
-                    raise
-                backoff = min(30.0, max(1.0, 2 * backoff))
-                log.warning("Kubernetes API trouble while following %s %s/%s (%s): retrying in %.0fs",
-                            k.kind, ns, name, status or type(e).__name__, backoff)
-                time.sleep(backoff)
-                continue
-            if done:
-                return "Succeeded"
+            return "Succeeded" if self._look(name, ns, start) else None
+
+        def changed(event: str, obj: dict[str, Any]) -> bool:
+            if event == "DELETED":
+                raise JobDeleted(f"{k.kind} {ns}/{name} was deleted while the launcher waited for it")
+            return job_state(obj)[0] != self._last_state or self._terminated
+
+        return watch_until(self.custom, k, name, ns, look, changed=changed, poll_s=self.poll_s,
+                           remaining=remaining, retry=_retried)
 
     def queued_s(self) -> float:
         """How long the job followed has waited suspended (in its queue) so far."""
@@ -388,16 +378,15 @@ class JobLauncher:
             log.info("%s %s/%s: %s%s (%s)", k.kind, ns, name, state, f" ({reason})" if reason else "",
                      fmt_time(now - start))
 
-    def _wait_once(self, name: str, ns: str, start: float, remaining: float | None) -> bool:
-        """One look at the job, its pods, and a watch until it changes; True when it succeeded."""
-        from kubernetes import watch
+    def _look(self, name: str, ns: str, start: float) -> bool:
+        """One look at the job and its pods; True when it succeeded, JobFailed when it failed."""
         from kubernetes.client.rest import ApiException
 
         k = self.kind
         try:
             obj = self._get(name, ns)
         except ApiException as e:
-            if _status(e) == 404:
+            if status_of(e) == 404:
                 raise JobDeleted(f"{k.kind} {ns}/{name} was deleted while the launcher waited for it") from None
             raise
         state, reason, message = job_state(obj)
@@ -416,27 +405,6 @@ class JobLauncher:
             except Exception as e:  # noqa: BLE001 - pods are for the log; the job's state decides
                 log.warning("could not look at the pods of %s/%s: %s", ns, name, e)
             self._last_pods = time.monotonic()
-        # Block on a watch until something changes, the pod check is due, or the server ends
-        # the watch; then look again (a reconnect costs one GET). The client-side read timeout
-        # bounds a connection that goes silent.
-        wait_s = max(1, int(min(self.poll_s, remaining if remaining is not None else self.poll_s)))
-        w = watch.Watch()
-        try:
-            for ev in w.stream(self.custom.list_namespaced_custom_object, k.group, k.version, ns, k.plural,
-                               field_selector=f"metadata.name={name}", timeout_seconds=wait_s,
-                               _request_timeout=wait_s + 30):
-                obj = ev.get("object") or {}
-                if (obj.get("metadata") or {}).get("name") != name:
-                    continue  # servers that ignore the field selector
-                if ev.get("type") == "DELETED":
-                    raise JobDeleted(f"{k.kind} {ns}/{name} was deleted while the launcher waited for it")
-                if job_state(obj)[0] != self._last_state or self._terminated:
-                    break
-        except ApiException as e:
-            if _status(e) != 410:  # 410: the watch's version expired; the next GET starts afresh
-                raise
-        finally:
-            w.stop()
         return False
 
     # ---------------------------------------------------------------- the whole run
@@ -483,39 +451,48 @@ class JobLauncher:
                 signal.signal(signal.SIGTERM, old)
 
 
-SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+class ClusterJobLauncher(Launcher):
+    """The train step on a cluster: ``job`` (a ``ClusterJobConfig`` with its name set) of
+    ``job.nodes`` x ``job.procs_per_node`` processes trains the run config it is given.
 
+    The data and the run directory must be where the pods reach them (gs://, s3://, or the
+    shared volume ``job.volume_claim``, mounted here too); with a shared volume, locations
+    the pods cannot reach are staged on it: the tokens copied there, the run trained there
+    and copied back to ``cfg.output`` when the job succeeds. ``owner`` (the launcher's pod,
+    :func:`mtnlg.cluster.incluster.pod_owner`) makes the job go when the pipeline run's pods
+    go; ``timeout_s`` and ``cleanup`` are :meth:`JobLauncher.run`'s.
+    """
 
-def pod_namespace(default: str = "kubeflow") -> str:
-    """The namespace this pod runs in (a pipeline step's: the user's profile namespace on
-    multi-user Kubeflow), else ``default``."""
-    try:
-        with open(SERVICE_ACCOUNT_NAMESPACE, encoding="utf-8") as f:
-            return f.read().strip() or default
-    except OSError:
-        return default
+    def __init__(self, job: ClusterJobConfig, timeout_s: float | None = None, cleanup: str = "on-success",
+                 owner: dict[str, str] | None = None):
+        if not job.name:
+            raise ConfigError("name: the cluster job needs a name (steps.train_job_step derives one from the "
+                              "pipeline run: jobs.job_name)")
+        if cleanup not in CLEANUP:
+            raise ConfigError(f"cleanup: expected one of {list(CLEANUP)}, got {cleanup!r}")
+        self.job, self.timeout_s, self.cleanup, self.owner = job, timeout_s, cleanup, owner
 
+    @property
+    def world_size(self) -> int:
+        return self.job.world_size
 
-def pod_owner(core: Any = None, namespace: str | None = None) -> dict[str, str] | None:
-    """The ownerReference for the jobs this launcher creates, or None when not running in a
-    pod. On Kubeflow Pipelines (Argo) the step's pod belongs to the run's Workflow: the job
-    is then owned by that Workflow, so a retried step (a new pod of the same Workflow) adopts
-    a job whose owner is still there, and deleting the pipeline run removes the job. A pod
-    of anything else owns the job itself (garbage-collected with the pod)."""
-    name = os.environ.get("HOSTNAME")
-    if not name or not os.path.exists(SERVICE_ACCOUNT_NAMESPACE):
-        return None
-    if core is None:
-        from kubernetes import client, config
-
-        config.load_incluster_config()
-        core = client.CoreV1Api()
-    try:
-        pod = core.read_namespaced_pod(name, namespace or pod_namespace())
-    except Exception as e:  # noqa: BLE001 - without an owner the job is still cleaned up by policy
-        log.warning("could not read the launcher's own pod %s (%s): the job will have no owner", name, e)
-        return None
-    for ref in pod.metadata.owner_references or []:
-        if ref.kind == "Workflow" and str(ref.api_version).startswith("argoproj.io/"):
-            return {"apiVersion": ref.api_version, "kind": "Workflow", "name": ref.name, "uid": ref.uid}
-    return {"apiVersion": "v1", "kind": "Pod", "name": pod.metadata.name, "uid": pod.metadata.uid}
+    def launch(self, cfg: TrainRunConfig) -> dict:
+        job = self.job
+        stage = storage.join(job.volume_mount, "mtnlg", job.name)
+        inputs, output = cfg.data.path, cfg.output
+        job_inputs, job_output = inputs, output
+        if job.volume_claim and not reachable(inputs, job):
+            job_inputs = storage.join(stage, "tokens")
+            if not storage.exists(storage.join(job_inputs, "train.idx")):
+                storage.copy_tree(inputs, job_inputs)
+        if job.volume_claim and not reachable(output, job):
+            job_output = storage.join(stage, "run")
+        run = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=job_inputs), output=job_output)
+        obj = with_owner(build_job(job, run), self.owner)
+        JobLauncher(job.backend).run(obj, timeout_s=self.timeout_s, cleanup=self.cleanup)
+        if job_output != output:
+            storage.copy_tree(job_output, output)
+        summary = read_summary(output)
+        if summary is None:
+            raise FileNotFoundError(f"the {job.kind.kind} succeeded but wrote no summary.json under {job_output}")
+        return summary

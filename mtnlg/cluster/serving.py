@@ -19,7 +19,8 @@ the fuse step writes (``MODEL/hf``), which answers with an OpenAI-compatible API
 annotations, keeping its ``resourceVersion``); one that is not ours (no
 ``app.kubernetes.io/managed-by: mtnlg`` label) is an error, never overwritten. Then the
 deployer watches it until ``Ready`` for the new generation, and fails with KServe's own
-reason (``FailedToLoad`` and its message, the last conditions) or at ``timeout_s``.
+reason (``FailedToLoad`` and its message, the last conditions) or at ``timeout_s``; the
+client set-up and the watch loop are the job launcher's (:mod:`mtnlg.cluster.client`).
 
 **Sized from the model.** Unless set, the predictor's GPUs, CPU, memory and the runtime's
 arguments come from the fused model it serves (its ``manifest.json``: parameters, weight
@@ -44,12 +45,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mtnlg.cluster import podsecurity
+from mtnlg.cluster.client import CustomResource, custom_objects_api, status_of, watch_until
 from mtnlg.config import Config, ConfigError
 from mtnlg.progress import fmt_time, get_logger
 
 log = get_logger("mtnlg.cluster")
 
 GROUP, VERSION, PLURAL, KIND = "serving.kserve.io", "v1beta1", "inferenceservices", "InferenceService"
+INFERENCE_SERVICES = CustomResource(GROUP, VERSION, PLURAL, KIND)
 MANAGED_BY = "app.kubernetes.io/managed-by"
 METRICS_ANNOTATION = "mtnlg.kubeflow.org/metrics"
 MODEL_ANNOTATION = "mtnlg.kubeflow.org/model"
@@ -320,17 +323,7 @@ class ServingDeployer:
     """Creates or updates one InferenceService and waits until it is Ready."""
 
     def __init__(self, custom: Any = None):
-        if custom is None:
-            import os
-
-            from kubernetes import client, config
-
-            try:
-                config.load_incluster_config()
-            except config.ConfigException:
-                config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
-            custom = client.CustomObjectsApi()
-        self.custom = custom
+        self.custom = custom_objects_api(custom)
 
     def get(self, name: str, ns: str) -> dict[str, Any] | None:
         from kubernetes.client.rest import ApiException
@@ -338,7 +331,7 @@ class ServingDeployer:
         try:
             return self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
         except ApiException as e:
-            if e.status == 404:
+            if status_of(e) == 404:
                 return None
             raise
 
@@ -379,12 +372,14 @@ class ServingDeployer:
     def wait_ready(self, name: str, ns: str, timeout_s: float, poll_s: float = 10.0) -> dict[str, Any]:
         """Watch the service until Ready for its current generation; raise DeployFailed on a
         failed load or at ``timeout_s`` (with the last conditions)."""
-        from kubernetes import watch
-        from kubernetes.client.rest import ApiException
-
         start = time.monotonic()
         last = None
-        while True:
+
+        def remaining() -> float:
+            return timeout_s - (time.monotonic() - start)
+
+        def look() -> dict[str, Any] | None:
+            nonlocal last
             obj = self.get(name, ns)
             if obj is None:
                 raise DeployFailed(f"InferenceService {ns}/{name} was deleted while waiting for it")
@@ -397,27 +392,18 @@ class ServingDeployer:
                 return obj
             if state == "Failed":
                 raise DeployFailed(f"InferenceService {ns}/{name} failed: {reason}: {message}")
-            remaining = timeout_s - (time.monotonic() - start)
-            if remaining <= 0:
+            if remaining() <= 0:
                 conds = "; ".join(f"{c.get('type')}={c.get('status')} {c.get('reason') or ''} {c.get('message') or ''}"
                                   .strip() for c in ((obj.get("status") or {}).get("conditions") or []))
                 raise DeployFailed(f"InferenceService {ns}/{name} not Ready after {fmt_time(timeout_s)}: "
                                    f"{state} {reason} {message}".strip() + (f" [{conds}]" if conds else ""))
-            wait_s = max(1, int(min(poll_s, remaining)))
-            w = watch.Watch()
-            try:
-                for ev in w.stream(self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL,
-                                   field_selector=f"metadata.name={name}", timeout_seconds=wait_s,
-                                   _request_timeout=wait_s + 30):
-                    o = ev.get("object") or {}
-                    if (o.get("metadata") or {}).get("name") == name and \
-                            (ev.get("type") == "DELETED" or service_state(o)[:2] != last):
-                        break
-            except ApiException as e:
-                if e.status != 410:
-                    raise
-            finally:
-                w.stop()
+            return None
+
+        def changed(event: str, obj: dict[str, Any]) -> bool:
+            return event == "DELETED" or service_state(obj)[:2] != last
+
+        return watch_until(self.custom, INFERENCE_SERVICES, name, ns, look, changed=changed, poll_s=poll_s,
+                           remaining=remaining)
 
 
 def deploy_model(c: DeployConfig, metrics: dict[str, Any], model_uri: str = "", run_id: str = "",

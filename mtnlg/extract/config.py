@@ -99,17 +99,15 @@ class DedupConfig(Config):
     # Candidate buckets up to this size are verified pair by pair; larger ones (boilerplate
     # shared by many documents) only against their smallest id, to stay linear.
     max_bucket_all_pairs: int = field(default=32, metadata={"min": 2})
-    # How near-duplicate pairs become groups (each keeps its smallest id; both give the same
-    # groups): "single" gathers the verified pairs on one worker and runs union-find (fast
-    # for a small or local run, memory grows with the pairs); "distributed" runs rounds of
-    # the large-star and small-star operations inside Beam, with no step that gathers
-    # pairs or documents (for web-scale inputs on Dataflow, Flink or Spark; each round is
-    # two groupings of the edges); "auto":
-    # "single" on the DirectRunner (one machine), "distributed" on any other runner.
-    components: str = field(default="auto", metadata={"choices": ("auto", "single", "distributed")})
-    # Rounds of the distributed grouping: a chain of n near-duplicates needs about
-    # log2(n) (10,000 shuffled: 11), a near-duplicate group 2 or 3; stats.json's
-    # fuzzy.unconverged_nodes says when a run needed more.
+    # How near-duplicate pairs become groups: "distributed", the only way, on every runner:
+    # rounds of the large-star and small-star operations inside Beam, with no step that
+    # gathers pairs or documents. "auto", the former default, means the same and still
+    # loads; "single" (the pairs gathered on one worker) is no longer part of the step.
+    components: str = field(default="distributed", metadata={"choices": ("distributed", "auto", "single")})
+    # Rounds of the distributed grouping (on a local engine the job runs at most 4 first and
+    # reruns with max_rounds only when a group had not converged). A chain of n near-duplicates needs
+    # about log2(n) (10,000 shuffled: 11), a near-duplicate group 2 or 3; stats.json's
+    # fuzzy.unconverged_nodes says when a run needed more than max_rounds.
     max_rounds: int = field(default=16, metadata={"min": 1})
 
     @property
@@ -117,6 +115,10 @@ class DedupConfig(Config):
         return self.num_perm // self.bands
 
     def validate(self) -> None:
+        if self.components == "single":
+            raise ConfigError("dedup.components: 'single' (near-duplicate pairs gathered on one worker) is no "
+                              "longer part of the step; the groups are found inside Beam on every runner, with "
+                              "the same result: remove the key or set 'distributed'")
         if self.num_perm % self.bands:
             raise ConfigError(f"dedup.num_perm ({self.num_perm}) must be a multiple of dedup.bands ({self.bands})")
 
@@ -164,6 +166,46 @@ class DecontaminateConfig(Config):
 
 
 @dataclass
+class QualityConfig(Config):
+    """The quality classifier (``mtnlg.extract.quality``), as GPT-3 and MT-NLG used one: a
+    linear model over hashed word uni- and bigrams, trained on a reference corpus
+    (positives) against a seeded sample of the raw input (negatives), or loaded from a saved
+    file. A document that passed the rules is kept when ``pareto(alpha) > 1 - score``, the
+    draw seeded by its id; the others are dropped as ``quality_classifier``."""
+
+    # Curated text to train on (the positives): files, folders, globs, gs:// or s3:// URIs
+    # of JSONL (text under text_field), .txt or .html, optionally .gz. Empty: no training.
+    reference: list[str] = field(default_factory=list)
+    # A classifier saved by an earlier run (quality.save) to use instead of training one.
+    classifier: str = ""
+    text_field: str = "text"  # JSONL key holding a reference document's text
+    # The Pareto shape of the keep rule: 9 in GPT-3. Larger keeps fewer low-score documents.
+    alpha: float = field(default=9.0, metadata={"gt": 0.0})
+    # Raw input documents sampled as negatives (the n smallest salted hashes of their ids).
+    negatives: int = field(default=10_000, metadata={"min": 1})
+    seed: int = 0  # salt of the negative sample
+    # Where the trained classifier is written; empty: OUTPUT/quality_classifier.json.
+    save: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.reference or self.classifier)
+
+    def validate(self) -> None:
+        if self.reference and self.classifier:
+            raise ConfigError(f"quality.reference and quality.classifier are exclusive: train on "
+                              f"{list(self.reference)} or load {self.classifier!r}, not both")
+        if self.save and not self.reference:
+            raise ConfigError(f"quality.save ({self.save!r}) is where a trained classifier is written; "
+                              f"name the corpus to train it on in quality.reference")
+        if not self.text_field:
+            raise ConfigError("quality.text_field: must name a JSONL key, got ''")
+        empty = [i for i, f in enumerate(self.reference) if not str(f).strip()]
+        if empty:
+            raise ConfigError(f"quality.reference: entry {empty[0]} is empty; give a path, glob or URI")
+
+
+@dataclass
 class ExtractConfig(Config):
     """The whole extract step. ``validation_fraction`` of documents (by id hash) go to validation."""
 
@@ -176,6 +218,7 @@ class ExtractConfig(Config):
     filters: FilterConfig = field(default_factory=FilterConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
     validation_fraction: float = field(default=0.01, metadata={"min": 0.0, "max": 1.0})
     seed: int = 1234  # split hash salt
     num_shards: int = field(default=2, metadata={"min": 1})  # train shards (by id hash)

@@ -30,12 +30,11 @@ from apache_beam.metrics import Metrics
 from apache_beam.pvalue import AsSingleton, TaggedOutput
 
 from mtnlg.extract import stats as st
+from mtnlg.extract.beam.common import COUNTS
 from mtnlg.extract.config import DecontaminateConfig, ExtractConfig
 from mtnlg.extract.decontaminate import (NgramSet, decontaminate_document, evaluation_ngrams, expand_task_files,
                                          ngram_hits, task_texts)
 from mtnlg.extract.split import TRAIN, VALIDATION
-
-COUNTS = "counts"
 
 
 class EvaluationNgramsFn(beam.CombineFn):
@@ -114,14 +113,14 @@ class CutEvaluationNgramsFn(beam.DoFn):
         self._cut_set = (None, None, None)  # (ngrams, frequent, ngrams without frequent)
 
     def process(self, doc: tuple[str, str, str], ngrams: NgramSet, frequent: NgramSet | None = None):
-        doc_id, source, text = doc
+        doc_id, source, text, *score = doc   # the quality score, when the classifier ran
         if frequent is not None:  # the side inputs are the same objects within a bundle
             if self._cut_set[0] is not ngrams or self._cut_set[1] is not frequent:
                 self._cut_set = (ngrams, frequent, ngrams.without(frequent))
             ngrams = self._cut_set[2]
         records, counts = decontaminate_document(doc_id, text, ngrams, self.cfg)
         for record_id, record_text in records:
-            yield record_id, source, record_text
+            yield record_id, source, record_text, *score
         self.records.inc(len(records))
         for k, counter in self.counters.items():
             n = counts.get(f"decontaminated/{k}", 0)

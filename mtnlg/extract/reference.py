@@ -1,8 +1,8 @@
 """The extract step as one plain Python loop: the reference the Beam pipeline is checked against.
 
-Same readers, cleaning, rules, hashes, MinHash, clustering, split and decontamination as the
-pipeline, in one process and in file order. Tests compare the pipeline's output and stats
-with this; the benchmark times it next to the pipeline. It holds every document in memory,
+Same readers, cleaning, rules, quality classifier, hashes, MinHash, clustering, split and
+decontamination as the pipeline, in one process and in file order. Tests compare the
+pipeline's output and stats with this; the benchmark times it next to the pipeline. It holds every document in memory,
 so it is meant for test- and benchmark-sized inputs, not for production runs.
 """
 
@@ -20,22 +20,32 @@ from mtnlg.extract.decontaminate import (NgramSet, decontaminate_document, evalu
                                          frequent_ngrams, ngram_hits, task_texts)
 from mtnlg.extract.dedup import MinHasher, band_keys, candidate_pairs, components, jaccard_estimate, text_hash
 from mtnlg.extract.filters import first_failing_rule
+from mtnlg.extract.quality import RULE as QUALITY_RULE
+from mtnlg.extract.quality import NegativeSample, classifier_for, keep, sample_warning
 from mtnlg.extract.readers import Failure, expand_inputs, read_file, relative_names
 from mtnlg.extract.split import SPLITS, TRAIN, VALIDATION, split_of
 from mtnlg.formats.rundir import STATS_FILE
+from mtnlg.progress import get_logger
+
+log = get_logger("mtnlg.extract")
+SCORE_BATCH = 256  # documents vectorized at once by the quality classifier
 
 
 def extract_reference(inputs: list[str], output: str | None = None,
                       config: ExtractConfig | None = None) -> tuple[dict[str, list[dict]], dict[str, Any]]:
-    """``({split: [{"id", "text", "source"}, ...] sorted by id}, stats)``; writes them if ``output``."""
+    """``({split: [{"id", "text", "source"[, "quality_score"]}, ...] sorted by id}, stats)``;
+    writes them if ``output``. With the quality classifier on, a trained one is saved too
+    (``quality.save``, or ``output/quality_classifier.json``)."""
     cfg = config or ExtractConfig()
     files, skipped = expand_inputs(inputs)
     names = relative_names(inputs, files)
     counters: dict[str, int] = {}
     examples: dict[str, list[str]] = defaultdict(list)
     docs: dict[str, tuple[str, str]] = {}  # id -> (source, cleaned text)
-    best_by_hash: dict[bytes, str] = {}
     duplicates: dict[str, str] = {}  # id -> "exact" | "fuzzy"
+    q = cfg.quality
+    # The negatives: a seeded sample of every document read (cleaned, before the rules).
+    sample = NegativeSample(q.negatives, q.seed) if q.reference else None
 
     for path in files:
         records = nbytes = replaced = 0
@@ -48,22 +58,42 @@ def extract_reference(inputs: list[str], output: str | None = None,
                 continue
             replaced += rec.replaced
             text = clean_text(rec.text)
+            if sample is not None:
+                sample.add(rec.id, text)
             rule = first_failing_rule(text, cfg.filters)
             if rule:
                 st.add(counters, st.dropped(rule))
                 continue
             docs[rec.id] = (rec.source, text)
-            if cfg.dedup.exact:
-                # Of equal texts the smallest id is kept, as in the pipeline.
-                h = text_hash(text)
-                other = best_by_hash.get(h)
-                if other is None:
-                    best_by_hash[h] = rec.id
-                else:
-                    loser = max(other, rec.id)
-                    best_by_hash[h] = min(other, rec.id)
-                    duplicates[loser] = "exact"
         st.add(counters, st.file_read(records, nbytes, replaced))
+
+    scores: dict[str, float] = {}  # id -> quality score, of the documents kept by the classifier
+    if q.enabled:
+        negatives = sample.texts() if sample is not None else []
+        warning = sample_warning(len(negatives), sample.seen) if sample is not None else None
+        if warning:
+            log.warning(warning)
+        model = classifier_for(q, negatives, output=output,
+                               max_doc_bytes=cfg.max_doc_bytes, max_binary_fraction=cfg.max_binary_fraction)
+        ids = sorted(docs)
+        for start in range(0, len(ids), SCORE_BATCH):
+            batch = ids[start:start + SCORE_BATCH]
+            for i, score in zip(batch, model.scores([docs[i][1] for i in batch])):
+                if keep(i, score, q.alpha):
+                    scores[i] = score
+                else:
+                    st.add(counters, st.dropped(QUALITY_RULE))
+                    del docs[i]
+
+    if cfg.dedup.exact:
+        # Of equal texts the smallest id is kept, as in the pipeline.
+        best_by_hash: dict[bytes, str] = {}
+        for i in sorted(docs):
+            h = text_hash(docs[i][1])
+            if h in best_by_hash:
+                duplicates[i] = "exact"
+            else:
+                best_by_hash[h] = i
 
     if cfg.dedup.fuzzy:
         d = cfg.dedup
@@ -90,6 +120,10 @@ def extract_reference(inputs: list[str], output: str | None = None,
         if roots:
             st.add(counters, {"fuzzy/largest_group": max(Counter(roots.values()).values())})
 
+    def record(rid: str, text: str, source: str, i: str) -> dict:
+        # The score is written only with the classifier on, so that the files are otherwise unchanged.
+        return {"id": rid, "text": text, "source": source} | ({"quality_score": scores[i]} if q.enabled else {})
+
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
     train: list[str] = []
     for i in sorted(docs):
@@ -97,7 +131,7 @@ def extract_reference(inputs: list[str], output: str | None = None,
             st.add(counters, st.duplicate(duplicates[i]))
         elif split_of(i, cfg.validation_fraction, cfg.seed) == VALIDATION:
             source, text = docs[i]
-            out[VALIDATION].append({"id": i, "text": text, "source": source})
+            out[VALIDATION].append(record(i, text, source, i))
             st.add(counters, st.kept(VALIDATION, len(text.encode("utf-8"))))
         else:
             train.append(i)
@@ -124,7 +158,7 @@ def extract_reference(inputs: list[str], output: str | None = None,
             records, counts = decontaminate_document(i, text, ngrams, d)
         else:
             records, counts = [(i, text)], st.kept(TRAIN, len(text.encode("utf-8")))
-        out[TRAIN] += [{"id": rid, "text": t, "source": source} for rid, t in records]
+        out[TRAIN] += [record(rid, t, source, i) for rid, t in records]
         st.add(counters, counts)
     out[TRAIN].sort(key=lambda r: r["id"])
 

@@ -9,7 +9,8 @@ trivial; ``build_stats`` nests them for the file:
                                + failed + decontaminated.dropped_whole + decontaminated.emptied
 ``kept``                       documents written, whole or in pieces (without decontamination
                                pieces: ``splits.train.docs + splits.validation.docs``)
-``dropped.<rule>``             documents dropped by each quality rule (all rules listed)
+``dropped.<rule>``             documents dropped by each quality rule (all rules listed), the
+                               quality classifier's drops last (``quality_classifier``)
 ``duplicates.exact|fuzzy``     documents dropped as duplicates of a kept one
 ``fuzzy.pairs_checked``        distinct candidate pairs compared; ``pairs_similar``: edges
 ``fuzzy.largest_bucket``       ids in the largest LSH bucket with a pair; ``largest_group``:
@@ -45,6 +46,9 @@ from mtnlg.extract.readers import FAILURE_REASONS
 from mtnlg.extract.split import SPLITS
 
 METRICS_NAMESPACE = "mtnlg.extract"  # of the step's Beam counters
+# The quality classifier's drops (mtnlg.extract.quality), counted after the rules'.
+CLASSIFIER_RULE = "quality_classifier"
+DROP_RULES = (*RULES, CLASSIFIER_RULE)
 DUPLICATE_KINDS = ("exact", "fuzzy")
 DECONTAMINATION_COUNTS = ("documents", "matches", "pieces", "dropped_whole", "emptied", "bytes_removed",
                           "ngrams", "frequent_ngrams", "task_texts")
@@ -97,7 +101,7 @@ def build_stats(counters: dict[str, int], *, inputs: list[str], files: int, skip
         "skipped_files": {"count": len(skipped), "examples": sorted(skipped)[:20]},
         "read": get("read"),
         "kept": get("kept"),
-        "dropped": {r: get(f"dropped/{r}") for r in RULES},
+        "dropped": {r: get(f"dropped/{r}") for r in DROP_RULES},
         "duplicates": {k: get(f"duplicates/{k}") for k in DUPLICATE_KINDS},
         # distinct candidate pairs verified and found similar (the edges), the ids in the
         # largest LSH bucket with a pair and in the largest near-duplicate group (what one

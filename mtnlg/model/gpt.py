@@ -227,18 +227,21 @@ def positions(start: int, T: int, pad: torch.Tensor | None, device) -> torch.Ten
 
 
 def embed(module: nn.Module, tokens: torch.Tensor, start: int = 0,
-          pad: torch.Tensor | None = None) -> torch.Tensor:
+          pad: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Token (+ position) embeddings and dropout: tokens (B, T) at slots start.. ->
-    (B, T, H); ``pad`` as in :func:`positions`. ``module`` is a ``GPT`` or a first
-    pipeline stage: anything holding the GPT's ``cfg``, ``tok_embeddings``,
-    ``pos_embeddings`` (learned), ``pos_table`` (sinusoidal) and ``drop`` under those names."""
+    (B, T, H); ``pad`` as in :func:`positions`; ``position_ids`` (T,), when given, are the
+    tokens' positions instead (context parallelism: a rank holds non-adjacent chunks).
+    ``module`` is a ``GPT`` or a first pipeline stage: anything holding the GPT's ``cfg``,
+    ``tok_embeddings``, ``pos_embeddings`` (learned), ``pos_table`` (sinusoidal) and
+    ``drop`` under those names."""
     cfg = module.cfg
     T = tokens.shape[1]
+    pos = positions(start, T, pad, tokens.device) if position_ids is None else position_ids  # (T | B,T)
     x = module.tok_embeddings(tokens)                                            # (B, T, H)
     if cfg.position == "learned":
-        x = x + module.pos_embeddings(positions(start, T, pad, tokens.device))  # (B, T, H)
+        x = x + module.pos_embeddings(pos)                                       # (B, T, H)
     elif cfg.position == "sinusoidal":
-        x = x + module.pos_table[positions(start, T, pad, tokens.device)].to(x.dtype)  # (B, T, H)
+        x = x + module.pos_table[pos].to(x.dtype)                                # (B, T, H)
     return module.drop(x)
 
 
@@ -371,19 +374,27 @@ class GPT(nn.Module):
         """Recompute the position tables (after ``to_empty``)."""
         init_position_buffers(self, self.cfg)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V_padded). With a ``KVCache`` (generation), the
         tokens continue the ``cache.length`` positions already run, whose keys and values
-        the cache holds; the cache is extended by T."""
+        the cache holds; the cache is extended by T. ``position_ids`` (T,) give the tokens'
+        positions when they are not 0 .. T-1: under context parallelism a rank holds two
+        chunks of each sequence (``mtnlg.parallel.cp``), whose attention core is swapped
+        for one that knows them too."""
         B, T = tokens.shape
         start = 0 if cache is None else cache.length
         if start + T > self.cfg.seq_length:
             raise ValueError(f"sequence of {start + T} tokens is longer than model.seq_length="
                              f"{self.cfg.seq_length}")
+        if position_ids is not None and cache is not None:
+            raise ValueError("position_ids cannot be combined with a KVCache")
         pad = None if cache is None else cache.pad
-        x = embed(self, tokens, start, pad)                                      # (B, T, H)
+        x = embed(self, tokens, start, pad, position_ids)                        # (B, T, H)
         rope = None
-        if self.rope is not None:                                                # (T | B,T, hd/2, 2)
+        if self.rope is not None and position_ids is not None:                   # (T, hd/2, 2)
+            rope = self.rope[position_ids]
+        elif self.rope is not None:                                              # (T | B,T, hd/2, 2)
             rope = self.rope[start:start + T] if pad is None else self.rope[positions(start, T, pad, tokens.device)]
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, cache=None if cache is None else cache.layer(i))  # (B, T, H)

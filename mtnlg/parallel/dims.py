@@ -23,6 +23,15 @@ slice 1 of each global batch; its gradients are averaged with ranks 2, 10 and 14
 hold the same quarter. ``tp_groups()`` / ``dp_groups()`` return these lists without
 starting any process.
 
+Context parallelism (``cp > 1``, ``mtnlg.parallel.cp``) adds a dimension between data and
+tensor parallelism: the mesh is ``(pp, dp, cp, tp)`` and rank
+``r = ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank``. The ``cp`` ranks of one
+``(pp, dp, tp)`` coordinate read the same rows and each hold two chunks of every sequence;
+gradients are averaged over ``dp * cp`` ranks. 8 ranks, ``cp=2, tp=2`` (``dp=2``):
+tensor-parallel groups ``[0,1] [2,3] [4,5] [6,7]``, context-parallel groups ``[0,2] [1,3]
+[4,6] [5,7]``, data-parallel groups ``[0,4] [1,5] [2,6] [3,7]``. With ``cp = 1`` (the
+default) every formula below holds as written.
+
 Pipeline parallelism (``pp > 1``) grows the outermost dimension: rank
 ``r = pp_rank * dp * tp + dp_rank * tp + tp_rank``, so each stage is a contiguous block of ``dp * tp`` ranks (a node, say) and only stage-boundary activations
 cross between blocks. With 8 ranks, ``pp=2, tp=2`` (``dp=2``): stage 0 is ranks 0-3, stage 1
@@ -55,6 +64,7 @@ class ParallelDims:
     fsdp: bool
     num_layers: int = 0
     virtual_stages: int = 1
+    cp: int = 1
 
     @classmethod
     def build(cls, cfg: ParallelConfig, world_size: int, model_cfg: ModelConfig) -> "ParallelDims":
@@ -63,14 +73,16 @@ class ParallelDims:
         checked when it was loaded)."""
         if world_size < 1:
             raise ConfigError(f"world size must be >= 1, got {world_size}")
-        tp, pp = cfg.tp, cfg.pp
-        if world_size % (tp * pp):
+        tp, pp, cp = cfg.tp, cfg.pp, cfg.cp
+        cp_text = " * parallel.cp" if cp > 1 else ""
+        cp_num = f" * {cp}" if cp > 1 else ""
+        if world_size % (tp * pp * cp):
             raise ConfigError(f"world size {world_size} is not divisible by parallel.tp * "
-                              f"parallel.pp = {tp} * {pp} = {tp * pp}")
-        dp = world_size // (tp * pp) if cfg.dp == -1 else cfg.dp
-        if dp * tp * pp != world_size:
-            raise ConfigError(f"parallel.dp * parallel.tp * parallel.pp = {dp} * {tp} * {pp} = "
-                              f"{dp * tp * pp}, but the world size is {world_size}")
+                              f"parallel.pp{cp_text} = {tp} * {pp}{cp_num} = {tp * pp * cp}")
+        dp = world_size // (tp * pp * cp) if cfg.dp == -1 else cfg.dp
+        if dp * tp * pp * cp != world_size:
+            raise ConfigError(f"parallel.dp * parallel.tp * parallel.pp{cp_text} = {dp} * {tp} * {pp}{cp_num} = "
+                              f"{dp * tp * pp * cp}, but the world size is {world_size}")
         v = cfg.pp_virtual
         if v > 1 and pp == 1:
             raise ConfigError(f"parallel.pp_virtual={v} needs parallel.pp > 1 (virtual stages "
@@ -98,11 +110,33 @@ class ParallelDims:
         if sp and m.seq_length % tp:
             raise ConfigError(f"model.seq_length={m.seq_length} is not divisible by "
                               f"parallel.tp={tp}, which sequence parallelism needs")
-        if cfg.fsdp and dp == 1:
+        if cp > 1:
+            cls._check_context_parallel(cfg, m, tp, pp, cp, sp)
+        if cfg.fsdp and dp * cp == 1:
             log.warning("parallel.fsdp=true with a data-parallel degree of 1 shards nothing; "
                         "running without data parallelism")
         return cls(dp=dp, tp=tp, pp=pp, world_size=world_size, sequence_parallel=sp,
-                   fsdp=cfg.fsdp and dp > 1, num_layers=m.num_layers, virtual_stages=v if pp > 1 else 1)
+                   fsdp=cfg.fsdp and dp * cp > 1, num_layers=m.num_layers,
+                   virtual_stages=v if pp > 1 else 1, cp=cp)
+
+    @staticmethod
+    def _check_context_parallel(cfg: ParallelConfig, m: ModelConfig, tp: int, pp: int, cp: int,
+                                sp: bool) -> None:
+        """The rules of ``parallel.cp > 1`` (``mtnlg.parallel.cp``)."""
+        if m.seq_length % (2 * cp):
+            raise ConfigError(f"model.seq_length={m.seq_length} is not divisible by 2 * parallel.cp = "
+                              f"{2 * cp} (each context-parallel rank holds two equal chunks of the "
+                              f"sequence, an early and a late one, so causal work is balanced)")
+        if sp and (m.seq_length // cp) % tp:
+            raise ConfigError(f"model.seq_length / parallel.cp = {m.seq_length} / {cp} = "
+                              f"{m.seq_length // cp} is not divisible by parallel.tp={tp}, which "
+                              f"sequence parallelism needs")
+        if pp > 1:
+            raise ConfigError(f"parallel.cp={cp} with parallel.pp={pp}: pipeline stages do not pass "
+                              f"the context-parallel positions to their layers yet; use parallel.pp=1")
+        if cfg.compile:
+            raise ConfigError(f"parallel.cp={cp} with parallel.compile=true: the context-parallel "
+                              f"attention core is not compiled yet; set parallel.compile=false")
 
     def check_batches(self, pp_schedule: str, micro_batch_size: int, global_batch_size: int,
                       ramp_batch_sizes: tuple[int, ...] = ()) -> None:
@@ -130,38 +164,58 @@ class ParallelDims:
                               f"micro-batches per step, but train.global_batch_size={global_batch_size} "
                               f"with train.micro_batch_size={micro_batch_size} x data-parallel degree "
                               f"{self.dp} gives {full}; use parallel.pp_schedule=gpipe or a larger batch")
-        if self.virtual_stages > 1:
+        if pp_schedule == "dualpipev" and full < 2 * self.pp:
+            raise ConfigError(f"parallel.pp_schedule=dualpipev needs at least 2 x parallel.pp = {2 * self.pp} "
+                              f"micro-batches per step, but train.global_batch_size={global_batch_size} with "
+                              f"train.micro_batch_size={micro_batch_size} x data-parallel degree {self.dp} gives "
+                              f"{full}; use parallel.pp_schedule=zbv or a larger batch")
+        if self.virtual_stages > 1 and pp_schedule in ("1f1b", "interleaved-zb"):   # the looped placements
             for size in sorted({global_batch_size, *ramp_batch_sizes}):
                 n = size // unit
                 rounds = max(1, n // self.pp)
                 if n % rounds:
                     raise ConfigError(
                         f"parallel.pp_virtual={self.virtual_stages}: a batch of {size} gives {n} "
-                        f"micro-batches, which interleaved 1F1B cannot run with parallel.pp={self.pp} "
-                        f"(it needs a multiple of max(1, {n} // {self.pp}) = {rounds}); change "
+                        f"micro-batches, which the interleaved schedules cannot run with parallel.pp={self.pp} "
+                        f"(they need a multiple of max(1, {n} // {self.pp}) = {rounds}); change "
                         f"train.global_batch_size, train.micro_batch_size or the ramp-up")
 
     # ---- rank layout (pure arithmetic, no processes) ------------------------------------
+    def _rank(self, s: int, d: int, c: int, t: int) -> int:
+        return ((s * self.dp + d) * self.cp + c) * self.tp + t
+
     def tp_groups(self) -> list[list[int]]:
         """Ranks of each tensor-parallel group (consecutive ranks)."""
-        return [[s * self.dp * self.tp + d * self.tp + t for t in range(self.tp)]
-                for s in range(self.pp) for d in range(self.dp)]
+        return [[self._rank(s, d, c, t) for t in range(self.tp)]
+                for s in range(self.pp) for d in range(self.dp) for c in range(self.cp)]
+
+    def cp_groups(self) -> list[list[int]]:
+        """Ranks of each context-parallel group (stride ``tp``)."""
+        return [[self._rank(s, d, c, t) for c in range(self.cp)]
+                for s in range(self.pp) for d in range(self.dp) for t in range(self.tp)]
 
     def dp_groups(self) -> list[list[int]]:
-        """Ranks of each data-parallel group (stride ``tp``)."""
-        return [[s * self.dp * self.tp + d * self.tp + t for d in range(self.dp)]
-                for s in range(self.pp) for t in range(self.tp)]
+        """Ranks of each data-parallel group (stride ``cp * tp``)."""
+        return [[self._rank(s, d, c, t) for d in range(self.dp)]
+                for s in range(self.pp) for c in range(self.cp) for t in range(self.tp)]
 
     def pp_groups(self) -> list[list[int]]:
-        """Ranks of each pipeline group (stride ``dp * tp``), stage order."""
-        n = self.dp * self.tp
+        """Ranks of each pipeline group (stride ``dp * cp * tp``), stage order."""
+        n = self.dp * self.cp * self.tp
         return [[s * n + r for s in range(self.pp)] for r in range(n)]
 
     def coordinates(self, rank: int) -> tuple[int, int]:
-        """``(dp_rank, tp_rank)`` of a global rank."""
+        """``(dp_rank, tp_rank)`` of a global rank (``cp_coordinate`` gives its cp rank)."""
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} is outside the world of {self.world_size}")
-        return divmod(rank % (self.dp * self.tp), self.tp)
+        d, rest = divmod(rank % (self.dp * self.cp * self.tp), self.cp * self.tp)
+        return d, rest % self.tp
+
+    def cp_coordinate(self, rank: int) -> int:
+        """The context-parallel rank of a global rank."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside the world of {self.world_size}")
+        return (rank // self.tp) % self.cp
 
     def stage_layers(self, pp_rank: int) -> range:
         """Indices of the transformer layers pipeline stage ``pp_rank`` owns (without
@@ -183,7 +237,9 @@ class ParallelDims:
     def build_mesh(self, device_type: str):
         """The ``(pp, dp, tp)`` DeviceMesh, every dimension present (size 1 where unused), so
         no caller branches on the layout; ``mesh["dp", "tp"]`` is this rank's stage's 2-D
-        mesh. The default process group must be initialised."""
+        mesh. With ``cp > 1`` the mesh is ``(pp, dp, cp, tp)``; ``mesh["cp"]`` is the
+        context-parallel group and ``mtnlg.parallel.cp.dp_cp_mesh(mesh)`` the one gradients
+        are averaged over. The default process group must be initialised."""
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -193,6 +249,9 @@ class ParallelDims:
         if dist.get_world_size() != self.world_size:
             raise ConfigError(f"the process group has {dist.get_world_size()} ranks, but the "
                               f"parallel layout was built for {self.world_size}")
+        if self.cp > 1:
+            return init_device_mesh(device_type, (self.pp, self.dp, self.cp, self.tp),
+                                    mesh_dim_names=("pp", "dp", "cp", "tp"))
         return init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=("pp", "dp", "tp"))
 
     @staticmethod
@@ -207,17 +266,25 @@ class ParallelDims:
     def pp_rank(mesh) -> int:
         return mesh.get_local_rank("pp")
 
+    @staticmethod
+    def cp_rank(mesh) -> int:
+        """The rank in the context-parallel group (0 on a mesh without a ``"cp"`` dimension)."""
+        return mesh.get_local_rank("cp") if "cp" in (mesh.mesh_dim_names or ()) else 0
+
     def as_dict(self) -> dict:
         """The layout as plain data (checkpoints, summaries)."""
         out = {"tp": self.tp, "dp": self.dp, "pp": self.pp, "sequence_parallel": self.sequence_parallel,
                "fsdp": self.fsdp}
         if self.virtual_stages > 1:
             out["pp_virtual"] = self.virtual_stages
+        if self.cp > 1:
+            out["cp"] = self.cp
         return out
 
     def describe(self) -> str:
-        return (f"world {self.world_size} = dp {self.dp} x tp {self.tp} x pp {self.pp}"
+        return (f"world {self.world_size} = dp {self.dp} x {f'cp {self.cp} x ' if self.cp > 1 else ''}"
+                f"tp {self.tp} x pp {self.pp}"
                 f"{', sequence parallel' if self.sequence_parallel else ''}"
-                f"{', FSDP' if self.fsdp else (', DDP' if self.dp > 1 else '')}"
+                f"{', FSDP' if self.fsdp else (', DDP' if self.dp * self.cp > 1 else '')}"
                 f"{f', {self.num_layers // self.pp} layers per stage' if self.pp > 1 else ''}"
                 f"{f' in {self.virtual_stages} virtual stages' if self.virtual_stages > 1 else ''}")

@@ -3,7 +3,7 @@ only this rank's shards, as torchtitan does.
 
     with torch.device("meta"):
         model = GPT(cfg, tp=dims.tp)            # no memory: shapes only
-    model = parallelize_gpt(model, mesh, parallel_cfg)   # or a PipelineParallel's stage(s)
+    model = parallelize_gpt(model, mesh, dims)  # or a PipelineParallel's stage(s)
     materialize(model, cfg, device, seed)       # to_empty + each shard's initial values
 
 Initialisation is layout-independent: parameter ``name`` (its global name) is drawn whole

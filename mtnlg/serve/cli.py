@@ -21,10 +21,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients ask for (default: the model directory's name)")
-    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default 8)")
+    p.add_argument("--max-batch-size", type=int, default=8,
+                   help="requests decoded together: the slots of the running batch (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default 64)")
     p.add_argument("--batch-wait-ms", type=float, default=20.0,
-                   help="how long a batch's first request waits for others (default 20 ms)")
+                   help="when idle, how long the first request waits for others to start with it (default 20 ms)")
+    p.add_argument("--max-prefill-tokens", type=int, default=256,
+                   help="prompt tokens run between two decoding steps; a longer prompt runs in chunks (default 256)")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds to let requests in flight finish on shutdown (default 30)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -45,6 +48,7 @@ def main(args: argparse.Namespace) -> int:
 
     serve(args.model, host=args.host, port=args.port, model_name=args.served_model_name or served_name(args.model),
           max_batch_size=args.max_batch_size, max_queue=args.max_queue, batch_wait_ms=args.batch_wait_ms,
+          max_prefill_tokens=args.max_prefill_tokens,
           graceful_timeout=args.graceful_timeout, device=args.device, api_key=args.api_key,
           max_model_len=args.max_model_len, max_request_bytes=args.max_request_bytes)
     return 0

@@ -7,13 +7,20 @@
     ...
     engine.close()   # finishes what was accepted, then stops
 
-One worker thread owns the model. It takes the oldest waiting request, gathers more for up
-to ``batch_wait_ms`` (up to ``max_batch_size`` that fit one window together) and decodes
-them as one ``BatchDecoder`` batch: one forward pass per step for all of them, so eight
-concurrent clients cost about what one does on hardware that is not saturated. A batch
-runs until all its rows finish; requests that arrive meanwhile wait for the next one.
-Waiting requests are bounded (``max_queue``): past that ``submit`` raises ``QueueFull``,
-which the HTTP layer answers with 429.
+Continuous (iteration-level) batching. One worker thread owns the model and a running
+batch of up to ``max_batch_size`` requests, each in a slot of a preallocated key/value
+cache (:class:`~mtnlg.serve.slots.SlotCache`). Every decoding step is one forward pass
+that gives each running request its next token; between steps, requests that finished
+leave (their slot is free at once) and waiting ones join: their prompts run through the
+model in prefill passes (up to ``max_prefill_tokens`` of prompt between two steps; a longer
+prompt in chunks over several steps) and their first token is drawn from them. A short
+request beside long ones therefore takes about the steps it needs, not the longest one's.
+When the engine is idle, the first request waits up to ``batch_wait_ms`` for others to
+start with it. Waiting requests are bounded (``max_queue``): past that ``submit`` raises
+``QueueFull``, which the HTTP layer answers with 429.
+
+Each request's tokens are those one-sequence generation gives it alone (greedy: the same
+ids; sampled: the same draws from its own seeded generator), whoever runs beside it.
 
 Each request's text is assembled from its tokens by :class:`TextStream` (stop strings,
 held-back partial matches) and handed to ``on_event`` as it grows, from the worker thread:
@@ -40,9 +47,11 @@ from typing import Callable
 import torch
 
 from mtnlg.config import Config
-from mtnlg.model.decode import BatchDecoder, continuation_text
-from mtnlg.model.sampling import SamplingConfig
+from mtnlg.model.decode import continuation_text
+from mtnlg.model.gpt import KVCache
+from mtnlg.model.sampling import SamplingConfig, adjust_logits, sample_next_token
 from mtnlg.progress import get_logger
+from mtnlg.serve.slots import SlotCache, mask_padding
 
 log = get_logger("mtnlg.serve")
 
@@ -59,12 +68,14 @@ class EngineClosed(Exception):
 
 @dataclass
 class EngineConfig(Config):
-    # requests decoded together in one batch
+    # requests decoded together: the slots of the running batch
     max_batch_size: int = field(default=8, metadata={"min": 1})
-    # requests waiting for a batch; more are refused (HTTP 429)
+    # requests waiting for a slot; more are refused (HTTP 429)
     max_queue: int = field(default=64, metadata={"min": 1})
-    # how long the first request of a batch waits for company
+    # when idle, how long the first request waits for company
     batch_wait_ms: float = field(default=20.0, metadata={"min": 0.0})
+    # prompt tokens run between two decoding steps; a longer prompt runs in chunks over several
+    max_prefill_tokens: int = field(default=256, metadata={"min": 1})
 
 
 @dataclass
@@ -213,14 +224,60 @@ class EngineStats:
     completed: int = 0
     failed: int = 0
     rejected: int = 0
-    batches: int = 0
-    batched_requests: int = 0
+    batches: int = 0           # admissions: steps at which requests joined the running batch
+    batched_requests: int = 0  # requests that joined it
+    steps: int = 0             # decoding steps (one forward pass each)
+    row_steps: int = 0         # running requests summed over the steps
     tokens: int = 0
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
-        d["mean_batch_size"] = self.batched_requests / self.batches if self.batches else 0.0
+        d["mean_batch_size"] = self.row_steps / self.steps if self.steps else 0.0
         return d
+
+
+class _Row:
+    """A running request: its stream, sampling state and the token to feed next."""
+
+    def __init__(self, req: Request, tokenizer, device: torch.device):
+        self.req, self.s = req, req.sampling
+        self.stream = ReplyStream(tokenizer, req.prompt_ids, req.stop, req.logprobs)
+        self.history = list(req.prompt_ids)
+        self.generated = 0
+        self.pending = 0
+        self.reason: str | None = None
+        self.generator = None
+        if self.s.seed is not None and self.s.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(int(self.s.seed))
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Its next token is the argmax of the logits as they are (no penalty, no eod ban)."""
+        return (self.s.temperature == 0 and self.s.repetition_penalty == 1.0
+                and self.generated >= self.s.min_new_tokens)
+
+
+@dataclass
+class _Filling:
+    """A request whose prompt runs through the model in chunks, into a cache of its own."""
+
+    req: Request
+    cache: KVCache
+
+
+def _similar_lengths(reqs: list[Request], waste: float = 0.2) -> list[list[Request]]:
+    """``reqs`` in groups of similar prompt lengths, shortest first: in each group, padding
+    to the longest is at most ``waste`` of the tokens run."""
+    groups: list[list[Request]] = []
+    for req in sorted(reqs, key=lambda r: len(r.prompt_ids)):
+        g = groups[-1] if groups else None
+        longest = len(req.prompt_ids)  # sorted: the new one is the longest
+        if g is not None and (len(g) + 1) * longest * (1 - waste) <= sum(len(r.prompt_ids) for r in g) + longest:
+            g.append(req)
+        else:
+            groups.append([req])
+    return groups
 
 
 class Engine:
@@ -228,9 +285,14 @@ class Engine:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.config = config or EngineConfig()
         self.window = model.cfg.seq_length
+        self.device = next(model.parameters()).device
         self.stats = EngineStats()
         self._queue: queue.Queue[Request] = queue.Queue(maxsize=self.config.max_queue)
-        self._held: collections.deque[Request] = collections.deque()  # taken from the queue, did not fit
+        self._held: collections.deque[Request] = collections.deque()  # taken from the queue, not yet admitted
+        self._slots = SlotCache(model, self.config.max_batch_size)
+        self._rows: list[_Row] = []   # _rows[b] runs in slot row b
+        self._joining: list[list[Request]] = []  # admitted, their prefill still to come
+        self._filling: _Filling | None = None    # admitted, its long prompt being run in chunks
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -263,6 +325,11 @@ class Engine:
     def waiting(self) -> int:
         return self._queue.qsize() + len(self._held)
 
+    @property
+    def occupancy(self) -> int:
+        """Requests in the running batch now."""
+        return len(self._rows)
+
     # ------------------------------------------------------------------ requests
 
     def submit(self, prompt_ids: list[int], sampling: SamplingConfig, on_event: Callable[[Event], None],
@@ -291,90 +358,204 @@ class Engine:
 
     # ------------------------------------------------------------------ worker
 
-    def _next(self, timeout: float) -> Request | None:
+    def _take(self, timeout: float | None) -> Request | None:
+        """The oldest waiting request; ``timeout`` None: do not wait."""
         if self._held:
             return self._held.popleft()
         try:
-            return self._queue.get(timeout=timeout)
+            return self._queue.get_nowait() if timeout is None else self._queue.get(timeout=timeout)
         except queue.Empty:
             return None
 
-    def _gather(self) -> list[Request]:
-        first = self._next(0.05)
+    def _wait_for_company(self) -> bool:
+        """Idle: wait for a request, then up to ``batch_wait_ms`` for more to start with it."""
+        first = self._take(0.05)
         if first is None:
-            return []
-        batch = [first]
-        longest, most_new = len(first.prompt_ids), first.sampling.max_new_tokens
+            return False
+        self._held.appendleft(first)
         deadline = time.perf_counter() + self.config.batch_wait_ms / 1000
-        skipped: list[Request] = []
-        while len(batch) < self.config.max_batch_size:
+        while len(self._held) < self.config.max_batch_size:
             remaining = deadline - time.perf_counter()
-            if remaining <= 0 and not self._held and self._queue.empty():
+            if remaining <= 0:
                 break
-            req = self._next(max(remaining, 0.0))
-            if req is None:
+            try:
+                self._held.append(self._queue.get(timeout=remaining))
+            except queue.Empty:
                 break
-            if max(longest, len(req.prompt_ids)) + max(most_new, req.sampling.max_new_tokens) > self.window:
-                skipped.append(req)  # fits alone, not with these: first in line for the next batch
-                if len(skipped) >= self.config.max_batch_size:
-                    break
-                continue
-            batch.append(req)
-            longest, most_new = max(longest, len(req.prompt_ids)), max(most_new, req.sampling.max_new_tokens)
-        self._held.extendleft(reversed(skipped))
-        return [r for r in batch if not r.cancelled.is_set()]
+        return True
 
     def _run(self) -> None:
-        while True:
-            if self._closing.is_set() and not self._held and self._queue.empty():
-                return
-            batch = self._gather()
-            if batch:
-                self._decode(batch)
-
-    def _decode(self, batch: list[Request]) -> None:
-        streams = [ReplyStream(self.tokenizer, r.prompt_ids, r.stop, r.logprobs) for r in batch]
-        vocab = self.tokenizer.vocab_size
-        try:
-            dec = BatchDecoder(self.model, [r.prompt_ids for r in batch], [r.sampling for r in batch],
-                               self.tokenizer.vocab_size, self.tokenizer.eod_id)
-            with self._lock:
-                self.stats.batches += 1
-                self.stats.batched_requests += len(batch)
-            while not dec.done:
-                for row, req in enumerate(batch):
-                    if req.cancelled.is_set():
-                        dec.finish(row, "cancelled")
-                tokens = dec.step()
-                logprobs = None
-                if any(r.logprobs is not None for r in batch):
-                    logprobs = torch.log_softmax(dec.last_logits[:, :vocab], dim=-1)  # (B, V) padding rows out
-                for row, (req, tok) in enumerate(zip(batch, tokens)):
-                    if tok is None:
+        with torch.inference_mode():
+            while True:
+                if not self._rows and self._filling is None:
+                    if self._closing.is_set() and not self._held and self._queue.empty():
+                        return
+                    if not self._wait_for_company():
                         continue
-                    if req.first_token_at is None:
-                        req.first_token_at = time.perf_counter()
-                    piece, stopped = streams[row].push(tok, None if logprobs is None else logprobs[row])
-                    if piece is not None:
-                        req.on_event(("text", piece))
-                    if stopped:
-                        dec.finish(row, "stop")
-                with self._lock:
-                    self.stats.tokens += sum(t is not None for t in tokens)
-        except Exception as e:  # one bad batch must not stop the server
-            log.exception("decoding a batch of %d failed", len(batch))
-            with self._lock:
-                self.stats.failed += len(batch)
-            for req in batch:
-                req.on_event(("error", f"{type(e).__name__}: {e}"))
+                try:
+                    self._admit()
+                    if self._rows:
+                        self._step()
+                except Exception as e:  # one bad step must not stop the server
+                    self._fail(e)
+
+    def _admit(self) -> None:
+        """Waiting requests join while slots are free, at most ``max_prefill_tokens`` of
+        prompt run per step. A prompt that does not fit what is left of that is run in
+        chunks over the next steps (one such prompt at a time), so a long prompt never
+        holds the running requests for more than one step's budget. Prompts of similar
+        lengths are prefilled together (at most a fifth of a pass is padding)."""
+        budget = self.config.max_prefill_tokens
+        if self._filling is not None:
+            budget -= self._fill(budget)
+        new: list[Request] = []
+        total = 0
+        while len(self._rows) + (self._filling is not None) + len(new) < self.config.max_batch_size:
+            if total >= budget:
+                break
+            req = self._take(None)
+            if req is None:
+                break
+            if req.cancelled.is_set():
+                continue  # the client has gone before it started
+            if req.sampling.max_new_tokens == 0:
+                self._done(_Row(req, self.tokenizer, self.device), "length")
+                continue
+            if total + len(req.prompt_ids) > budget:
+                if self._filling is not None:
+                    self._held.appendleft(req)  # first in line at the next step
+                    break
+                self._count_admitted(1)
+                self._filling = _Filling(req, KVCache(self.model.cfg.num_layers, 1, len(req.prompt_ids)))
+                budget -= self._fill(budget - total)
+                continue
+            new.append(req)
+            total += len(req.prompt_ids)
+        if not new:
             return
-        for row, req in enumerate(batch):
-            rest = streams[row].flush()
-            if rest is not None:
-                req.on_event(("text", rest))
-            reason = dec.finish_reason[row]
-            req.on_event(("done", {"finish_reason": "stop" if reason == "cancelled" else reason,
-                                   "prompt_tokens": len(req.prompt_ids),
-                                   "completion_tokens": len(streams[row].ids)}))
+        self._count_admitted(len(new))
+        filler = self.tokenizer.eod_id if self.tokenizer.eod_id is not None else 0
+        self._joining = _similar_lengths(new)
+        while self._joining:
+            group = self._joining.pop(0)
+            rows = [_Row(r, self.tokenizer, self.device) for r in group]
+            self._rows.extend(rows)
+            logits = self._slots.prefill(self.model, [r.prompt_ids for r in group], filler)  # (k, V_padded)
+            self._advance(rows, logits)
+
+    def _count_admitted(self, k: int) -> None:
         with self._lock:
-            self.stats.completed += len(batch)
+            self.stats.batches += 1
+            self.stats.batched_requests += k
+
+    def _fill(self, limit: int) -> int:
+        """Run up to ``limit`` more tokens of the prompt being filled; when it is whole, the
+        request takes a slot and draws its first token. Returns the tokens run."""
+        f = self._filling
+        if f.req.cancelled.is_set():
+            self._filling = None
+            self._done(_Row(f.req, self.tokenizer, self.device), "cancelled")
+            return 0
+        ids = f.req.prompt_ids[f.cache.length:f.cache.length + max(0, limit)]
+        if not ids:
+            return 0
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)                      # (1, t)
+        logits = self.model(x, cache=f.cache)                                               # (1, t, V_padded)
+        if f.cache.length == len(f.req.prompt_ids):
+            self._filling = None
+            row = _Row(f.req, self.tokenizer, self.device)
+            self._rows.append(row)
+            self._slots.join(f.cache, [0])
+            self._advance([row], logits[:, -1, :])
+        return len(ids)
+
+    def _step(self) -> None:
+        for row in self._rows:
+            if row.req.cancelled.is_set():
+                row.reason = "cancelled"
+        self._release_finished()
+        if not self._rows:
+            return
+        logits = self._slots.step(self.model, [r.pending for r in self._rows])             # (n, V_padded)
+        with self._lock:
+            self.stats.steps += 1
+            self.stats.row_steps += len(self._rows)
+        self._advance(list(self._rows), logits)
+
+    def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Sample each row's next token from its logits (len(rows), V_padded), hand out the
+        text, and let the rows that finished leave."""
+        vocab = self.tokenizer.vocab_size
+        last = mask_padding(logits.float(), vocab)                                          # (k, V_padded)
+        logprobs = None
+        if any(r.req.logprobs is not None for r in rows):
+            logprobs = torch.log_softmax(last[:, :vocab], dim=-1)                           # (k, V) padding out
+        tokens = self._sample(rows, last)
+        eod = self.tokenizer.eod_id
+        now = time.perf_counter()
+        new_tokens = 0
+        for i, (row, tok) in enumerate(zip(rows, tokens)):
+            req = row.req
+            if req.first_token_at is None:
+                req.first_token_at = now
+            if row.s.stop_at_eod and eod is not None and tok == eod:
+                row.reason = "stop"
+                continue
+            row.generated += 1
+            new_tokens += 1
+            row.history.append(tok)
+            row.pending = tok
+            piece, stopped = row.stream.push(tok, None if logprobs is None else logprobs[i])
+            if piece is not None:
+                req.on_event(("text", piece))
+            if stopped:
+                row.reason = "stop"
+            elif row.generated >= row.s.max_new_tokens:
+                row.reason = "length"
+        with self._lock:
+            self.stats.tokens += new_tokens
+        self._release_finished()
+
+    def _sample(self, rows: list[_Row], last: torch.Tensor) -> list[int]:
+        """The same choice per row as one-sequence generation; plain greedy rows at once."""
+        out = torch.argmax(last, dim=-1).tolist()                                           # (k,)
+        for i, row in enumerate(rows):
+            if not row.plain_greedy:
+                adjusted = adjust_logits(last[i], row.history, row.generated, row.s, self.tokenizer.eod_id)
+                out[i] = int(sample_next_token(adjusted[None], row.s.temperature, row.s.top_k, row.s.top_p,
+                                               row.generator)[0])
+        return out
+
+    def _release_finished(self) -> None:
+        b = len(self._rows) - 1
+        while b >= 0:  # from the end: a released row's place is taken by the last one
+            row = self._rows[b]
+            if row.reason is not None:
+                self._slots.release(b)
+                self._rows[b] = self._rows[-1]
+                self._rows.pop()
+                self._done(row, row.reason)
+            b -= 1
+
+    def _done(self, row: _Row, reason: str) -> None:
+        rest = row.stream.flush()
+        if rest is not None:
+            row.req.on_event(("text", rest))
+        row.req.on_event(("done", {"finish_reason": "stop" if reason == "cancelled" else reason,
+                                   "prompt_tokens": len(row.req.prompt_ids),
+                                   "completion_tokens": len(row.stream.ids)}))
+        with self._lock:
+            self.stats.completed += 1
+
+    def _fail(self, e: Exception) -> None:
+        """A step or prefill failed: every running and joining request gets the error."""
+        log.exception("a decoding step of %d requests failed", len(self._rows))
+        reqs = [row.req for row in self._rows] + [r for group in self._joining for r in group]
+        if self._filling is not None:
+            reqs.append(self._filling.req)
+        self._rows, self._joining, self._filling = [], [], None
+        self._slots.reset()
+        with self._lock:
+            self.stats.failed += len(reqs)
+        for req in reqs:
+            req.on_event(("error", f"{type(e).__name__}: {e}"))

@@ -57,7 +57,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                          f"{engine.window} tokens")
     limit = max_model_len or engine.window
     created = int(time.time())
-    state, metrics = ServeState(), ServeMetrics(queue_depth=lambda: engine.waiting)
+    state, metrics = ServeState(), ServeMetrics(queue_depth=lambda: engine.waiting,
+                                                occupancy=lambda: engine.occupancy)
 
     app = FastAPI(title="mtnlg", summary="OpenAI-compatible API for an mtnlg GPT", version="1")
     app.state.serving, app.state.metrics, app.state.engine = state, metrics, engine

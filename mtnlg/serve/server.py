@@ -35,7 +35,7 @@ def build_app(model_dir: str, model_name: str, device: str = "cpu", api_key: str
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         engine.start()
-        log.info("serving %s as %r (%d parameters, context %d tokens, batches of up to %d%s)", model_dir,
+        log.info("serving %s as %r (%d parameters, context %d tokens, continuous batching on %d slots%s)", model_dir,
                  model_name, sum(p.numel() for p in model.parameters()), max_model_len or cfg.seq_length,
                  engine.config.max_batch_size, ", API key required" if api_key else "")
         try:

@@ -117,8 +117,11 @@ def check(cfg: TrainRunConfig, world_size: int | None, gpu_kind: str) -> int:
         ramp = BatchRampup(t.global_batch_size, t.rampup.start, t.rampup.increment, t.rampup.samples, unit=unit)
         first = ramp.batch_size(0)
         n = first // unit
-        how = ("fill-drain: fewer micro-batches than stages" if dims.pp > 1 and n < dims.pp
-               and cfg.parallel.pp_schedule == "1f1b" and dims.virtual_stages == 1 else cfg.parallel.pp_schedule)
+        how = cfg.parallel.pp_schedule
+        if dims.pp > 1 and n < dims.pp and how == "1f1b" and dims.virtual_stages == 1:
+            how = "fill-drain: fewer micro-batches than stages"
+        elif dims.pp > 1 and n < 2 * dims.pp and how == "dualpipev":
+            how = "zbv: dualpipev needs 2 x parallel.pp micro-batches"
         sizes = sorted({ramp.batch_size(c) for c in range(0, t.rampup.samples, max(1, t.rampup.samples // 4096))})
         print(f"ramp-up: {t.rampup.start} -> {t.global_batch_size} over {t.rampup.samples:,} samples; trained "
               f"sizes {', '.join(map(str, sizes[:4]))}, ... (multiples of {unit}); the first step has {n} "

@@ -88,8 +88,10 @@ class TrainConfig(Config):
     global_batch_size: int = field(default=8, metadata={"min": 1})
     micro_batch_size: int = field(default=1, metadata={"min": 1})
     rampup: RampupConfig = field(default_factory=RampupConfig)
-    # auto = bf16 on GPUs that support it (else fp16), fp32 on CPU.
-    dtype: str = field(default="auto", metadata={"choices": ("auto", "fp32", "bf16", "fp16")})
+    # auto = bf16 on GPUs that support it (else fp16), fp32 on CPU. fp8 = bf16 with the blocks'
+    # linear layers in float8 (torchao, mtnlg.parallel.float8): GPUs of compute capability
+    # 8.9+ (Ada, Hopper), parallel.tp=1, the torchao package (the fp8 extra).
+    dtype: str = field(default="auto", metadata={"choices": ("auto", "fp32", "bf16", "fp16", "fp8")})
     device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda")})
     log_every: int = field(default=10, metadata={"min": 1})
     # Validation every N steps (0 = only at the end) over eval_iters global batches (0 = never).
@@ -180,11 +182,25 @@ class TrainRunConfig(Config):
                                   f"must be a multiple of train.rampup.increment={r.increment} (>= 1)")
             if r.samples < 1:
                 raise ConfigError(f"train.rampup.samples must be >= 1 when train.rampup.start is set, got {r.samples}")
+        if t.dtype == "fp8":
+            self._check_fp8()
         for b in self.data.blend:
             if not b.prefix:
                 raise ConfigError("data.blend: every entry needs a prefix")
         if self.parallel.dp is not None and self.parallel.dp > 0:
             self._check_batch_divisibility(self.parallel.dp)
+
+    def _check_fp8(self) -> None:
+        """What ``train.dtype=fp8`` needs of the config; the GPU itself is checked where
+        the run starts (``mtnlg.train.device.check_dtype_supported``)."""
+        if self.train.device == "cpu":
+            raise ConfigError("train.dtype=fp8 with train.device=cpu: float8 training needs a CUDA GPU of compute "
+                              "capability 8.9 or newer (Ada, Hopper); use train.dtype=fp32 or bf16 on the CPU")
+        if self.parallel.tp > 1:
+            raise ConfigError(f"train.dtype=fp8 with parallel.tp={self.parallel.tp}: float8 under tensor "
+                              f"parallelism (torchao's Float8ColwiseParallel/Float8RowwiseParallel) is not "
+                              f"supported yet; use parallel.tp=1 with data or pipeline parallelism, or "
+                              f"train.dtype=bf16")
 
     def _check_batch_divisibility(self, dp: int) -> None:
         t = self.train

@@ -5,7 +5,10 @@ an :class:`Engine` and reads back a loss. Two engines implement it:
 
 * :class:`LocalEngine`: the whole model on this rank's ``(dp, tp)`` coordinates (tensor,
   sequence and data parallelism applied by ``parallelize_gpt``); gradients are accumulated
-  over micro-batches, the data-parallel reduction running only after the last one.
+  over micro-batches, the data-parallel reduction running only after the last one. With
+  context parallelism (``parallel.cp > 1``) each micro-batch's sequences are cut to this
+  rank's two chunks (``mtnlg.parallel.cp``), run at their global positions, and the
+  gradients averaged over ``dp * cp`` ranks.
 * :class:`PipelineEngine`: this rank's pipeline stage, run by a
   ``torch.distributed.pipelining`` schedule (``mtnlg.parallel.pipeline_parallel``); only
   the last stage computes a loss.
@@ -29,16 +32,18 @@ import torch
 from torch import nn
 
 from mtnlg.config import ConfigError
+from mtnlg.parallel.cp import chunk_positions, shard_sequence
 from mtnlg.parallel.dims import ParallelDims
 from mtnlg.parallel.loss import cross_entropy, loss_parallel_context
 from mtnlg.parallel.utils import clip_grad_norm_, set_requires_gradient_sync, set_seed_for_rank
 
 
 def autocast(device_type: str, dtype: str):
-    """The mixed-precision context for ``dtype`` ("fp32" runs without one)."""
+    """The mixed-precision context for ``dtype`` ("fp32" runs without one; "fp8" in bf16,
+    its float8 layers casting for themselves)."""
     if dtype == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+    return torch.autocast(device_type, dtype=torch.float16 if dtype == "fp16" else torch.bfloat16)
 
 
 class Engine(abc.ABC):
@@ -102,18 +107,31 @@ class LocalEngine(Engine):
     flatten_optimizer = False
 
     def __init__(self, model: nn.Module, dims: ParallelDims, device: torch.device, dtype: str,
-                 micro_batch_size: int, scaler: torch.amp.GradScaler | None, sync_every_micro_batch: bool = False):
+                 micro_batch_size: int, scaler: torch.amp.GradScaler | None, sync_every_micro_batch: bool = False,
+                 cp_rank: int = 0):
         super().__init__(dims, device, dtype, micro_batch_size)
         self.model = model
+        self.cp_rank = cp_rank
         self.scaler = scaler
         self.loss_ranks = dims.world_size
         self.sync_every_micro_batch = sync_every_micro_batch
 
     def _micro_batches(self, tokens: np.ndarray):
-        """(b_local, T+1) -> micro-batches of (inputs, targets), each (mb, T)."""
+        """(b_local, T+1) -> micro-batches of (inputs, targets), each (mb, T), or with
+        context parallelism this rank's (mb, T/cp) positions of them."""
         mb = self.micro_batch_size
         for i in range(0, tokens.shape[0], mb):
-            yield self._to_device(tokens[i:i + mb])
+            x, y = self._to_device(tokens[i:i + mb])
+            if self.dims.cp > 1:
+                x, y = shard_sequence(x, self.dims.cp, self.cp_rank), shard_sequence(y, self.dims.cp, self.cp_rank)
+            yield x, y
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the micro-batch's inputs (at this rank's global positions under cp)."""
+        if self.dims.cp == 1:
+            return self.model(x)
+        T = x.shape[1] * self.dims.cp
+        return self.model(x, position_ids=chunk_positions(T, self.dims.cp, self.cp_rank, device=x.device))
 
     def forward_backward(self, tokens: np.ndarray) -> torch.Tensor:
         n_micro = self.n_micro(tokens)
@@ -124,7 +142,7 @@ class LocalEngine(Engine):
             set_requires_gradient_sync(self.model, self.sync_every_micro_batch or i == n_micro - 1)
             with loss_parallel_context(self.dims.tp > 1):
                 with self._autocast():
-                    logits = self.model(x)                                       # (mb, T, V_padded)
+                    logits = self._forward(x)                                    # (mb, T, V_padded)
                 loss = cross_entropy(logits, y)                                  # mean over mb*T
                 scaled = loss / n_micro
                 if self.scaler is not None:
@@ -138,7 +156,7 @@ class LocalEngine(Engine):
         losses = []
         for x, y in self._micro_batches(tokens):
             with loss_parallel_context(self.dims.tp > 1), self._autocast():
-                losses.append(float(cross_entropy(self.model(x), y)))
+                losses.append(float(cross_entropy(self._forward(x), y)))
         return losses
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
@@ -190,16 +208,24 @@ def build_engine(model: nn.Module, mesh, dims: ParallelDims, cfg, device: torch.
     """Parallelize ``model`` (the whole one-device GPT, on the meta device or built with the
     run's seed) for this rank and wrap it in the engine the layout needs; a meta model is
     then allocated with :meth:`Engine.materialize`. ``cfg`` is the ``TrainRunConfig``;
-    ``mesh`` the ``(pp, dp, tp)`` mesh of ``ParallelDims.build_mesh``."""
+    ``mesh`` the ``(pp, dp, tp)`` mesh of ``ParallelDims.build_mesh`` (``(pp, dp, cp, tp)``
+    with ``cp > 1``)."""
     from mtnlg.parallel.parallelize import parallelize_gpt
 
     mb = cfg.train.micro_batch_size
-    # FSDP2 gathers bf16 parameters and reduces fp32 gradients on a bf16 run
-    param_dtype = torch.bfloat16 if dtype == "bf16" and dims.fsdp else None
+    if dtype == "fp8":
+        from mtnlg.parallel.float8 import convert_to_float8
+
+        # the whole model, before TP, the pipeline split, checkpointing, compile and DP see it
+        convert_to_float8(model)
+    # FSDP2 gathers bf16 parameters and reduces fp32 gradients on a bf16 (or fp8) run
+    param_dtype = torch.bfloat16 if dtype in ("bf16", "fp8") and dims.fsdp else None
     if dims.pp == 1:
         every = dims.fsdp and cfg.parallel.fsdp_grad_sync == "micro_batch"
-        return LocalEngine(parallelize_gpt(model, mesh["dp", "tp"], cfg.parallel, param_dtype), dims, device, dtype,
-                           mb, scaler, sync_every_micro_batch=every)
+        model = parallelize_gpt(model, mesh, dims, activation_checkpoint=cfg.parallel.activation_checkpoint,
+                                compile=cfg.parallel.compile, param_dtype=param_dtype)
+        return LocalEngine(model, dims, device, dtype, mb, scaler, sync_every_micro_batch=every,
+                           cp_rank=dims.cp_rank(mesh))
     engine = PipelineEngine(model, mesh, dims, cfg.parallel, device, dtype, mb, param_dtype=param_dtype)
     # dropout draws differ per stage (Megatron); the weights were drawn alike, before
     set_seed_for_rank(cfg.train.seed, dims.pp_rank(mesh))

@@ -1,10 +1,12 @@
 """Starting the training processes: one interface, a local ``torchrun`` implementation.
 
 A :class:`Launcher` takes a validated run config and runs it on some set of processes,
-returning the run's ``summary.json``. :class:`LocalTorchrunLauncher` starts
-``python -m torch.distributed.run --standalone --nproc-per-node N -m mtnlg.train.cli
---config RESOLVED.yaml`` on this machine; a cluster launcher (a Kubeflow PyTorchJob whose
-pods run the same ``mtnlg.train.cli`` entry point) implements the same method.
+returning the run's ``summary.json``; ``launcher.train(cfg)`` checks the layout for its
+world size first, so a train step picks a launcher and calls every one the same way.
+:class:`LocalTorchrunLauncher` starts ``python -m torch.distributed.run --standalone
+--nproc-per-node N -m mtnlg.train.cli --config RESOLVED.yaml`` on this machine;
+``mtnlg.cluster.launcher.ClusterJobLauncher`` (a Kubeflow TrainJob or PyTorchJob whose pods
+run the same ``mtnlg.train.cli`` entry point) implements the same interface.
 
 The processes receive the fully resolved config (recipe, file and overrides merged and
 checked here), so every rank trains exactly what was validated before launch.
@@ -47,6 +49,12 @@ class Launcher(abc.ABC):
     def world_size(self) -> int:
         """Number of training processes the launcher starts."""
 
+    def train(self, cfg: TrainRunConfig) -> dict:
+        """Check ``cfg``'s layout for :attr:`world_size` (``ConfigError`` before any process
+        starts), then :meth:`launch` it; returns ``summary.json``'s content."""
+        cfg.check_layout(self.world_size)
+        return self.launch(cfg)
+
 
 class LocalTorchrunLauncher(Launcher):
     """``torchrun --standalone`` with ``nproc`` processes on this machine.
@@ -83,7 +91,9 @@ class LocalTorchrunLauncher(Launcher):
 
     def launch(self, cfg: TrainRunConfig) -> dict:
         from mtnlg.train.data import preflight_problems
+        from mtnlg.train.device import check_dtype_supported, resolve_device
 
+        check_dtype_supported(cfg.train.dtype, resolve_device(cfg.train.device))  # this machine runs the processes
         problems = preflight_problems(cfg)
         if problems:  # one message, before any training process starts
             raise ConfigError("cannot start training:\n  - " + "\n  - ".join(problems))
@@ -166,5 +176,4 @@ class _SignalForwarding:
 def run_local(cfg: TrainRunConfig, nproc: int = 1) -> dict:
     """Train ``cfg`` locally with ``nproc`` processes (torchrun); returns ``summary.json``'s
     content. Layout errors (``ConfigError``) are raised before any process starts."""
-    cfg.check_layout(nproc)
-    return LocalTorchrunLauncher(nproc).launch(cfg)
+    return LocalTorchrunLauncher(nproc).train(cfg)

@@ -33,7 +33,8 @@ from mtnlg.progress import get_logger
 from mtnlg.train.checkpointer import Checkpointer, check_resume
 from mtnlg.train.config import TrainRunConfig
 from mtnlg.train.data import Prefetcher, open_datasets_per_node, with_tokenizer_vocab
-from mtnlg.train.device import device_peak_tflops, enable_tf32, resolve_device, resolve_dtype, torch_device
+from mtnlg.train.device import (check_dtype_supported, device_peak_tflops, enable_tf32, resolve_device, resolve_dtype,
+                                torch_device)
 from mtnlg.train.engine import build_engine
 from mtnlg.train.metrics import MetricsProcessor
 from mtnlg.train.optim import build_optimizer
@@ -206,6 +207,7 @@ class Trainer:
 def train(cfg: TrainRunConfig) -> dict[str, Any]:
     """Run this process's part of the training; returns the summary (on every rank)."""
     device_type = resolve_device(cfg.train.device)
+    check_dtype_supported(cfg.train.dtype, device_type)  # fp8: a GPU with float8 tensor cores, torchao
     owns_group = not dist.is_initialized()
     env = init_process_group(device_type, cfg.train.collective_timeout_s)
     ok = False
