@@ -239,7 +239,7 @@ def test_chat_completion_and_streaming(client):
     (dict(model=NAME, prompt="list", stop=["a", "b", "c", "d", "e"]), "stop: at most 4 sequences, got 5"),
     (dict(model=NAME, prompt="list", stream_options={"include_usage": True}), "stream_options: only allowed"),
     (dict(model=NAME, prompt="list", logprobs=21), "logprobs: Input should be less than or equal to 20"),
-    (dict(model=NAME, prompt="list", logprobs=2, echo=True), "echo: the prompt's log-probabilities"),
+    (dict(model=NAME, prompt="list", max_tokens=0), "max_tokens: 0 is only allowed with echo"),
     (dict(model=NAME, prompt="list", max_tokens=4, extra_body={"min_tokens": 9}), "min_tokens=9 exceeds"),
 ])
 def test_bad_requests_get_400_with_a_message(client, kwargs, match):

@@ -1,7 +1,8 @@
 """``mtnlg serve``'s OpenAI surface as clients use it, through the official ``openai``
 client on 127.0.0.1: models, ``n`` choices, log-probabilities (checked against a direct
-forward pass of the model), streamed usage, ``max_completion_tokens``, the chat template,
-``/tokenize`` and ``/detokenize``, errors in OpenAI's shape."""
+forward pass of the model), ``echo`` with the prompt's log-probabilities, streamed usage,
+``max_completion_tokens``, the chat template, ``/tokenize`` and ``/detokenize``, errors in
+OpenAI's shape."""
 
 from __future__ import annotations
 
@@ -120,6 +121,129 @@ def test_chat_logprobs_content(client, local_model):  # noqa: F811
     assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
     with pytest.raises(openai.BadRequestError, match="top_logprobs: requires logprobs to be true"):
         client.chat.completions.create(model=NAME, messages=messages, top_logprobs=2)
+
+
+def _prompt_reference(model, tok, ids: list[int]) -> torch.Tensor:
+    """(len(ids) - 1, vocab): the log-softmax at each prompt place j < n-1, predicting token j+1."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]))[0, :-1].float()                           # (n-1, V_padded)
+    return torch.log_softmax(logits[:, :tok.vocab_size], dim=-1)
+
+
+def _check_prompt_logprobs(lp, ref: torch.Tensor, ids: list[int], text: str, k: int) -> int:
+    """An echoed prompt's ``logprobs`` against the reference: the tokens join into ``text``
+    at their offsets, the first has no value, each other's value and ``k`` alternatives are
+    the reference's. Returns at how many places the prompt's token is among the top ``k``."""
+    n = len(ids)
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
+    assert "".join(lp.tokens) == text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:j]) for j in range(n)]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing precedes the first token
+    want = ref[torch.arange(n - 1), torch.tensor(ids[1:])]
+    assert torch.allclose(torch.tensor(lp.token_logprobs[1:]), want, atol=1e-5), (lp.token_logprobs, want)
+    in_top = 0
+    for j in range(1, n):
+        top, actual = lp.top_logprobs[j], lp.tokens[j]
+        best, best_ids = torch.topk(ref[j - 1], k)
+        assert top[actual] == lp.token_logprobs[j]  # the prompt's token always among them
+        if k == 0:
+            assert top == {actual: lp.token_logprobs[j]}
+            continue
+        assert abs(max(top.values()) - float(best[0])) < 1e-5
+        if ids[j] in best_ids.tolist():
+            in_top += 1
+            assert len(top) <= k and all(min(abs(v - b) for b in best.tolist()) < 1e-5 for v in top.values())
+        else:
+            assert len(top) <= k + 1 and top[actual] < float(best[-1]) + 1e-5
+    return in_top
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt(client, local_model):  # noqa: F811
+    model, tok = local_model
+    prompt = "sort the list and pop the key"
+    ids = prompt_ids_for(tok, prompt)
+    plain = client.completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0)
+    echo = client.completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0, echo=True)
+    assert echo.choices[0].text == prompt + plain.choices[0].text and echo.choices[0].logprobs is None
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    assert r.choices[0].text == prompt and r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 0)
+    assert r.choices[0].logprobs.tokens[0] == ""  # the end-of-document token that starts every prompt
+    _check_prompt_logprobs(r.choices[0].logprobs, _prompt_reference(model, tok, ids), ids, prompt, 2)
+    # a token prompt ending in the model's greedy continuation: those 6 tokens are the likeliest at their places
+    gen = generate_ids(model, ids, SamplingConfig(max_new_tokens=6, min_new_tokens=6), tok.vocab_size, tok.eod_id)
+    greedy = client.completions.create(model=NAME, prompt=ids + gen, max_tokens=0, echo=True, logprobs=2).choices[0]
+    assert greedy.text == tok.decode(ids + gen)
+    ref = _prompt_reference(model, tok, ids + gen)
+    assert _check_prompt_logprobs(greedy.logprobs, ref, ids + gen, greedy.text, 2) >= 6
+    # a character split over byte tokens: "" for its first bytes, the character with its last
+    snow = "pop the \u2603 key"
+    snow_ids = prompt_ids_for(tok, snow)
+    assert len(snow_ids) > len(snow.split()) + 3  # the tokenizer has no piece for it: three byte tokens
+    sl = client.completions.create(model=NAME, prompt=snow, max_tokens=0, echo=True, logprobs=1).choices[0].logprobs
+    _check_prompt_logprobs(sl, _prompt_reference(model, tok, snow_ids), snow_ids, snow, 1)
+    at = sl.tokens.index("\u2603")
+    assert sl.tokens[at - 2:at] == ["", ""] and len(set(sl.text_offset[at - 2:at + 1])) == 1
+    # n choices of several token prompts; logprobs=0; a whole window can be scored, not one token more
+    window = (tok.encode(" ".join([prompt] * 40)) * 2)[:128]
+    r2 = client.completions.create(model=NAME, prompt=[ids[1:], window], max_tokens=0, echo=True, logprobs=0, n=2)
+    assert [c.text for c in r2.choices] == [prompt, prompt, tok.decode(window), tok.decode(window)]
+    short, full = r2.choices[0].logprobs, r2.choices[2].logprobs
+    assert r2.choices[1].logprobs == short and r2.choices[3].logprobs == full
+    assert short.tokens == r.choices[0].logprobs.tokens[1:]
+    one = client.completions.create(model=NAME, prompt=ids[1:2], max_tokens=0, echo=True, logprobs=3).choices[0]
+    assert (one.text, one.logprobs.tokens, one.logprobs.token_logprobs) == (tok.decode(ids[1:2]), [one.text], [None])
+    _check_prompt_logprobs(short, _prompt_reference(model, tok, ids[1:]), ids[1:], prompt, 0)
+    assert all(len(t) == 1 for t in short.top_logprobs[1:])  # logprobs=0: the prompt's token alone
+    _check_prompt_logprobs(full, _prompt_reference(model, tok, window), window, tok.decode(window), 0)
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 128 tokens") as e:
+        client.completions.create(model=NAME, prompt=window + [5], max_tokens=0, echo=True, logprobs=0)
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="max_tokens: 0 is only allowed with echo") as e:
+        client.completions.create(model=NAME, prompt=prompt, max_tokens=0, logprobs=2)
+    assert e.value.body["param"] == "max_tokens"
+
+
+def test_echo_with_a_completion_joins_their_logprobs(client, local_model):  # noqa: F811
+    model, tok = local_model
+    prompt = "sort the list and pop the key"
+    ids = prompt_ids_for(tok, prompt)
+    n = len(ids)
+    kw = dict(model=NAME, prompt=prompt, temperature=0, logprobs=2)
+    scored = client.completions.create(max_tokens=0, echo=True, **kw).choices[0].logprobs
+    alone = client.completions.create(max_tokens=6, extra_body={"min_tokens": 6}, **kw).choices[0]
+    both = client.completions.create(max_tokens=6, extra_body={"min_tokens": 6}, echo=True, **kw).choices[0]
+    got = both.logprobs
+    assert both.text == prompt + alone.text and "".join(got.tokens) == both.text
+    assert got.tokens == scored.tokens + alone.logprobs.tokens
+    assert got.text_offset == scored.text_offset + [len(prompt) + o for o in alone.logprobs.text_offset]
+    assert got.token_logprobs[:n] == scored.token_logprobs and got.top_logprobs[:n] == scored.top_logprobs
+    assert got.top_logprobs[n:] == alone.logprobs.top_logprobs
+    assert got.token_logprobs[n:] == alone.logprobs.token_logprobs
+    # all of them: one forward pass over prompt + completion
+    gen = generate_ids(model, ids, SamplingConfig(max_new_tokens=6, min_new_tokens=6), tok.vocab_size, tok.eod_id)
+    whole = _prompt_reference(model, tok, ids + gen)
+    assert torch.allclose(torch.tensor(got.token_logprobs[1:]), whole[torch.arange(n + 5), torch.tensor(ids[1:] + gen)],
+                          atol=LOGPROB_TOL)
+    # streamed: each choice's first chunk is the prompt with its entries, then the completion's as without echo
+    chunks = list(client.completions.create(max_tokens=6, extra_body={"min_tokens": 6}, echo=True, stream=True,
+                                            n=2, **kw))
+    firsts = [c.choices[0] for c in chunks[:2]]
+    assert [f.index for f in firsts] == [0, 1] and all(f.text == prompt and f.logprobs == scored for f in firsts)
+    for i in range(2):
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == i]
+        assert "".join(c.text for c in mine) == both.text
+        entries = [c.logprobs for c in mine if c.logprobs]
+        assert [t for e in entries for t in e.tokens] == got.tokens
+        assert [o for e in entries for o in e.text_offset] == got.text_offset
+        values = [v for e in entries for v in e.token_logprobs]
+        assert values[:n] == scored.token_logprobs  # two choices decoded together: the completion's to rounding
+        assert torch.allclose(torch.tensor(values[n:]), torch.tensor(got.token_logprobs[n:]), atol=LOGPROB_TOL)
+    # a prompt whose text is empty still has its entry in the first chunk
+    eod = list(client.completions.create(model=NAME, prompt=[tok.eod_id], max_tokens=0, echo=True, logprobs=1,
+                                         stream=True))
+    assert [(c.choices[0].text, c.choices[0].finish_reason) for c in eod] == [("", None), ("", "length")]
+    assert eod[0].choices[0].logprobs.tokens == [""] and eod[0].choices[0].logprobs.token_logprobs == [None]
 
 
 def test_n_choices_each_with_its_own_seed(client):

@@ -54,7 +54,7 @@ import numpy as np
 from mtnlg.extract import stats as st
 from mtnlg.extract.clean import clean_text
 from mtnlg.extract.config import DecontaminateConfig
-from mtnlg.extract.readers import Failure, expand_inputs, read_file
+from mtnlg.extract.readers import Failure, expand_setting, read_file
 from mtnlg.extract.split import TRAIN
 
 WORD = re.compile(r"\w+")
@@ -293,15 +293,7 @@ def expand_task_files(cfg: DecontaminateConfig) -> list[str]:
     """The task files to read: ``task_files`` expanded as the step's inputs are (folders,
     globs, gs://, s3://; in a folder only known formats). One that matches nothing raises
     ``FileNotFoundError`` naming it."""
-    if not cfg.task_files:
-        return []
-    try:
-        files, _ = expand_inputs(list(cfg.task_files))
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"decontaminate.task_files: {e}") from None
-    if not files:
-        raise FileNotFoundError(f"decontaminate.task_files: no file of a known format in {list(cfg.task_files)}")
-    return files
+    return expand_setting(cfg.task_files, "decontaminate.task_files") if cfg.task_files else []
 
 
 def task_texts(path: str, cfg: DecontaminateConfig, max_doc_bytes: int,

@@ -39,7 +39,7 @@ import numpy as np
 from mtnlg import storage
 from mtnlg.extract.clean import clean_text
 from mtnlg.extract.config import QualityConfig
-from mtnlg.extract.readers import Failure, expand_inputs, read_file
+from mtnlg.extract.readers import Failure, expand_setting, read_file
 from mtnlg.extract.stats import CLASSIFIER_RULE
 
 FORMAT = "mtnlg-quality-classifier"
@@ -264,14 +264,8 @@ def reference_texts(cfg: QualityConfig, max_doc_bytes: int, max_binary_fraction:
     """The cleaned texts of ``quality.reference``, read as the step reads its inputs. A path
     that matches nothing, no file of a known format, or a record that cannot be read is an
     error naming it: a reference corpus silently cut short would train another classifier."""
-    try:
-        files, _ = expand_inputs(list(cfg.reference))
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"quality.reference: {e}") from None
-    if not files:
-        raise FileNotFoundError(f"quality.reference: no file of a known format in {list(cfg.reference)}")
     texts = []
-    for path in files:
+    for path in expand_setting(cfg.reference, "quality.reference"):
         for rec in read_file(path, cfg.text_field, max_doc_bytes, max_binary_fraction):
             if isinstance(rec, Failure):
                 raise ValueError(f"quality.reference: {rec.source}: {rec.reason}"

@@ -96,6 +96,19 @@ def expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
     return files, skipped
 
 
+def expand_setting(paths: list[str] | tuple[str, ...], key: str) -> list[str]:
+    """The files of a setting that names inputs besides the step's own (``key``, e.g.
+    ``quality.reference``), expanded as the inputs are; a path that matches nothing, or no file
+    of a known format, is a ``FileNotFoundError`` naming the setting."""
+    try:
+        files, _ = expand_inputs(list(paths))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{key}: {e}") from None
+    if not files:
+        raise FileNotFoundError(f"{key}: no file of a known format in {list(paths)}")
+    return files
+
+
 def relative_names(inputs: list[str], files: list[str]) -> dict[str, str]:
     """Each file's name relative to the input that found it (``corpus/faq/a.html`` for the
     input ``/data/corpus``), so that document ids, and with them the train/validation split

@@ -9,7 +9,8 @@ Routes (the part of the OpenAI API that text applications use, and vLLM's tokeni
 * ``POST /v1/completions``: ``prompt`` (a text, texts, token ids or lists of them),
   ``max_tokens`` (default 16), ``temperature`` (default 1), ``top_p``, ``n``, ``stop``,
   ``seed``, ``echo``, ``logprobs`` (0-20), ``stream``, ``stream_options``; ``min_tokens`` and
-  ``repetition_penalty`` as extensions;
+  ``repetition_penalty`` as extensions; ``echo`` with ``logprobs`` reports the prompt's
+  tokens too (:mod:`.scoring`), and ``max_tokens: 0`` with ``echo`` scores a prompt;
 * ``POST /v1/chat/completions``: ``messages`` (system/developer/user/assistant),
   ``max_completion_tokens`` or ``max_tokens`` (default: what fits, at most 256),
   ``logprobs`` + ``top_logprobs``, the same sampling fields; the prompt is the chat format
@@ -44,6 +45,7 @@ from mtnlg.serve.guard import Guard, ServeState
 from mtnlg.serve.metrics import ServeMetrics
 from mtnlg.serve.protocol import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                                   SamplingFields, model_not_found)
+from mtnlg.serve.scoring import PromptScorer
 
 CHAT_DEFAULT_MAX_TOKENS = 256
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait
@@ -57,6 +59,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                          f"{engine.window} tokens")
     limit = max_model_len or engine.window
     created = int(time.time())
+    scorer = PromptScorer(engine.model, tok)
     state, metrics = ServeState(), ServeMetrics(queue_depth=lambda: engine.waiting,
                                                 occupancy=lambda: engine.occupancy)
 
@@ -99,7 +102,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         which = (f"This model's maximum context length is {limit} tokens" if limit == engine.window else
                  f"This server's maximum context length is {limit} tokens (--max-model-len; the model's is "
                  f"{engine.window})")
-        if len(ids) >= limit:
+        if len(ids) > limit or (len(ids) == limit and asked != 0):  # max_tokens 0: a whole window is scored
             raise APIError(400, f"{which}; the prompt alone has {len(ids)}.", prompt_param, "context_length_exceeded")
         if asked is None:
             return min(default, limit - len(ids))
@@ -242,8 +245,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         arrived = time.perf_counter()
         check_model(req.model)
         include_usage = req.include_usage()
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo: the prompt's log-probabilities are not computed; drop echo or logprobs", "echo")
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(400, "max_tokens: 0 is only allowed with echo (to score the prompt)", "max_tokens")
         raw = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \
             else [req.prompt]
         if not raw:
@@ -263,13 +266,21 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         for ids, _ in prompts:
             max_tokens = fit(ids, req.max_tokens, 16, "max_tokens", "prompt")
             jobs += [(ids, sampling(req, max_tokens, j), stops, req.logprobs) for j in range(req.n)]
+        scored = []  # per prompt, echoed with logprobs: its own tokens' logprobs (a pass beside the engine)
+        for ids, _ in prompts:
+            scored.append(R.prompt_logprobs(*await asyncio.to_thread(scorer, ids, req.logprobs))
+                          if req.echo and req.logprobs is not None else None)
         reqs, events = await start(jobs)
         echoes = [text if req.echo else "" for _, text in prompts for _ in range(req.n)]
+        echo_logprobs = [lp for lp in scored for _ in range(req.n)]
         prompt_tokens = sum(len(ids) for ids, _ in prompts)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def logprobs(i: int, tokens) -> dict | None:
-            return None if req.logprobs is None else R.completion_logprobs(tokens, len(echoes[i]))
+        def logprobs(i: int, tokens, with_echo: bool = False) -> dict | None:
+            if req.logprobs is None:
+                return None
+            own = R.completion_logprobs(tokens, len(echoes[i]))
+            return R.joined_logprobs(echo_logprobs[i], own) if with_echo and echo_logprobs[i] else own
 
         if req.stream:
             def chunk(choice: dict) -> str:
@@ -278,8 +289,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             async def body():
                 done: dict[int, dict] = {}
                 for i, echo in enumerate(echoes):
-                    if echo:
-                        yield chunk(R.completion_choice(i, echo, None))
+                    if echo or echo_logprobs[i]:
+                        yield chunk(R.completion_choice(i, echo, None, echo_logprobs[i]))
                 async for i, kind, payload in events:
                     if kind == "text":
                         yield chunk(R.completion_choice(i, payload.text, None, logprobs(i, payload.tokens)))
@@ -298,7 +309,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         texts, tokens, done = await collect(events)
         completion = account("/v1/completions", arrived, reqs, prompt_tokens, done)
         choices = [R.completion_choice(i, echoes[i] + texts.get(i, ""), done[i]["finish_reason"],
-                                       logprobs(i, tokens.get(i, []))) for i in range(len(jobs))]
+                                       logprobs(i, tokens.get(i, []), True)) for i in range(len(jobs))]
         return R.envelope(rid, "text_completion", now, model_name, choices, R.usage(prompt_tokens, completion))
 
     @app.post("/v1/chat/completions")

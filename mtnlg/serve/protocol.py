@@ -81,7 +81,7 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     # a text, a list of texts, token ids, or a list of token id lists (one choice set per prompt)
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0: only with echo, to score the prompt
     echo: bool = False
     # report each token's log-probability and its ``logprobs`` most likely alternatives
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)

@@ -60,6 +60,19 @@ def completion_logprobs(tokens: list[TokenLogprob], base_offset: int) -> dict:
             "top_logprobs": top, "text_offset": [base_offset + t.offset for t in tokens]}
 
 
+def prompt_logprobs(first: str, tokens: list[TokenLogprob]) -> dict:
+    """``logprobs`` of an echoed prompt: its first token (``first``, its text) has no
+    log-probability and no alternatives (null), then each later token as generated ones."""
+    rest = completion_logprobs(tokens, 0)
+    return {"tokens": [first, *rest["tokens"]], "token_logprobs": [None, *rest["token_logprobs"]],
+            "top_logprobs": [None, *rest["top_logprobs"]], "text_offset": [0, *rest["text_offset"]]}
+
+
+def joined_logprobs(head: dict, tail: dict) -> dict:
+    """Two completions ``logprobs`` one after the other (the echoed prompt's, the completion's)."""
+    return {key: head[key] + tail[key] for key in head}
+
+
 def chat_logprobs(tokens: list[TokenLogprob]) -> dict:
     """The chat API's ``logprobs``: ``content``, one entry per token with its UTF-8 bytes and
     exactly ``top_logprobs`` alternatives."""
