@@ -167,10 +167,110 @@ def engine_check(mesh) -> dict:
             "eval": worst(evaluated.mean() / engine.loss_ranks, ref_loss.detach())}
 
 
+_V2 = ["model.num_layers=4", "parallel.pp_virtual=2", "train.global_batch_size=4"]  # 4 chunks, 4 micro-batches
+PIPELINE_VARIANTS = {
+    # 1F1B: rotary angles indexed by the rank's positions in both stages, no tied copy
+    "pp2-cp2-1f1b-rotary-gqa": ["model.position=rotary", "model.num_kv_heads=2", "model.tie_embeddings=false"],
+    # interleaved 1F1B: sinusoidal positions on the first chunk; the tied copy on the last rank
+    "pp2-cp2-interleaved-sinusoidal-tied": ["model.position=sinusoidal", "model.tie_embeddings=true", *_V2],
+    # the zero-bubble schedules: the backward split into input and weight gradients
+    "pp2-cp2-interleaved-zb-rotary": ["model.position=rotary", "model.tie_embeddings=false",
+                                      "parallel.pp_schedule=interleaved-zb", *_V2],
+    "pp2-cp2-zbv-learned-tied": ["model.position=learned", "model.tie_embeddings=true", "parallel.pp_schedule=zbv",
+                                 *_V2],
+    "pp2-cp2-dualpipev-rotary-tied": ["model.position=rotary", "model.tie_embeddings=true",
+                                      "parallel.pp_schedule=dualpipev", *_V2],
+}
+PIPELINE_STEPS = 3
+
+
+def pipeline_engine_check(world: int, overrides: list[str]) -> dict:
+    """The trainer's engine (``build_engine``) for ``parallel.pp=2, parallel.cp=2`` on 4 ranks
+    (dp=1; micro-batches of one row, one per row of the batch) with ``overrides`` (the model,
+    the schedule): ``PIPELINE_STEPS`` AdamW steps, each compared with the single-process
+    model on the same rows: the mean loss, every gradient of this rank's chunks (the last
+    stage's tied copy against the shared table), the norm before clipping to 1.0; and,
+    before training, the evaluation loss."""
+    import numpy as np
+
+    from mtnlg.config import load_config
+    from mtnlg.train.config import TrainRunConfig, recipe
+    from mtnlg.train.engine import build_engine
+
+    cfg = load_config(TrainRunConfig, None, ["data.path=/x", "output=/y", "parallel.tp=1", "parallel.pp=2",
+                                             "parallel.cp=2", "model.dropout=0", "model.attention_dropout=0",
+                                             "train.micro_batch_size=1", "train.global_batch_size=2",
+                                             *overrides], base=recipe("debug"))
+    dims = cfg.check_layout(world, paths=False)
+    ref = GPT(cfg.model)
+    ref.init_weights(seed=SEED)
+    model = GPT(cfg.model)
+    model.init_weights(seed=SEED)
+    mesh = dims.build_mesh("cpu")
+    engine = build_engine(model, mesh, dims, cfg, torch.device("cpu"), "fp32", None)
+    # eps=1e-3 keeps AdamW's update a smooth function of the gradient. With the default 1e-8
+    # its first update is lr * sign(g): where g is within float noise of zero (sums taken
+    # in another order differ by about 1e-8) the two models would move by 2 * lr apart
+    # and later gradients compare that noise, not context parallelism.
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, eps=1e-3)
+    opt = torch.optim.AdamW(engine.model.parameters(), lr=1e-2, weight_decay=0.1, eps=1e-3)
+    ref_params = dict(ref.named_parameters())
+    names = [n.replace("_checkpoint_wrapped_module.", "") for n, _ in engine.model.named_parameters()]
+    # the last stage's copy of a tied table has the gradient of the one shared weight
+    ref_names = [n if n in ref_params else "tok_embeddings.weight" for n in names]
+    g = torch.Generator().manual_seed(5)
+    out = {"loss": 0.0, "grads": 0.0, "norm": 0.0, "losses": [], "ref_losses": [], "ref_grad_max": 0.0,
+           "names": names, "pp_rank": dims.pp_rank(mesh), "cp_rank": dims.cp_rank(mesh)}
+    for step in range(PIPELINE_STEPS):
+        tokens = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.seq_length + 1), generator=g)
+        if step == 0:
+            with torch.no_grad():
+                ref_eval = cross_entropy(ref(tokens[:, :-1]), tokens[:, 1:])
+            evaluated = torch.tensor(engine.evaluate(tokens.numpy().astype(np.int64)))
+            dist.all_reduce(evaluated)
+            out["eval"] = worst(evaluated / engine.loss_ranks, ref_eval)
+        ref_loss = cross_entropy(ref(tokens[:, :-1]), tokens[:, 1:])
+        ref_loss.backward()
+        loss = engine.forward_backward(tokens.numpy().astype(np.int64))            # this rank's share
+        dist.all_reduce(loss)
+        loss = loss / engine.loss_ranks
+        params = [p for _, p in engine.model.named_parameters()]
+        grads = [worst(full(p.grad), ref_params[n].grad) for n, p in zip(ref_names, params)]
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        norm = engine.clip_grad_norm(1.0)
+        out["loss"] = max(out["loss"], worst(loss, ref_loss))
+        out["grads"] = max(out["grads"], *grads)
+        out["norm"] = max(out["norm"], worst(full(norm), ref_norm))
+        out["ref_grad_max"] = max(out["ref_grad_max"], *(float(ref_params[n].grad.abs().max()) for n in ref_names))
+        out["losses"].append(float(loss))
+        out["ref_losses"].append(float(ref_loss.detach()))
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    out["n_ref"] = len(ref_params)
+    return out
+
+
+def pipeline_without_positions(world: int) -> dict:
+    """The 1F1B check with every stage run at positions 0 .. T/cp - 1, as if the rank's chunks
+    began the sequence: a wrong model, which must fail it."""
+    from mtnlg.parallel import pipeline_parallel
+
+    original = pipeline_parallel.chunk_positions
+    pipeline_parallel.chunk_positions = lambda T, cp, r, device=None: torch.arange(T // cp, device=device)
+    try:
+        return pipeline_engine_check(world, PIPELINE_VARIANTS["pp2-cp2-1f1b-rotary-gqa"])
+    finally:
+        pipeline_parallel.chunk_positions = original
+
+
 def four_process_checks(rank: int, world: int) -> dict:
     """One spawn of 4 ranks. dp=2 x cp=2: DDP and FSDP2 over the 4 dp x cp ranks for rotary +
     GQA, learned and sinusoidal positions, the trainer's engine, and the model run without
-    the global positions (must not match); then tp=2 + SP x cp=2 with FSDP2 (dp=1)."""
+    the global positions (must not match); then tp=2 + SP x cp=2 with FSDP2 (dp=1); then
+    pp=2 x cp=2 (dp=1), the pipeline engine under every schedule, and once without the
+    positions (must not match)."""
     torch.manual_seed(0)
     out = {}
     mesh = None
@@ -194,4 +294,9 @@ def four_process_checks(rank: int, world: int) -> dict:
     mesh = dims.build_mesh("cpu")
     out["tp-sp-cp-fsdp"] = compare(cfg, dims, mesh)
     out["tp_cp_groups"] = {"cp": mesh["cp"].mesh.tolist(), "tp": mesh["tp"].mesh.tolist()}
+
+    # pp=2 x cp=2 (dp=1): the pipeline engine under each schedule against the single process
+    for name, overrides in PIPELINE_VARIANTS.items():
+        out[name] = pipeline_engine_check(world, overrides)
+    out["pp2-cp2-no-positions"] = pipeline_without_positions(world)
     return out

@@ -200,7 +200,9 @@ def test_context_parallel_sits_between_data_and_tensor_parallel():
     (8, ModelConfig(num_layers=2, hidden_size=64, num_heads=4, seq_length=20),
      {"cp": 2, "tp": 4, "sequence_parallel": True},
      "model.seq_length / parallel.cp = 20 / 2 = 10 is not divisible by parallel.tp=4"),
-    (4, CP_MODEL, {"cp": 2, "pp": 2}, "parallel.cp=2 with parallel.pp=2: pipeline stages do not pass"),
+    # with pipeline parallelism cp's own rules still hold, and so do the pipeline's
+    (8, MODEL, {"cp": 2, "pp": 2}, "model.seq_length=30 is not divisible by 2 * parallel.cp = 4"),
+    (12, CP_MODEL, {"cp": 2, "pp": 3}, "model.num_layers=2 is not divisible by parallel.pp=3"),
     (2, CP_MODEL, {"cp": 2, "compile": True}, "parallel.cp=2 with parallel.compile=true"),
     (2, CP_MODEL, {"cp": 0}, "cp: must be >= 1, got 0"),
 ])
@@ -208,6 +210,23 @@ def test_invalid_context_parallel_layouts_name_the_numbers(world, model, kw, mes
     with pytest.raises(ConfigError) as e:
         build(world, model, **kw)
     assert message in str(e.value)
+
+
+def test_context_parallel_composes_with_pipeline_stages():
+    # 8 ranks, pp=2 x cp=2 x tp=2 (dp=1): each stage a block of dp x cp x tp = 4 ranks, with
+    # its cp groups inside it; the pipeline groups pair the same (dp, cp, tp) coordinates
+    d = build(8, CP_MODEL, tp=2, cp=2, pp=2)
+    assert (d.dp, d.cp, d.tp, d.pp) == (1, 2, 2, 2)
+    assert d.describe() == "world 8 = dp 1 x cp 2 x tp 2 x pp 2, DDP, 1 layers per stage"
+    assert d.cp_groups() == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert d.pp_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert [d.cp_coordinate(r) for r in range(8)] == [0, 0, 1, 1, 0, 0, 1, 1]
+    # every schedule, zero-bubble ones included (each tested on 4 gloo ranks, test_context_parallel)
+    v = ModelConfig(num_layers=4, hidden_size=64, num_heads=4, seq_length=32, vocab_size=300)
+    for schedule in ("1f1b", "gpipe"):
+        assert build(4, v, cp=2, pp=2, pp_schedule=schedule).pp == 2
+    for schedule in ("1f1b", "interleaved-zb", "zbv", "dualpipev"):
+        assert build(4, v, cp=2, pp=2, pp_virtual=2, pp_schedule=schedule).virtual_stages == 2
 
 
 def test_context_parallel_ranks_share_their_rows():

@@ -121,17 +121,17 @@ def test_context_parallelism_splits_the_sequence_and_pays_for_the_kv_ring():
     short = ModelConfig(**{**llama.__dict__, "seq_length": 4096})
     cp8_short = estimate(short, Layout(dp=1, cp=8, **base), Workload(8, 4096), gpu)
     assert cp8_short.time.cp_comm > 0.0         # short sequences: the ring is exposed
-    # the trainer runs cp without pipeline parallelism; with it, the layout is a what-if
+    # the trainer runs cp with and without pipeline parallelism
     assert trainer_gap(cp8.layout) is None
     assert layout_problem(short, Layout(dp=1, cp=8, **{**base, "tp": 8}), 8) is None
     piped = Layout(dp=1, cp=8, **{**base, "tp": 4, "pp": 2})
     assert layout_problem(short, piped, 8) is None
-    assert trainer_gap(piped) == "context parallelism (cp=8) with pipeline parallelism (pp=2)"
+    assert trainer_gap(piped) is None
     # the trainer's own rules, with its messages: ParallelDims checks cp's sequence rules
     odd = ModelConfig(**{**llama.__dict__, "seq_length": 4100})
     assert "model.seq_length=4100 is not divisible by 2 * parallel.cp = 16" in \
         layout_problem(odd, Layout(dp=4, cp=8, **{**base, "tp": 2}), 8)
-    # ... also for a layout with pipeline parallelism, checked part by part
+    # ... also for a layout with pipeline parallelism
     assert "model.seq_length=4100 is not divisible by 2 * parallel.cp = 16" in \
         layout_problem(odd, Layout(dp=2, cp=8, **{**base, "tp": 2, "pp": 2}), 8)
     assert "model.num_layers=32 is not divisible by parallel.pp=3" in \
@@ -270,7 +270,7 @@ def test_plan_json_field_names_are_the_documented_ones(capsys):
     assert data["mode"] == "evaluate" and data["problem"] is None and set(data["estimate"]) == set(ESTIMATE_FIELDS)
     est = data["estimate"]
     assert est["layout"]["schedule"] == "zbv" and est["layout"]["dp"] == 2
-    assert est["runs_in_trainer"] is False and "context parallelism (cp=2)" in est["trainer_gap"]
+    assert est["runs_in_trainer"] is False and est["trainer_gap"] == "the zbv schedule with FSDP"
     assert data["fitting"] == [est]
 
 
@@ -295,15 +295,15 @@ def test_train_check_refuses_what_cannot_run(capsys):
 def test_the_walk_keeps_what_the_trainer_lacks_only_when_pinned_or_explored():
     cfg = get_preset("mtnlg-1.3b")
     gpu, w = get_gpu("h100"), Workload(256, 2048)
-    # cp pinned, pp free: the trainer runs cp without a pipeline, so only pp=1 is walked
+    # cp pinned, pp free: the trainer runs cp with pipeline stages too, so pp > 1 is walked
     cp2 = plan(cfg, 16, gpu, w, Choices(cp=2))
-    assert cp2.fitting and {(e.layout.cp, e.layout.pp) for e in cp2.fitting} == {(2, 1)}
+    assert cp2.fitting and {e.layout.cp for e in cp2.fitting} == {2}
+    assert {e.layout.pp for e in cp2.fitting + cp2.too_big} > {1}
     assert all(trainer_gap(e.layout) is None for e in cp2.fitting + cp2.too_big)
-    # both pinned: the pair is a what-if, checked part by part rather than refused
+    # both pinned: the pair runs, checked by the trainer's rules as one layout
     piped = plan(cfg, 16, gpu, w, Choices(cp=2, pp=2))
     assert piped.fitting and not piped.invalid
-    assert all("context parallelism (cp=2) with pipeline parallelism (pp=2)" in trainer_gap(e.layout)
-               for e in piped.fitting)
+    assert all(trainer_gap(e.layout) is None for e in piped.fitting)
     # a zero-bubble schedule with FSDP, which the trainer refuses: left out unless fsdp is pinned
     zb = plan(cfg, 16, gpu, w, Choices(pp=2, pp_schedule="zbv"))
     assert zb.fitting and all(trainer_gap(e.layout) is None for e in zb.fitting)
@@ -313,10 +313,9 @@ def test_the_walk_keeps_what_the_trainer_lacks_only_when_pinned_or_explored():
     # (with dp=1 FSDP shards nothing: the trainer runs the layout without it)
     assert {trainer_gap(e.layout) for e in zbf.fitting if e.layout.dp > 1} == {"the zbv schedule with FSDP"}
     assert {trainer_gap(e.layout) for e in zbf.fitting if e.layout.dp == 1} == {None}
-    # explore walks cp with pipelines as what-ifs
+    # explore walks cp, with pipelines too, and those the trainer runs
     explored = plan(cfg, 16, gpu, w, Choices(pp=2), explore=True)
-    assert any(e.layout.cp > 1 and "pipeline parallelism" in (trainer_gap(e.layout) or "")
-               for e in explored.fitting)
+    assert any(e.layout.cp > 1 and trainer_gap(e.layout) is None for e in explored.fitting)
 
 
 def test_train_check_with_cp_estimates_the_cp_layout(capsys):
@@ -332,6 +331,7 @@ def test_train_check_with_cp_estimates_the_cp_layout(capsys):
 
     # the same dp=8 and batch, each sequence split over 2 ranks: half the activations
     assert activations(cp2) == pytest.approx(activations(cp1) / 2, rel=0.02)
-    # the trainer refuses cp with a pipeline, and --check says so
-    assert mtnlg_main([*base, "--world-size", "16", "parallel.cp=2", "parallel.pp=2"]) == 2
-    assert "parallel.cp=2 with parallel.pp=2" in capsys.readouterr().err
+    # with a pipeline as well: the trainer runs it, and --check estimates it
+    assert mtnlg_main([*base, "--world-size", "16", "parallel.cp=2", "parallel.pp=2"]) == 0
+    piped = capsys.readouterr().out
+    assert "world 16 = dp 4 x cp 2 x tp 1 x pp 2" in piped and "fits in 80 GB" in piped

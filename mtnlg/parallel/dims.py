@@ -111,7 +111,7 @@ class ParallelDims:
             raise ConfigError(f"model.seq_length={m.seq_length} is not divisible by "
                               f"parallel.tp={tp}, which sequence parallelism needs")
         if cp > 1:
-            cls._check_context_parallel(cfg, m, tp, pp, cp, sp)
+            cls._check_context_parallel(cfg, m, tp, cp, sp)
         if cfg.fsdp and dp * cp == 1:
             log.warning("parallel.fsdp=true with a data-parallel degree of 1 shards nothing; "
                         "running without data parallelism")
@@ -120,9 +120,9 @@ class ParallelDims:
                    virtual_stages=v if pp > 1 else 1, cp=cp)
 
     @staticmethod
-    def _check_context_parallel(cfg: ParallelConfig, m: ModelConfig, tp: int, pp: int, cp: int,
-                                sp: bool) -> None:
-        """The rules of ``parallel.cp > 1`` (``mtnlg.parallel.cp``)."""
+    def _check_context_parallel(cfg: ParallelConfig, m: ModelConfig, tp: int, cp: int, sp: bool) -> None:
+        """The rules of ``parallel.cp > 1`` (``mtnlg.parallel.cp``). Every pipeline layout and
+        schedule composes with it: each stage runs the rank's positions."""
         if m.seq_length % (2 * cp):
             raise ConfigError(f"model.seq_length={m.seq_length} is not divisible by 2 * parallel.cp = "
                               f"{2 * cp} (each context-parallel rank holds two equal chunks of the "
@@ -131,9 +131,6 @@ class ParallelDims:
             raise ConfigError(f"model.seq_length / parallel.cp = {m.seq_length} / {cp} = "
                               f"{m.seq_length // cp} is not divisible by parallel.tp={tp}, which "
                               f"sequence parallelism needs")
-        if pp > 1:
-            raise ConfigError(f"parallel.cp={cp} with parallel.pp={pp}: pipeline stages do not pass "
-                              f"the context-parallel positions to their layers yet; use parallel.pp=1")
         if cfg.compile:
             raise ConfigError(f"parallel.cp={cp} with parallel.compile=true: the context-parallel "
                               f"attention core is not compiled yet; set parallel.compile=false")

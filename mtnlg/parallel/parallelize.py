@@ -94,8 +94,8 @@ def parallelize_gpt(model: nn.Module, mesh, dims: ParallelDims, *, activation_ch
     ``mesh`` is the stage's mesh, its dimensions ending in ``("dp", "tp")``, or
     ``("dp", "cp", "tp")`` when ``dims.cp > 1``: the whole mesh of
     ``ParallelDims.build_mesh`` (``pp`` outermost, unused here) or a pipeline stage's
-    ``mesh["dp", "tp"]``. ``dims`` is the checked layout the mesh was built from; its
-    choices (sequence parallelism only with ``tp > 1``, FSDP only with ``dp * cp > 1``)
+    ``mesh["dp", "tp"]`` (``mesh["dp", "cp", "tp"]`` with context parallelism). ``dims`` is
+    the checked layout the mesh was built from; its choices (sequence parallelism only with ``tp > 1``, FSDP only with ``dp * cp > 1``)
     are applied as they are. ``activation_checkpoint`` and ``compile`` are
     ``parallel.activation_checkpoint`` and ``parallel.compile``. Build the model with the
     same seed on every rank (``set_seed_for_rank``) and with ``GPT(cfg, tp)``.

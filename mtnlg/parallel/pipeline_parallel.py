@@ -10,9 +10,13 @@ model, and ``mtnlg fuse`` reads it unchanged. Tensor, sequence and data parallel
 then applied to each stage by the usual ``parallelize_gpt`` on the stage's ``(dp, tp)``
 mesh; only stage-boundary hidden states, (mb, T, H) (or (mb, T/tp, H) under sequence
 parallelism, each tensor-parallel rank sending its own chunk), travel between stages,
-over the ``"pp"`` mesh dimension, by ``torch.distributed.pipelining``::
+over the ``"pp"`` mesh dimension, by ``torch.distributed.pipelining``. With context
+parallelism (``cp > 1``) the stage's mesh is ``(dp, cp, tp)``, a stage holds the rank's two
+chunks of every sequence (the caller shards tokens and targets, ``mtnlg.parallel.cp``),
+and every stage runs them at their global positions (:class:`GPTStage`), so the
+boundary tensors are (mb, T/cp, H)::
 
-    pipe = PipelineParallel(GPT(cfg), mesh, dims, parallel_cfg, device)   # mesh: (pp, dp, tp)
+    pipe = PipelineParallel(GPT(cfg), mesh, dims, parallel_cfg, device)   # mesh: (pp, dp[, cp], tp)
     loss = pipe.forward_backward(x, y, n_micro)   # mean loss on the last stage, else None
 
 Schedules (``parallel.pp_schedule``): 1F1B (``Schedule1F1B``; a step with fewer
@@ -56,6 +60,7 @@ from torch import nn
 from mtnlg.model.config import ModelConfig
 from mtnlg.model.gpt import GPT, embed
 from mtnlg.parallel.config import V_SCHEDULES, ParallelConfig
+from mtnlg.parallel.cp import chunk_positions
 from mtnlg.parallel.loss import cross_entropy, loss_parallel_context
 from mtnlg.parallel.parallelize import parallelize_gpt
 
@@ -63,12 +68,14 @@ from mtnlg.parallel.parallelize import parallelize_gpt
 class GPTStage(nn.Module):
     """A contiguous slice of a ``GPT``: tokens (B, T) on the first stage, hidden states
     (B, T, H) elsewhere -> hidden states (B, T, H), or logits (B, T, V_padded) on the last
-    stage. Submodule names are the ``GPT``'s, so state-dict keys are global."""
+    stage. Submodule names are the ``GPT``'s, so state-dict keys are global. With ``cp > 1``
+    T is this cp rank's ``seq_length / cp`` positions (``chunk_positions``)."""
 
-    def __init__(self, model: GPT, layers: range, first: bool, last: bool):
+    def __init__(self, model: GPT, layers: range, first: bool, last: bool, cp: int = 1, cp_rank: int = 0):
         super().__init__()
         cfg = model.cfg
         self.cfg: ModelConfig = cfg
+        self.cp, self.cp_rank = cp, cp_rank  # the context-parallel positions this stage runs
         self.vocab_size_padded = model.vocab_size_padded
         self.first, self.last = first, last
         if first:
@@ -84,21 +91,31 @@ class GPTStage(nn.Module):
             self.output = model.output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Training sequences are model.seq_length long. Under sequence parallelism a later
+        # stage sees only its chunk (B, T/tp, H) while attention works on the gathered
+        # sequence, so the positions come from the config, not from x: all T of them, or
+        # with context parallelism this rank's T/cp (chunk_positions), in every stage.
+        pos = None
+        if self.cp > 1:
+            if self.first and x.shape[1] * self.cp != self.cfg.seq_length:
+                raise ValueError(f"a context-parallel pipeline runs sequences of model.seq_length="
+                                 f"{self.cfg.seq_length}, cut into {self.cp} parts; got {x.shape[1]} tokens "
+                                 f"on cp rank {self.cp_rank}")
+            pos = chunk_positions(self.cfg.seq_length, self.cp, self.cp_rank, device=x.device)  # (T/cp,)
         if self.first:
-            x = embed(self, x)                                                   # (B, T, H)
-        # the whole (T, hd/2, 2) table: training sequences are model.seq_length long, and
-        # under sequence parallelism a later stage sees only its chunk (B, T/tp, H) of
-        # them while attention works on the gathered sequence
+            x = embed(self, x, position_ids=pos)                                 # (B, T|T/cp, H)
+        rope = self.rope if self.rope is None or pos is None else self.rope[pos]  # (T|T/cp, hd/2, 2)
         for layer in self.layers.values():
-            x = layer(x, self.rope)                                              # (B, T, H)
+            x = layer(x, rope)                                                   # (B, T|T/cp, H)
         if self.last:
             x = self.output(self.norm(x))                                        # (B, T, V_padded)
         return x
 
 
-def split_stage(model: GPT, layers: range, first: bool, last: bool) -> GPTStage:
-    """This stage's part of ``model`` (shared modules, not copies)."""
-    return GPTStage(model, layers, first, last)
+def split_stage(model: GPT, layers: range, first: bool, last: bool, cp: int = 1, cp_rank: int = 0) -> GPTStage:
+    """This stage's part of ``model`` (shared modules, not copies), run at the positions of
+    cp rank ``cp_rank`` of ``cp``."""
+    return GPTStage(model, layers, first, last, cp, cp_rank)
 
 
 def stage_indices(dims, schedule: str, pp_rank: int) -> list[int]:
@@ -133,7 +150,7 @@ class PipelineParallel:
     """This rank's pipeline stage(s) (parallelized) and their schedule.
 
     ``model`` is the whole single-device GPT (on ``device``); ``mesh`` the ``(pp, dp, tp)``
-    mesh of ``ParallelDims.build_mesh``. ``self.model`` is the stage module (or
+    mesh of ``ParallelDims.build_mesh`` (``(pp, dp, cp, tp)`` with ``cp > 1``). ``self.model`` is the stage module (or
     :class:`StageChunks` of the rank's virtual stages) to give the optimizer, the
     checkpointer and gradient clipping."""
 
@@ -150,16 +167,20 @@ class PipelineParallel:
         # whether this rank runs the first chunk (embeddings) / the last (head and loss)
         self.first, self.last = 0 in indices, n_chunks - 1 in indices
         self.group = mesh.get_group("pp")
+        # the stage's mesh: (dp, tp), or (dp, cp, tp) with context parallelism
+        stage_mesh = mesh["dp", "cp", "tp"] if dims.cp > 1 else mesh["dp", "tp"]
+        cp_rank = dims.cp_rank(mesh)
         self.chunks: list[GPTStage] = []
         self.stages = []
         for index in indices:
-            chunk = split_stage(model, dims.chunk_layers(index), index == 0, index == n_chunks - 1)
+            chunk = split_stage(model, dims.chunk_layers(index), index == 0, index == n_chunks - 1,
+                                dims.cp, cp_rank)
             if index == n_chunks - 1 and self.first and model.cfg.tie_embeddings:
                 # the first and the last chunk on one rank (a V): the head gets its own copy
                 # of the table, as on a last-stage rank, so that each chunk (wrapped for
                 # data parallelism on its own) owns its parameters
                 chunk.output.weight = nn.Parameter(chunk.output.weight.detach().clone())
-            chunk = parallelize_gpt(chunk, mesh["dp", "tp"], dims, activation_checkpoint=cfg.activation_checkpoint,
+            chunk = parallelize_gpt(chunk, stage_mesh, dims, activation_checkpoint=cfg.activation_checkpoint,
                                     compile=cfg.compile, param_dtype=param_dtype)
             self.chunks.append(chunk)
             self.stages.append(PipelineStage(chunk, index, n_chunks, device, group=self.group))

@@ -5,20 +5,19 @@
 degrees that divide the layers, virtual stages that divide a rank's layers, micro-batch
 sizes 1, 2, 4, 8, the three activation-checkpointing modes, DDP or FSDP; a pinned choice
 is taken as given. Context parallelism is walked only when pinned or with ``explore=True``
-(it pays for long sequences). What ``mtnlg train`` does not run (context parallelism
-together with pipeline parallelism, a zero-bubble schedule with FSDP, attention without a
-fused kernel) the walk leaves out unless pinned choices make it or ``explore=True``, and
-such a layout's estimate says what the trainer lacks (:func:`trainer_gap`). Each layout is
-checked by the trainer's own rules (``ParallelDims.build`` and
-``ParallelDims.check_batches``, the checks a launch runs; a combination the trainer lacks
-is checked part by part), estimated (:func:`mtnlg.plan.estimate.estimate`), and the ones
-that fit in the GPU's memory are ranked by step time.
+(it pays for long sequences). What ``mtnlg train`` does not run (a schedule it lacks, a
+zero-bubble schedule with FSDP, attention without a fused kernel) the walk leaves out
+unless pinned choices make it or ``explore=True``, and such a layout's estimate says what
+the trainer lacks (:func:`trainer_gap`). Each layout is checked by the trainer's own rules
+(``ParallelDims.build`` and ``ParallelDims.check_batches``, the checks a launch runs, on
+the layout less what the trainer lacks), estimated (:func:`mtnlg.plan.estimate.estimate`),
+and the ones that fit in the GPU's memory are ranked by step time.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 
 from mtnlg.config import ConfigError
 from mtnlg.model.config import ModelConfig
@@ -114,9 +113,6 @@ def layout_of(dims: ParallelDims, cfg: ParallelConfig, micro_batch_size: int) ->
 def _gaps(lay: Layout) -> list[tuple[str, tuple[str, ...]]]:
     """What of ``lay`` ``mtnlg train`` does not run, each with the choices that make it."""
     gaps = []
-    if lay.cp > 1 and lay.pp > 1:
-        # ParallelDims refuses the pair: pipeline stages do not pass the cp positions on
-        gaps.append((f"context parallelism (cp={lay.cp}) with pipeline parallelism (pp={lay.pp})", ("cp", "pp")))
     if lay.pp > 1 and lay.pp_schedule not in trainer_schedules():
         gaps.append((f"the {lay.pp_schedule} schedule", ("pp_schedule",)))
     elif lay.pp > 1 and lay.pp_schedule in ZERO_BUBBLE_SCHEDULES and lay.fsdp and lay.dp * lay.cp > 1:
@@ -141,18 +137,11 @@ def _walked(lay: Layout, choices: Choices, explore: bool) -> bool:
 
 def layout_problem(m: ModelConfig, lay: Layout, global_batch_size: int,
                    ramp_batch_sizes: tuple[int, ...] = ()) -> str | None:
-    """Why ``lay`` cannot run (the trainer's own message), or None. Context parallelism
-    with pipeline parallelism, which the trainer refuses together, is checked as two
-    layouts: the pipeline's rules without cp, cp's rules without pp."""
-    configs = [parallel_config(lay)]
-    if lay.cp > 1 and lay.pp > 1:
-        c = configs[0]
-        configs = [replace(c, cp=1, fsdp=c.fsdp and lay.dp > 1),
-                   replace(c, pp=1, pp_virtual=1, pp_schedule="1f1b")]
+    """Why ``lay`` cannot run (the trainer's own message), or None."""
+    cfg = parallel_config(lay)
     try:
-        for cfg in configs:
-            dims = ParallelDims.build(cfg, cfg.dp * cfg.cp * cfg.tp * cfg.pp, m)
-            dims.check_batches(cfg.pp_schedule, lay.micro_batch_size, global_batch_size, ramp_batch_sizes)
+        dims = ParallelDims.build(cfg, cfg.dp * cfg.cp * cfg.tp * cfg.pp, m)
+        dims.check_batches(cfg.pp_schedule, lay.micro_batch_size, global_batch_size, ramp_batch_sizes)
     except ConfigError as e:
         return str(e)
     return None

@@ -11,7 +11,9 @@ an :class:`Engine` and reads back a loss. Two engines implement it:
   gradients averaged over ``dp * cp`` ranks.
 * :class:`PipelineEngine`: this rank's pipeline stage, run by a
   ``torch.distributed.pipelining`` schedule (``mtnlg.parallel.pipeline_parallel``); only
-  the last stage computes a loss.
+  the last stage computes a loss. With context parallelism the slice's sequences are cut
+  to this rank's two chunks before the schedule splits them into micro-batches; every
+  stage runs them at their global positions.
 
 Both report a loss the same way: every rank returns its share, and the world-wide sum
 divided by :attr:`Engine.loss_ranks` (the number of ranks that compute a loss) is the mean
@@ -179,13 +181,18 @@ class PipelineEngine(Engine):
         self.pipeline = PipelineParallel(model, mesh, dims, cfg, device, param_dtype=param_dtype)
         self.model = self.pipeline.model  # this stage only, under global parameter names
         self.pp_group = mesh.get_group("pp")
-        self.loss_ranks = dims.world_size // dims.pp  # the last stage's ranks
+        self.cp_rank = dims.cp_rank(mesh)
+        # the last stage's ranks: each cp rank's loss is the mean over its T/cp targets of
+        # the same rows, so their average is the mean over the whole sequences
+        self.loss_ranks = dims.world_size // dims.pp
 
     def modules_to_materialize(self) -> list[nn.Module]:
         return list(self.pipeline.chunks)
 
     def _run(self, tokens: np.ndarray, train: bool) -> torch.Tensor:
         x, y = self._to_device(tokens)                                           # (b_local, T)
+        if self.dims.cp > 1:  # this rank's two chunks of every sequence; the stages know their positions
+            x, y = shard_sequence(x, self.dims.cp, self.cp_rank), shard_sequence(y, self.dims.cp, self.cp_rank)
         with self._autocast():
             run = self.pipeline.forward_backward if train else self.pipeline.evaluate
             loss = run(x, y, self.n_micro(tokens))
