@@ -13,7 +13,8 @@ from mtnlg.config import ConfigError
 from mtnlg.model.config import ModelConfig
 from mtnlg.model.flops import count_parameters
 from mtnlg.model.presets import get_preset
-from mtnlg.plan.estimate import Layout, Workload, estimate, layer_activation_bytes, pipeline_bubble
+from mtnlg.plan.estimate import (Layout, Workload, estimate, gathered_kv_bytes, layer_activation_bytes,
+                                 pipeline_bubble)
 from mtnlg.plan.hardware import GB, get_gpu
 from mtnlg.plan.report import (ESTIMATE_FIELDS, LAYOUT_FIELDS, MEMORY_FIELDS, SCHEMA, TIME_FIELDS,
                                TOP_FIELDS)
@@ -103,7 +104,7 @@ def test_zero_bubble_schedules_take_the_weight_gradients_out_of_the_bubble():
         Layout(**lay, pp_schedule="pipedream")
 
 
-def test_context_parallelism_splits_the_sequence_and_pays_for_the_kv_ring():
+def test_context_parallelism_splits_the_sequence_and_pays_for_the_kv_gathers():
     llama = ModelConfig(num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8, ffn_hidden_size=14336,
                         activation="swiglu", norm="rmsnorm", position="rotary", bias=False, tie_embeddings=False,
                         seq_length=131072, vocab_size=128256)
@@ -115,12 +116,20 @@ def test_context_parallelism_splits_the_sequence_and_pays_for_the_kv_ring():
     # each rank holds 1/8 of every sequence: activations shrink 8-fold, the step's FLOPs are shared
     assert cp8.memory.activations < cp1.memory.activations / 6
     assert cp1.time.cp_comm == 0.0
-    # tp 8 x cp 8 spans nodes: the K/V ring runs over InfiniBand; at 128k tokens the block of
-    # attention each step overlaps is long enough to hide most of it
-    assert 0.0 <= cp8.time.cp_comm < 0.2 * cp8.time.compute
+    # tp 8 x cp 8 spans nodes: K and V are all-gathered over InfiniBand, twice forward under
+    # full recomputation and their gradients reduce-scattered once: (2 + 1) x 32 layers x
+    # (cp - 1) x this rank's K and V; at 128k tokens that is small next to the attention
+    kv = 2 * (131072 / 8) * (8 * 128) / 8 * 2
+    assert cp8.time.cp_comm == pytest.approx(8 * 3 * 32 * 7 * kv / (gpu.ib_gbps * 1e9), rel=1e-6)
+    assert 0.0 < cp8.time.cp_comm < 0.2 * cp8.time.compute
+    # the attention holds the whole sequence's K and V (repeated to the 32 query heads) beyond
+    # its own eighth: kept without recomputation, in the recomputed layer's peak with it
+    gathered = gathered_kv_bytes(llama, Layout(dp=1, cp=8, **base), 131072)
+    assert gathered == pytest.approx(2 * 2 * 131072 * 7 / 8 * 4096 / 8)
+    none = estimate(llama, Layout(dp=1, cp=8, **{**base, "activation_checkpoint": "none"}), w, gpu)
+    no_cp = layer_activation_bytes(llama, Layout(dp=1, cp=8, **base), 131072)
+    assert none.memory.activations >= 32 * (no_cp[0] + gathered)
     short = ModelConfig(**{**llama.__dict__, "seq_length": 4096})
-    cp8_short = estimate(short, Layout(dp=1, cp=8, **base), Workload(8, 4096), gpu)
-    assert cp8_short.time.cp_comm > 0.0         # short sequences: the ring is exposed
     # the trainer runs cp with and without pipeline parallelism
     assert trainer_gap(cp8.layout) is None
     assert layout_problem(short, Layout(dp=1, cp=8, **{**base, "tp": 8}), 8) is None

@@ -10,13 +10,14 @@ bf16 autocast, AdamW): weights 4 B/parameter, gradients 4 B, AdamW's moments 8 B
 shards them over the ``dp x cp`` ranks that hold the same weights), the bf16 copies
 autocast makes, the activations each layer keeps for its backward
 (:func:`layer_activation_bytes`, Korthikanti et al. 2022, counted from the block's shapes;
-divided by ``cp``), times the micro-batches in flight under the schedule, the logits, and
-2 GB of buffers.
+divided by ``cp``, plus the whole sequence's K and V the attention gathers under ``cp``:
+:func:`gathered_kv_bytes`), times the micro-batches in flight under the schedule, the
+logits, and 2 GB of buffers.
 
 **Step time** of one optimizer step at the full global batch, in seconds: the matmuls at
 ``peak x gemm_efficiency`` plus the memory-bound kernels at HBM bandwidth (``compute``);
-tensor-parallel collectives (``tp_comm``); the ring-attention K/V exchanges the attention
-compute does not hide (``cp_comm``); the schedule's bubble (``bubble``, :func:`pipeline_bubble`);
+tensor-parallel collectives (``tp_comm``); context parallelism's K/V all-gathers and their
+gradients' reduce-scatters, not overlapped (``cp_comm``); the schedule's bubble (``bubble``, :func:`pipeline_bubble`);
 the stage-boundary sends (``pp_comm``); the data-parallel traffic not hidden behind the
 backward (``dp_comm``); AdamW's memory traffic (``optimizer``).
 """
@@ -51,7 +52,7 @@ class Layout:
     tp: int
     pp: int
     dp: int
-    cp: int = 1                           # context parallelism: ring attention over cp ranks
+    cp: int = 1                           # context parallelism: K/V all-gathered over cp ranks
     pp_virtual: int = 1                   # model chunks per pipeline rank (> 1: interleaved)
     micro_batch_size: int = 1
     activation_checkpoint: str = "none"   # none | selective | full
@@ -126,7 +127,7 @@ class Memory:
 class StepTime:
     compute: float
     tp_comm: float
-    cp_comm: float          # ring-attention exchanges the attention compute does not hide
+    cp_comm: float          # K/V all-gathers and their gradients' reduce-scatters (not overlapped)
     bubble: float
     pp_comm: float
     dp_comm: float          # exposed (not hidden behind the backward)
@@ -208,15 +209,28 @@ def layer_activation_bytes(m: ModelConfig, lay: Layout, s: int) -> tuple[float, 
     return acts, scores
 
 
+def gathered_kv_bytes(m: ModelConfig, lay: Layout, s: int) -> float:
+    """Bytes of the whole sequence's K and V that the attention of one layer holds on one rank
+    under context parallelism (``parallel.cp``'s all-gather form: K and V gathered from the cp
+    ranks and repeated to every query head, bf16, kept by the attention for its backward),
+    beyond this rank's own share; 0 without cp."""
+    if lay.cp == 1:
+        return 0.0
+    return 2 * BF16 * lay.micro_batch_size * s * (1 - 1 / lay.cp) * m.hidden_size / lay.tp
+
+
 def _kept_per_layer(m: ModelConfig, lay: Layout, s: int) -> tuple[float, float]:
-    """(kept for the backward, peak of one layer being recomputed) per layer and micro-batch."""
+    """(kept for the backward, peak of one layer being recomputed) per layer and micro-batch.
+    The gathered K and V of context parallelism belong to the attention core: recomputed with
+    it under selective and full recomputation, kept otherwise."""
     acts, scores = layer_activation_bytes(m, lay, s)
+    gathered = gathered_kv_bytes(m, lay, s)
     sp = lay.sequence_parallel and lay.tp > 1
     if lay.activation_checkpoint == "full":
-        return 2 * s / lay.cp * lay.micro_batch_size * m.hidden_size / (lay.tp if sp else 1), acts + scores
+        return 2 * s / lay.cp * lay.micro_batch_size * m.hidden_size / (lay.tp if sp else 1), acts + scores + gathered
     if lay.activation_checkpoint == "selective":
-        return acts, 0.0
-    return acts + scores, 0.0
+        return acts, gathered
+    return acts + scores + gathered, 0.0
 
 
 def _in_flight(lay: Layout, n_micro: int) -> float:
@@ -322,15 +336,13 @@ def estimate(m: ModelConfig, lay: Layout, w: Workload, gpu: GPU) -> Estimate:
 
     micro_cp = 0.0
     if c > 1:
-        # ring attention: each of the cp-1 steps sends this rank's K and V block (dK and dV
-        # with them backward) while the attention of the block it already holds runs
+        # parallel.cp's all-gather form: each layer's forward gathers K and V from the cp
+        # ranks (again when the attention core is recomputed), its backward reduce-scatters
+        # their gradients; nothing overlaps them with compute
         cp_gbps = gpu.nvlink_gbps if t * c <= gpu.gpus_per_node else gpu.ib_gbps
-        kv = 2 * tokens * m.kv_heads * m.head_dim / t * BF16
-        send = kv / (cp_gbps * GB)
-        block_attn = f_attn / c / rate
-        fwd_exposed = (c - 1) * max(0.0, send - block_attn)
-        bwd_exposed = (c - 1) * max(0.0, 2 * send - 2 * block_attn)
-        micro_cp = layers_per_rank * (fwd_exposed * (2 if full_ac else 1) + bwd_exposed)
+        kv = 2 * tokens * m.kv_heads * m.head_dim / t * BF16            # this rank's K and V
+        gathers = 1 + (1 if lay.activation_checkpoint in ("selective", "full") else 0)
+        micro_cp = layers_per_rank * (gathers + 1) * _ring(c * kv, c, cp_gbps, factor=1.0)
 
     stage_ranks = t * c * d
     p2p_gbps = gpu.ib_gbps if stage_ranks >= gpu.gpus_per_node else gpu.nvlink_gbps
