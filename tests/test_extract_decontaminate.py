@@ -17,17 +17,12 @@ from mtnlg.extract.config import DecontaminateConfig, ExtractConfig
 from mtnlg.extract.decontaminate import (NgramSet, decontaminate_document, decontaminate_text, evaluation_ngrams,
                                          frequent_ngrams, ngram_hits)
 
+from corpus_data import COMMON_WORDS
+
 NGRAM_TEXT = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu"  # 13 words
 EXACT = DecontaminateConfig(sentence_boundaries=False)  # margins of exactly 200 characters
 
-VOCAB = ("the of and to in that is was he for it with as his on be at by had are but from or have an they which "
-         "one you were her all she there would their we him been has when who will more no if out so said what up "
-         "its about into than them can only other new some could time these two may then do first any my now such "
-         "like our over man me even most made after also did many before must through back years where much your "
-         "way well down should because each just those people how too little state good very make world still "
-         "own see men work long get here between both life being under never day same another know while last "
-         "might us great old year off come since against go came right used take three house water river garden "
-         "morning letter window mountain").split()
+VOCAB = COMMON_WORDS + ("house water river garden morning letter window mountain").split()
 
 
 def ngrams_of(*texts: str, ngram: int = 13, min_ngram: int = 8) -> NgramSet:

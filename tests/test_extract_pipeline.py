@@ -18,17 +18,12 @@ from mtnlg.config import replace
 from mtnlg.extract.clean import clean_text
 from mtnlg.extract.config import DedupConfig, ExtractConfig, FilterConfig
 from mtnlg.extract.dedup import MinHasher, band_keys, candidate_pairs, components, jaccard_estimate
+
+from corpus_data import COMMON_WORDS as VOCAB
 import pytest
 
 pytestmark = pytest.mark.unit
 
-VOCAB = ("the of and to in that is was he for it with as his on be at by had are but from or have an they which "
-         "one you were her all she there would their we him been has when who will more no if out so said what up "
-         "its about into than them can only other new some could time these two may then do first any my now such "
-         "like our over man me even most made after also did many before must through back years where much your "
-         "way well down should because each just those people how too little state good very make world still "
-         "own see men work long get here between both life being under never day same another know while last "
-         "might us great old year off come since against go came right used take three").split()
 
 
 def prose(n: int, seed: int) -> str:
